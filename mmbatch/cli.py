@@ -1,0 +1,199 @@
+"""`mmbatch` command line: a thin layer over the stage modules.
+
+Exit codes (documented in README):
+  0  success, nothing quarantined
+  1  the command failed
+  2  bad usage or an invalid workflow/config
+  3  the command finished, but some input rows were quarantined (see quarantine/)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import textwrap
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_QUARANTINED = 0, 1, 2, 3
+
+
+def _fmt(text: str) -> str:
+    return textwrap.dedent(text).strip()
+
+
+def _add_workflow_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("workflow", help="workflow YAML file (see README 'Workflow file')")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a workflow field, e.g. --set train.epochs=3 --set train.modalities=[audio]")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mmbatch",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=_fmt("""
+            Batch multimodal feature extraction and fusion training on Ray.
+            Stages: ingest -> preprocess -> train -> evaluate (retrain runs them as one cycle).
+        """),
+        epilog="Run `mmbatch demo` for an end-to-end run on an embedded local Ray.",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def cmd(name, help_, example):
+        sp = sub.add_parser(name, help=help_, description=help_, epilog="example:\n  " + example,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+        return sp
+
+    sp = cmd("demo", "generate a small multimodal corpus and run every stage end to end",
+             "mmbatch demo --out /tmp/mmdemo")
+    sp.add_argument("--out", default="mmbatch-demo", help="output folder (default ./mmbatch-demo)")
+    sp.add_argument("--per-class", type=int, default=48, help="samples per class per corpus (default 48)")
+    sp.add_argument("--epochs", type=int, default=12, help="training epochs (default 12)")
+    sp.add_argument("--num-cpus", type=int, default=None, help="CPUs for the embedded Ray (default: all)")
+
+    sp = cmd("ingest", "read a corpus into canonical Arrow rows (sharded Parquet)",
+             "mmbatch ingest librispeech /data/LibriSpeech --out /data/canonical/librispeech")
+    sp.add_argument("kind", choices=["imagenet", "librispeech", "timit", "hf", "manifest"])
+    sp.add_argument("input", help="corpus root: local path or fsspec URI (s3://..., gs://...)")
+    sp.add_argument("--out", required=True, help="output folder for Parquet shards")
+    sp.add_argument("--shard-mb", type=float, default=256.0, help="target shard size in MB of raw media (default 256)")
+    sp.add_argument("--shard-rows", type=int, default=None, help="cap rows per shard")
+    sp.add_argument("--include-sa", action="store_true", help="timit: include SA1/SA2 dialect sentences")
+    sp.add_argument("--phones", type=int, choices=[61, 48, 39], default=61, help="timit: phone set (default 61)")
+    sp.add_argument("--columns", default=None,
+                    help="hf/manifest: column mapping, e.g. 'img=image,transcript=text,class=label'")
+    sp.add_argument("--split", default=None, help="hf/manifest: split to assign when the data has none")
+    sp.add_argument("--allow-outside", action="store_true",
+                    help="manifest: allow paths outside the manifest's folder (refused by default)")
+    sp.add_argument("--address", default=None, help="Ray address (default: embedded local Ray or RAY_ADDRESS)")
+
+    sp = cmd("preprocess", "extract per-modality features and write fused per-sample Parquet",
+             "mmbatch preprocess workflows/imagenet_features.yaml --set output.path=/data/features")
+    _add_workflow_args(sp)
+
+    sp = cmd("train", "train a fusion model with Ray Train on fused Parquet",
+             "mmbatch train workflows/train_fusion.yaml --baselines")
+    _add_workflow_args(sp)
+    sp.add_argument("--baselines", action="store_true", help="also train each modality alone and compare")
+
+    sp = cmd("evaluate", "score a checkpoint on fused Parquet and write the report",
+             "mmbatch evaluate out/train/fusion/model --data out/features --out out/eval")
+    sp.add_argument("checkpoint", help="exported model folder (model.pt + model.json) or a Ray Train checkpoint")
+    sp.add_argument("--data", required=True, help="fused feature Parquet folder")
+    sp.add_argument("--split", default="test", help="split to score (default test; 'all' for every row)")
+    sp.add_argument("--out", default=None, help="report folder (default: <checkpoint>/eval)")
+
+    sp = cmd("retrain", "one idempotent retraining cycle: preprocess new data, train, compare, promote",
+             "mmbatch retrain workflows/retrain.yaml")
+    _add_workflow_args(sp)
+
+    sp = cmd("registry", "list, show, promote or roll back model versions",
+             "mmbatch registry list out/registry")
+    sp.add_argument("action", choices=["list", "show", "promote", "rollback"])
+    sp.add_argument("registry", help="registry folder or URI")
+    sp.add_argument("version", nargs="?", help="version for show/promote")
+
+    sp = cmd("submit", "submit an mmbatch command to a Ray cluster through the Jobs API",
+             "mmbatch submit --address http://127.0.0.1:8265 --wait -- preprocess workflows/librispeech_features.yaml")
+    sp.add_argument("--address", default=None, help="Ray dashboard address (default RAY_ADDRESS or http://127.0.0.1:8265)")
+    sp.add_argument("--wait", action="store_true", help="stream the logs and exit with the job's status")
+    sp.add_argument("--working-dir", default=None, help="upload this folder as the job's working dir")
+    sp.add_argument("--pip", action="append", default=[], help="pip requirement for the job's runtime_env (repeatable)")
+    sp.add_argument("--job-id", default=None, help="submission id (default: generated)")
+    sp.add_argument("args", nargs=argparse.REMAINDER, help="-- then the mmbatch subcommand and its arguments")
+
+    sp = cmd("inspect", "describe any Parquet folder mmbatch wrote",
+             "mmbatch inspect out/features --json")
+    sp.add_argument("path")
+    sp.add_argument("--json", action="store_true", help="print one JSON object")
+
+    sp = cmd("convert", "convert between modalities (image/text to speech, OCR, text rendering)",
+             "mmbatch convert image-to-speech photo.jpg --out photo.wav")
+    sp.add_argument("direction", choices=["image-to-speech", "image-to-text", "text-to-image", "text-to-speech"])
+    sp.add_argument("input", help="a file or a folder of files")
+    sp.add_argument("--out", required=True, help="output file (single input) or folder")
+    sp.add_argument("--style", choices=["plain", "wordcloud"], default="plain", help="text-to-image rendering")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    from mmbatch.config import WorkflowError
+    from mmbatch.errors import UsageError
+    try:
+        return int(_dispatch(args) or 0)
+    except WorkflowError as e:
+        print(f"mmbatch {args.command}: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except UsageError as e:
+        print(f"mmbatch {args.command}: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_FAIL
+
+
+def _load(args):
+    from mmbatch.config import load_workflow
+    return load_workflow(args.workflow, args.overrides)
+
+
+def _dispatch(args) -> int:
+    from mmbatch.errors import UsageError
+    c = args.command
+    if c == "demo":
+        from mmbatch.demo.run import run_demo
+        return run_demo(args.out, per_class=args.per_class, epochs=args.epochs, num_cpus=args.num_cpus)
+    if c == "ingest":
+        from mmbatch.ingest import IngestOptions, run_ingest
+        opts = IngestOptions(shard_mb=args.shard_mb, shard_rows=args.shard_rows, include_sa=args.include_sa,
+                             phones=args.phones, columns=args.columns, split=args.split,
+                             allow_outside=args.allow_outside)
+        summary = run_ingest(args.kind, args.input, args.out, opts, address=args.address)
+        return EXIT_QUARANTINED if summary.quarantined else EXIT_OK
+    if c == "preprocess":
+        from mmbatch.preprocess import run_preprocess
+        summary = run_preprocess(_load(args))
+        return EXIT_QUARANTINED if summary.quarantined else EXIT_OK
+    if c == "train":
+        from mmbatch.training.run import run_training
+        run_training(_load(args), baselines=args.baselines or None)
+        return EXIT_OK
+    if c == "evaluate":
+        from mmbatch.training.evaluate import evaluate_cli
+        evaluate_cli(args.checkpoint, args.data, split=args.split, out=args.out)
+        return EXIT_OK
+    if c == "retrain":
+        from mmbatch.ops.retrain import run_retrain
+        run_retrain(_load(args))
+        return EXIT_OK
+    if c == "registry":
+        from mmbatch.ops.registry import registry_cli
+        return registry_cli(args.action, args.registry, args.version)
+    if c == "submit":
+        from mmbatch.ops.submit import submit_cli
+        rest = list(args.args)
+        if rest and rest[0] == "--":
+            rest = rest[1:]
+        if not rest:
+            raise UsageError("nothing to submit: give the mmbatch command after --, "
+                             "e.g. mmbatch submit --wait -- preprocess wf.yaml")
+        return submit_cli(rest, address=args.address, wait=args.wait, working_dir=args.working_dir,
+                          pip=args.pip, job_id=args.job_id)
+    if c == "inspect":
+        from mmbatch.inspect import describe, render_text
+        info = describe(args.path)
+        print(json.dumps(info, indent=2, default=str) if args.json else render_text(info))
+        return EXIT_OK
+    if c == "convert":
+        from mmbatch.convert.cli import convert_cli
+        return convert_cli(args.direction, args.input, args.out, style=args.style)
+    raise UsageError(f"unknown command {c}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""The one place that owns mmbatch's Arrow schemas.
+
+Every stage reads and writes these: ingest writes CANONICAL rows and
+QUARANTINE rows; preprocess reads CANONICAL and writes FUSED rows (schema built
+by :func:`fused_schema` from the embedding sizes); training reads FUSED rows.
+No stage invents column names: import them from here.
+"""
+from __future__ import annotations
+
+import json
+from typing import Mapping
+
+import pyarrow as pa
+
+SCHEMA_VERSION = "1"
+
+# Parquet key-value metadata keys written by mmbatch (values are JSON strings).
+META_KEY = b"mmbatch"            # {"schema_version", "kind", ...stage specific}
+HF_META_KEY = b"huggingface"     # HuggingFace `datasets` feature description
+
+# --- building blocks ---------------------------------------------------------
+MEDIA = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+SEGMENT = pa.struct([("start", pa.float64()), ("end", pa.float64()), ("symbol", pa.string())])
+SEGMENTS = pa.list_(SEGMENT)
+
+SPLITS = ("train", "validation", "test")
+
+# --- canonical rows (ingest output) --------------------------------------------
+CANONICAL_FIELDS = [
+    pa.field("sample_id", pa.string(), nullable=False),
+    pa.field("source", pa.string(), nullable=False),     # ingest kind: imagenet, librispeech, ...
+    pa.field("split", pa.string()),
+    pa.field("label", pa.int64()),
+    pa.field("label_name", pa.string()),
+    pa.field("image", MEDIA),
+    pa.field("audio", MEDIA),
+    pa.field("text", pa.string()),
+    pa.field("speaker", pa.string()),
+    pa.field("gender", pa.string()),                    # "m" / "f"
+    pa.field("duration", pa.float64()),                 # seconds (audio)
+    pa.field("sample_rate", pa.int32()),
+    pa.field("num_samples", pa.int64()),
+    pa.field("words", SEGMENTS),                        # seconds
+    pa.field("phones", SEGMENTS),                       # seconds
+    # source-specific extras (null where they do not apply)
+    pa.field("wnid", pa.string()),
+    pa.field("chapter", pa.string()),
+    pa.field("dialect_region", pa.string()),
+    pa.field("sentence_type", pa.string()),
+    pa.field("extra", pa.string()),                     # JSON object for anything else
+]
+CANONICAL = pa.schema(CANONICAL_FIELDS)
+CANONICAL_COLUMNS = [f.name for f in CANONICAL_FIELDS]
+
+# --- quarantine rows (any stage) -------------------------------------------------
+QUARANTINE = pa.schema([
+    pa.field("path", pa.string()),
+    pa.field("sample_id", pa.string()),
+    pa.field("source", pa.string()),
+    pa.field("stage", pa.string()),      # ingest / preprocess
+    pa.field("reason", pa.string(), nullable=False),   # short machine-readable code
+    pa.field("detail", pa.string()),     # human-readable explanation
+])
+QUARANTINE_COLUMNS = QUARANTINE.names
+
+# --- fused rows (preprocess output) ----------------------------------------------
+MODALITIES = ("image", "audio", "text")
+
+
+def emb_column(modality: str) -> str:
+    return f"{modality}_emb"
+
+
+def has_column(modality: str) -> str:
+    return f"has_{modality}"
+
+
+def embedding_type(dim: int) -> pa.DataType:
+    return pa.list_(pa.float32(), dim)
+
+
+def fused_schema(dims: Mapping[str, int], fused_dim: int) -> pa.Schema:
+    """Schema of fused feature rows. ``dims`` maps modality -> embedding size."""
+    fields = [
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("source", pa.string()),
+        pa.field("split", pa.string()),
+        pa.field("label", pa.int64()),
+        pa.field("label_name", pa.string()),
+    ]
+    for m in MODALITIES:
+        if m in dims:
+            fields.append(pa.field(emb_column(m), embedding_type(dims[m])))
+    for m in MODALITIES:
+        if m in dims:
+            fields.append(pa.field(has_column(m), pa.bool_()))
+    fields.append(pa.field("fused", embedding_type(fused_dim)))
+    return pa.schema(fields)
+
+
+# --- metadata helpers -----------------------------------------------------------
+def hf_features(schema: pa.Schema) -> dict:
+    """HuggingFace `datasets` feature description for a canonical-like schema.
+
+    ``image``/``audio`` struct columns become ``Image``/``Audio`` features, so
+    ``load_dataset("parquet", ...)`` decodes them lazily.
+    """
+    def feature(t: pa.DataType):
+        if t == pa.string():
+            return {"dtype": "string", "_type": "Value"}
+        if t == pa.int64():
+            return {"dtype": "int64", "_type": "Value"}
+        if t == pa.int32():
+            return {"dtype": "int32", "_type": "Value"}
+        if t == pa.float64():
+            return {"dtype": "float64", "_type": "Value"}
+        if t == pa.float32():
+            return {"dtype": "float32", "_type": "Value"}
+        if t == pa.bool_():
+            return {"dtype": "bool", "_type": "Value"}
+        if pa.types.is_fixed_size_list(t):
+            return {"feature": feature(t.value_type), "length": t.list_size, "_type": "Sequence"}
+        if pa.types.is_list(t):
+            return {"feature": feature(t.value_type), "_type": "Sequence"}
+        if pa.types.is_struct(t):
+            return {t.field(i).name: feature(t.field(i).type) for i in range(t.num_fields)}
+        raise TypeError(f"no HF feature for {t}")
+
+    feats = {}
+    for f in schema:
+        if f.name == "image" and f.type == MEDIA:
+            feats[f.name] = {"_type": "Image"}
+        elif f.name == "audio" and f.type == MEDIA:
+            feats[f.name] = {"_type": "Audio"}
+        else:
+            feats[f.name] = feature(f.type)
+    return {"info": {"features": feats}}
+
+
+def with_metadata(schema: pa.Schema, mmbatch_meta: Mapping | None = None, hf: bool = True) -> pa.Schema:
+    """Attach mmbatch (and HF) key-value metadata to a schema."""
+    md = dict(schema.metadata or {})
+    meta = {"schema_version": SCHEMA_VERSION, **(mmbatch_meta or {})}
+    md[META_KEY] = json.dumps(meta, sort_keys=True, default=str).encode()
+    if hf:
+        md[HF_META_KEY] = json.dumps(hf_features(schema)).encode()
+    return schema.with_metadata(md)
+
+
+def read_mmbatch_meta(schema: pa.Schema) -> dict:
+    md = schema.metadata or {}
+    raw = md.get(META_KEY)
+    return json.loads(raw) if raw else {}
+
+
+def empty_table(schema: pa.Schema) -> pa.Table:
+    return schema.empty_table()
+
+
+def quarantine_row(reason: str, detail: str = "", *, path: str | None = None,
+                   sample_id: str | None = None, source: str | None = None,
+                   stage: str = "ingest") -> dict:
+    return {"path": path, "sample_id": sample_id, "source": source, "stage": stage,
+            "reason": reason, "detail": detail}
+
+
+def normalize_split(split: str | None) -> str | None:
+    """Map corpus split names onto train / validation / test.
+
+    ``train-clean-100`` -> train, ``dev-clean``/``dev``/``val`` -> validation,
+    ``test-other``/``test`` -> test; anything else is returned unchanged.
+    """
+    if split is None:
+        return None
+    s = split.lower()
+    if s.startswith("train"):
+        return "train"
+    if s.startswith(("dev", "val")):
+        return "validation"
+    if s.startswith("test"):
+        return "test"
+    return split

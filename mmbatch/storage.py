@@ -1,0 +1,151 @@
+"""File-system access (local paths and fsspec URIs) and atomic commits.
+
+Every output mmbatch writes follows one protocol:
+- data files are written under ``<dir>/_tmp/`` and renamed into place, so a
+  reader never sees a partial file (readers ignore ``_``-prefixed names);
+- each committed shard gets a marker ``<dir>/_shards/<shard_id>.json`` holding
+  its fingerprint and counts: a rerun skips shards whose marker matches;
+- ``<dir>/_manifest.json`` is written last: its presence means "complete".
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import posixpath
+import uuid
+from typing import Any, Iterable
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+MANIFEST = "_manifest.json"
+SHARDS_DIR = "_shards"
+TMP_DIR = "_tmp"
+QUARANTINE_DIR = "quarantine"
+
+
+def url_to_fs(uri: str):
+    """(filesystem, path) for a local path or any fsspec URI."""
+    fs, path = fsspec.core.url_to_fs(str(uri))
+    return fs, path
+
+
+def join(*parts: str) -> str:
+    return posixpath.join(*[str(p) for p in parts])
+
+
+def is_local(fs) -> bool:
+    return "file" in (fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,))
+
+
+def fingerprint(obj: Any) -> str:
+    """Stable short hash of any JSON-able object."""
+    blob = json.dumps(obj, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def atomic_write_bytes(fs, path: str, data: bytes) -> None:
+    parent = posixpath.dirname(path)
+    tmp = join(parent, TMP_DIR, f"{uuid.uuid4().hex}.{posixpath.basename(path)}")
+    fs.makedirs(posixpath.dirname(tmp), exist_ok=True)
+    with fs.open(tmp, "wb") as f:
+        f.write(data)
+    _rename(fs, tmp, path)
+
+
+def _rename(fs, src: str, dst: str) -> None:
+    if is_local(fs):
+        os.replace(src, dst)  # atomic on POSIX
+    else:
+        fs.mv(src, dst)
+
+
+def atomic_write_table(fs, path: str, table: pa.Table, row_group_size: int | None = None) -> None:
+    """Write ``table`` as Parquet at ``path`` through a temp file + rename."""
+    parent = posixpath.dirname(path)
+    tmp = join(parent, TMP_DIR, f"{uuid.uuid4().hex}.{posixpath.basename(path)}")
+    fs.makedirs(posixpath.dirname(tmp), exist_ok=True)
+    pq.write_table(table, tmp, filesystem=fs, row_group_size=row_group_size,
+                   compression="zstd")
+    _rename(fs, tmp, path)
+
+
+def write_json(fs, path: str, obj: Any) -> None:
+    atomic_write_bytes(fs, path, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+
+
+def read_json(fs, path: str) -> Any | None:
+    try:
+        with fs.open(path, "rb") as f:
+            return json.loads(f.read())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def list_parquet(fs, directory: str) -> list[str]:
+    """Committed data files directly under ``directory`` (sorted, no ``_``/``.`` names)."""
+    try:
+        entries = fs.ls(directory, detail=False)
+    except FileNotFoundError:
+        return []
+    out = []
+    for p in entries:
+        name = posixpath.basename(p.rstrip("/"))
+        if name.endswith(".parquet") and not name.startswith(("_", ".")):
+            out.append(p)
+    return sorted(out)
+
+
+def read_marker(fs, out_dir: str, shard_id: str) -> dict | None:
+    return read_json(fs, join(out_dir, SHARDS_DIR, f"{shard_id}.json"))
+
+
+def write_marker(fs, out_dir: str, shard_id: str, marker: dict) -> None:
+    fs.makedirs(join(out_dir, SHARDS_DIR), exist_ok=True)
+    write_json(fs, join(out_dir, SHARDS_DIR, f"{shard_id}.json"), marker)
+
+
+def committed(fs, out_dir: str, shard_id: str, fp: str) -> dict | None:
+    """The marker of a shard committed with fingerprint ``fp``, else None."""
+    m = read_marker(fs, out_dir, shard_id)
+    if m and m.get("fingerprint") == fp and all(fs.exists(join(out_dir, f)) for f in m.get("files", [])):
+        return m
+    return None
+
+
+def remove_stale(fs, out_dir: str, keep_shards: Iterable[str]) -> list[str]:
+    """Delete committed shards (files + markers) not in ``keep_shards``."""
+    keep = set(keep_shards)
+    removed = []
+    for marker_path in _ls(fs, join(out_dir, SHARDS_DIR)):
+        sid = posixpath.basename(marker_path)[: -len(".json")]
+        if sid in keep:
+            continue
+        m = read_json(fs, marker_path) or {}
+        for f in m.get("files", []):
+            p = join(out_dir, f)
+            if fs.exists(p):
+                fs.rm(p)
+        fs.rm(marker_path)
+        removed.append(sid)
+    return removed
+
+
+def clean_tmp(fs, out_dir: str) -> None:
+    for d in (join(out_dir, TMP_DIR), join(out_dir, QUARANTINE_DIR, TMP_DIR)):
+        if fs.exists(d):
+            fs.rm(d, recursive=True)
+
+
+def _ls(fs, d: str) -> list[str]:
+    try:
+        return sorted(p for p in fs.ls(d, detail=False) if p.endswith(".json"))
+    except FileNotFoundError:
+        return []
+
+
+def read_manifest(uri: str) -> dict | None:
+    fs, path = url_to_fs(uri)
+    return read_json(fs, join(path, MANIFEST))
