@@ -48,6 +48,7 @@ CANONICAL_FIELDS = [
     pa.field("dialect_region", pa.string()),
     pa.field("sentence_type", pa.string()),
     pa.field("extra", pa.string()),                     # JSON object for anything else
+    pa.field("generated", pa.string()),                 # modalities filled by a conversion ("audio", ...)
 ]
 CANONICAL = pa.schema(CANONICAL_FIELDS)
 CANONICAL_COLUMNS = [f.name for f in CANONICAL_FIELDS]
