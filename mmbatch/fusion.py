@@ -1,0 +1,139 @@
+"""Pairing rows across datasets and fusing per-modality embeddings (pure functions).
+
+Pairing (how samples of different corpora become one multimodal sample):
+- ``key``: exact match on a key column (default ``sample_id``).
+- ``label``: the AV-MNIST construction -- every primary row gets, from each
+  partner dataset, a row with the same label (and the same normalised split
+  when the partner has rows of that split). The choice is a hash of
+  (seed, partner dataset, primary sample_id), so it is reproducible for a given
+  seed, independent of row order and of how the work is parallelised.
+
+Fusion (the ``fused`` column):
+- ``concat``: modality embeddings side by side (image, audio, text order),
+  absent modalities zero-filled.
+- ``weighted``: each modality projected to ``dim`` by a fixed seeded random
+  projection (Gaussian, scaled by 1/sqrt(d_m)), then
+  ``F = w_img*P_img x_img + w_txt*P_txt x_txt + w_audio*P_audio x_audio``
+  over present modalities.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from mmbatch.schema import MODALITIES, emb_column, has_column, normalize_split
+
+
+def stable_u64(*parts: object) -> int:
+    h = hashlib.blake2b("\x1f".join(str(p) for p in parts).encode(), digest_size=8)
+    return int.from_bytes(h.digest(), "little")
+
+
+def fused_dim(method: str, dims: Mapping[str, int], dim: int) -> int:
+    if method == "concat":
+        return int(sum(dims[m] for m in MODALITIES if m in dims))
+    return int(dim)
+
+
+def projection(modality: str, in_dim: int, out_dim: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(stable_u64("proj", seed, modality, in_dim, out_dim))
+    return (rng.standard_normal((in_dim, out_dim)) / np.sqrt(in_dim)).astype(np.float32)
+
+
+def fuse(embs: Mapping[str, np.ndarray], present: Mapping[str, np.ndarray], dims: Mapping[str, int],
+         method: str = "concat", dim: int = 256, weights: Mapping[str, float] | None = None,
+         seed: int = 0) -> np.ndarray:
+    """Fused vectors [n, fused_dim] from per-modality [n, d_m] arrays and presence masks."""
+    mods = [m for m in MODALITIES if m in dims]
+    n = len(next(iter(present.values()))) if present else 0
+    if method == "concat":
+        parts = []
+        for m in mods:
+            x = embs.get(m)
+            x = np.zeros((n, dims[m]), np.float32) if x is None else x.astype(np.float32, copy=True)
+            x[~present[m]] = 0.0
+            parts.append(x)
+        return np.concatenate(parts, axis=1) if parts else np.zeros((n, 0), np.float32)
+    if method == "weighted":
+        weights = dict(weights or {})
+        out = np.zeros((n, dim), np.float32)
+        for m in mods:
+            x = embs.get(m)
+            if x is None:
+                continue
+            contrib = x.astype(np.float32) @ projection(m, dims[m], dim, seed)
+            out += float(weights.get(m, 1.0)) * np.where(present[m][:, None], contrib, 0.0).astype(np.float32)
+        return out
+    raise ValueError(f"fusion.method must be 'concat' or 'weighted', got {method!r}")
+
+
+# --- pairing -----------------------------------------------------------------------
+class LabelIndex:
+    """Partner rows grouped by (label, normalised split) for label pairing."""
+
+    def __init__(self, name: str, sample_ids: Sequence[str], labels: Sequence, splits: Sequence):
+        self.name = name
+        self.by_label_split: dict[tuple, list[int]] = {}
+        self.by_label: dict = {}
+        order = np.argsort(np.asarray(sample_ids, dtype=object), kind="stable")  # order-independent
+        for i in order:
+            lab = labels[i]
+            if lab is None:
+                continue
+            self.by_label_split.setdefault((lab, normalize_split(splits[i])), []).append(int(i))
+            self.by_label.setdefault(lab, []).append(int(i))
+
+    def choose(self, sample_id: str, label, split, seed: int) -> int | None:
+        if label is None:
+            return None
+        cands = self.by_label_split.get((label, normalize_split(split))) or self.by_label.get(label)
+        if not cands:
+            return None
+        return cands[stable_u64("pair", seed, self.name, sample_id) % len(cands)]
+
+
+def take_embeddings(table: pa.Table, rows: Sequence[int | None], modality: str, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """Embeddings [n, dim] and presence mask from ``table`` at ``rows`` (None -> absent)."""
+    n = len(rows)
+    out = np.zeros((n, dim), np.float32)
+    mask = np.zeros(n, bool)
+    col, hcol = emb_column(modality), has_column(modality)
+    if col not in table.column_names:
+        return out, mask
+    idx = np.array([r if r is not None else -1 for r in rows], dtype=np.int64)
+    ok = idx >= 0
+    if ok.any():
+        sub = table.take(pa.array(idx[ok]))
+        out[ok] = embeddings_to_numpy(sub.column(col), dim)
+        mask[ok] = np.asarray(sub.column(hcol).to_numpy(zero_copy_only=False), dtype=bool)
+    return out, mask
+
+
+def embeddings_to_numpy(col: pa.ChunkedArray | pa.Array, dim: int) -> np.ndarray:
+    """fixed_size_list<float32> column -> [n, dim] float32 (nulls -> zeros)."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    n = len(arr)
+    if n == 0:
+        return np.zeros((0, dim), np.float32)
+    if arr.null_count:
+        filled = np.zeros((n, dim), np.float32)
+        valid = np.asarray(arr.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+        if valid.any():
+            filled[valid] = embeddings_to_numpy(arr.filter(pa.array(valid)), dim)
+        return filled
+    values = arr.flatten().to_numpy(zero_copy_only=False)
+    return np.asarray(values, dtype=np.float32).reshape(n, dim)
+
+
+def embeddings_to_arrow(x: np.ndarray, present: np.ndarray | None = None) -> pa.Array:
+    """[n, dim] float32 -> fixed_size_list<float32> (null where not present)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n, dim = x.shape
+    arr = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), dim)
+    if present is not None and not np.all(present):
+        mask = pa.array(~np.asarray(present, dtype=bool))
+        arr = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), dim, mask=mask)
+    return arr

@@ -1,0 +1,96 @@
+"""`mmbatch inspect`: describe any Parquet folder mmbatch writes (canonical, fused, quarantine)."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from mmbatch import storage
+from mmbatch.errors import UsageError
+from mmbatch.schema import MODALITIES, read_mmbatch_meta
+
+_COUNT_COLUMNS = ("split", "label", "label_name", "reason", "source")
+
+
+def describe(path: str) -> dict:
+    """Schema, row count, counts per split/label, modality presence and stored metadata."""
+    fs, root = storage.url_to_fs(path)
+    if fs.isfile(root):
+        files = [root]
+        manifest = None
+    else:
+        if not fs.exists(root):
+            raise UsageError(f"{path} does not exist")
+        files = storage.list_parquet(fs, root)
+        manifest = storage.read_json(fs, storage.join(root, storage.MANIFEST))
+    if not files:
+        raise UsageError(f"{path}: no Parquet files (is it an mmbatch output folder?)")
+    schema = pq.read_schema(files[0], filesystem=fs)
+    names = schema.names
+    counts = {c: Counter() for c in _COUNT_COLUMNS if c in names}
+    presence = Counter()
+    rows = 0
+    size = 0
+    for f in files:
+        size += fs.info(f).get("size", 0) or 0
+        cols = [c for c in counts] + [c for c in names if c.startswith("has_")] + \
+            [m for m in MODALITIES if m in names and not any(c == f"has_{m}" for c in names)]
+        t = pq.read_table(f, filesystem=fs, columns=cols)
+        rows += t.num_rows
+        for c in counts:
+            counts[c].update("null" if v is None else str(v) for v in t.column(c).to_pylist())
+        for c in t.column_names:
+            if c.startswith("has_"):
+                presence[c[4:]] += int(pc.sum(t.column(c)).as_py() or 0)
+            elif c in MODALITIES:
+                presence[c] += t.num_rows - t.column(c).null_count
+    quarantine = None
+    if manifest is not None or not fs.isfile(root):
+        qfiles = storage.list_parquet(fs, storage.join(root, storage.QUARANTINE_DIR))
+        if qfiles:
+            reasons = Counter()
+            for q in qfiles:
+                reasons.update(pq.read_table(q, filesystem=fs, columns=["reason"]).column("reason").to_pylist())
+            quarantine = {"rows": sum(reasons.values()), "reasons": dict(reasons)}
+    return {
+        "path": path,
+        "files": len(files),
+        "bytes": size,
+        "rows": rows,
+        "columns": {f.name: str(f.type) for f in schema},
+        "counts": {c: dict(sorted(v.items())) for c, v in counts.items()},
+        "presence": dict(presence),
+        "quarantine": quarantine,
+        "metadata": read_mmbatch_meta(schema),
+        "manifest": manifest,
+    }
+
+
+def render_text(info: dict) -> str:
+    out = [f"{info['path']}: {info['rows']} rows in {info['files']} file(s), {info['bytes'] / 1e6:.1f} MB"]
+    out.append("columns:")
+    for name, typ in info["columns"].items():
+        out.append(f"  {name:<16} {typ}")
+    for col, counts in info["counts"].items():
+        if len(counts) > 30:
+            out.append(f"{col}: {len(counts)} distinct values")
+            continue
+        out.append(f"{col}: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
+    if info["presence"]:
+        out.append("modality presence: " + ", ".join(f"{m} {n}/{info['rows']}" for m, n in info["presence"].items()))
+    if info["quarantine"]:
+        q = info["quarantine"]
+        out.append(f"quarantined: {q['rows']} (" + ", ".join(f"{k} {v}" for k, v in q["reasons"].items()) + ")")
+    meta = info["metadata"]
+    if meta:
+        out.append("metadata:")
+        for k, v in meta.items():
+            text = json.dumps(v, default=str)
+            out.append(f"  {k}: {text if len(text) < 200 else text[:197] + '...'}")
+    if info["manifest"]:
+        out.append(f"manifest: complete ({len(info['manifest'].get('files', []))} files listed)")
+    else:
+        out.append("manifest: none (incomplete output or a single file)")
+    return "\n".join(out)

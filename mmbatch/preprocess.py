@@ -1,0 +1,548 @@
+"""`mmbatch preprocess`: canonical shards -> per-modality features -> fused Parquet.
+
+Two steps, each committed shard by shard (see storage.py for the protocol):
+
+1. Features, per input dataset: one streaming Ray Data job reads the canonical
+   shards that have no committed output for the current extractor config,
+   decodes and embeds (stages.py), and stages pieces; the driver commits a
+   shard (``OUT/_features/<dataset>/<shard>.parquet`` + marker) as soon as all
+   of its rows are written or quarantined. A rerun skips committed shards; a
+   changed extractor config changes the fingerprint and reprocesses.
+2. Pairing + fusion, per primary shard (Ray tasks): partner embeddings are
+   attached (fusion.py), the ``fused`` column computed, and
+   ``OUT/<dataset>--<shard>.parquet`` committed. ``_manifest.json`` is last.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from mmbatch import __version__, storage
+from mmbatch.config import DatasetConfig, Workflow
+from mmbatch.errors import UsageError
+from mmbatch.schema import (
+    MODALITIES, QUARANTINE, emb_column, fused_schema, has_column, normalize_split, read_mmbatch_meta,
+    with_metadata,
+)
+
+log = logging.getLogger("mmbatch.preprocess")
+FEATURES_DIR = "_features"
+STAGING_DIR = "_staging"
+
+
+@dataclass
+class StageStat:
+    rows: int = 0
+    seconds: float = 0.0
+    workers: float = 1.0
+
+
+@dataclass
+class PreprocessSummary:
+    out: str
+    rows_in: int = 0
+    features_rows: int = 0
+    quarantined: int = 0
+    rows_out: int = 0
+    dropped: int = 0                 # rows not in the fused output by design (unpaired / split filter)
+    shards_processed: int = 0
+    shards_skipped: int = 0
+    fused_processed: int = 0
+    fused_skipped: int = 0
+    fingerprint: str = ""
+    elapsed: float = 0.0
+    stages: dict = field(default_factory=dict)
+    placement: dict = field(default_factory=dict)
+    quarantine_reasons: dict = field(default_factory=dict)
+
+    @property
+    def reconciles(self) -> bool:
+        return self.rows_in == self.features_rows + self.quarantined
+
+
+# --- planning -----------------------------------------------------------------------
+def _feature_specs(wf: Workflow) -> dict[str, dict]:
+    return {m: getattr(wf.features, m).model_dump(mode="json") for m in MODALITIES}
+
+
+def _dataset_modalities(fs, files: list[str], ds: DatasetConfig) -> list[str]:
+    """Modalities this dataset provides: configured, else those with any non-null value."""
+    if ds.modalities:
+        return [m for m in MODALITIES if m in ds.modalities]
+    present = set()
+    for f in files:
+        pf = pq.ParquetFile(f, filesystem=fs)
+        for rg in range(pf.num_row_groups):
+            stats = pf.metadata.row_group(rg)
+            for m in MODALITIES:
+                for ci in range(stats.num_columns):
+                    col = stats.column(ci)
+                    if col.path_in_schema.split(".")[0] == m and col.statistics is not None \
+                            and col.statistics.null_count < stats.num_rows:
+                        present.add(m)
+        if len(present) == len(MODALITIES):
+            break
+    if not present:  # no statistics: read the columns
+        t = pq.read_table(files[0], columns=[m for m in MODALITIES], filesystem=fs)
+        present = {m for m in MODALITIES if t.column(m).null_count < t.num_rows}
+    return [m for m in MODALITIES if m in present]
+
+
+def _label_map(fs, files: list[str], column: str) -> dict:
+    values = set()
+    for f in files:
+        t = pq.read_table(f, columns=[column], filesystem=fs)
+        values.update(str(v) for v in t.column(column).to_pylist() if v is not None)
+    return {"column": column, "mapping": {v: i for i, v in enumerate(sorted(values))}}
+
+
+@dataclass
+class DatasetPlan:
+    cfg: DatasetConfig
+    files: list[str]
+    modalities: list[str]
+    label_map: dict | None
+    expected: dict[str, int]          # input file -> rows
+    fingerprints: dict[str, str]      # input file -> shard fingerprint (input + extractor config)
+    feature_dir: str
+
+
+def plan_dataset(wf: Workflow, ds: DatasetConfig, out_fs, out_root: str, specs: dict) -> DatasetPlan:
+    fs, root = storage.url_to_fs(ds.path)
+    if not fs.exists(root):
+        raise UsageError(f"dataset '{ds.name}': path {ds.path} does not exist (run `mmbatch ingest` first)")
+    files = storage.list_parquet(fs, root)
+    if not files:
+        raise UsageError(f"dataset '{ds.name}': no Parquet shards under {ds.path}")
+    manifest = storage.read_json(fs, storage.join(root, storage.MANIFEST))
+    if manifest is None:
+        raise UsageError(f"dataset '{ds.name}': {ds.path} has no _manifest.json: the ingest did not finish")
+    modalities = _dataset_modalities(fs, files, ds)
+    if not modalities:
+        raise UsageError(f"dataset '{ds.name}': no image, audio or text values found")
+    label_map = _label_map(fs, files, ds.label_column) if ds.label_column else None
+    expected, fps = {}, {}
+    for f in files:
+        sid = f.rstrip("/").rsplit("/", 1)[-1][: -len(".parquet")]
+        marker = storage.read_marker(fs, root, sid)
+        info = fs.info(f)
+        input_fp = marker["fingerprint"] if marker else [info.get("size"), str(info.get("mtime", ""))]
+        expected[f] = pq.ParquetFile(f, filesystem=fs).metadata.num_rows
+        fps[f] = storage.fingerprint({"input": input_fp, "specs": {m: specs[m] for m in modalities},
+                                      "label_map": label_map, "v": "features-1"})
+    return DatasetPlan(ds, files, modalities, label_map, expected, fps,
+                       storage.join(out_root, FEATURES_DIR, ds.name))
+
+
+# --- step 1: features ------------------------------------------------------------------
+def _placement(ex_needs_model: dict[str, bool], wf: Workflow) -> dict[str, dict]:
+    """Resources per model stage: a GPU fraction when the cluster has GPUs, CPUs otherwise."""
+    from mmbatch.runtime import cluster_cpus, cluster_gpus
+
+    gpus, cpus = cluster_gpus(), cluster_cpus()
+    model_mods = [m for m, need in ex_needs_model.items() if need]
+    plan = {}
+    for m in model_mods:
+        cfg = getattr(wf.features, m)
+        if gpus > 0:
+            frac = cfg.num_gpus if cfg.num_gpus is not None else min(1.0, gpus / len(model_mods)) / max(1, 1)
+            frac = min(frac, 1.0)
+            n = max(1, int(gpus / frac / len(model_mods))) if frac else 1
+            plan[m] = {"num_gpus": frac, "num_cpus": 1, "concurrency": n, "device": "gpu"}
+        else:
+            share = 1.0 / len(model_mods)
+            plan[m] = {"num_gpus": 0, "num_cpus": share,
+                       "concurrency": (1, max(1, int((cpus - 1) / share / len(model_mods)))), "device": "cpu"}
+    return plan
+
+
+class ShardTracker:
+    """Driver side of the commit protocol: counts staged rows, commits complete shards."""
+
+    def __init__(self, plan: DatasetPlan, out_fs, quarantine_dir: str, summary: PreprocessSummary):
+        self.plan, self.fs, self.qdir, self.summary = plan, out_fs, quarantine_dir, summary
+        self.pieces: dict[str, list] = {}
+        self.counts: dict[str, list[int]] = {}
+        self.done: set[str] = set()
+
+    def add(self, row: dict) -> None:
+        shard = row["shard"]
+        self.pieces.setdefault(shard, []).append(row)
+        c = self.counts.setdefault(shard, [0, 0])
+        c[0] += int(row["rows"])
+        c[1] += int(row["quarantined"])
+        for k, v in row.items():
+            if k.startswith("_t_") and v is not None:
+                st = self.summary.stages.setdefault(k[3:], StageStat())
+                st.seconds += float(v)
+                st.rows += int(row["rows"]) + int(row["quarantined"])
+            if k.startswith("_dev_") and v:
+                self.summary.placement.setdefault(k[5:], {}).setdefault("devices", set()).update(v.split(","))
+        if sum(c) >= self.plan.expected[shard] and shard not in self.done:
+            self.commit(shard)
+
+    def commit(self, shard: str) -> None:
+        from mmbatch.features.stages import shard_id
+
+        sid = shard_id(shard)
+        pieces = self.pieces[shard]
+        good = pa.concat_tables([pq.read_table(p["piece"], filesystem=self.fs) for p in pieces],
+                                promote_options="default")
+        qparts = [pq.read_table(p["qpiece"], filesystem=self.fs) for p in pieces if p["qpiece"]]
+        # A retried task may have staged the same rows twice: features are deterministic, keep one.
+        good = _dedupe(good)
+        quar = _dedupe(pa.concat_tables(qparts)) if qparts else QUARANTINE.empty_table()
+        if good.num_rows + quar.num_rows != self.plan.expected[shard]:
+            raise RuntimeError(f"shard {shard}: {good.num_rows} rows + {quar.num_rows} quarantined "
+                               f"!= {self.plan.expected[shard]} input rows")
+        good = good.sort_by("sample_id")
+        feat_dir = self.plan.feature_dir
+        storage.atomic_write_table(self.fs, storage.join(feat_dir, f"{sid}.parquet"), good)
+        files = [f"{sid}.parquet"]
+        qname = f"{self.plan.cfg.name}--{sid}.parquet"
+        qpath = storage.join(self.qdir, qname)
+        if quar.num_rows:
+            storage.atomic_write_table(self.fs, qpath, quar)
+        elif self.fs.exists(qpath):
+            self.fs.rm(qpath)
+        storage.write_marker(self.fs, feat_dir, sid, {
+            "fingerprint": self.plan.fingerprints[shard], "rows": good.num_rows,
+            "quarantined": quar.num_rows, "files": files, "quarantine_file": qname if quar.num_rows else None,
+            "input": shard})
+        staged = storage.join(feat_dir, STAGING_DIR, sid)
+        if self.fs.exists(staged):
+            self.fs.rm(staged, recursive=True)
+        self.done.add(shard)
+        self.summary.shards_processed += 1
+
+
+def _dedupe(t: pa.Table) -> pa.Table:
+    if t.num_rows == 0:
+        return t
+    ids = t.column("sample_id").to_pylist()
+    seen, keep = set(), []
+    for i, s in enumerate(ids):
+        if s not in seen:
+            seen.add(s)
+            keep.append(i)
+    return t if len(keep) == t.num_rows else t.take(pa.array(keep))
+
+
+def extract_features(wf: Workflow, plan: DatasetPlan, out_fs, out_root: str, specs: dict,
+                     summary: PreprocessSummary) -> None:
+    import ray
+
+    from mmbatch.features.stages import EncodeStage, decode_batch, get_extractor, write_pieces
+
+    fs_in, _ = storage.url_to_fs(plan.cfg.path)
+    qdir = storage.join(out_root, storage.QUARANTINE_DIR)
+    pending = []
+    for f in plan.files:
+        sid = f.rstrip("/").rsplit("/", 1)[-1][: -len(".parquet")]
+        if storage.committed(out_fs, plan.feature_dir, sid, plan.fingerprints[f]):
+            summary.shards_skipped += 1
+        else:
+            pending.append(f)
+    storage.remove_stale(out_fs, plan.feature_dir,
+                         [f.rstrip("/").rsplit("/", 1)[-1][: -len(".parquet")] for f in plan.files])
+    if not pending:
+        return
+    needs_model = {m: get_extractor(m, specs[m]).needs_model for m in plan.modalities}
+    placement = _placement(needs_model, wf)
+    for m in plan.modalities:
+        summary.placement.setdefault(m, {}).update(
+            {"stage": "encode actor pool" if needs_model[m] else "decode task",
+             **({k: v for k, v in placement[m].items()} if m in placement else {"device": "cpu"})})
+
+    columns = ["sample_id", "source", "split", "label", "label_name", *plan.modalities]
+    if plan.label_map:
+        columns.append(plan.label_map["column"])
+    ds = ray.data.read_parquet(pending, filesystem=fs_in if not storage.is_local(fs_in) else None,
+                               columns=columns, include_paths=True)
+    bs = wf.features.batch_size
+    ds = ds.map_batches(decode_batch, batch_format="pyarrow", batch_size=bs, zero_copy_batch=True,
+                        fn_kwargs={"specs": specs, "modalities": plan.modalities, "label_map": plan.label_map})
+    for m, p in placement.items():
+        ds = ds.map_batches(EncodeStage, batch_format="pyarrow", batch_size=getattr(wf.features, m).batch_size,
+                            fn_constructor_kwargs={"modality": m, "spec": specs[m]},
+                            num_gpus=p["num_gpus"] or None, num_cpus=p["num_cpus"], concurrency=p["concurrency"])
+    staging = storage.join(plan.feature_dir, STAGING_DIR)
+    staging_uri = staging if storage.is_local(out_fs) else out_fs.unstrip_protocol(staging)
+    ds = ds.map_batches(write_pieces, batch_format="pyarrow", batch_size=None,
+                        fn_kwargs={"staging": staging_uri, "modalities": plan.modalities,
+                                   "source_name": plan.cfg.name})
+    tracker = ShardTracker(plan, out_fs, qdir, summary)
+    for row in ds.iter_rows():
+        tracker.add(row)
+    missing = [f for f in pending if f not in tracker.done]
+    if missing:
+        raise RuntimeError(f"dataset '{plan.cfg.name}': shards not completed: {missing}")
+
+
+# --- step 2: pairing + fusion ----------------------------------------------------------------
+def _read_features(fs, plan: DatasetPlan) -> pa.Table:
+    tables = []
+    for f in plan.files:
+        sid = f.rstrip("/").rsplit("/", 1)[-1][: -len(".parquet")]
+        tables.append(pq.read_table(storage.join(plan.feature_dir, f"{sid}.parquet"), filesystem=fs))
+    return pa.concat_tables(tables, promote_options="default")
+
+
+def _fuse_shard(feat_path: str, out_path: str, fs_uri_root: str, partners: dict, ctx: dict) -> dict:
+    """Pair one primary feature shard with partner embeddings, fuse, commit. Runs as a Ray task."""
+    from mmbatch.fusion import LabelIndex, embeddings_to_arrow, embeddings_to_numpy, fuse, take_embeddings
+
+    fs, _ = storage.url_to_fs(fs_uri_root)
+    t = pq.read_table(feat_path, filesystem=fs)
+    n_in = t.num_rows
+    splits = ctx["splits"]
+    if splits and n_in:
+        wanted = {s.lower() for s in splits}
+        t = t.filter(pa.array([sp is not None and (sp.lower() in wanted or (normalize_split(sp) or "") in wanted)
+                               for sp in t.column("split").to_pylist()]))
+    dims, own = ctx["dims"], ctx["own_modalities"]
+    embs, present = {}, {}
+    for m in own:
+        embs[m] = embeddings_to_numpy(t.column(emb_column(m)), dims[m])
+        present[m] = np.asarray(t.column(has_column(m)).to_numpy(zero_copy_only=False), bool)
+    sample_ids = t.column("sample_id").to_pylist()
+    paired_cols: dict[str, list] = {}
+    keep_rows = np.ones(t.num_rows, bool)
+    for name, (ptable, pmods) in partners.items():
+        if ctx["pairing"]["by"] == "label":
+            index = ctx["_index"].get(name) or LabelIndex(name, ptable.column("sample_id").to_pylist(),
+                                                          ptable.column("label").to_pylist(),
+                                                          ptable.column("split").to_pylist())
+            ctx["_index"][name] = index
+            labels, spl = t.column("label").to_pylist(), t.column("split").to_pylist()
+            rows = [index.choose(s, lab, sp, ctx["pairing"]["seed"]) for s, lab, sp in zip(sample_ids, labels, spl)]
+        else:
+            key = ctx["pairing"]["key"]
+            pos = {k: i for i, k in enumerate(ptable.column(key).to_pylist())}
+            mine = t.column(key).to_pylist()
+            rows = [pos.get(k) for k in mine]
+            keep_rows &= np.array([r is not None for r in rows], bool)
+        pids = ptable.column("sample_id").to_pylist()
+        paired_cols[name] = [pids[r] if r is not None else None for r in rows]
+        for m in pmods:
+            if m in own:
+                continue
+            e, p = take_embeddings(ptable, rows, m, dims[m])
+            embs[m], present[m] = e, p
+    fused = fuse(embs, present, dims, ctx["fusion"]["method"], ctx["fusion"]["dim"],
+                 ctx["fusion"]["weights"], ctx["fusion"]["seed"])
+    schema = pa.schema([f.remove_metadata() for f in ctx["schema"]]).with_metadata(ctx["schema_metadata"])
+    cols = {c: t.column(c) for c in ("sample_id", "source", "split", "label", "label_name")}
+    for m in MODALITIES:
+        if m in dims:
+            pm = present.get(m, np.zeros(t.num_rows, bool))
+            cols[emb_column(m)] = embeddings_to_arrow(embs.get(m, np.zeros((t.num_rows, dims[m]), np.float32)), pm)
+    for m in MODALITIES:
+        if m in dims:
+            cols[has_column(m)] = pa.array(present.get(m, np.zeros(t.num_rows, bool)))
+    cols["fused"] = embeddings_to_arrow(fused)
+    if "paired_with" in schema.names:
+        cols["paired_with"] = pa.array(
+            [json.dumps({k: v[i] for k, v in paired_cols.items()}) for i in range(t.num_rows)], pa.string())
+    table = pa.table(cols, schema=schema)
+    if not keep_rows.all():
+        table = table.filter(pa.array(keep_rows))
+    storage.atomic_write_table(fs, out_path, table, row_group_size=ctx["row_group_size"])
+    return {"rows_in": n_in, "rows": table.num_rows}
+
+
+def fuse_outputs(wf: Workflow, plans: list[DatasetPlan], out_fs, out_root: str, out_uri: str,
+                 descriptions: dict, summary: PreprocessSummary) -> dict:
+    import ray
+
+    by = wf.pairing.by
+    if by != "none" and len(plans) < 2:
+        raise UsageError(f"pairing.by={by!r} needs at least two datasets; got {len(plans)}")
+    if by == "none":
+        primaries, partner_plans = plans, []
+    else:
+        primary_name = wf.pairing.primary or plans[0].cfg.name
+        names = [p.cfg.name for p in plans]
+        if primary_name not in names:
+            raise UsageError(f"pairing.primary={primary_name!r} is not a dataset name; allowed: {names}")
+        primaries = [p for p in plans if p.cfg.name == primary_name]
+        partner_plans = [p for p in plans if p.cfg.name != primary_name]
+    all_mods = [m for m in MODALITIES if any(m in p.modalities for p in plans)]
+    dims = {m: descriptions[m]["dim"] for m in all_mods}
+    from mmbatch.fusion import fused_dim
+    fdim = fused_dim(wf.fusion.method, dims, wf.fusion.dim)
+    schema = fused_schema(dims, fdim)
+    if partner_plans:
+        schema = schema.append(pa.field("paired_with", pa.string()))
+    meta = {
+        "kind": "fused", "mmbatch_version": __version__, "features": {m: descriptions[m] for m in all_mods},
+        "dims": dims, "fused_dim": fdim, "fusion": wf.fusion.model_dump(mode="json"),
+        "pairing": wf.pairing.model_dump(mode="json"),
+        "datasets": {p.cfg.name: {"path": p.cfg.path, "modalities": p.modalities,
+                                  "label_map": p.label_map} for p in plans},
+        "workflow_hash": storage.fingerprint(wf.model_dump(mode="json")),
+    }
+    schema = with_metadata(schema, meta)
+    partner_fp = {p.cfg.name: sorted(p.fingerprints.values()) for p in partner_plans}
+    ctx_base = {"dims": dims, "pairing": wf.pairing.model_dump(mode="json"),
+                "fusion": wf.fusion.model_dump(mode="json"), "row_group_size": wf.output.row_group_size,
+                "schema": list(schema), "schema_metadata": schema.metadata, "_index": {}}
+    partners = {p.cfg.name: (_read_features(out_fs, p), p.modalities) for p in partner_plans}
+    partners_ref = ray.put(partners) if partners else None
+    fuse_task = ray.remote(num_cpus=1)(_fuse_task)
+    futures, keep_ids, fps = [], [], {}
+    for p in primaries:
+        ctx = dict(ctx_base, own_modalities=p.modalities, splits=p.cfg.splits)
+        for f in p.files:
+            sid = f.rstrip("/").rsplit("/", 1)[-1][: -len(".parquet")]
+            out_id = f"{p.cfg.name}--{sid}"
+            keep_ids.append(out_id)
+            fp = storage.fingerprint({"features": p.fingerprints[f], "partners": partner_fp,
+                                      "fusion": ctx_base["fusion"], "pairing": ctx_base["pairing"],
+                                      "splits": p.cfg.splits, "dims": dims, "v": "fused-1"})
+            fps[out_id] = fp
+            if storage.committed(out_fs, out_root, out_id, fp):
+                summary.fused_skipped += 1
+                continue
+            feat_path = storage.join(p.feature_dir, f"{sid}.parquet")
+            out_path = storage.join(out_root, f"{out_id}.parquet")
+            futures.append((out_id, fp, fuse_task.remote(feat_path, out_path, out_uri, partners_ref, ctx)))
+    for out_id, fp, fut in futures:
+        res = ray.get(fut)
+        storage.write_marker(out_fs, out_root, out_id, {"fingerprint": fp, "rows": res["rows"],
+                                                        "rows_in": res["rows_in"], "files": [f"{out_id}.parquet"]})
+        summary.fused_processed += 1
+    storage.remove_stale(out_fs, out_root, keep_ids)
+    return {"schema_meta": meta, "fingerprints": fps}
+
+
+def _fuse_task(feat_path, out_path, out_uri, partners, ctx):
+    return _fuse_shard(feat_path, out_path, out_uri, partners or {}, ctx)
+
+
+# --- entry point ----------------------------------------------------------------------------
+def run_preprocess(wf: Workflow, progress: bool = True) -> PreprocessSummary:
+    from mmbatch.features.stages import get_extractor
+    from mmbatch.runtime import init_ray
+
+    t0 = time.time()
+    if not wf.datasets:
+        raise UsageError("workflow has no datasets: add at least one under 'datasets:' "
+                         "(name + path of an ingested dataset)")
+    init_ray(wf.ray.address, wf.ray.num_cpus, wf.ray.num_gpus, wf.ray.object_store_memory)
+    out_uri = wf.output.path
+    out_fs, out_root = storage.url_to_fs(out_uri)
+    out_fs.makedirs(out_root, exist_ok=True)
+    specs = _feature_specs(wf)
+    summary = PreprocessSummary(out=out_uri)
+    plans = [plan_dataset(wf, d, out_fs, out_root, specs) for d in wf.datasets]
+    used = [m for m in MODALITIES if any(m in p.modalities for p in plans)]
+    descriptions = {m: get_extractor(m, specs[m]).describe() for m in used}
+    for p in plans:
+        summary.rows_in += sum(p.expected.values())
+        extract_features(wf, p, out_fs, out_root, specs, summary)
+    # counts from committed markers (covers skipped shards too)
+    quarantine_reasons: dict[str, int] = {}
+    for p in plans:
+        for f in p.files:
+            sid = f.rstrip("/").rsplit("/", 1)[-1][: -len(".parquet")]
+            m = storage.read_marker(out_fs, p.feature_dir, sid) or {}
+            summary.features_rows += int(m.get("rows", 0))
+            summary.quarantined += int(m.get("quarantined", 0))
+            if m.get("quarantine_file"):
+                q = pq.read_table(storage.join(out_root, storage.QUARANTINE_DIR, m["quarantine_file"]),
+                                  filesystem=out_fs, columns=["reason"])
+                for r in q.column("reason").to_pylist():
+                    quarantine_reasons[r] = quarantine_reasons.get(r, 0) + 1
+    summary.quarantine_reasons = quarantine_reasons
+    t_fuse = time.time()
+    fused = fuse_outputs(wf, plans, out_fs, out_root, out_uri, descriptions, summary)
+    summary.stages["fuse"] = StageStat(rows=summary.features_rows, seconds=time.time() - t_fuse)
+    summary.fingerprint = storage.fingerprint(sorted(fused["fingerprints"].items()))
+    storage.clean_tmp(out_fs, out_root)
+    for p in plans:
+        storage.clean_tmp(out_fs, p.feature_dir)
+    manifest = _write_manifest(wf, out_fs, out_root, fused, summary, t0)
+    summary.rows_out = manifest["rows"]
+    summary.dropped = summary.features_rows - summary.rows_out
+    summary.elapsed = time.time() - t0
+    if progress:
+        print(render_summary(summary))
+    return summary
+
+
+def _write_manifest(wf, out_fs, out_root, fused, summary, t0) -> dict:
+    files = storage.list_parquet(out_fs, out_root)
+    counts_split: dict[str, int] = {}
+    counts_label: dict[str, int] = {}
+    presence: dict[str, int] = {}
+    rows = 0
+    for f in files:
+        t = pq.read_table(f, filesystem=out_fs, columns=["split", "label"] +
+                          [c for c in pq.read_schema(f, filesystem=out_fs).names if c.startswith("has_")])
+        rows += t.num_rows
+        for k, v in zip(*np.unique(np.array(t.column("split").to_pylist(), dtype=object).astype(str),
+                                   return_counts=True)):
+            counts_split[k] = counts_split.get(k, 0) + int(v)
+        for k, v in zip(*np.unique(np.array(t.column("label").to_pylist(), dtype=object).astype(str),
+                                   return_counts=True)):
+            counts_label[k] = counts_label.get(k, 0) + int(v)
+        for c in t.column_names:
+            if c.startswith("has_"):
+                presence[c[4:]] = presence.get(c[4:], 0) + int(pc.sum(t.column(c)).as_py() or 0)
+    manifest = {
+        "kind": "fused", "mmbatch_version": __version__, "rows": rows, "rows_in": summary.rows_in,
+        "features_rows": summary.features_rows, "quarantined": summary.quarantined,
+        "quarantine_reasons": summary.quarantine_reasons, "dropped": summary.features_rows - rows,
+        "counts": {"split": counts_split, "label": counts_label, "presence": presence},
+        "files": [f.rstrip("/").rsplit("/", 1)[-1] for f in files],
+        "fingerprint": storage.fingerprint(sorted(fused["fingerprints"].items())),
+        "metadata": fused["schema_meta"],
+        "shards": {"processed": summary.shards_processed, "skipped": summary.shards_skipped,
+                   "fused_processed": summary.fused_processed, "fused_skipped": summary.fused_skipped},
+        "stages": {k: {"rows": v.rows, "busy_seconds": round(v.seconds, 3)} for k, v in summary.stages.items()},
+        "placement": _jsonable(summary.placement),
+        "elapsed_seconds": round(time.time() - t0, 3),
+    }
+    storage.write_json(out_fs, storage.join(out_root, storage.MANIFEST), manifest)
+    return manifest
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (set, tuple, list)):
+        return sorted(_jsonable(v) for v in x) if isinstance(x, set) else [_jsonable(v) for v in x]
+    return x
+
+
+def render_summary(s: PreprocessSummary) -> str:
+    lines = [f"preprocess -> {s.out}",
+             f"  rows in {s.rows_in}  features {s.features_rows}  quarantined {s.quarantined}  "
+             f"fused rows out {s.rows_out}  (dropped by pairing/filters: {s.features_rows - s.rows_out})",
+             f"  shards: {s.shards_processed} processed, {s.shards_skipped} already committed; "
+             f"fused files: {s.fused_processed} written, {s.fused_skipped} unchanged",
+             f"  reconciles (in = features + quarantined): {'yes' if s.reconciles else 'NO'}"]
+    if s.quarantine_reasons:
+        lines.append("  quarantined by reason: " + ", ".join(f"{k} {v}" for k, v in sorted(s.quarantine_reasons.items())))
+    if s.stages:
+        lines.append(f"  {'stage':<10}{'rows':>8}{'busy s':>10}{'rows/busy s':>14}")
+        worst = max(s.stages.items(), key=lambda kv: kv[1].seconds)[0]
+        for k, v in s.stages.items():
+            rate = v.rows / v.seconds if v.seconds > 0 else float("inf")
+            mark = "  <- bottleneck" if k == worst else ""
+            lines.append(f"  {k:<10}{v.rows:>8}{v.seconds:>10.2f}{rate:>14.1f}{mark}")
+    if s.placement:
+        lines.append("  placement: " + "; ".join(
+            f"{m}: {p.get('stage', '?')} on {','.join(sorted(p.get('devices', []))) or p.get('device', 'cpu')}"
+            for m, p in s.placement.items()))
+    lines.append(f"  elapsed {s.elapsed:.1f} s")
+    return "\n".join(lines)
