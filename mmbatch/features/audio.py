@@ -1,0 +1,518 @@
+"""Audio features: decode (bytes -> mono float32 at one rate) and two extractors.
+
+Decode (CPU, :func:`decode_clip`): :func:`mmbatch.media.decode_audio` (FLAC,
+WAV, SPHERE, ... -> float32 mono), resampling with soxr (``HQ``) to
+``sample_rate`` when the file's rate differs, clipping to ``max_seconds``, and
+zero-padding audio shorter than one analysis window to one window (such a clip
+is not an error). All-zero audio gives finite features (``log(max(mel, amin))``).
+
+Frame features (:class:`FrameParams`; the choices stated here are recorded in
+``params()``):
+
+- window ``win_ms`` (25 ms = 400 samples at 16 kHz), hop ``hop_ms`` (10 ms = 160),
+  ``n_fft = window length`` (no zero-padding to a power of two; 201 bins at 16 kHz),
+  periodic Hann window, ``center=True`` with zero (``constant``) padding, so a
+  clip of N samples has ``1 + N // hop`` frames (librosa's defaults);
+- power spectrum -> ``n_mels`` Slaney-normalised mel filters (``librosa.filters.mel``,
+  ``htk=False``, ``fmin``..``fmax``, fmax None = Nyquist);
+- log-mel = ``10 * log10(max(mel, 1e-10))`` (= ``librosa.power_to_db(S, ref=1.0,
+  amin=1e-10, top_db=None)``, no per-clip top_db clipping);
+- MFCC = first ``n_mfcc`` coefficients of the orthonormal DCT-II of the log-mel
+  over the mel axis, no lifter (= ``librosa.feature.mfcc(S=logmel, n_mfcc, dct_type=2,
+  norm="ortho")``).
+
+Extractors:
+
+- ``logmel_stats`` (no model): [mean, std over time of log-mel, mean, std of MFCC]
+  -> ``2 * n_mels + 2 * n_mfcc`` (186 by default). Backend ``librosa`` (one clip
+  at a time; ``librosa.stft`` and the cached ``librosa.filters.mel`` matrix, which
+  is ``librosa.feature.melspectrogram``'s computation) or ``torch`` (``torch.stft``
+  over a zero-padded batch of clips grouped by length, per-clip frame masks for the
+  statistics; runs on GPU after ``to("cuda")``). The two agree to
+  :data:`BACKEND_RTOL` (tested; measured about 1e-7 on CPU). On one CPU thread
+  librosa is the faster (~2,600x vs ~1,700x real time); torch is for GPUs.
+- ``cnn``: a small 2-D conv encoder over the log-mel (:class:`AudioCNN`) with
+  masked global pooling over time -> ``embedding_dim``.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import math
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from mmbatch import media
+from mmbatch.features.base import Decoded, Error, Extractor
+from mmbatch.runtime import pin_threads
+
+log = logging.getLogger("mmbatch.features.audio")
+
+# The torch and librosa backends of logmel_stats agree to within this, as
+# max |torch - librosa| / max(1, max |librosa|) over a batch of embeddings.
+BACKEND_RTOL = 1e-4
+
+RESAMPLER = "soxr HQ"
+
+
+@dataclass(frozen=True)
+class FrameParams:
+    """Frame-level feature settings (samples, not ms). Build with :meth:`from_ms`."""
+    sample_rate: int = 16000
+    win_length: int = 400
+    hop_length: int = 160
+    n_fft: int = 400
+    n_mels: int = 80
+    n_mfcc: int = 13
+    fmin: float = 0.0
+    fmax: Optional[float] = None
+    window: str = "hann_periodic"
+    center: bool = True
+    pad_mode: str = "constant"
+    amin: float = 1e-10
+    mel_norm: str = "slaney"
+    mel_htk: bool = False
+
+    @classmethod
+    def from_ms(cls, sample_rate: int = 16000, win_ms: float = 25.0, hop_ms: float = 10.0,
+                n_mels: int = 80, n_mfcc: int = 13, fmin: float = 0.0,
+                fmax: Optional[float] = None) -> "FrameParams":
+        win = int(round(sample_rate * win_ms / 1000.0))
+        hop = int(round(sample_rate * hop_ms / 1000.0))
+        if win < 2 or hop < 1:
+            raise ValueError(f"window {win_ms} ms / hop {hop_ms} ms at {sample_rate} Hz is too short")
+        if n_mfcc > n_mels:
+            raise ValueError(f"n_mfcc ({n_mfcc}) cannot exceed n_mels ({n_mels})")
+        if fmax is not None and fmax > sample_rate / 2:
+            raise ValueError(f"fmax {fmax} is above Nyquist ({sample_rate / 2})")
+        return cls(sample_rate=int(sample_rate), win_length=win, hop_length=hop, n_fft=win,
+                   n_mels=int(n_mels), n_mfcc=int(n_mfcc), fmin=float(fmin),
+                   fmax=None if fmax is None else float(fmax))
+
+    @classmethod
+    def from_config(cls, cfg) -> "FrameParams":
+        return cls.from_ms(cfg.sample_rate, cfg.win_ms, cfg.hop_ms, cfg.n_mels, cfg.n_mfcc, cfg.fmin, cfg.fmax)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def num_frames(self, num_samples: int) -> int:
+        if self.center:
+            return 1 + num_samples // self.hop_length
+        return 1 + max(0, num_samples - self.n_fft) // self.hop_length
+
+
+DEFAULT_FRAMES = FrameParams()
+
+
+@functools.lru_cache(maxsize=16)
+def mel_basis(p: FrameParams) -> np.ndarray:
+    """float32 [n_mels, n_fft // 2 + 1] mel filter bank (librosa.filters.mel)."""
+    import librosa
+
+    return librosa.filters.mel(sr=p.sample_rate, n_fft=p.n_fft, n_mels=p.n_mels, fmin=p.fmin,
+                               fmax=p.fmax, htk=p.mel_htk, norm=p.mel_norm, dtype=np.float32)
+
+
+@functools.lru_cache(maxsize=16)
+def dct_matrix(n_mfcc: int, n_mels: int) -> np.ndarray:
+    """float32 [n_mfcc, n_mels] orthonormal DCT-II: ``D @ x == scipy.fft.dct(x, 2, norm='ortho')[:n_mfcc]``."""
+    import scipy.fft
+
+    return scipy.fft.dct(np.eye(n_mels, dtype=np.float64), type=2, norm="ortho", axis=0)[:n_mfcc] \
+        .astype(np.float32)
+
+
+def power_spectrogram(x: np.ndarray, p: FrameParams = DEFAULT_FRAMES) -> np.ndarray:
+    import librosa
+
+    S = librosa.stft(np.asarray(x, dtype=np.float32), n_fft=p.n_fft, hop_length=p.hop_length,
+                     win_length=p.win_length, window="hann", center=p.center, pad_mode=p.pad_mode)
+    return (S.real * S.real + S.imag * S.imag).astype(np.float32, copy=False)
+
+
+def logmel(x: np.ndarray, p: FrameParams = DEFAULT_FRAMES) -> np.ndarray:
+    """float32 [n_mels, frames] log-mel (dB) of mono samples ``x`` at ``p.sample_rate``."""
+    mel = mel_basis(p) @ power_spectrogram(x, p)
+    return (10.0 * np.log10(np.maximum(mel, p.amin))).astype(np.float32, copy=False)
+
+
+def mfcc_from_logmel(L: np.ndarray, n_mfcc: int) -> np.ndarray:
+    """[n_mfcc, frames] MFCC from a [n_mels, frames] log-mel (DCT-II ortho, no lifter)."""
+    return dct_matrix(n_mfcc, L.shape[0]) @ L
+
+
+def mfcc(x: np.ndarray, p: FrameParams = DEFAULT_FRAMES) -> np.ndarray:
+    """float32 [n_mfcc, frames] MFCC of mono samples ``x``."""
+    return mfcc_from_logmel(logmel(x, p), p.n_mfcc)
+
+
+def stats_dim(p: FrameParams) -> int:
+    return 2 * p.n_mels + 2 * p.n_mfcc
+
+
+def logmel_stats(x: np.ndarray, p: FrameParams = DEFAULT_FRAMES) -> np.ndarray:
+    """float32 [2*n_mels + 2*n_mfcc]: mean, std (ddof 0) over time of log-mel, then of MFCC."""
+    L = logmel(x, p)
+    parts = [L.mean(axis=1), L.std(axis=1)]
+    if p.n_mfcc:
+        M = mfcc_from_logmel(L, p.n_mfcc)
+        parts += [M.mean(axis=1), M.std(axis=1)]
+    return np.concatenate(parts).astype(np.float32)
+
+
+# --- torch front end -----------------------------------------------------------------
+class TorchFrontend:
+    """Batched log-mel / MFCC with ``torch.stft`` (CPU or GPU); same conventions as :func:`logmel`."""
+
+    def __init__(self, p: FrameParams = DEFAULT_FRAMES, device: str = "cpu"):
+        self.p = p
+        self.to(device)
+
+    def to(self, device: str) -> "TorchFrontend":
+        import torch
+
+        self.device = torch.device(device)
+        self.window = torch.hann_window(self.p.win_length, periodic=True, dtype=torch.float32,
+                                        device=self.device)
+        fb = torch.from_numpy(mel_basis(self.p))                        # [n_mels, F]
+        # [2F, n_mels]: each row twice, to apply to interleaved (re, im)^2 -- the sum
+        # re^2 + im^2 then happens inside the matmul, on contiguous memory
+        self.fb2 = fb.T.repeat_interleave(2, dim=0).contiguous().to(self.device)
+        self.dct_t = torch.from_numpy(dct_matrix(self.p.n_mfcc, self.p.n_mels)).T.contiguous() \
+            .to(self.device) if self.p.n_mfcc else None                 # [n_mels, n_mfcc]
+        return self
+
+    def pad_batch(self, clips: Sequence[np.ndarray]):
+        """(float32 [B, max_len] zero-padded tensor on device, frames per clip as int64 [B])."""
+        import torch
+
+        lengths = [len(c) for c in clips]
+        X = np.zeros((len(clips), max(lengths)), dtype=np.float32)
+        for i, c in enumerate(clips):
+            X[i, :len(c)] = c
+        frames = torch.tensor([self.p.num_frames(n) for n in lengths], dtype=torch.int64, device=self.device)
+        return torch.from_numpy(X).to(self.device, non_blocking=True), frames
+
+    def logmel_tm(self, X):
+        """float32 [B, samples] -> [B, frames, n_mels] log-mel (dB), time-major."""
+        import torch
+
+        p = self.p
+        S = torch.stft(X, n_fft=p.n_fft, hop_length=p.hop_length, win_length=p.win_length,
+                       window=self.window, center=p.center, pad_mode=p.pad_mode, return_complex=True)
+        # S is [B, F, T] laid out frequency-fastest: its transpose is contiguous
+        V = torch.view_as_real(S.transpose(1, 2))                      # [B, T, F, 2]
+        V = V.reshape(V.shape[0], V.shape[1], -1)                      # [B, T, 2F] (re, im, re, im, ...)
+        mel = torch.matmul(V.square(), self.fb2)                       # [B, T, n_mels] power mel
+        return 10.0 * torch.log10(torch.clamp(mel, min=p.amin))
+
+    def logmel(self, X):
+        """float32 [B, samples] -> [B, n_mels, frames] log-mel (dB), as :func:`logmel` per clip."""
+        return self.logmel_tm(X).transpose(1, 2)
+
+    def mfcc_tm(self, L_tm):
+        """[B, T, n_mels] log-mel -> [B, T, n_mfcc]."""
+        import torch
+
+        return torch.matmul(L_tm, self.dct_t)
+
+    @staticmethod
+    def frame_mask(frames, T: int):
+        import torch
+
+        return (torch.arange(T, device=frames.device)[None, :] < frames[:, None]).to(torch.float32)
+
+    @staticmethod
+    def masked_mean_std(F, mask):
+        """F [B, T, C], mask [B, T] -> (mean, std) [B, C], population std over the masked frames."""
+        m = mask[:, :, None]
+        n = mask.sum(dim=1)[:, None]
+        mean = (F * m).sum(dim=1) / n
+        var = ((F - mean[:, None, :]).square() * m).sum(dim=1) / n
+        return mean, var.sqrt()
+
+    def stats(self, clips: Sequence[np.ndarray]) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            X, frames = self.pad_batch(clips)
+            L = self.logmel_tm(X)
+            mask = self.frame_mask(frames, L.shape[1])
+            parts = list(self.masked_mean_std(L, mask))
+            if self.dct_t is not None:
+                parts += list(self.masked_mean_std(self.mfcc_tm(L), mask))
+            return torch.cat(parts, dim=1).float().cpu().numpy()
+
+
+# --- decode -----------------------------------------------------------------------------
+def _audio_bytes(item: Any) -> Optional[bytes]:
+    if item is None:
+        return None
+    if isinstance(item, dict):
+        item = item.get("bytes")
+        if item is None:
+            return None
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        return bytes(item)
+    raise media.MediaError("not_audio", f"expected audio bytes, got {type(item).__name__}")
+
+
+def resample(x: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:
+    if sr_in == sr_out:
+        return x
+    import soxr
+
+    return np.ascontiguousarray(soxr.resample(x, sr_in, sr_out, quality="HQ"), dtype=np.float32)
+
+
+def decode_clip(item: Any, sample_rate: int = 16000, max_seconds: Optional[float] = None,
+                min_samples: int = 400) -> np.ndarray:
+    """Bytes -> float32 mono at ``sample_rate``, clipped to ``max_seconds``, >= ``min_samples``.
+
+    Raises :class:`mmbatch.media.MediaError` (``empty_file``, ``corrupt_audio``, ...).
+    """
+    x, sr = media.decode_audio(_audio_bytes(item))
+    if max_seconds is not None:
+        # pre-clip at the source rate with a margin, so the resampler sees the same
+        # neighbourhood at the cut as for the full file; exact cut after resampling
+        x = x[:int(math.ceil(max_seconds * sr)) + sr // 20]
+    x = resample(x, sr, sample_rate)
+    if max_seconds is not None:
+        x = x[:int(round(max_seconds * sample_rate))]
+    if len(x) < min_samples:
+        x = np.pad(x, (0, min_samples - len(x)))
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+class AudioExtractor(Extractor):
+    """Common decode for audio extractors: rows -> float32 mono clips or errors."""
+    modality = "audio"
+
+    def __init__(self, frames: FrameParams, max_seconds: Optional[float]):
+        self.p = frames
+        self.max_seconds = None if max_seconds is None else float(max_seconds)
+
+    def decode(self, items: Sequence[Any]) -> Decoded:
+        values: list[Any] = []
+        errors: list[Error] = []
+        for item in items:
+            try:
+                values.append(decode_clip(item, self.p.sample_rate, self.max_seconds, self.p.win_length))
+                errors.append(None)
+            except media.MediaError as e:
+                values.append(None)
+                errors.append((e.reason, e.detail))
+        return Decoded(values, errors)
+
+    def decode_params(self) -> dict:
+        return {"mono": "mean_of_channels", "resample": RESAMPLER, "max_seconds": self.max_seconds,
+                "short_audio": "zero_pad_to_one_window", **self.p.as_dict()}
+
+    # frame-level access, same conventions as the embeddings
+    def logmel(self, x: np.ndarray) -> np.ndarray:
+        return logmel(x, self.p)
+
+    def mfcc(self, x: np.ndarray) -> np.ndarray:
+        return mfcc(x, self.p)
+
+
+class LogMelStatsExtractor(AudioExtractor):
+    """[mean, std of log-mel over time, mean, std of MFCC] -> 2*n_mels + 2*n_mfcc (186)."""
+    name = "logmel_stats"
+    version = "1"
+    needs_model = False
+
+    def __init__(self, sample_rate: int = 16000, win_ms: float = 25.0, hop_ms: float = 10.0,
+                 n_mels: int = 80, n_mfcc: int = 13, fmin: float = 0.0, fmax: Optional[float] = None,
+                 max_seconds: Optional[float] = 30.0, backend: str = "librosa", batch_size: int = 32,
+                 device: str = "cpu"):
+        pin_threads()
+        if backend not in ("librosa", "torch"):
+            raise ValueError(f"backend must be 'librosa' or 'torch', got {backend!r}")
+        super().__init__(FrameParams.from_ms(sample_rate, win_ms, hop_ms, n_mels, n_mfcc, fmin, fmax),
+                         max_seconds)
+        self.backend = backend
+        self.batch_size = int(batch_size)
+        self.dim = stats_dim(self.p)
+        self.device = str(device)
+        self._front: Optional[TorchFrontend] = None
+
+    def params(self) -> dict:
+        # the backend is recorded: outputs agree only to BACKEND_RTOL
+        return {**self.decode_params(), "backend": self.backend,
+                "stats": ["logmel_mean", "logmel_std", "mfcc_mean", "mfcc_std"], "std_ddof": 0}
+
+    def to(self, device: str) -> "LogMelStatsExtractor":
+        self.device = str(device)
+        if self.backend == "torch":
+            self._frontend().to(self.device)
+        elif not self.device.startswith("cpu"):
+            log.warning("audio logmel_stats: backend 'librosa' runs on CPU; set backend: torch to use %s",
+                        self.device)
+        return self
+
+    def _frontend(self) -> TorchFrontend:
+        if self._front is None:
+            self._front = TorchFrontend(self.p, self.device)
+        return self._front
+
+    def encode(self, values: Sequence[Any]) -> np.ndarray:
+        out = np.empty((len(values), self.dim), dtype=np.float32)
+        if self.backend == "librosa":
+            for i, x in enumerate(values):
+                out[i] = logmel_stats(x, self.p)
+            return out
+        front = self._frontend()
+        # batch clips of similar length together (less zero-padding); results return
+        # in input order and do not depend on the grouping beyond float rounding
+        order = np.argsort([len(v) for v in values], kind="stable")
+        for i in range(0, len(values), self.batch_size):
+            idx = order[i:i + self.batch_size]
+            out[idx] = front.stats([values[j] for j in idx])
+        return out
+
+
+# --- cnn ---------------------------------------------------------------------------------
+LOGMEL_CENTER_DB = -50.0    # the CNN sees (log-mel - center) / scale
+LOGMEL_SCALE_DB = 25.0
+
+
+def _audio_cnn_class():
+    import torch
+    from torch import nn
+
+    class AudioCNN(nn.Module):
+        """4 conv blocks (3x3 conv, BN, ReLU; 2x2 max-pool after the first three) over
+        [n_mels, frames], then masked mean over time and mean over frequency.
+
+        Frames past a clip's end are zeroed after every block, so a clip gets the
+        same embedding alone or zero-padded in a batch (up to float rounding).
+        """
+
+        def __init__(self, embedding_dim: int = 128, channels: Sequence[int] = (32, 64, 128)):
+            super().__init__()
+            chans = [1, *channels, embedding_dim]
+            self.convs = nn.ModuleList(nn.Conv2d(chans[i], chans[i + 1], 3, padding=1, bias=False)
+                                       for i in range(len(chans) - 1))
+            self.bns = nn.ModuleList(nn.BatchNorm2d(c) for c in chans[1:])
+            self.pool = nn.MaxPool2d(2, ceil_mode=True)
+            for m in self.modules():
+                if isinstance(m, nn.Conv2d):
+                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+        def forward(self, L, frames):
+            """L [B, n_mels, T] log-mel dB, frames [B] valid frames -> [B, embedding_dim]."""
+            x = ((L - LOGMEL_CENTER_DB) / LOGMEL_SCALE_DB).unsqueeze(1)
+            n = frames.clone()
+            mask = (torch.arange(x.shape[-1], device=x.device)[None, :] < n[:, None]).to(x.dtype)
+            x = x * mask[:, None, None, :]
+            last = len(self.convs) - 1
+            for i, (conv, bn) in enumerate(zip(self.convs, self.bns)):
+                x = torch.relu(bn(conv(x)))
+                x = x * mask[:, None, None, :]
+                if i < last:
+                    x = self.pool(x)         # values >= 0, so zeroed frames never win a max
+                    n = torch.div(n + 1, 2, rounding_mode="floor")
+                    mask = (torch.arange(x.shape[-1], device=x.device)[None, :] < n[:, None]).to(x.dtype)
+            x = x.mean(dim=2)                                        # over frequency
+            return (x * mask[:, None, :]).sum(dim=2) / n[:, None].to(x.dtype)
+
+    return AudioCNN
+
+
+def build_audio_cnn(embedding_dim: int = 128):
+    return _audio_cnn_class()(embedding_dim)
+
+
+class AudioCNNExtractor(AudioExtractor):
+    """Small 2-D conv encoder over the log-mel -> ``embedding_dim`` (global pooling over time).
+
+    Weights from ``weights`` (local path or fsspec URI; a ``state_dict`` of
+    :class:`AudioCNN`, read with ``torch.load(weights_only=True)``) or a seeded
+    random initialisation (with a loud warning).
+    """
+    name = "cnn"
+    version = "1"
+    needs_model = True
+
+    def __init__(self, sample_rate: int = 16000, win_ms: float = 25.0, hop_ms: float = 10.0,
+                 n_mels: int = 80, fmin: float = 0.0, fmax: Optional[float] = None,
+                 max_seconds: Optional[float] = 30.0, embedding_dim: int = 128,
+                 weights: Optional[str] = None, batch_size: int = 32, seed: int = 0, device: str = "cpu"):
+        pin_threads()
+        super().__init__(FrameParams.from_ms(sample_rate, win_ms, hop_ms, n_mels, 0, fmin, fmax), max_seconds)
+        self.embedding_dim = self.dim = int(embedding_dim)
+        self.weights, self.seed = weights, int(seed)
+        self.batch_size = int(batch_size)
+        self.device = str(device)
+        self._model = None
+        self._front: Optional[TorchFrontend] = None
+        self._weights_sha256: Optional[str] = None
+
+    def params(self) -> dict:
+        p = {**self.decode_params(), "arch": "AudioCNN(32,64,128,emb)", "embedding_dim": self.embedding_dim,
+             "input_norm": [LOGMEL_CENTER_DB, LOGMEL_SCALE_DB], "pool": "masked_mean_time,mean_freq",
+             "weights": self.weights}
+        if self.weights is None:
+            p["init"] = f"random(seed={self.seed})"
+        else:
+            if self._weights_sha256 is None:
+                from mmbatch.features.resnet import read_bytes
+                self._weights_sha256 = hashlib.sha256(read_bytes(self.weights)).hexdigest()
+            p["weights_sha256"] = self._weights_sha256
+        return p
+
+    def build_model(self):
+        import torch
+
+        from mmbatch.features.resnet import parse_state_dict, read_bytes
+
+        if self.weights is None:
+            msg = (f"audio cnn extractor: no weights given; using RANDOM weights (seed {self.seed}). "
+                   "Features will carry little signal; set features.audio.weights.")
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+            log.warning(msg)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.seed)
+                model = build_audio_cnn(self.embedding_dim)
+        else:
+            raw = read_bytes(self.weights)
+            self._weights_sha256 = hashlib.sha256(raw).hexdigest()
+            model = build_audio_cnn(self.embedding_dim)
+            model.load_state_dict(parse_state_dict(raw, self.weights), strict=True)
+        return model.eval()
+
+    def _get(self):
+        if self._model is None:
+            self._model = self.build_model().to(self.device)
+            self._front = TorchFrontend(self.p, self.device)
+        return self._model, self._front
+
+    def to(self, device: str) -> "AudioCNNExtractor":
+        self.device = str(device)
+        if self._model is None:
+            self._get()
+        else:
+            self._model = self._model.to(self.device)
+            self._front.to(self.device)
+        return self
+
+    def encode(self, values: Sequence[Any]) -> np.ndarray:
+        import torch
+
+        out = np.empty((len(values), self.dim), dtype=np.float32)
+        if not len(values):
+            return out
+        model, front = self._get()
+        order = np.argsort([len(v) for v in values], kind="stable")     # similar lengths together
+        with torch.inference_mode():
+            for i in range(0, len(values), self.batch_size):
+                idx = order[i:i + self.batch_size]
+                X, frames = front.pad_batch([values[j] for j in idx])
+                out[idx] = model(front.logmel(X), frames).float().cpu().numpy()
+        return out

@@ -1,0 +1,93 @@
+"""Build an extractor from a workflow's feature config (``mmbatch.config``).
+
+``build_extractor("image", wf.features.image)`` -> :class:`~mmbatch.features.base.Extractor`.
+``embedding_dim(modality, cfg)`` gives the embedding size without loading any
+model (for the sentence extractor it reads the model directory's config files).
+
+| modality | cfg.extractor  | class                  | dim                               |
+|----------|----------------|------------------------|-----------------------------------|
+| image    | hog            | HogColorExtractor      | 1892 (8x8 cells, 9 bins, 2x2 blocks + 8x4x4 HSV) |
+| image    | cnn            | ResNetExtractor        | 512 (resnet18/34), 2048 (resnet50) |
+| audio    | logmel_stats   | LogMelStatsExtractor   | 2*n_mels + 2*n_mfcc (186)         |
+| audio    | cnn            | AudioCNNExtractor      | embedding_dim (128)               |
+| text     | hashing        | HashingTextExtractor   | dim (256)                         |
+| text     | sentence       | SentenceExtractor      | from the model (384 for MiniLM-L6) |
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from mmbatch.features.base import Extractor
+
+# cfg.extractor values (as in mmbatch.config) -> the extractor's name; "hog_color" is
+# accepted as an alias of "hog".
+IMAGE_EXTRACTORS = {"hog": "hog_color", "hog_color": "hog_color", "cnn": "cnn"}
+AUDIO_EXTRACTORS = {"logmel_stats": "logmel_stats", "cnn": "cnn"}
+TEXT_EXTRACTORS = {"hashing": "hashing", "sentence": "sentence"}
+
+
+def _default_cfg(modality: str):
+    from mmbatch import config
+
+    return {"image": config.ImageFeatures, "audio": config.AudioFeatures, "text": config.TextFeatures}[modality]()
+
+
+def _kind(table: dict, modality: str, cfg: Any) -> str:
+    name = getattr(cfg, "extractor", None)
+    if name not in table:
+        raise ValueError(f"features.{modality}.extractor: unknown extractor {name!r}; "
+                         f"choose one of {sorted(set(table) - {'hog_color'})}")
+    return table[name]
+
+
+def build_extractor(modality: str, cfg: Any = None) -> Extractor:
+    """The extractor described by ``cfg`` (ImageFeatures / AudioFeatures / TextFeatures)."""
+    if modality not in ("image", "audio", "text"):
+        raise ValueError(f"unknown modality {modality!r}; expected image, audio or text")
+    cfg = cfg if cfg is not None else _default_cfg(modality)
+    if modality == "image":
+        from mmbatch.features import image
+
+        if _kind(IMAGE_EXTRACTORS, modality, cfg) == "hog_color":
+            return image.HogColorExtractor(size=cfg.size)
+        return image.ResNetExtractor(arch=cfg.arch, size=cfg.size, weights=cfg.weights,
+                                     batch_size=cfg.batch_size, precision=cfg.precision)
+    if modality == "audio":
+        from mmbatch.features import audio
+
+        common = dict(sample_rate=cfg.sample_rate, win_ms=cfg.win_ms, hop_ms=cfg.hop_ms, n_mels=cfg.n_mels,
+                      fmin=cfg.fmin, fmax=cfg.fmax, max_seconds=cfg.max_seconds, batch_size=cfg.batch_size)
+        if _kind(AUDIO_EXTRACTORS, modality, cfg) == "logmel_stats":
+            return audio.LogMelStatsExtractor(n_mfcc=cfg.n_mfcc, backend=cfg.backend, **common)
+        return audio.AudioCNNExtractor(embedding_dim=cfg.embedding_dim, weights=cfg.weights, **common)
+    from mmbatch.features import text
+
+    if _kind(TEXT_EXTRACTORS, modality, cfg) == "hashing":
+        return text.HashingTextExtractor(dim=cfg.dim, ngram_range=tuple(cfg.ngram_range))
+    return text.SentenceExtractor(model_path=cfg.model_path, batch_size=cfg.batch_size, precision=cfg.precision)
+
+
+def embedding_dim(modality: str, cfg: Any = None) -> int:
+    """The embedding size ``build_extractor(modality, cfg)`` produces, without loading a model."""
+    if modality not in ("image", "audio", "text"):
+        raise ValueError(f"unknown modality {modality!r}; expected image, audio or text")
+    cfg = cfg if cfg is not None else _default_cfg(modality)
+    if modality == "image":
+        if _kind(IMAGE_EXTRACTORS, modality, cfg) == "hog_color":
+            from mmbatch.features.image import HOG_DEFAULTS, hog_dim
+            return hog_dim(**HOG_DEFAULTS)
+        from mmbatch.features.resnet import FEATURE_DIMS
+        return FEATURE_DIMS[cfg.arch]
+    if modality == "audio":
+        if _kind(AUDIO_EXTRACTORS, modality, cfg) == "logmel_stats":
+            return 2 * cfg.n_mels + 2 * cfg.n_mfcc
+        return int(cfg.embedding_dim)
+    if _kind(TEXT_EXTRACTORS, modality, cfg) == "hashing":
+        return int(cfg.dim)
+    from mmbatch.features.text import SentenceExtractor
+    return SentenceExtractor(model_path=cfg.model_path).dim   # reads config files; loads only if it must
+
+
+def describe(modality: str, cfg: Any = None) -> dict:
+    """``build_extractor(...).describe()``: name, version, dim and params (no model load)."""
+    return build_extractor(modality, cfg).describe()

@@ -1,0 +1,191 @@
+"""Audio decode, frame features against librosa, logmel_stats backends and the audio CNN."""
+from __future__ import annotations
+
+import io
+import warnings
+
+import librosa
+import numpy as np
+import pytest
+import soundfile as sf
+
+from mmbatch.config import AudioFeatures
+from mmbatch.features.audio import (BACKEND_RTOL, AudioCNNExtractor, FrameParams, LogMelStatsExtractor,
+                                    TorchFrontend, decode_clip, logmel, logmel_stats, mfcc)
+from mmbatch.features.registry import build_extractor, embedding_dim
+from mmbatch.sources import sphere
+
+SR = 16000
+
+
+def _tone(freq: float, seconds: float, sr: int, amp: float = 0.3) -> np.ndarray:
+    t = np.arange(int(seconds * sr)) / sr
+    return (amp * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+def _speechlike(seconds: float, sr: int = SR, seed: int = 0) -> np.ndarray:
+    rng = np.random.RandomState(seed)
+    x = sum(_tone(f, seconds, sr, a) for f, a in ((220, 0.2), (660, 0.1), (1800, 0.05)))
+    env = np.abs(np.sin(np.linspace(0, 7, len(x))))
+    return (x * env + 0.01 * rng.randn(len(x))).astype(np.float32)
+
+
+def _encode(x: np.ndarray, sr: int, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, x, sr, format=fmt, subtype="PCM_16")
+    return buf.getvalue()
+
+
+def _librosa_logmel(x, p: FrameParams):
+    S = librosa.feature.melspectrogram(y=x, sr=p.sample_rate, n_fft=p.n_fft, hop_length=p.hop_length,
+                                       win_length=p.win_length, window="hann", center=True,
+                                       pad_mode="constant", power=2.0, n_mels=p.n_mels, fmin=p.fmin, fmax=p.fmax)
+    return librosa.power_to_db(S, ref=1.0, amin=1e-10, top_db=None)
+
+
+# --- frame features vs librosa --------------------------------------------------------
+@pytest.mark.parametrize("p", [FrameParams(),
+                               FrameParams.from_ms(8000, 32.0, 8.0, n_mels=40, n_mfcc=20, fmin=50.0, fmax=3800.0)])
+def test_logmel_and_mfcc_match_librosa(p):
+    x = _speechlike(1.3, p.sample_rate)
+    ref = _librosa_logmel(x, p)
+    L = logmel(x, p)
+    assert L.shape == ref.shape == (p.n_mels, 1 + len(x) // p.hop_length) and L.dtype == np.float32
+    assert np.abs(L - ref).max() < 1e-3                                     # dB
+    ref_m = librosa.feature.mfcc(S=ref, n_mfcc=p.n_mfcc, dct_type=2, norm="ortho", lifter=0)
+    M = mfcc(x, p)
+    assert M.shape == ref_m.shape
+    assert np.abs(M - ref_m).max() < 1e-3 * max(1.0, np.abs(ref_m).max())
+
+
+def test_stated_frame_parameters():
+    p = FrameParams.from_config(AudioFeatures())
+    assert (p.win_length, p.hop_length, p.n_fft, p.n_mels, p.n_mfcc) == (400, 160, 400, 80, 13)
+    assert p.center and p.window == "hann_periodic" and p.amin == 1e-10
+    ex = LogMelStatsExtractor()
+    assert ex.dim == 186 == embedding_dim("audio", AudioFeatures())
+    prm = ex.params()
+    for k in ("n_fft", "hop_length", "win_length", "n_mels", "n_mfcc", "center", "window", "resample",
+              "max_seconds", "backend", "sample_rate", "fmin", "fmax"):
+        assert k in prm
+
+
+# --- backends ------------------------------------------------------------------------
+def test_torch_backend_agrees_with_librosa_on_a_ragged_batch():
+    clips = [_speechlike(1.0), _speechlike(0.37, seed=1), np.zeros(400, np.float32),
+             _speechlike(2.2, seed=2) * 3, _tone(3000, 0.05, SR)]
+    lib = LogMelStatsExtractor(backend="librosa").encode(clips)
+    tor = LogMelStatsExtractor(backend="torch", batch_size=4).encode(clips)
+    assert lib.shape == tor.shape == (5, 186)
+    assert np.isfinite(lib).all() and np.isfinite(tor).all()
+    err = np.abs(lib - tor).max() / max(1.0, np.abs(lib).max())
+    assert err < BACKEND_RTOL, err
+    # per-clip frame masks: a clip alone gives its batched result
+    alone = LogMelStatsExtractor(backend="torch").encode(clips[1:2])
+    assert np.abs(alone[0] - tor[1]).max() / np.abs(lib).max() < 1e-5
+    # and the embedding is [mean, std] of log-mel, then of MFCC
+    L = logmel(clips[0])
+    assert np.allclose(lib[0, :80], L.mean(1), atol=1e-4) and np.allclose(lib[0, 80:160], L.std(1), atol=1e-4)
+    assert np.array_equal(lib, LogMelStatsExtractor(backend="librosa").encode(clips))
+    assert np.array_equal(tor, LogMelStatsExtractor(backend="torch", batch_size=4).encode(clips))
+
+
+def test_frontend_frame_count_matches_librosa():
+    front = TorchFrontend()
+    X, frames = front.pad_batch([np.zeros(1000, np.float32), np.zeros(16000, np.float32)])
+    assert frames.tolist() == [1 + 1000 // 160, 101]
+    assert front.logmel(X).shape == (2, 80, 101)
+
+
+# --- decode ------------------------------------------------------------------------------
+@pytest.mark.parametrize("sr,fmt", [(8000, "WAV"), (44100, "FLAC"), (16000, "FLAC")])
+def test_decode_resamples_to_target_rate(sr, fmt):
+    data = _encode(_tone(440.0, 1.0, sr), sr, fmt)
+    x = decode_clip(data, sample_rate=SR, max_seconds=30.0)
+    assert x.dtype == np.float32 and abs(len(x) - SR) <= 1
+    spec = np.abs(np.fft.rfft(x * np.hanning(len(x))))
+    assert abs(np.argmax(spec) * SR / len(x) - 440.0) < 2.0
+    assert 0.25 < np.abs(x[1000:-1000]).max() < 0.35
+    ex = LogMelStatsExtractor()
+    feats, errors = ex.extract([data])
+    assert errors == [None] and np.isfinite(feats).all()
+
+
+def test_resampled_features_close_to_native():
+    x16 = _speechlike(1.0, SR)
+    x441 = librosa.resample(x16, orig_sr=SR, target_sr=44100)
+    ex = LogMelStatsExtractor()
+    a = ex.extract([_encode(x16, SR, "FLAC")])[0][0]
+    b = ex.extract([_encode(x441, 44100, "FLAC")])[0][0]
+    assert np.abs(a[:80] - b[:80]).mean() < 1.0          # mean log-mel within 1 dB on average
+
+
+def test_clip_short_and_silent_audio():
+    long = _encode(_speechlike(3.0), SR, "FLAC")
+    assert len(decode_clip(long, SR, max_seconds=1.0)) == SR
+    short = decode_clip(_encode(_tone(500, 0.004, SR), SR, "WAV"), SR, 30.0)     # 64 samples
+    assert len(short) == 400 and not short[64:].any()
+    ex = LogMelStatsExtractor()
+    zeros = _encode(np.zeros(8000, np.float32), SR, "FLAC")
+    feats, errors = ex.extract([zeros, _encode(_tone(500, 0.004, SR), SR, "WAV")])
+    assert errors == [None, None] and np.isfinite(feats).all()
+    assert np.allclose(feats[0, :80], -100.0) and not feats[0, 80:160].any()   # log10(1e-10) dB, std 0
+    tor = LogMelStatsExtractor(backend="torch").extract([zeros])[0]
+    assert np.isfinite(tor).all()
+    assert ex.params()["max_seconds"] == 30.0
+
+
+def test_corrupt_and_empty_audio_are_row_errors():
+    data = _encode(_speechlike(2.0), SR, "FLAC")
+    ex = LogMelStatsExtractor()
+    feats, errors = ex.extract([data[: len(data) // 2], b"", None, b"RIFF not really", data])
+    reasons = [e[0] if e else None for e in errors]
+    assert reasons[:4] == ["corrupt_audio", "empty_file", "empty_file", "corrupt_audio"] and reasons[4] is None
+    assert not feats[:4].any() and feats[4].any()
+
+
+@pytest.mark.parametrize("byte_format", ["10", "01"])
+def test_sphere_decodes_both_byte_orders(byte_format):
+    x = _speechlike(0.5)
+    data = sphere.encode(x, SR, byte_format=byte_format)
+    y = decode_clip({"bytes": data, "path": "SA1.WAV"}, SR, 30.0)
+    assert len(y) == len(x) and np.abs(y - x).max() < 1.0 / 16000
+    shorten = sphere.encode(x, SR, sample_coding="pcm,embedded-shorten-v2.00")
+    errors = LogMelStatsExtractor().decode([shorten]).errors
+    assert errors[0][0] == "sphere_shorten"
+
+
+# --- cnn -------------------------------------------------------------------------------
+def test_audio_cnn_dims_determinism_batching_and_weights(tmp_path):
+    import torch
+
+    clips = [_speechlike(0.8), _speechlike(0.3, seed=3), np.zeros(400, np.float32)]
+    ex = AudioCNNExtractor(embedding_dim=32, batch_size=8)
+    assert ex.needs_model and ex.dim == 32
+    with pytest.warns(RuntimeWarning, match="RANDOM weights"):
+        a = ex.encode(clips)
+    assert a.shape == (3, 32) and a.dtype == np.float32 and np.isfinite(a).all()
+    assert np.array_equal(a, ex.encode(clips))
+    alone = np.concatenate([ex.encode([c]) for c in clips])
+    assert np.abs(alone - a).max() < 1e-4 * max(1.0, np.abs(a).max())    # padding is masked out
+    path = tmp_path / "audio_cnn.pt"
+    torch.save({"state_dict": ex._model.state_dict()}, path)
+    loaded = AudioCNNExtractor(embedding_dim=32, batch_size=8, weights=str(path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert np.array_equal(loaded.encode(clips), a)
+    assert len(loaded.params()["weights_sha256"]) == 64
+
+
+def test_registry_audio():
+    ex = build_extractor("audio", AudioFeatures(backend="torch", n_mels=40, n_mfcc=10))
+    assert isinstance(ex, LogMelStatsExtractor) and ex.backend == "torch" and ex.dim == 100
+    cnn = build_extractor("audio", AudioFeatures(extractor="cnn", embedding_dim=64))
+    assert isinstance(cnn, AudioCNNExtractor) and cnn.dim == 64
+    assert embedding_dim("audio", AudioFeatures(extractor="cnn", embedding_dim=64)) == 64
+    assert ex.describe()["name"] == "logmel_stats" and cnn.describe()["modality"] == "audio"
+
+
+def test_logmel_stats_function_matches_extractor():
+    x = _speechlike(0.5)
+    assert np.array_equal(logmel_stats(x), LogMelStatsExtractor().encode([x])[0])
