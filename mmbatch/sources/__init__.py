@@ -1,0 +1,25 @@
+"""Corpus readers: one module per ingest KIND, plus ``sphere`` (NIST SPHERE audio).
+
+Each module has ``plan(input_uri, opts, exclude=()) -> common.Plan`` (driver
+side, no Ray) and either ``build_row(sample, blobs, options)`` (file kinds)
+or ``read_shard(samples, ctx)`` (``hf``). Modules are imported lazily:
+``mmbatch.media`` imports ``sources.sphere``, and the readers import ``media``.
+"""
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+KINDS = ("imagenet", "librispeech", "timit", "hf", "manifest")
+
+
+def source_module(kind: str) -> ModuleType:
+    """The module implementing ingest KIND (ValueError for an unknown kind)."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown ingest kind {kind!r}; choose from {', '.join(KINDS)}")
+    return importlib.import_module(f"mmbatch.sources.{kind}")
+
+
+def planner(kind: str):
+    """KIND -> its ``plan(input_uri, opts, exclude=())`` function."""
+    return source_module(kind).plan

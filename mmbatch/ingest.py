@@ -1,0 +1,327 @@
+"""Ingest: read a corpus into canonical Arrow rows, as sharded Parquet, on Ray.
+
+1. Plan (driver, no Ray): the KIND's source module lists INPUT once and returns
+   one record per candidate sample plus the problems already visible
+   (missing audio/transcripts, paths outside INPUT, ...); duplicates of a
+   ``sample_id`` are quarantined here (the first in sorted path order wins).
+2. Shard: records in a fixed order, grouped by estimated raw bytes
+   (``shard_mb``, ``shard_rows``, and at least two shards per CPU so small inputs
+   still read in parallel). A shard's fingerprint covers its records (with file
+   sizes and mtimes), the options and the schema version.
+3. Read (Ray Data, one task per shard): fetch the files, probe each image/audio
+   header, write ``OUT/<shard>.parquet`` (CANONICAL + HF feature metadata) and
+   ``OUT/quarantine/<shard>.parquet`` atomically, then the shard marker.
+   Shards whose marker matches are skipped: a rerun after a killed driver only
+   redoes what was not committed.
+4. Finish: planning problems to ``quarantine/planning.parquet``, stale shards
+   removed, ``_manifest.json`` written last. ``rows_in == ingested + quarantined``
+   always; a mismatch is a bug and raises.
+
+An unusable INPUT (missing, wrong KIND, nothing found) raises UsageError and
+writes nothing.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import pyarrow as pa
+
+import mmbatch
+from mmbatch import schema, storage
+from mmbatch.errors import UsageError
+from mmbatch.sources import KINDS, common, source_module
+
+log = logging.getLogger("mmbatch.ingest")
+
+PLANNING_QUARANTINE = "planning"          # quarantine/planning.parquet
+ROW_GROUP_BYTES = 64 * 2**20              # aim for ~64 MB row groups inside a shard
+WORKER_BASE_MEMORY = 384 * 2**20          # a read worker's own footprint (Python + pyarrow + PIL/soundfile)
+
+
+@dataclass
+class IngestOptions:
+    shard_mb: float = 256.0          # target raw media bytes per shard (MiB)
+    shard_rows: int | None = None    # cap rows per shard
+    include_sa: bool = False         # timit: ingest SA1/SA2
+    phones: int = 61                 # timit: 61, 48 or 39 phone set
+    columns: str | None = None       # hf/manifest: 'src=dst,...' column mapping
+    split: str | None = None         # hf/manifest (and a bare class-folder tree): split when the data has none
+    allow_outside: bool = False      # follow paths / symlinks outside INPUT
+
+    def validate(self) -> None:
+        if not self.shard_mb or self.shard_mb <= 0:
+            raise UsageError(f"--shard-mb must be > 0 (got {self.shard_mb})")
+        if self.shard_rows is not None and self.shard_rows < 1:
+            raise UsageError(f"--shard-rows must be >= 1 (got {self.shard_rows})")
+        if self.phones not in (61, 48, 39):
+            raise UsageError(f"--phones must be 61, 48 or 39 (got {self.phones})")
+        common.parse_columns(self.columns)
+
+    def content_options(self) -> dict:
+        """The options that change row content (part of every shard fingerprint)."""
+        d = asdict(self)
+        d.pop("shard_mb")
+        d.pop("shard_rows")
+        return d
+
+
+@dataclass
+class IngestSummary:
+    kind: str
+    input: str
+    out: str
+    rows_in: int
+    ingested: int
+    quarantined: int
+    shards_total: int
+    shards_skipped: int
+    splits: dict[str, int] = field(default_factory=dict)     # ingested rows per split
+    labels: dict[str, int] = field(default_factory=dict)     # ingested rows per label (name, else index)
+    reasons: dict[str, int] = field(default_factory=dict)    # quarantined rows per reason
+    skipped: dict[str, int] = field(default_factory=dict)    # deliberately not ingested (not rows)
+    elapsed: float = 0.0
+
+    @property
+    def reconciled(self) -> bool:
+        return self.rows_in == self.ingested + self.quarantined
+
+    def render(self) -> str:
+        w = max([len(k) for k in (*self.splits, *self.reasons, "quarantined")] + [12]) + 2
+        lines = [f"ingest {self.kind}: {self.input} -> {self.out}",
+                 f"  {'rows in':<{w}}{self.rows_in:>9}",
+                 f"  {'ingested':<{w}}{self.ingested:>9}",
+                 f"  {'quarantined':<{w}}{self.quarantined:>9}"]
+        for r, n in sorted(self.reasons.items(), key=lambda x: (-x[1], x[0])):
+            lines.append(f"    {r:<{w - 2}}{n:>9}")
+        if self.splits:
+            lines.append(f"  {'split':<{w}}{'rows':>9}")
+            for s, n in sorted(self.splits.items()):
+                lines.append(f"    {s:<{w - 2}}{n:>9}")
+        notes = {k: v for k, v in self.skipped.items() if v}
+        if notes:
+            lines.append("  not ingested (by design): " + ", ".join(f"{k} {v}" for k, v in sorted(notes.items())))
+        lines.append(f"  shards {self.shards_total} ({self.shards_skipped} already committed, skipped); "
+                     f"{self.elapsed:.1f} s")
+        if not self.reconciled:
+            lines.append("  WARNING: rows in != ingested + quarantined")
+        return "\n".join(lines)
+
+
+# --- planning (driver) ------------------------------------------------------------------
+@dataclass
+class ShardTask:
+    shard_id: str
+    fingerprint: str
+    samples: list[common.Sample]
+    nbytes: int
+    records: list[dict] = field(default_factory=list, repr=False)   # samples as dicts (fingerprinted, shipped)
+
+
+def plan_ingest(kind: str, input: str, out: str,
+                opts: IngestOptions) -> tuple[common.Plan, list[common.Sample], list[common.Problem]]:
+    """(plan, samples to read in key order, planning problems incl. duplicates) — no Ray, no writes."""
+    if kind not in KINDS:
+        raise UsageError(f"unknown ingest kind {kind!r}; choose from {', '.join(KINDS)}")
+    mod = source_module(kind)
+    out_fs, out_path = storage.url_to_fs(out)
+    exclude = [os.path.realpath(out_path) if storage.is_local(out_fs) else out_path]
+    plan = mod.plan(input, opts, exclude=exclude)
+    samples, duplicates = common.dedupe(plan.samples)
+    problems = list(plan.problems) + duplicates
+    if not samples:
+        reasons = Counter(p.reason for p in problems)
+        why = (": " + ", ".join(f"{r} x{n}" for r, n in reasons.most_common())) if reasons else ""
+        raise UsageError(f"{kind}: nothing ingestible under {input!r}{why}; nothing was written")
+    return plan, samples, problems
+
+
+def shard_plan(plan: common.Plan, samples: list[common.Sample], opts: IngestOptions,
+               num_cpus: float = 1) -> list[ShardTask]:
+    """Group the samples into shards (at least two per CPU) and fingerprint each."""
+    groups = common.make_shards(samples, opts.shard_mb * 2**20, opts.shard_rows,
+                                min_shards=max(1, int(2 * num_cpus)))
+    base = {"kind": plan.kind, "root": plan.root, "options": opts.content_options(),
+            "schema_version": schema.SCHEMA_VERSION}
+    shards = []
+    for i, g in enumerate(groups):
+        records = [s.to_dict() for s in g]
+        fp = storage.fingerprint({**base, "samples": records})
+        shards.append(ShardTask(common.shard_id(i), fp, g, sum(s.nbytes for s in g), records))
+    return shards
+
+
+# --- one shard (runs in a Ray task; plain Python, callable without Ray) ----------------------
+def data_schema(kind: str, options: dict) -> pa.Schema:
+    return schema.with_metadata(schema.CANONICAL, {"stage": "ingest", "kind": kind, "options": options,
+                                                   "mmbatch_version": mmbatch.__version__})
+
+
+def quarantine_schema(kind: str) -> pa.Schema:
+    return schema.with_metadata(schema.QUARANTINE, {"stage": "ingest", "kind": kind}, hf=False)
+
+
+def _counts(rows: list[dict], bad: list[dict]) -> dict:
+    splits = Counter(str(r["split"]) for r in rows)
+    labels = Counter(str(r["label_name"] if r["label_name"] is not None else r["label"])
+                     for r in rows if r["label"] is not None or r["label_name"] is not None)
+    reasons = Counter(b["reason"] for b in bad)
+    return {"splits": dict(splits), "labels": dict(labels), "reasons": dict(reasons)}
+
+
+def ingest_shard(shard_id: str, fingerprint: str, samples: list[dict], ctx: dict) -> dict:
+    """Read one shard's samples, write its data + quarantine Parquet and its marker; return the marker."""
+    kind = ctx["kind"]
+    mod = source_module(kind)
+    rctx = common.ReadContext(kind=kind, uri=ctx["uri"], root=ctx["root"], options=ctx["options"],
+                              info=ctx.get("info") or {})
+    recs = [common.Sample.from_dict(d) for d in samples]
+    if hasattr(mod, "read_shard"):
+        rows, bad = mod.read_shard(recs, rctx)
+    else:
+        rows, bad = common.read_file_shard(recs, rctx, mod.build_row)
+    if len(rows) + len(bad) != len(recs):  # every record must end as a row or a quarantine row
+        raise RuntimeError(f"{shard_id}: {len(recs)} records gave {len(rows)} rows + {len(bad)} quarantined")
+
+    fs, out = storage.url_to_fs(ctx["out"])
+    sch = data_schema(kind, ctx["options"])
+    table = pa.Table.from_pylist(rows, schema=sch) if rows else sch.empty_table()
+    nbytes = sum(s.nbytes for s in recs) or 1
+    row_group = max(1, int(len(rows) * ROW_GROUP_BYTES / nbytes)) if rows else None
+    data_rel = f"{shard_id}.parquet"
+    storage.atomic_write_table(fs, storage.join(out, data_rel), table, row_group_size=row_group)
+    del table
+    files = [data_rel]
+    q_rel = f"{storage.QUARANTINE_DIR}/{shard_id}.parquet"
+    q_path = storage.join(out, q_rel)
+    if bad:
+        storage.atomic_write_table(fs, q_path, pa.Table.from_pylist(bad, schema=quarantine_schema(kind)))
+        files.append(q_rel)
+    elif fs.exists(q_path):
+        fs.rm(q_path)
+    marker = {"shard_id": shard_id, "fingerprint": fingerprint, "rows": len(rows), "quarantined": len(bad),
+              "files": files, "counts": _counts(rows, bad), "stage": "ingest", "kind": kind}
+    storage.write_marker(fs, out, shard_id, marker)
+    return marker
+
+
+def _shard_batch(batch: pa.Table, ctx: dict) -> pa.Table:
+    """Ray Data adapter: a batch of shard rows (batch_size=1) -> one marker row each.
+
+    (No torch/BLAS here, so no thread pinning: importing torch would only slow the workers' start.)
+    """
+    out = []
+    for item in batch.to_pylist():
+        marker = ingest_shard(item["shard_id"], item["fingerprint"], json.loads(item["payload"]), ctx)
+        out.append({"shard_id": item["shard_id"], "marker": json.dumps(marker)})
+    return pa.Table.from_pylist(out, schema=pa.schema([("shard_id", pa.string()), ("marker", pa.string())]))
+
+
+def _run_shards(pending: list[ShardTask], ctx: dict) -> list[dict]:
+    import ray
+    import ray.data
+
+    items = [{"shard_id": t.shard_id, "fingerprint": t.fingerprint,
+              "payload": json.dumps(t.records or [s.to_dict() for s in t.samples])} for t in pending]
+    # memory hint: raw bytes + the Arrow table + Parquet buffers; never more than a quarter of the cluster
+    biggest = max(t.nbytes for t in pending)
+    cluster_mem = float(ray.cluster_resources().get("memory", 0.0)) or 8 * 2**30
+    memory = int(min(3 * biggest + WORKER_BASE_MEMORY, cluster_mem / 4))
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.map_batches(_shard_batch, batch_size=1, batch_format="pyarrow", fn_kwargs={"ctx": ctx},
+                        num_cpus=1, memory=memory)
+    return [json.loads(r["marker"]) for r in ds.take_all()]
+
+
+# --- the stage ----------------------------------------------------------------------------
+def run_ingest(kind: str, input: str, out: str, opts: IngestOptions | None = None,
+               address: str | None = None, echo: bool = True) -> IngestSummary:
+    """Ingest INPUT (a KIND corpus) into OUT; see the module docstring. Prints the summary when ``echo``."""
+    from mmbatch.runtime import cluster_cpus, init_ray
+
+    t0 = time.time()
+    opts = opts or IngestOptions()
+    opts.validate()
+    fs, out_path = storage.url_to_fs(out)
+    plan, samples, problems = plan_ingest(kind, input, out, opts)   # UsageError before Ray starts
+    init_ray(address=address)
+    shards = shard_plan(plan, samples, opts, num_cpus=cluster_cpus())
+
+    fs.makedirs(out_path, exist_ok=True)
+    manifest_path = storage.join(out_path, storage.MANIFEST)
+    if fs.exists(manifest_path):  # "complete" no longer holds while shards change
+        fs.rm(manifest_path)
+
+    markers: dict[str, dict] = {}
+    pending: list[ShardTask] = []
+    for t in shards:
+        m = storage.committed(fs, out_path, t.shard_id, t.fingerprint)
+        if m is not None:
+            markers[t.shard_id] = m
+        else:
+            pending.append(t)
+    skipped = len(markers)
+
+    # planning-time quarantine (always rewritten, possibly empty)
+    qsch = quarantine_schema(kind)
+    qrows = [p.to_row(kind) for p in problems]
+    storage.atomic_write_table(fs, storage.join(out_path, storage.QUARANTINE_DIR, f"{PLANNING_QUARANTINE}.parquet"),
+                               pa.Table.from_pylist(qrows, schema=qsch) if qrows else qsch.empty_table())
+
+    if pending:
+        ctx = {"kind": kind, "uri": plan.uri, "root": plan.root, "out": out,
+               "options": opts.content_options(), "info": plan.info}
+        log.info("ingest %s: %d shards to read (%d already committed)", kind, len(pending), skipped)
+        for m in _run_shards(pending, ctx):
+            markers[m["shard_id"]] = m
+
+    storage.remove_stale(fs, out_path, [t.shard_id for t in shards])
+    storage.clean_tmp(fs, out_path)
+
+    splits: Counter = Counter()
+    labels: Counter = Counter()
+    reasons: Counter = Counter(p.reason for p in problems)
+    ingested = quarantined = 0
+    for t in shards:
+        m = markers[t.shard_id]
+        ingested += int(m["rows"])
+        quarantined += int(m["quarantined"])
+        c = m.get("counts") or {}
+        splits.update(c.get("splits") or {})
+        labels.update(c.get("labels") or {})
+        reasons.update(c.get("reasons") or {})
+    quarantined += len(problems)
+    rows_in = sum(len(t.samples) for t in shards) + len(problems)
+    if rows_in != ingested + quarantined:
+        raise RuntimeError(f"ingest bug: rows_in {rows_in} != ingested {ingested} + quarantined {quarantined}")
+
+    summary = IngestSummary(kind=kind, input=input, out=out, rows_in=rows_in, ingested=ingested,
+                            quarantined=quarantined, shards_total=len(shards), shards_skipped=skipped,
+                            splits=dict(splits), labels=dict(labels), reasons=dict(reasons),
+                            skipped=dict(plan.skipped), elapsed=time.time() - t0)
+    manifest = {
+        "stage": "ingest", "kind": kind, "input": input, "options": asdict(opts),
+        "rows_in": rows_in, "ingested": ingested, "quarantined": quarantined,
+        "counts": {"splits": dict(splits), "labels": dict(labels), "quarantine_reasons": dict(reasons),
+                   **{k: v for k, v in plan.skipped.items()}},
+        "input_fingerprint": storage.fingerprint([t.fingerprint for t in shards] + qrows),
+        "mmbatch_version": mmbatch.__version__, "schema_version": schema.SCHEMA_VERSION,
+        "files": [f"{t.shard_id}.parquet" for t in shards],   # the data shards, as in every mmbatch manifest
+        "quarantine_files": [f"{storage.QUARANTINE_DIR}/{PLANNING_QUARANTINE}.parquet"] + sorted(
+            f for t in shards for f in markers[t.shard_id]["files"] if f.startswith(storage.QUARANTINE_DIR)),
+        "info": plan.info,
+        "shards_total": len(shards), "shards_skipped": skipped,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "elapsed_s": round(summary.elapsed, 3),
+    }
+    storage.write_json(fs, manifest_path, manifest)
+    for d in ("", storage.SHARDS_DIR, storage.QUARANTINE_DIR):  # the (now empty) temp dirs of atomic writes
+        tmp = storage.join(out_path, d, storage.TMP_DIR) if d else storage.join(out_path, storage.TMP_DIR)
+        if fs.exists(tmp) and not fs.ls(tmp, detail=False):
+            fs.rm(tmp, recursive=True)
+    if echo:
+        print(summary.render())
+    return summary
