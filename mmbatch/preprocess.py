@@ -153,14 +153,15 @@ def _placement(ex_needs_model: dict[str, bool], wf: Workflow) -> dict[str, dict]
     for m in model_mods:
         cfg = getattr(wf.features, m)
         if gpus > 0:
-            frac = cfg.num_gpus if cfg.num_gpus is not None else min(1.0, gpus / len(model_mods)) / max(1, 1)
-            frac = min(frac, 1.0)
-            n = max(1, int(gpus / frac / len(model_mods))) if frac else 1
-            plan[m] = {"num_gpus": frac, "num_cpus": 1, "concurrency": n, "device": "gpu"}
+            # Model stages share the GPUs; their actors need little CPU (decoding runs in the CPU
+            # stage), so they take a quarter CPU each and leave the cores to decode tasks.
+            frac = min(1.0, cfg.num_gpus if cfg.num_gpus is not None else 1.0 / len(model_mods))
+            n = max(1, int(gpus / frac / len(model_mods)))
+            plan[m] = {"num_gpus": frac, "num_cpus": 0.25, "concurrency": (1, n), "device": "gpu"}
         else:
             share = 1.0 / len(model_mods)
-            plan[m] = {"num_gpus": 0, "num_cpus": share,
-                       "concurrency": (1, max(1, int((cpus - 1) / share / len(model_mods)))), "device": "cpu"}
+            n = max(1, int((cpus - 1) / share / len(model_mods)))
+            plan[m] = {"num_gpus": 0, "num_cpus": share, "concurrency": (1, n), "device": "cpu"}
     return plan
 
 
@@ -266,14 +267,16 @@ def extract_features(wf: Workflow, plan: DatasetPlan, out_fs, out_root: str, spe
     if plan.label_map:
         columns.append(plan.label_map["column"])
     ds = ray.data.read_parquet(pending, filesystem=fs_in if not storage.is_local(fs_in) else None,
-                               columns=columns, include_paths=True)
+                               include_paths=True).select_columns(columns + ["path"])
     bs = wf.features.batch_size
     ds = ds.map_batches(decode_batch, batch_format="pyarrow", batch_size=bs, zero_copy_batch=True,
                         fn_kwargs={"specs": specs, "modalities": plan.modalities, "label_map": plan.label_map})
     for m, p in placement.items():
         ds = ds.map_batches(EncodeStage, batch_format="pyarrow", batch_size=getattr(wf.features, m).batch_size,
                             fn_constructor_kwargs={"modality": m, "spec": specs[m]},
-                            num_gpus=p["num_gpus"] or None, num_cpus=p["num_cpus"], concurrency=p["concurrency"])
+                            num_gpus=p["num_gpus"] or None, num_cpus=p["num_cpus"],
+                            compute=ray.data.ActorPoolStrategy(min_size=p["concurrency"][0],
+                                                               max_size=p["concurrency"][1]))
     staging = storage.join(plan.feature_dir, STAGING_DIR)
     staging_uri = staging if storage.is_local(out_fs) else out_fs.unstrip_protocol(staging)
     ds = ds.map_batches(write_pieces, batch_format="pyarrow", batch_size=None,

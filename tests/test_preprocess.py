@@ -153,7 +153,7 @@ def test_output_readable_by_common_tools(paired):
 
     files = sorted(str(p) for p in Path(out).glob("*.parquet"))
     assert len(pd.read_parquet(out)) == s.rows_out
-    assert duckdb.sql(f"select count(*) from read_parquet('{out}/*.parquet')").fetchone()[0] == s.rows_out
+    assert duckdb.sql(f"select count(*) from read_parquet('{out}/*.parquet')").fetchall()[0][0] == s.rows_out
     assert pl.read_parquet(files).height == s.rows_out
     assert ray.data.read_parquet(str(out)).count() == s.rows_out
     from datasets import load_dataset
