@@ -52,7 +52,8 @@ def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None,
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
     kwargs = dict(
-        runtime_env={"env_vars": dict(THREAD_ENV)},
+        runtime_env={"env_vars": dict(THREAD_ENV),
+                     "worker_process_setup_hook": "mmbatch.runtime.quiet_worker_logs"},
         logging_level=logging.WARNING if quiet else logging.INFO,
         log_to_driver=True,
     )
@@ -63,6 +64,12 @@ def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None,
     else:
         ray.init(address=address, **kwargs)
     _quiet_ray_data()
+
+
+def quiet_worker_logs() -> None:
+    """Runs in every Ray worker: keep Ray Train's per-report INFO lines out of the user's terminal."""
+    for name in ("ray.train", "ray.data", "ray.tune"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _quiet_ray_data() -> None:

@@ -1,0 +1,93 @@
+"""CLI surface and workflow validation (no Ray needed)."""
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from mmbatch.cli import build_parser, main
+from mmbatch.config import WorkflowError, apply_overrides, load_workflow, workflow_from_dict
+
+SUBCOMMANDS = ["demo", "ingest", "preprocess", "train", "evaluate", "retrain", "submit", "inspect", "registry",
+               "convert"]
+
+
+@pytest.mark.parametrize("cmd", SUBCOMMANDS)
+def test_every_subcommand_has_help_with_an_example(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([cmd, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "example:" in out and f"mmbatch {cmd}" in out
+
+
+def test_parser_knows_every_subcommand():
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert set(SUBCOMMANDS) <= set(sub.choices)
+
+
+def test_overrides_parse_yaml_values_and_nested_keys():
+    data = apply_overrides({"train": {"epochs": 3}}, ["train.epochs=7", "train.modalities=[audio, text]",
+                                                      "fusion.method=weighted", "ray.num_gpus=0.5"])
+    wf = workflow_from_dict(data)
+    assert wf.train.epochs == 7 and wf.train.modalities == ["audio", "text"]
+    assert wf.fusion.method == "weighted" and wf.ray.num_gpus == 0.5
+
+
+def test_errors_name_the_key_the_value_and_what_is_allowed():
+    with pytest.raises(WorkflowError) as e:
+        workflow_from_dict({"fusion": {"method": "sum"}})
+    msg = str(e.value)
+    assert "fusion.method" in msg and "'sum'" in msg and "'concat' or 'weighted'" in msg
+    with pytest.raises(WorkflowError) as e:
+        workflow_from_dict({"train": {"epochz": 3}})
+    assert "unknown key 'train.epochz'" in str(e.value)
+    with pytest.raises(WorkflowError) as e:
+        workflow_from_dict({"train": {"epochs": "many"}})
+    assert "train.epochs" in str(e.value) and "'many'" in str(e.value)
+    with pytest.raises(WorkflowError) as e:
+        workflow_from_dict({}, overrides=["train.epochs"])
+    assert "key.sub=value" in str(e.value)
+
+
+def test_workflow_yaml_is_loaded_safely(tmp_path):
+    f = tmp_path / "wf.yaml"
+    f.write_text("name: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(WorkflowError) as e:
+        load_workflow(f)
+    assert "not valid YAML" in str(e.value)
+    f.write_text("- just\n- a list\n")
+    with pytest.raises(WorkflowError, match="mapping"):
+        load_workflow(f)
+
+
+def test_cli_returns_2_for_a_bad_workflow(tmp_path, capsys):
+    f = tmp_path / "wf.yaml"
+    f.write_text(yaml.safe_dump({"train": {"model": "transformer"}}))
+    assert main(["train", str(f)]) == 2
+    err = capsys.readouterr().err
+    assert "train.model" in err and "'early'" in err
+
+
+def test_inspect_json_reports_rows_columns_counts_and_metadata(tmp_path, capsys):
+    from mmbatch.schema import fused_schema, with_metadata
+
+    schema = with_metadata(fused_schema({"audio": 2}, 2), {"kind": "fused", "dims": {"audio": 2}})
+    t = pa.table({"sample_id": ["a", "b", "c"], "source": ["x"] * 3, "split": ["train", "train", "test"],
+                  "label": [0, 1, 1], "label_name": ["n0", "n1", "n1"],
+                  "audio_emb": pa.array([[0.0, 1.0], None, [2.0, 3.0]], pa.list_(pa.float32(), 2)),
+                  "has_audio": [True, False, True],
+                  "fused": pa.array([[0.0, 1.0], [0.0, 0.0], [2.0, 3.0]], pa.list_(pa.float32(), 2))},
+                 schema=schema)
+    pq.write_table(t, tmp_path / "part-0.parquet")
+    assert main(["inspect", str(tmp_path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["rows"] == 3 and "audio_emb" in info["columns"]
+    assert info["counts"]["split"] == {"test": 1, "train": 2} and info["counts"]["label"] == {"0": 1, "1": 2}
+    assert info["presence"] == {"audio": 2} and info["metadata"]["kind"] == "fused"
+    assert main(["inspect", str(tmp_path)]) == 0
+    assert "modality presence: audio 2/3" in capsys.readouterr().out
+    assert main(["inspect", str(tmp_path / "missing")]) == 2
