@@ -1,0 +1,208 @@
+"""The training loop each Ray Train worker runs, top to bottom.
+
+Ray Train adds only the wrapping: ``prepare_model`` (DDP when there is more
+than one worker), ``get_dataset_shard`` (this worker's stream of the train
+split) and ``report`` (metrics + a checkpoint every epoch). Everything else is
+a plain PyTorch loop.
+
+- Resume: ``ray.train.get_checkpoint()`` returns the latest checkpoint after a
+  worker failure (FailureConfig.max_failures) and when a run with the same name
+  and storage path is started again. The loop restarts at the epoch after it.
+- Validation: every worker holds the whole (small) validation split in memory
+  (NumPy arrays shipped with the loop config) and scores it after each epoch.
+  The replicas are identical under DDP, so every rank computes the same
+  metrics; rank 0's early-stopping decision is broadcast anyway, so all ranks
+  always stop together.
+- ``batch_size`` is the global batch: each of N workers takes batch_size / N.
+- ``fault`` (tests only) makes one rank SIGKILL itself once, at the start of a
+  given epoch, while a flag file exists (the file is removed first).
+- Ray Train V2 registers a reported checkpoint when its controller next polls
+  the workers (every ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, 2 s): a crash within
+  that window after a report resumes from the checkpoint before it.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import tempfile
+import time
+from typing import Any, Mapping, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mmbatch.runtime import pin_threads
+from mmbatch.training.evaluate import evaluate_arrays
+from mmbatch.training.models import build_model, drop_modalities, warm_start_state
+
+STATE_FILE = "state.pt"       # everything needed to resume (torch.load(weights_only=True))
+META_FILE = "meta.json"       # the same facts, readable without torch
+SHUFFLE_BUFFER = 2048
+
+
+def make_optimizer(model: torch.nn.Module, cfg: Mapping) -> torch.optim.Optimizer:
+    if cfg["optimizer"] == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=0.9, weight_decay=cfg["weight_decay"])
+    if cfg["optimizer"] == "adam":
+        return torch.optim.Adam(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    return torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: Mapping):
+    if cfg["schedule"] == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg["epochs"])
+    if cfg["schedule"] == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, cfg["epochs"] // 3), gamma=0.1)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+
+def score_of(metrics: Mapping, metric: str) -> float:
+    """Higher is better: accuracy / macro_f1 as they are, loss negated."""
+    return -float(metrics["loss"]) if metric == "loss" else float(metrics[metric])
+
+
+def seed_everything(seed: int) -> None:
+    import random
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def maybe_fault(fault: Optional[Mapping], rank: int, epoch: int) -> None:
+    if not fault or rank != fault["rank"] or epoch != fault["epoch"]:
+        return
+    if os.path.exists(fault["file"]):
+        # Ray Train V2 registers a report when its controller next polls the workers (every
+        # 2 s): wait until the previous epoch's checkpoint is committed, so the test knows
+        # which checkpoint the restart must come from.
+        import ray.train
+        from ray.train import CheckpointConsistencyMode
+        ray.train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED, timeout_s=60)
+        os.remove(fault["file"])
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _all_reduce_sum(values: list[float]) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+def _broadcast_flag(flag: bool) -> bool:
+    t = torch.tensor([1 if flag else 0], dtype=torch.int64)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.broadcast(t, src=0)
+    return bool(t.item())
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    pin_threads()
+    cfg = config["train"]                 # TrainConfig.model_dump()
+    spec = config["spec"]                 # model spec: arch, classes, features, ...
+    class_names = [c["name"] for c in spec["classes"]]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    seed_everything(cfg["seed"])          # same init on every rank (DDP also broadcasts rank 0's)
+
+    # -- model, optimizer, schedule
+    model = build_model(spec).to(device)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = make_scheduler(optimizer, cfg)
+    state = {"epoch": -1, "best_score": None, "best_epoch": -1, "bad_epochs": 0,
+             "stopped_early": False, "history": [], "starts": []}
+
+    # -- resume from the latest checkpoint (worker restart, or the same run started again)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            saved = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        state = json.loads(saved["state_json"])
+    elif config.get("warm_start"):      # bytes of an exported model.pt
+        ws = torch.load(io.BytesIO(config["warm_start"]), map_location="cpu", weights_only=True)
+        state["warm_started"] = len(warm_start_state(model, ws))
+    start_epoch = state["epoch"] + 1
+    state["starts"].append(start_epoch)
+
+    model = ray.train.torch.prepare_model(model)      # DDP when world > 1
+    raw_model = model.module if hasattr(model, "module") else model
+
+    train_shard = ray.train.get_dataset_shard("train")
+    val = config["validation"]                        # model-ready NumPy arrays of the whole split
+    batch_size = max(1, cfg["batch_size"] // world)
+
+    for epoch in range(start_epoch, cfg["epochs"]):
+        if state["stopped_early"]:
+            break
+        maybe_fault(config.get("fault"), rank, epoch)
+        t0 = time.time()
+
+        # -- one pass over this worker's shard of the train split
+        model.train()
+        gen = torch.Generator().manual_seed(cfg["seed"] * 100003 + epoch * 1009 + rank)
+        loss_sum, n_rows = 0.0, 0
+        for batch in train_shard.iter_torch_batches(batch_size=batch_size, local_shuffle_buffer_size=SHUFFLE_BUFFER,
+                                                    local_shuffle_seed=cfg["seed"] + epoch * 7919 + rank):
+            y = batch.pop("y")
+            mask = drop_modalities(raw_model.presence(batch), cfg["modality_dropout"], gen)
+            logits = model(batch, mask)
+            loss = F.cross_entropy(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += float(loss.item()) * len(y)
+            n_rows += len(y)
+        scheduler.step()
+        loss_sum, n_rows = _all_reduce_sum([loss_sum, n_rows])
+        train_loss = loss_sum / max(n_rows, 1)
+
+        # -- validation (the whole split, on every rank)
+        vm = evaluate_arrays(raw_model, val, class_names, device=device)
+        score = score_of(vm, cfg["metric"])
+        improved = state["best_score"] is None or score > state["best_score"]
+        if improved:
+            state.update(best_score=score, best_epoch=epoch, bad_epochs=0)
+        else:
+            state["bad_epochs"] += 1
+        patience = cfg.get("early_stopping_patience")
+        stop = _broadcast_flag(bool(patience) and state["bad_epochs"] >= patience)
+        record = {"epoch": epoch, "train_loss": train_loss, "train_rows": int(n_rows),
+                  "val_loss": vm["loss"], "val_accuracy": vm["accuracy"], "val_macro_f1": vm["macro_f1"],
+                  "val_score": score, "lr": optimizer.param_groups[0]["lr"],
+                  "epoch_time_s": time.time() - t0, "world_size": world, "attempt": len(state["starts"])}
+        if "modality_weights" in vm:
+            record["modality_weights"] = vm["modality_weights"]
+        state["history"].append(record)
+        state.update(epoch=epoch, stopped_early=stop)
+
+        # -- checkpoint every epoch (rank 0 writes; every rank reports)
+        metrics = {k: v for k, v in record.items() if not isinstance(v, dict)}
+        metrics.update(best_epoch=state["best_epoch"], best_score=state["best_score"], stopped_early=stop)
+        with tempfile.TemporaryDirectory() as d:
+            ckpt = None
+            if rank == 0:
+                torch.save({"model": {k: v.detach().cpu() for k, v in raw_model.state_dict().items()},
+                            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                            "epoch": epoch, "best_score": state["best_score"],
+                            "state_json": json.dumps(state), "spec_json": json.dumps(spec),
+                            "workflow_json": json.dumps(config.get("workflow", {}))},
+                           os.path.join(d, STATE_FILE))
+                with open(os.path.join(d, META_FILE), "w") as f:
+                    json.dump({"epoch": epoch, "fingerprint": config.get("fingerprint"),
+                               "best_epoch": state["best_epoch"], "best_score": state["best_score"],
+                               "classes": spec["classes"], "features": spec["features"],
+                               "arch": spec["arch"], "stopped_early": stop}, f, indent=2)
+                ckpt = ray.train.Checkpoint.from_directory(d)
+            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_epoch_{epoch:04d}")
+        if stop:
+            break

@@ -1,0 +1,210 @@
+"""Fusion classifiers over per-modality embeddings.
+
+Every model first projects each modality to ``hidden`` (Linear -> LayerNorm ->
+GELU -> Dropout), then fuses:
+
+- ``early``    concatenate the projections -> MLP -> classes
+- ``weighted`` learned softmax weights over modalities: F = sum_m w_m * P_m(x_m) -> MLP
+- ``late``     a classifier per modality; logits averaged over present modalities
+- ``gated``    per-sample attention over modalities (scores from the projections) -> MLP
+
+A missing modality (``has_<m>`` false) is zeroed and excluded from weights,
+gates and averages. A model restricted to one modality is a unimodal baseline.
+
+Input: a batch dict with ``<m>_emb`` float [B, dim] and ``has_<m>`` bool [B]
+(the columns :func:`mmbatch.training.data.to_arrays` produces); ``mask``
+[B, M] bool overrides the presence flags (modality dropout).
+"""
+from __future__ import annotations
+
+import json
+from typing import Mapping, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mmbatch import schema, storage
+
+FUSIONS = ("early", "weighted", "late", "gated")
+MODEL_FILE = "model.pt"
+SPEC_FILE = "model.json"
+
+
+def projection(dim: int, hidden: int, dropout: float) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(dim, hidden), nn.LayerNorm(hidden), nn.GELU(), nn.Dropout(dropout))
+
+
+def mlp_head(d_in: int, hidden: int, num_classes: int, dropout: float) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(d_in, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, num_classes))
+
+
+class FusionModel(nn.Module):
+    def __init__(self, dims: Mapping[str, int], num_classes: int, fusion: str = "early",
+                 hidden: int = 128, dropout: float = 0.1):
+        super().__init__()
+        if fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
+        # canonical order (schema.MODALITIES), whatever order ``dims`` comes in: a spec read back
+        # from JSON (sorted keys) must rebuild the same concatenation / weight order
+        self.modalities = [m for m in schema.MODALITIES if m in dims] + sorted(m for m in dims if m not in schema.MODALITIES)
+        self.fusion = fusion
+        self.proj = nn.ModuleDict({m: projection(int(dims[m]), hidden, dropout) for m in self.modalities})
+        n = len(self.modalities)
+        if fusion == "early":
+            self.head = mlp_head(hidden * n, hidden, num_classes, dropout)
+        elif fusion == "weighted":
+            self.weight_logits = nn.Parameter(torch.zeros(n))
+            self.head = mlp_head(hidden, hidden, num_classes, dropout)
+        elif fusion == "late":
+            self.heads = nn.ModuleDict({m: mlp_head(hidden, hidden, num_classes, dropout) for m in self.modalities})
+        elif fusion == "gated":
+            self.gate = nn.Sequential(nn.Linear(hidden * n, hidden), nn.Tanh(), nn.Linear(hidden, n))
+            self.head = mlp_head(hidden, hidden, num_classes, dropout)
+
+    # -- presence
+    def presence(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """[B, M] bool: which modalities each row has."""
+        cols = []
+        for m in self.modalities:
+            key = schema.has_column(m)
+            x = batch[schema.emb_column(m)]
+            cols.append(batch[key].bool() if key in batch else torch.ones(x.shape[0], dtype=torch.bool, device=x.device))
+        return torch.stack(cols, dim=1)
+
+    def _projected(self, batch, mask):
+        maskf = mask.float()
+        # zero missing inputs *and* their projections: a missing modality contributes nothing
+        return torch.stack([self.proj[m](batch[schema.emb_column(m)].float() * maskf[:, i:i + 1]) * maskf[:, i:i + 1]
+                            for i, m in enumerate(self.modalities)], dim=1)  # [B, M, H]
+
+    def _gates(self, p, mask):
+        # a large finite negative (not -inf) keeps rows with nothing present finite in backward
+        scores = self.gate(p.flatten(1)).masked_fill(~mask, -1e9)
+        return torch.softmax(scores, dim=1) * mask.float()
+
+    def modality_weights(self, batch, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """[B, M] fusion weights per row (rows sum to 1 over present modalities, 0 when none present)."""
+        mask = self.presence(batch) if mask is None else mask
+        if self.fusion == "weighted":
+            w = torch.softmax(self.weight_logits, 0).unsqueeze(0) * mask.float()
+        elif self.fusion == "gated":
+            p = self._projected(batch, mask)
+            w = self._gates(p, mask)
+        else:
+            w = mask.float()
+        return w / w.sum(1, keepdim=True).clamp_min(1e-12)
+
+    def forward(self, batch: Mapping[str, torch.Tensor], mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        mask = self.presence(batch) if mask is None else mask
+        p = self._projected(batch, mask)                               # [B, M, H]
+        if self.fusion == "early":
+            return self.head(p.flatten(1))
+        if self.fusion == "late":
+            logits = torch.stack([self.heads[m](p[:, i]) for i, m in enumerate(self.modalities)], dim=1)
+            maskf = mask.float().unsqueeze(-1)
+            return (logits * maskf).sum(1) / maskf.sum(1).clamp_min(1.0)
+        if self.fusion == "weighted":
+            w = torch.softmax(self.weight_logits, 0).unsqueeze(0) * mask.float()
+            w = w / w.sum(1, keepdim=True).clamp_min(1e-12)
+        else:  # gated
+            w = self._gates(p, mask)
+        return self.head((w.unsqueeze(-1) * p).sum(1))
+
+    def global_weights(self) -> Optional[dict[str, float]]:
+        """The learned modality weights of a ``weighted`` model (None for other fusions)."""
+        if self.fusion != "weighted":
+            return None
+        w = torch.softmax(self.weight_logits.detach().float().cpu(), 0)
+        return {m: float(w[i]) for i, m in enumerate(self.modalities)}
+
+
+def drop_modalities(mask: torch.Tensor, p: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Modality dropout: drop each present modality of each row with probability ``p``.
+
+    A row never loses all of its present modalities: if the draw would drop
+    them all, one of them (chosen at random) is kept.
+    """
+    if p <= 0 or mask.shape[1] < 2:
+        return mask
+    r = torch.rand(mask.shape, generator=generator).to(mask.device)
+    kept = mask & (r >= p)
+    emptied = mask.any(1) & ~kept.any(1)
+    if emptied.any():
+        # keep the present modality with the highest random score
+        scores = torch.rand(mask.shape, generator=generator).to(mask.device).masked_fill(~mask, -1.0)
+        keep_one = F.one_hot(scores.argmax(1), mask.shape[1]).bool()
+        kept = torch.where(emptied.unsqueeze(1), keep_one & mask, kept)
+    return kept
+
+
+# --- building, saving, loading --------------------------------------------------------------------
+def arch_args(spec: Mapping) -> dict:
+    """Constructor arguments of :class:`FusionModel` from a model spec."""
+    a = spec["arch"]
+    return {"dims": {m: int(d) for m, d in a["dims"].items()}, "num_classes": int(a["num_classes"]),
+            "fusion": a["fusion"], "hidden": int(a["hidden"]), "dropout": float(a["dropout"])}
+
+
+def build_model(spec: Mapping) -> FusionModel:
+    return FusionModel(**arch_args(spec))
+
+
+def save_model(model: nn.Module, spec: Mapping, model_dir: str) -> None:
+    """Write ``model.pt`` (state_dict only) and ``model.json`` (spec) to a local or remote folder.
+
+    ``model.json`` is written last: its presence means the export is complete.
+    """
+    import io
+    fs, path = storage.url_to_fs(model_dir)
+    fs.makedirs(path, exist_ok=True)
+    buf = io.BytesIO()
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    torch.save(state, buf)
+    storage.atomic_write_bytes(fs, storage.join(path, MODEL_FILE), buf.getvalue())
+    storage.write_json(fs, storage.join(path, SPEC_FILE), dict(spec))
+
+
+def read_spec(model_dir: str) -> Optional[dict]:
+    fs, path = storage.url_to_fs(model_dir)
+    return storage.read_json(fs, storage.join(path, SPEC_FILE))
+
+
+def load_model(model_dir: str, device: str = "cpu") -> tuple[FusionModel, dict]:
+    """(model in eval mode, spec) from an exported model folder.
+
+    Also accepts a Ray Train checkpoint folder written by the training loop
+    (``state.pt`` + ``meta.json``).
+    """
+    import io
+    from mmbatch.errors import UsageError
+    fs, path = storage.url_to_fs(model_dir)
+    spec = storage.read_json(fs, storage.join(path, SPEC_FILE))
+    if spec is not None:
+        with fs.open(storage.join(path, MODEL_FILE), "rb") as f:
+            state = torch.load(io.BytesIO(f.read()), map_location=device, weights_only=True)
+    elif fs.exists(storage.join(path, "state.pt")):
+        with fs.open(storage.join(path, "state.pt"), "rb") as f:
+            saved = torch.load(io.BytesIO(f.read()), map_location=device, weights_only=True)
+        spec = json.loads(saved["spec_json"])
+        state = saved["model"]
+    else:
+        raise UsageError(f"{model_dir}: not a model folder (no {SPEC_FILE} + {MODEL_FILE}) "
+                         "and not a training checkpoint (no state.pt)")
+    model = build_model(spec)
+    model.load_state_dict(state)
+    return model.to(device).eval(), spec
+
+
+def warm_start_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> list[str]:
+    """Copy every tensor of ``state`` whose name and shape match ``model``; returns the names copied."""
+    own = model.state_dict()
+    take = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    own.update(take)
+    model.load_state_dict(own)
+    return sorted(take)
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+

@@ -1,0 +1,316 @@
+"""`mmbatch train`: fit a fusion model (and optional unimodal baselines) with Ray Train.
+
+One run lives at ``<train.out>/<train.name>`` (Ray Train's storage path and run
+name). Baselines are separate runs named ``<train.name>-only-<modality>``.
+Inside a run folder::
+
+    checkpoint_epoch_NNNN/   Ray Train checkpoints (state.pt + meta.json), a few kept
+    model/                   export: model.pt (state_dict) + model.json (spec, metrics)
+    report.html, metrics.json, *.png   (fused run only)
+
+Restarting: Ray Train V2 (the default in Ray 2.60) reloads the run's checkpoint
+snapshot when a trainer starts with the same ``RunConfig(storage_path, name)``;
+``ray.train.get_checkpoint()`` then returns the latest checkpoint and the loop
+continues from the next epoch. A run whose export (``model/model.json``) is
+complete with the same settings is not started again at all. A run folder
+holding a run with *different* settings or data is refused (pick a new
+``train.name``), so a stale checkpoint can never be resumed into another model.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+
+import mmbatch
+from mmbatch import schema, storage
+from mmbatch.config import Workflow
+from mmbatch.errors import UsageError
+from mmbatch.runtime import cluster_gpus, init_ray
+from mmbatch.training import report
+from mmbatch.training.data import FusedData
+from mmbatch.training.evaluate import evaluate_model
+from mmbatch.training.loop import META_FILE, STATE_FILE, train_loop_per_worker
+from mmbatch.training.models import MODEL_FILE, build_model, read_spec, save_model
+
+log = logging.getLogger("mmbatch.training")
+
+POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"   # read by the Ray Train controller (propagated from here)
+FAULT_ENV = "MMBATCH_TEST_KILL"       # tests: "<flag file>:<rank>:<epoch>" (see loop.maybe_fault)
+MATERIALIZE_BYTES = 256 * 2 ** 20     # train splits smaller than this are read once (see _train_dataset)
+KEEP_CHECKPOINTS = 3                  # best by validation score; Ray always keeps the latest too
+# settings that do not change what is learned: a rerun that differs only in these resumes the run
+_NOT_FINGERPRINTED = {"out", "name", "data", "baselines", "num_workers", "use_gpu", "cpus_per_worker",
+                      "max_failures", "modalities"}
+
+
+@dataclass
+class TrainResult:
+    model_dir: str                     # exported model folder (model.pt + model.json)
+    metrics: dict                      # test split: accuracy, macro_f1, loss, per_class, confusion, ...
+    report_path: Optional[str]         # report.html (fused run)
+    run_dir: str
+    baselines: dict = field(default_factory=dict)       # modality -> test metrics
+    checkpoint_path: Optional[str] = None               # best Ray Train checkpoint
+    val_metrics: dict = field(default_factory=dict)
+    history: list = field(default_factory=list)         # one record per epoch trained
+    starts: list = field(default_factory=list)          # epoch each attempt started at ([0] = no restart)
+    status: str = "trained"            # trained | resumed | complete (nothing left to train)
+    spec: dict = field(default_factory=dict)
+
+
+# --- the entry point ---------------------------------------------------------------------------
+def run_training(wf: Workflow, baselines: bool | None = None, warm_start: str | None = None,
+                 modalities: list[str] | None = None) -> TrainResult:
+    """Train the fusion model of ``wf.train`` (plus one baseline per modality when asked)."""
+    t = wf.train
+    init_ray(wf.ray.address, wf.ray.num_cpus, wf.ray.num_gpus, wf.ray.object_store_memory)
+    data = FusedData.open(wf.train_data(), seed=t.seed, val_fraction=t.val_fraction, test_fraction=t.test_fraction)
+    mods = resolve_modalities(modalities or t.modalities, data)
+    log.info("training %s on %s (%s), classes %s", t.name, data.uri, mods, [c["name"] for c in data.classes])
+
+    fused = train_one(wf, data, mods, t.name, warm_start=warm_start)
+    base: dict[str, TrainResult] = {}
+    if (t.baselines if baselines is None else baselines) and len(mods) > 1:
+        for m in mods:
+            base[m] = train_one(wf, data, [m], f"{t.name}-only-{m}")
+    fused.baselines = {m: r.metrics for m, r in base.items()}
+
+    summary = make_summary(fused, data, base)
+    fused.report_path = report.write_report(fused.run_dir, summary)
+    print(report.summary_table(summary))
+    print(f"report: {fused.report_path}")
+    return fused
+
+
+def resolve_modalities(wanted: Optional[Sequence[str]], data: FusedData) -> list[str]:
+    if not wanted:
+        return list(data.dims)
+    missing = [m for m in wanted if m not in data.dims]
+    if missing:
+        raise UsageError(f"train.modalities asks for {missing}, but {data.uri} only has {sorted(data.dims)}")
+    return [m for m in schema.MODALITIES if m in wanted]
+
+
+# --- one run ------------------------------------------------------------------------------------
+def model_spec(wf: Workflow, data: FusedData, mods: list[str], name: str) -> dict:
+    t = wf.train
+    return {
+        "name": name,
+        "mmbatch_version": mmbatch.__version__,
+        "schema_version": schema.SCHEMA_VERSION,
+        "arch": {"fusion": t.model, "dims": {m: int(data.dims[m]) for m in mods},
+                 "num_classes": len(data.classes), "hidden": t.hidden, "dropout": t.dropout},
+        "modalities": mods,
+        "classes": data.classes,
+        "features": data.features(mods),
+        "fusion": data.meta.get("fusion"),
+        "split": {"seed": t.seed, "val_fraction": t.val_fraction, "test_fraction": t.test_fraction,
+                  "plan": data.plan},
+        "data": {"uri": data.uri, "fingerprint": data.fingerprint, "counts": data.counts,
+                 "class_balance": data.imbalance("train")},
+        "train": t.model_dump(mode="json"),
+    }
+
+
+def run_fingerprint(spec: dict, warm_start_blob: Optional[bytes]) -> str:
+    train = {k: v for k, v in spec["train"].items() if k not in _NOT_FINGERPRINTED}
+    return storage.fingerprint({"arch": spec["arch"], "classes": spec["classes"], "features": spec["features"],
+                                "split": spec["split"], "data": spec["data"]["fingerprint"], "train": train,
+                                "warm_start": storage.fingerprint(warm_start_blob.hex()) if warm_start_blob else None})
+
+
+def storage_root(out: str) -> str:
+    return out if "://" in out else os.path.abspath(out)
+
+
+def train_one(wf: Workflow, data: FusedData, mods: list[str], name: str,
+              warm_start: Optional[str] = None) -> TrainResult:
+    """Train (or resume, or find complete) the run ``<train.out>/<name>`` and export its best model."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    t = wf.train
+    run_dir = storage.join(storage_root(t.out), name)
+    model_dir = storage.join(run_dir, "model")
+    spec = model_spec(wf, data, mods, name)
+    blob = _read_bytes(storage.join(warm_start, MODEL_FILE)) if warm_start else None
+    spec["fingerprint"] = fp = run_fingerprint(spec, blob)
+
+    # -- already done? (same settings) / someone else's run? (different settings)
+    done = read_spec(model_dir)
+    if done and done.get("status") == "complete":
+        if done.get("fingerprint") != fp:
+            raise _occupied(run_dir, name)
+        log.info("%s: already complete (%s), not training again", name, model_dir)
+        tr = done.get("training", {})
+        return TrainResult(model_dir=model_dir, metrics=done["metrics"]["test"], report_path=None, run_dir=run_dir,
+                           checkpoint_path=tr.get("checkpoint"), val_metrics=done["metrics"].get("validation", {}),
+                           history=tr.get("history", []), starts=tr.get("starts", []), status="complete", spec=done)
+    prior = latest_checkpoint_meta(run_dir)
+    if prior is not None and prior.get("fingerprint") != fp:
+        raise _occupied(run_dir, name)
+
+    sizes = data.split_sizes()
+    for split in ("validation", "test"):
+        if sizes[split] == 0:
+            raise UsageError(f"{data.uri}: the {split} split is empty after splitting ({sizes}); add a "
+                             f"{split} split or raise train.val_fraction / train.test_fraction")
+
+    # -- Ray Train
+    use_gpu = cluster_gpus() > 0 if t.use_gpu == "auto" else bool(t.use_gpu)
+    per_worker = {"CPU": t.cpus_per_worker}
+    if use_gpu:
+        per_worker["GPU"] = min(1.0, max(cluster_gpus(), 1e-3) / t.num_workers) if t.use_gpu == "auto" else 1.0
+    # Ray Train V2 hands each report() to its controller when the controller next polls the
+    # workers (a queue of one): at the default 2 s poll, an epoch of small data costs >= 2 s.
+    os.environ.setdefault(POLL_ENV, "0.5")
+    config = {"train": t.model_dump(mode="json"), "spec": spec, "fingerprint": fp,
+              "workflow": wf.model_dump(mode="json"), "warm_start": blob, "fault": _fault_from_env(),
+              # validation is small and scored whole on every worker: shipped as arrays with the config
+              "validation": data.arrays("validation", mods)}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config,
+        scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=use_gpu,
+                                               resources_per_worker=per_worker),
+        run_config=ray.train.RunConfig(
+            storage_path=storage_root(t.out), name=name,
+            failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS,
+                                                         checkpoint_score_attribute="val_score",
+                                                         checkpoint_score_order="max")),
+        datasets={"train": _train_dataset(data, mods)},
+    )
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        raise RuntimeError(f"training run '{name}' failed ({e.__class__.__name__}); its checkpoints are kept in "
+                           f"{run_dir}: run the same command again to resume from the latest one") from e
+
+    # -- best checkpoint (validation score) -> export
+    if not result.best_checkpoints:
+        raise RuntimeError(f"training run '{name}' reported no checkpoint (epochs={t.epochs})")
+    best_ckpt, best_metrics = max(result.best_checkpoints,
+                                  key=lambda cm: (cm[1]["val_score"], -cm[1]["epoch"]))
+    best = _load_state(best_ckpt)
+    latest = _load_state(result.checkpoint)
+    state = json.loads(latest["state_json"])
+    model = build_model(spec)
+    model.load_state_dict(best["model"])
+    training = {"history": state["history"], "starts": state["starts"], "best_epoch": int(best_metrics["epoch"]),
+                "best_val_score": best_metrics["val_score"], "stopped_early": state["stopped_early"],
+                "checkpoint": best_ckpt.path, "world_size": t.num_workers, "use_gpu": use_gpu}
+    save_model(model, {**spec, "status": "evaluating", "training": training}, model_dir)
+    test = evaluate_model(model_dir, data.uri, "test")
+    val = evaluate_model(model_dir, data.uri, "validation")
+    final = {**spec, "status": "complete", "training": training,
+             "metrics": {"test": _slim(test), "validation": _slim(val)}}
+    fs, p = storage.url_to_fs(model_dir)
+    storage.write_json(fs, storage.join(p, "model.json"), final)     # last: marks the export complete
+    storage.clean_tmp(fs, p)
+    if prior is not None and prior.get("epoch") == state["epoch"]:
+        status = "complete"           # the run was already at its last epoch: nothing trained now
+    elif prior is not None or len(state["starts"]) > 1:
+        status = "resumed"
+    else:
+        status = "trained"
+    return TrainResult(model_dir=model_dir, metrics=test, report_path=None, run_dir=run_dir,
+                       checkpoint_path=best_ckpt.path, val_metrics=val, history=state["history"],
+                       starts=state["starts"], status=status, spec=final)
+
+
+def _train_dataset(data: FusedData, mods: list[str]):
+    """The train split as a Ray Dataset: streamed from Parquet every epoch, or -- when its
+    embeddings are small (< MATERIALIZE_BYTES) -- read once into the object store, so an epoch
+    does not pay for re-reading and re-converting the files."""
+    ds = _quiet(data.dataset("train", mods))
+    rows = data.split_sizes()["train"]
+    if rows * sum(4 * data.dims[m] + 1 for m in mods) < MATERIALIZE_BYTES:
+        ds = ds.materialize()
+    return ds
+
+
+def _quiet(ds):
+    """No Ray Data progress bars from inside the train workers (they interleave with the epoch logs)."""
+    ds.context.enable_progress_bars = False
+    ds.context.enable_operator_progress_bars = False
+    return ds
+
+
+def latest_checkpoint_meta(run_dir: str) -> Optional[dict]:
+    """meta.json of the latest checkpoint of an existing Ray Train run folder (None when there is none)."""
+    from ray.train import Result
+    try:
+        res = Result.from_path(run_dir)
+    except (RuntimeError, FileNotFoundError, OSError):
+        return None
+    if res.checkpoint is None:
+        return None
+    with res.checkpoint.as_directory() as d:
+        try:
+            with open(os.path.join(d, META_FILE)) as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return {}
+
+
+def _occupied(run_dir: str, name: str) -> UsageError:
+    return UsageError(f"{run_dir} already holds training run '{name}' with different settings or data; "
+                      "set a new train.name (or delete that folder) to train a new model")
+
+
+def _load_state(ckpt) -> dict:
+    with ckpt.as_directory() as d:
+        return torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+
+
+def _read_bytes(uri: str) -> bytes:
+    fs, p = storage.url_to_fs(uri)
+    if not fs.exists(p):
+        raise UsageError(f"warm start: {uri} not found (expected an exported model folder)")
+    with fs.open(p, "rb") as f:
+        return f.read()
+
+
+def _fault_from_env() -> Optional[dict]:
+    raw = os.environ.get(FAULT_ENV)
+    if not raw:
+        return None
+    path, rank, epoch = raw.rsplit(":", 2)
+    return {"file": os.path.abspath(path), "rank": int(rank), "epoch": int(epoch)}
+
+
+def _slim(m: dict) -> dict:
+    return {k: v for k, v in m.items() if k != "data"}
+
+
+# --- report ---------------------------------------------------------------------------------------
+def make_summary(fused: TrainResult, data: FusedData, base: dict[str, TrainResult]) -> dict:
+    spec = fused.spec
+    return {
+        "title": f"mmbatch training report: {spec.get('name')}",
+        "name": spec.get("name"),
+        "run_dir": fused.run_dir,
+        "model_dir": fused.model_dir,
+        "status": fused.status,
+        "model": {k: spec.get(k) for k in ("arch", "classes", "features", "fusion", "split")},
+        "data": {"uri": data.uri, "split_sizes": data.split_sizes(), "counts": data.counts,
+                 "class_balance": data.imbalance("train"), "dropped_unlabeled": data.dropped_unlabeled,
+                 "plan": data.plan},
+        "metrics": _slim(fused.metrics),
+        "val_metrics": _slim(fused.val_metrics),
+        "history": fused.history,
+        "starts": fused.starts,
+        "best_epoch": (spec.get("training") or {}).get("best_epoch"),
+        "checkpoint": fused.checkpoint_path,
+        "baselines": {m: _slim(r.metrics) for m, r in base.items()},
+        "mmbatch_version": mmbatch.__version__,
+    }
+
+
+__all__ = ["TrainResult", "run_training", "train_one"]

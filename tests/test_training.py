@@ -1,0 +1,306 @@
+"""Training stage: splits, models, export/scoring, and real Ray Train runs on generated fused data.
+
+The Ray tests share one session-wide local Ray (``ray_session``, 2 CPUs) and
+keep the data tiny (a few hundred rows, 8-dim embeddings, 3-4 epochs).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from fused_data import CLASS_NAMES, extractor_meta, write_fused, xor_rows
+from mmbatch import schema
+from mmbatch.config import Workflow
+from mmbatch.errors import UsageError
+from mmbatch.training import run as run_mod
+from mmbatch.training.data import FusedData, assign_splits, class_balance, split_plan, to_arrays
+from mmbatch.training.evaluate import check_features, compute_metrics, evaluate_cli, evaluate_model
+from mmbatch.training.models import FUSIONS, FusionModel, drop_modalities, load_model
+from mmbatch.training.run import run_training
+
+DIMS = {"image": 8, "audio": 8, "text": 8}
+CHANCE = 0.25
+
+
+def _wf(data, out, name, **train):
+    t = {"data": str(data), "out": str(out), "name": name, "epochs": 3, "hidden": 32, "batch_size": 64,
+         "num_workers": 1, "schedule": "none", "seed": 0, **train}
+    return Workflow.model_validate({"train": t})
+
+
+# --- splits (pure) -----------------------------------------------------------------------------
+def test_split_names_are_normalised_and_kept():
+    plan = split_plan({"train", "validation", "test"}, 0.15, 0.15)
+    got = assign_splits(["a", "b", "c", "d"], ["train-clean-100", "dev-clean", "test-other", "val"], plan, 0)
+    assert list(got) == ["train", "validation", "test", "validation"]
+
+
+def test_missing_test_is_carved_from_validation_reproducibly():
+    ids = [f"s{i}" for i in range(2000)]
+    raw = ["train"] * 1000 + ["dev"] * 1000
+    plan = split_plan({"train", "validation"}, 0.15, 0.15)
+    a = assign_splits(ids, raw, plan, seed=7)
+    b = assign_splits(list(reversed(ids)), list(reversed(raw)), plan, seed=7)[::-1]
+    assert (a == b).all()                                   # by sample id, not by row position
+    assert (a[:1000] == "train").all()                      # train rows untouched
+    share = np.mean(a[1000:] == "test")
+    assert 0.4 < share < 0.6                                # half of validation (0.15 / (0.15 + 0.15))
+    c = assign_splits(ids, raw, plan, seed=8)
+    assert (a != c).any()                                   # another seed, another carving
+
+
+def test_missing_validation_and_test_are_carved_from_train():
+    ids = [f"s{i}" for i in range(4000)]
+    plan = split_plan({"train"}, 0.2, 0.1)
+    got = assign_splits(ids, ["train"] * 4000, plan, seed=0)
+    assert abs(np.mean(got == "validation") - 0.2) < 0.03
+    assert abs(np.mean(got == "test") - 0.1) < 0.03
+
+
+def test_rows_without_split_values_are_spread_by_fraction():
+    ids = [f"s{i}" for i in range(4000)]
+    plan = split_plan({None}, 0.15, 0.25)
+    assert plan["mode"] == "unsplit"
+    got = assign_splits(ids, [None] * 4000, plan, seed=0)
+    assert abs(np.mean(got == "validation") - 0.15) < 0.03
+    assert abs(np.mean(got == "test") - 0.25) < 0.03
+
+
+def test_fused_data_open_without_splits(tmp_path):
+    path = write_fused(str(tmp_path / "d"), n=300, splits=None)
+    data = FusedData.open(path, seed=0, val_fraction=0.2, test_fraction=0.2)
+    sizes = data.split_sizes()
+    assert data.plan["mode"] == "unsplit" and sum(sizes.values()) == 300
+    assert all(sizes[s] > 30 for s in ("train", "validation", "test"))
+    assert [c["name"] for c in data.classes] == CLASS_NAMES
+    assert data.features(["audio"])["audio"]["name"] == "logmel_stats"
+
+
+def test_class_balance():
+    cb = class_balance({"a": 30, "b": 10})
+    assert cb["max_min_ratio"] == 3.0 and cb["counts"] == {"a": 30, "b": 10}
+
+
+# --- arrays and models (pure) --------------------------------------------------------------------
+def test_to_arrays_masks_missing_and_drops_unlabelled():
+    cols = xor_rows(50, seed=1, missing=0.5)
+    cols["label"] = [None if i == 0 else (9 if i == 1 else v) for i, v in enumerate(cols["label"])]
+    sch = schema.fused_schema(DIMS, 24)
+    table = pa.Table.from_pydict(cols, schema=sch)
+    arr = to_arrays(table, list(DIMS), DIMS, class_ids=[0, 1, 2, 3])
+    assert len(arr["y"]) == 48                              # null label and unknown label 9 dropped
+    for m in DIMS:
+        has = arr[schema.has_column(m)]
+        assert arr[schema.emb_column(m)].shape == (48, 8)
+        assert not has.all() and (arr[schema.emb_column(m)][~has] == 0).all()
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_missing_modalities_are_masked_out(fusion):
+    torch.manual_seed(0)
+    model = FusionModel(DIMS, 4, fusion, hidden=16, dropout=0.0).eval()
+    b = {schema.emb_column(m): torch.randn(6, 8) for m in DIMS}
+    b.update({schema.has_column(m): torch.tensor([True, True, False, True, False, False]) for m in DIMS})
+    b[schema.has_column("image")] = torch.tensor([True, False, True, True, False, False])
+    out1 = model(b)
+    b2 = dict(b)
+    for m in DIMS:          # change the values of every missing embedding: the output must not move
+        noise = torch.randn(6, 8) * 100
+        b2[schema.emb_column(m)] = torch.where(b[schema.has_column(m)][:, None], b[schema.emb_column(m)], noise)
+    assert torch.allclose(out1, model(b2), atol=1e-5)
+    w = model.modality_weights(b)
+    assert torch.all(w[~model.presence(b)] == 0)
+    assert torch.isfinite(out1).all()                       # row 5 has nothing present
+    model.train()
+    loss = torch.nn.functional.cross_entropy(model(b), torch.tensor([0, 1, 2, 3, 0, 1]))
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_modality_dropout_never_drops_every_present_modality():
+    g = torch.Generator().manual_seed(0)
+    mask = torch.rand(5000, 3, generator=g) < 0.7
+    out = drop_modalities(mask, 0.6, g)
+    assert not (out & ~mask).any()                          # never switches a missing one on
+    assert (out.any(1) == mask.any(1)).all()                # rows keep at least one present modality
+    assert 0.4 < 1 - out.sum().item() / mask.sum().item() < 0.6
+    assert torch.equal(drop_modalities(mask, 0.0, g), mask)
+
+
+def test_compute_metrics():
+    y = np.array([0, 0, 1, 1, 2])
+    logits = np.eye(3)[[0, 1, 1, 1, 2]] * 5
+    m = compute_metrics(y, logits, ["a", "b", "c"])
+    assert m["accuracy"] == pytest.approx(0.8)
+    assert m["confusion"] == [[1, 1, 0], [0, 2, 0], [0, 0, 1]]
+    assert m["per_class"]["a"]["recall"] == 0.5 and m["per_class"]["b"]["precision"] == pytest.approx(2 / 3)
+    assert m["macro_f1"] == pytest.approx(np.mean([2 / 3, 0.8, 1.0]))
+
+
+def test_check_features_names_modality_and_field():
+    feats = extractor_meta(DIMS)["features"]
+    check_features(feats, extractor_meta(DIMS), DIMS)
+    other = extractor_meta(DIMS, audio={"params": {"n_mels": 64, "sample_rate": 16000}})
+    with pytest.raises(UsageError, match=r"modality 'audio'.*'params'"):
+        check_features(feats, other, DIMS)
+    with pytest.raises(UsageError, match=r"modality 'image'.*'version'"):
+        check_features(feats, extractor_meta(DIMS, image={"version": "2"}), DIMS)
+    with pytest.raises(UsageError, match=r"modality 'text'.*'dim'"):
+        check_features(feats, extractor_meta(DIMS), {**DIMS, "text": 16})
+    with pytest.raises(UsageError, match="no extractor metadata"):
+        check_features(feats, {}, DIMS)
+
+
+# --- Ray Train runs ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def xor_data(tmp_path_factory):
+    return write_fused(str(tmp_path_factory.mktemp("xor") / "fused"), n=400, seed=0)
+
+
+@pytest.fixture(scope="module")
+def trained(ray_session, xor_data, tmp_path_factory):
+    """Fused (early) model + one baseline per modality, 1 worker each."""
+    out = tmp_path_factory.mktemp("runs")
+    wf = _wf(xor_data, out, "xor")
+    return wf, run_training(wf, baselines=True)
+
+
+def test_fusion_beats_every_unimodal_baseline(trained):
+    _, res = trained
+    fused = res.metrics["accuracy"]
+    best_single = max(m["accuracy"] for m in res.baselines.values())
+    assert set(res.baselines) == {"image", "audio", "text"}
+    # each modality alone separates only 2 of the 4 classes (<= ~0.5); together they separate all 4
+    assert fused >= 0.9
+    assert best_single <= 0.65
+    assert fused - best_single >= 0.3, (fused, {k: v["accuracy"] for k, v in res.baselines.items()})
+
+
+def test_report_and_metrics_json(trained):
+    _, res = trained
+    html = open(res.report_path).read()
+    assert html.count("data:image/png;base64,") >= 4        # loss, val metric, confusion, baselines
+    assert "image only" in html and "fused (early)" in html
+    summary = json.load(open(os.path.join(res.run_dir, "metrics.json")))
+    assert summary["metrics"]["accuracy"] == pytest.approx(res.metrics["accuracy"])
+    assert set(summary["baselines"]) == {"image", "audio", "text"}
+    cb = summary["data"]["class_balance"]
+    assert set(cb["counts"]) == set(CLASS_NAMES) and cb["max_min_ratio"] >= 1.0
+    assert len(summary["history"]) == 3 and summary["history"][0]["epoch"] == 0
+    for f in ("loss.png", "val_metric.png", "confusion.png", "baselines.png"):
+        assert os.path.getsize(os.path.join(res.run_dir, f)) > 1000
+    m = res.metrics
+    assert set(m) >= {"accuracy", "macro_f1", "loss", "per_class", "confusion"}
+    assert np.array(m["confusion"]).sum() == m["n"]
+
+
+def test_export_loads_weights_only_and_scores_the_same(trained, xor_data):
+    _, res = trained
+    state = torch.load(os.path.join(res.model_dir, "model.pt"), weights_only=True)
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    spec = json.load(open(os.path.join(res.model_dir, "model.json")))
+    assert spec["classes"] == [{"id": i, "name": n} for i, n in enumerate(CLASS_NAMES)]
+    assert spec["features"]["audio"]["name"] == "logmel_stats" and spec["arch"]["fusion"] == "early"
+    assert spec["status"] == "complete" and "mmbatch_version" in spec
+    model, spec2 = load_model(res.model_dir)
+    assert isinstance(model, FusionModel) and spec2["name"] == "xor"
+    again = evaluate_model(res.model_dir, xor_data, "test")
+    assert again["accuracy"] == pytest.approx(res.metrics["accuracy"])
+    # the checkpoint itself carries everything too (state, spec, workflow)
+    ck = torch.load(os.path.join(res.checkpoint_path, "state.pt"), weights_only=True)
+    assert {"model", "optimizer", "scheduler", "epoch", "best_score", "spec_json", "workflow_json"} <= set(ck)
+
+
+def test_scoring_refuses_other_extractor_settings(trained, tmp_path):
+    _, res = trained
+    other = write_fused(str(tmp_path / "other"), n=400, seed=0,
+                        meta=extractor_meta(DIMS, audio={"params": {"n_mels": 40, "sample_rate": 16000}}))
+    with pytest.raises(UsageError, match=r"modality 'audio'.*'params'"):
+        evaluate_model(res.model_dir, other)
+    newer = write_fused(str(tmp_path / "newer"), n=400, seed=0, meta=extractor_meta(DIMS, text={"version": "2"}))
+    with pytest.raises(UsageError, match=r"modality 'text'.*'version'"):
+        evaluate_model(res.model_dir, newer)
+
+
+def test_evaluate_cli_writes_report(trained, xor_data, tmp_path, capsys):
+    _, res = trained
+    out = tmp_path / "eval"
+    metrics = evaluate_cli(res.model_dir, xor_data, split="test", out=str(out))
+    assert metrics["accuracy"] == pytest.approx(res.metrics["accuracy"])
+    for f in ("metrics.json", "report.html", "confusion.png"):
+        assert (out / f).exists()
+    assert "data:image/png;base64," in (out / "report.html").read_text()
+    assert "accuracy" in capsys.readouterr().out
+
+
+def test_rerun_of_a_finished_run_does_not_train_again(trained):
+    wf, res = trained
+    ckpts = sorted(p for p in os.listdir(res.run_dir) if p.startswith("checkpoint_epoch"))
+    again = run_training(wf, baselines=True)
+    assert again.status == "complete"
+    assert again.history == res.history and again.metrics["accuracy"] == pytest.approx(res.metrics["accuracy"])
+    assert sorted(p for p in os.listdir(res.run_dir) if p.startswith("checkpoint_epoch")) == ckpts
+
+    # without the export marker, Ray Train itself restores the run from its checkpoint snapshot:
+    # the loop starts after the last epoch, so nothing is trained and the export is rebuilt
+    os.remove(os.path.join(res.model_dir, "model.json"))
+    restored = run_training(wf, baselines=False)
+    assert restored.status == "complete"
+    assert [h["epoch"] for h in restored.history] == [0, 1, 2] and restored.starts == [0]
+    assert sorted(p for p in os.listdir(res.run_dir) if p.startswith("checkpoint_epoch")) == ckpts
+    assert restored.metrics["accuracy"] == pytest.approx(res.metrics["accuracy"])
+
+
+def test_a_changed_run_under_the_same_name_is_refused(trained):
+    wf, _ = trained
+    changed = wf.model_copy(deep=True)
+    changed.train.hidden = 64
+    with pytest.raises(UsageError, match="different settings"):
+        run_training(changed, baselines=False)
+
+
+def test_two_workers_match_one_worker(trained, monkeypatch):
+    """Same data, seed and global batch: 2 DDP workers land within 0.05 accuracy of 1 worker.
+    This run streams the train split from Parquet every epoch (no materialisation)."""
+    wf, one = trained
+    monkeypatch.setattr(run_mod, "MATERIALIZE_BYTES", 0)
+    two_wf = wf.model_copy(deep=True)
+    two_wf.train.name, two_wf.train.num_workers = "xor-2w", 2
+    two = run_training(two_wf, baselines=False)
+    assert two.history[0]["world_size"] == 2
+    # Ray's equal shard split may leave out up to (workers - 1) rows per epoch
+    for h1, h2 in zip(one.history, two.history):
+        assert h1["train_rows"] - 1 <= h2["train_rows"] <= h1["train_rows"]
+    assert abs(two.metrics["accuracy"] - one.metrics["accuracy"]) <= 0.05, \
+        (two.metrics["accuracy"], one.metrics["accuracy"])
+
+
+@pytest.fixture(scope="module")
+def gappy_data(tmp_path_factory):
+    """25 % of rows miss one modality (a few miss two): has_<m> false, null embedding."""
+    return write_fused(str(tmp_path_factory.mktemp("gappy") / "fused"), n=400, seed=5, missing=0.25)
+
+
+@pytest.mark.parametrize("fusion", ["weighted", "late", "gated"])   # early: see `trained`
+def test_every_fusion_trains_with_missing_modalities(ray_session, gappy_data, tmp_path, fusion):
+    wf = _wf(gappy_data, tmp_path, f"gappy-{fusion}", model=fusion, epochs=4, modality_dropout=0.3)
+    res = run_training(wf, baselines=False)
+    assert res.metrics["accuracy"] > CHANCE + 0.35, res.metrics["accuracy"]
+    assert all(v > 0 for v in res.metrics["missing_rate"].values())
+    if fusion in ("weighted", "gated"):
+        w = res.metrics["modality_weights"]
+        assert set(w) == set(DIMS) and sum(w.values()) == pytest.approx(1.0, abs=1e-4)
+        assert "Learned modality weights" in open(res.report_path).read()
+
+
+def test_modalities_argument_is_checked_against_the_data(tmp_path):
+    data = FusedData.open(write_fused(str(tmp_path / "two"), n=60, dims={"image": 8, "audio": 8}))
+    assert run_mod.resolve_modalities(["audio", "image"], data) == ["image", "audio"]
+    assert run_mod.resolve_modalities(None, data) == ["image", "audio"]
+    with pytest.raises(UsageError, match="only has"):
+        run_mod.resolve_modalities(["text"], data)
