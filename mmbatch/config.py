@@ -34,6 +34,13 @@ class RayConfig(Strict):
     object_store_memory: Optional[int] = None
 
 
+class CompletionConfig(Strict):
+    """Fill a missing modality from another column before extraction ("modality completion")."""
+    kind: Literal["image-to-speech", "image-to-text", "text-to-image", "text-to-speech"]
+    source_column: Optional[str] = None              # default: the kind's source modality column
+    target: Optional[Modality] = None                # default: the kind's target modality
+
+
 class DatasetConfig(Strict):
     """An ingested (canonical) dataset to preprocess."""
     name: str
@@ -41,6 +48,7 @@ class DatasetConfig(Strict):
     modalities: Optional[list[Modality]] = None      # default: every modality present
     label_column: Optional[str] = None               # derive labels from this column (sorted unique index)
     splits: Optional[list[str]] = None               # keep only these splits
+    complete: list[CompletionConfig] = Field(default_factory=list)   # conversions filling missing modalities
 
 
 class ImageFeatures(Strict):

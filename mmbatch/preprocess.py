@@ -126,6 +126,10 @@ def plan_dataset(wf: Workflow, ds: DatasetConfig, out_fs, out_root: str, specs: 
     if manifest is None:
         raise UsageError(f"dataset '{ds.name}': {ds.path} has no _manifest.json: the ingest did not finish")
     modalities = _dataset_modalities(fs, files, ds)
+    if ds.complete and not ds.modalities:
+        from mmbatch.convert.transforms import KINDS
+        targets = {c.target or KINDS[c.kind][1] for c in ds.complete}
+        modalities = [m for m in MODALITIES if m in modalities or m in targets]
     if not modalities:
         raise UsageError(f"dataset '{ds.name}': no image, audio or text values found")
     label_map = _label_map(fs, files, ds.label_column) if ds.label_column else None
@@ -137,7 +141,8 @@ def plan_dataset(wf: Workflow, ds: DatasetConfig, out_fs, out_root: str, specs: 
         input_fp = marker["fingerprint"] if marker else [info.get("size"), str(info.get("mtime", ""))]
         expected[f] = pq.ParquetFile(f, filesystem=fs).metadata.num_rows
         fps[f] = storage.fingerprint({"input": input_fp, "specs": {m: specs[m] for m in modalities},
-                                      "label_map": label_map, "v": "features-1"})
+                                      "label_map": label_map, "v": "features-1",
+                                      "complete": [c.model_dump(mode="json") for c in ds.complete]})
     return DatasetPlan(ds, files, modalities, label_map, expected, fps,
                        storage.join(out_root, FEATURES_DIR, ds.name))
 
@@ -266,8 +271,20 @@ def extract_features(wf: Workflow, plan: DatasetPlan, out_fs, out_root: str, spe
     columns = ["sample_id", "source", "split", "label", "label_name", *plan.modalities]
     if plan.label_map:
         columns.append(plan.label_map["column"])
+    for c in plan.cfg.complete:
+        if c.source_column and c.source_column not in columns:
+            columns.append(c.source_column)
     ds = ray.data.read_parquet(pending, filesystem=fs_in if not storage.is_local(fs_in) else None,
                                include_paths=True).select_columns(columns + ["path"])
+    if plan.cfg.complete:
+        from mmbatch.convert.transforms import KINDS, CompleteModality
+        for c in plan.cfg.complete:
+            src = KINDS[c.kind][0]
+            if src not in columns and not c.source_column:
+                raise UsageError(f"dataset '{plan.cfg.name}': completion {c.kind} needs the {src!r} column; "
+                                 f"add it to modalities or set source_column")
+            ds = ds.map_batches(CompleteModality(c.kind, c.source_column, c.target),
+                                **CompleteModality.RAY_OPTIONS)
     bs = wf.features.batch_size
     ds = ds.map_batches(decode_batch, batch_format="pyarrow", batch_size=bs, zero_copy_batch=True,
                         fn_kwargs={"specs": specs, "modalities": plan.modalities, "label_map": plan.label_map})

@@ -237,3 +237,20 @@ def test_model_extractor_scheduled_on_gpu_falls_back_to_cpu_inside_actor(ingeste
     assert img["device"] == "gpu" and 0 < img["num_gpus"] <= 1      # scheduled as a GPU stage
     assert img["devices"] == ["cpu"]                                # fell back inside the actor
     assert res["rows"] == 48
+
+
+def test_modality_completion_speaks_class_names_for_image_rows(ingested, tmp_path):
+    """`complete: text-to-speech from label_name` gives every image row an audio clip before extraction."""
+    wf = {"datasets": [{"name": "images", "path": str(Path(ingested) / "imagenet"),
+                        "complete": [{"kind": "text-to-speech", "source_column": "label_name"}]}],
+          "features": {"image": {"size": 32}}, "output": {"path": str(tmp_path)}}
+    s = run_preprocess(workflow_from_dict(wf), progress=False)
+    t = read_dir(tmp_path)
+    assert s.quarantined == 0 and t.num_rows == 48
+    assert all(t.column("has_audio").to_pylist()) and all(t.column("has_image").to_pylist())
+    audio = embeddings_to_numpy(t.column("audio_emb"), len(t.column("audio_emb")[0]))
+    assert np.isfinite(audio).all()
+    labels = np.array(t.column("label").to_pylist())
+    # same class name -> same spoken clip -> identical audio features; different names differ
+    assert np.allclose(audio[labels == 0][0], audio[labels == 0][1])
+    assert not np.allclose(audio[labels == 0][0], audio[labels == 1][0])

@@ -1,0 +1,84 @@
+"""The front door: `mmbatch demo`, then `inspect`, `evaluate` and two `retrain` cycles on its output.
+
+Runs the real console script in subprocesses (each with its own embedded Ray), as a user would.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+
+def mmbatch(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    exe = shutil.which("mmbatch") or str(Path(sys.executable).parent / "mmbatch")
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    return subprocess.run([exe, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    proc = mmbatch("demo", "--out", str(out), "--per-class", "16", "--epochs", "6")
+    assert proc.returncode == 0, (proc.stdout[-4000:], proc.stderr[-4000:])
+    return out, proc.stdout
+
+
+def test_demo_leaves_features_model_and_report(demo):
+    out, stdout = demo
+    assert list((out / "features").glob("*.parquet")) and (out / "features" / "_manifest.json").exists()
+    model_dirs = list(out.glob("train/**/model/model.pt"))
+    assert model_dirs, "no exported model"
+    state = torch.load(model_dirs[0], weights_only=True)
+    assert isinstance(state, dict) and state
+    reports = list(out.glob("train/**/report.html"))
+    assert reports and "<img" in reports[0].read_text()
+    assert "test accuracy" in stdout and "fused" in stdout and "audio only" in stdout
+    assert "modality completion" in stdout and list(out.glob("train/completed/model/model.pt"))
+    # the fused model beats every single modality on this corpus (built to need two modalities)
+    lines = {ln.split()[0]: float(ln.split()[-2]) for ln in stdout.splitlines()
+             if ln.strip().startswith(("fused", "image", "audio", "text")) and ln.count(".") >= 2}
+    assert lines["fused"] > max(v for k, v in lines.items() if k != "fused") + 0.2
+
+
+def test_inspect_reads_the_demo_output(demo):
+    out, _ = demo
+    proc = mmbatch("inspect", str(out / "features"), "--json")
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert info["rows"] == 64 and info["metadata"]["kind"] == "fused"
+    assert info["presence"] == {"image": 64, "audio": 64, "text": 64}
+    proc = mmbatch("inspect", str(out / "canonical" / "timit"), "--json")
+    assert proc.returncode == 0 and json.loads(proc.stdout)["counts"]["split"] == {"dev": 8, "test": 8, "train": 16}
+
+
+def test_evaluate_scores_the_exported_model(demo):
+    out, _ = demo
+    model_dir = next(out.glob("train/fusion*/model"))
+    proc = mmbatch("evaluate", str(model_dir), "--data", str(out / "features"), "--out", str(out / "eval"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    assert metrics["metrics"]["accuracy"] > 0.6
+    assert (out / "eval" / "report.html").exists()
+
+
+def test_retrain_promotes_first_model_then_does_nothing_without_new_data(demo):
+    out, _ = demo
+    wf = str(out / "workflow.yaml")
+    common = ["--set", "train.baselines=false", "--set", "train.epochs=3"]
+    first = mmbatch("retrain", wf, *common)
+    assert first.returncode == 0, (first.stdout[-3000:], first.stderr[-3000:])
+    champion = json.loads((out / "registry" / "aliases" / "champion.json").read_text())
+    assert champion
+    versions = sorted(p.name for p in (out / "registry" / "versions").iterdir())
+    assert versions == ["v0001"]
+    second = mmbatch("retrain", wf, *common)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "no new data" in (second.stdout + second.stderr).lower()
+    assert sorted(p.name for p in (out / "registry" / "versions").iterdir()) == versions
+    assert json.loads((out / "registry" / "aliases" / "champion.json").read_text()) == champion
