@@ -60,7 +60,10 @@ def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None,
     if address in (None, "local"):
         kwargs.update(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
                       object_store_memory=object_store_memory)
-        ray.init(**kwargs)
+        # "local", not None: ray.init(address=None) attaches to whatever cluster
+        # /tmp/ray/ray_current_cluster names (the last `ray start` or test Cluster on this
+        # machine, possibly dead), which hangs or fails instead of starting the embedded Ray.
+        ray.init(address="local", **kwargs)
     else:
         ray.init(address=address, **kwargs)
     _quiet_ray_data()
