@@ -54,7 +54,8 @@ def fuse(embs: Mapping[str, np.ndarray], present: Mapping[str, np.ndarray], dims
         for m in mods:
             x = embs.get(m)
             x = np.zeros((n, dims[m]), np.float32) if x is None else x.astype(np.float32, copy=True)
-            x[~present[m]] = 0.0
+            if m in present:        # a modality this dataset (and its partners) lacks stays all zeros
+                x[~present[m]] = 0.0
             parts.append(x)
         return np.concatenate(parts, axis=1) if parts else np.zeros((n, 0), np.float32)
     if method == "weighted":

@@ -195,13 +195,13 @@ class ShardTracker:
         if sum(c) >= self.plan.expected[shard] and shard not in self.done:
             self.commit(shard)
 
-    def commit(self, shard: str) -> None:
+    def commit(self, shard: str, empty: pa.Table | None = None) -> None:
         from mmbatch.features.stages import shard_id
 
         sid = shard_id(shard)
-        pieces = self.pieces[shard]
+        pieces = self.pieces.get(shard, [])
         good = pa.concat_tables([pq.read_table(p["piece"], filesystem=self.fs) for p in pieces],
-                                promote_options="default")
+                                promote_options="default") if pieces else empty
         qparts = [pq.read_table(p["qpiece"], filesystem=self.fs) for p in pieces if p["qpiece"]]
         # A retried task may have staged the same rows twice: features are deterministic, keep one.
         good = _dedupe(good)
@@ -259,6 +259,11 @@ def extract_features(wf: Workflow, plan: DatasetPlan, out_fs, out_root: str, spe
             pending.append(f)
     storage.remove_stale(out_fs, plan.feature_dir,
                          [f.rstrip("/").rsplit("/", 1)[-1][: -len(".parquet")] for f in plan.files])
+    tracker = ShardTracker(plan, out_fs, qdir, summary)
+    for f in [f for f in pending if plan.expected[f] == 0]:
+        # every row of this input shard was quarantined at ingest: no row will ever reach the tracker
+        tracker.commit(f, empty=_empty_features(fs_in, f, plan, specs))
+    pending = [f for f in pending if f not in tracker.done]
     if not pending:
         return
     needs_model = {m: get_extractor(m, specs[m]).needs_model for m in plan.modalities}
@@ -299,12 +304,27 @@ def extract_features(wf: Workflow, plan: DatasetPlan, out_fs, out_root: str, spe
     ds = ds.map_batches(write_pieces, batch_format="pyarrow", batch_size=None,
                         fn_kwargs={"staging": staging_uri, "modalities": plan.modalities,
                                    "source_name": plan.cfg.name})
-    tracker = ShardTracker(plan, out_fs, qdir, summary)
     for row in ds.iter_rows():
         tracker.add(row)
     missing = [f for f in pending if f not in tracker.done]
     if missing:
         raise RuntimeError(f"dataset '{plan.cfg.name}': shards not completed: {missing}")
+
+
+def _empty_features(fs, path: str, plan: DatasetPlan, specs: dict) -> pa.Table:
+    """The 0-row features table of an input shard without rows, typed as write_pieces writes pieces."""
+    from mmbatch.features.stages import META_COLS, get_extractor
+    from mmbatch.fusion import embeddings_to_arrow
+
+    t = pq.read_table(path, columns=META_COLS, filesystem=fs)
+    if plan.label_map:
+        t = t.set_column(t.schema.get_field_index("label"), "label", pa.array([], pa.int64()))
+        t = t.set_column(t.schema.get_field_index("label_name"), "label_name", pa.array([], pa.string()))
+    for m in plan.modalities:
+        dim = get_extractor(m, specs[m]).dim
+        t = t.append_column(emb_column(m), embeddings_to_arrow(np.zeros((0, dim), np.float32)))
+        t = t.append_column(has_column(m), pa.array([], pa.bool_()))
+    return t
 
 
 # --- step 2: pairing + fusion ----------------------------------------------------------------

@@ -16,6 +16,8 @@ the driver can print a per-stage table and name the bottleneck.
 from __future__ import annotations
 
 import io
+import os
+import signal
 import time
 import uuid
 from typing import Any
@@ -136,8 +138,11 @@ class EncodeStage:
         # cluster only *advertises* GPUs (or CUDA is missing) fall back to the CPU.
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.extractor = self.extractor.to(self.device)
+        self.calls = 0
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        self.calls += 1
+        _maybe_fault(self.calls)
         t0 = time.perf_counter()
         m, n = self.modality, batch.num_rows
         col = f"_dec_{m}"
@@ -151,6 +156,25 @@ class EncodeStage:
         batch = batch.append_column(emb_column(m), embeddings_to_arrow(emb, present))
         batch = batch.append_column(f"_dev_{m}", pa.array([self.device] * n))
         return batch.append_column(f"_t_{m}", pa.array(np.full(n, (time.perf_counter() - t0) / max(n, 1))))
+
+
+# --- TEST-ONLY fault hook (tests/test_reliability.py); inert unless the variable is set ----------
+FAULT_ENV = "MMBATCH_TEST_KILL_ACTOR"   # "<flag file>" holding N: SIGKILL the actor at its N-th call, once
+
+
+def _maybe_fault(calls: int) -> None:
+    flag = os.environ.get(FAULT_ENV)
+    if not flag:
+        return
+    try:
+        with open(flag) as f:
+            n = int(f.read().strip() or 1)
+        if calls < n:
+            return
+        os.remove(flag)                  # first, so the restarted actor proceeds
+    except (OSError, ValueError):
+        return
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def write_pieces(batch: pa.Table, staging: str, modalities: list[str], source_name: str) -> pa.Table:
