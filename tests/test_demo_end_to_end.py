@@ -59,7 +59,7 @@ def test_inspect_reads_the_demo_output(demo):
 
 def test_evaluate_scores_the_exported_model(demo):
     out, _ = demo
-    model_dir = next(out.glob("train/fusion*/model"))
+    model_dir = out / "train" / "fusion" / "model"
     proc = mmbatch("evaluate", str(model_dir), "--data", str(out / "features"), "--out", str(out / "eval"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((out / "eval" / "metrics.json").read_text())
