@@ -510,6 +510,11 @@ def run_preprocess(wf: Workflow, progress: bool = True) -> PreprocessSummary:
     storage.clean_tmp(out_fs, out_root)
     for p in plans:
         storage.clean_tmp(out_fs, p.feature_dir)
+        # every shard is committed now; pieces left here belong to a run killed between a shard's
+        # marker and the removal of its staged pieces (or before a shard's commit): garbage
+        staging = storage.join(p.feature_dir, STAGING_DIR)
+        if out_fs.exists(staging):
+            out_fs.rm(staging, recursive=True)
     manifest = _write_manifest(wf, out_fs, out_root, fused, summary, t0)
     summary.rows_out = manifest["rows"]
     summary.dropped = summary.features_rows - summary.rows_out
