@@ -28,8 +28,9 @@ import pyarrow.parquet as pq
 from mmbatch import __version__, storage
 from mmbatch.config import DatasetConfig, Workflow
 from mmbatch.errors import UsageError
+from mmbatch.features.stages import shard_id
 from mmbatch.schema import (
-    MODALITIES, QUARANTINE, emb_column, fused_schema, has_column, normalize_split, read_mmbatch_meta,
+    MODALITIES, QUARANTINE, emb_column, fused_schema, has_column, normalize_split,
     with_metadata,
 )
 
@@ -135,7 +136,7 @@ def plan_dataset(wf: Workflow, ds: DatasetConfig, out_fs, out_root: str, specs: 
     label_map = _label_map(fs, files, ds.label_column) if ds.label_column else None
     expected, fps = {}, {}
     for f in files:
-        sid = f.rstrip("/").rsplit("/", 1)[-1][: -len(".parquet")]
+        sid = shard_id(f)
         marker = storage.read_marker(fs, root, sid)
         info = fs.info(f)
         input_fp = marker["fingerprint"] if marker else [info.get("size"), str(info.get("mtime", ""))]
@@ -196,8 +197,6 @@ class ShardTracker:
             self.commit(shard)
 
     def commit(self, shard: str, empty: pa.Table | None = None) -> None:
-        from mmbatch.features.stages import shard_id
-
         sid = shard_id(shard)
         pieces = self.pieces.get(shard, [])
         good = pa.concat_tables([pq.read_table(p["piece"], filesystem=self.fs) for p in pieces],
@@ -252,13 +251,13 @@ def extract_features(wf: Workflow, plan: DatasetPlan, out_fs, out_root: str, spe
     qdir = storage.join(out_root, storage.QUARANTINE_DIR)
     pending = []
     for f in plan.files:
-        sid = f.rstrip("/").rsplit("/", 1)[-1][: -len(".parquet")]
+        sid = shard_id(f)
         if storage.committed(out_fs, plan.feature_dir, sid, plan.fingerprints[f]):
             summary.shards_skipped += 1
         else:
             pending.append(f)
     storage.remove_stale(out_fs, plan.feature_dir,
-                         [f.rstrip("/").rsplit("/", 1)[-1][: -len(".parquet")] for f in plan.files])
+                         [shard_id(f) for f in plan.files])
     tracker = ShardTracker(plan, out_fs, qdir, summary)
     for f in [f for f in pending if plan.expected[f] == 0]:
         # every row of this input shard was quarantined at ingest: no row will ever reach the tracker
@@ -331,7 +330,7 @@ def _empty_features(fs, path: str, plan: DatasetPlan, specs: dict) -> pa.Table:
 def _read_features(fs, plan: DatasetPlan) -> pa.Table:
     tables = []
     for f in plan.files:
-        sid = f.rstrip("/").rsplit("/", 1)[-1][: -len(".parquet")]
+        sid = shard_id(f)
         tables.append(pq.read_table(storage.join(plan.feature_dir, f"{sid}.parquet"), filesystem=fs))
     return pa.concat_tables(tables, promote_options="default")
 
@@ -442,7 +441,7 @@ def fuse_outputs(wf: Workflow, plans: list[DatasetPlan], out_fs, out_root: str, 
     for p in primaries:
         ctx = dict(ctx_base, own_modalities=p.modalities, splits=p.cfg.splits)
         for f in p.files:
-            sid = f.rstrip("/").rsplit("/", 1)[-1][: -len(".parquet")]
+            sid = shard_id(f)
             out_id = f"{p.cfg.name}--{sid}"
             keep_ids.append(out_id)
             fp = storage.fingerprint({"features": p.fingerprints[f], "partners": partner_fp,
@@ -493,7 +492,7 @@ def run_preprocess(wf: Workflow, progress: bool = True) -> PreprocessSummary:
     quarantine_reasons: dict[str, int] = {}
     for p in plans:
         for f in p.files:
-            sid = f.rstrip("/").rsplit("/", 1)[-1][: -len(".parquet")]
+            sid = shard_id(f)
             m = storage.read_marker(out_fs, p.feature_dir, sid) or {}
             summary.features_rows += int(m.get("rows", 0))
             summary.quarantined += int(m.get("quarantined", 0))

@@ -40,7 +40,6 @@ import functools
 import hashlib
 import logging
 import math
-import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, Optional, Sequence
 
@@ -468,24 +467,15 @@ class AudioCNNExtractor(AudioExtractor):
         return p
 
     def build_model(self):
-        import torch
+        from mmbatch.features.resnet import build_or_load
 
-        from mmbatch.features.resnet import parse_state_dict, read_bytes
-
-        if self.weights is None:
-            msg = (f"audio cnn extractor: no weights given; using RANDOM weights (seed {self.seed}). "
-                   "Features will carry little signal; set features.audio.weights.")
-            warnings.warn(msg, RuntimeWarning, stacklevel=2)
-            log.warning(msg)
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.seed)
-                model = build_audio_cnn(self.embedding_dim)
-        else:
-            raw = read_bytes(self.weights)
-            self._weights_sha256 = hashlib.sha256(raw).hexdigest()
-            model = build_audio_cnn(self.embedding_dim)
-            model.load_state_dict(parse_state_dict(raw, self.weights), strict=True)
-        return model.eval()
+        model, sha = build_or_load(
+            lambda: build_audio_cnn(self.embedding_dim), self.weights, self.seed,
+            f"audio cnn extractor: no weights given; using RANDOM weights (seed {self.seed}). "
+            "Features will carry little signal; set features.audio.weights.")
+        if sha is not None:
+            self._weights_sha256 = sha
+        return model
 
     def _get(self):
         if self._model is None:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
-import warnings
 from contextlib import nullcontext
 from typing import Any, Optional, Sequence
 
@@ -375,25 +374,16 @@ class ResNetExtractor(ImageExtractor):
 
     def build_model(self):
         """The ResNet (on CPU, eval mode) with weights loaded or seeded random init."""
-        import torch
+        from mmbatch.features.resnet import build_or_load, build_resnet, load_weights
 
-        from mmbatch.features.resnet import build_resnet, load_weights, parse_state_dict, read_bytes
-
-        if self.weights is None:
-            msg = (f"image cnn extractor: no weights given for {self.arch}; using RANDOM weights "
-                   f"(seed {self.seed}). Features will carry little signal; set "
-                   "features.image.weights to a torchvision ImageNet state_dict.")
-            warnings.warn(msg, RuntimeWarning, stacklevel=2)
-            log.warning(msg)
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.seed)
-                model = build_resnet(self.arch)
-        else:
-            raw = read_bytes(self.weights)
-            self._weights_sha256 = hashlib.sha256(raw).hexdigest()
-            model = build_resnet(self.arch)
-            load_weights(model, parse_state_dict(raw, self.weights), self.weights)
-        return model.eval()
+        model, sha = build_or_load(
+            lambda: build_resnet(self.arch), self.weights, self.seed,
+            f"image cnn extractor: no weights given for {self.arch}; using RANDOM weights (seed {self.seed}). "
+            "Features will carry little signal; set features.image.weights to a torchvision ImageNet state_dict.",
+            load=lambda m, sd: load_weights(m, sd, self.weights))
+        if sha is not None:
+            self._weights_sha256 = sha
+        return model
 
     def _get_model(self):
         if self._model is None:

@@ -186,3 +186,31 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, Tensor], source: str
                          f"missing keys {missing[:5]}{'...' if len(missing) > 5 else ''} ({len(missing)}), "
                          f"unexpected keys {list(unexpected)[:5]}{'...' if len(unexpected) > 5 else ''} "
                          f"({len(unexpected)})")
+
+
+def build_or_load(build, weights: Optional[str], seed: int, warning: str, load=None):
+    """``(model.eval(), sha256 of the weights file or None)``.
+
+    ``weights`` None: ``build()`` with seeded random weights, warning loudly (``warnings`` and the log).
+    Otherwise the state_dict at ``weights`` (local path or fsspec URI) is loaded with ``load(model, sd)``
+    (default: strict ``load_state_dict``).
+    """
+    import hashlib
+    import logging
+    import warnings
+
+    if weights is None:
+        warnings.warn(warning, RuntimeWarning, stacklevel=3)
+        logging.getLogger("mmbatch.features").warning(warning)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = build()
+        return model.eval(), None
+    raw = read_bytes(weights)
+    model = build()
+    state = parse_state_dict(raw, weights)
+    if load is None:
+        model.load_state_dict(state, strict=True)
+    else:
+        load(model, state)
+    return model.eval(), hashlib.sha256(raw).hexdigest()
