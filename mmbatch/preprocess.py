@@ -245,7 +245,9 @@ def extract_features(wf: Workflow, plan: DatasetPlan, out_fs, out_root: str, spe
                      summary: PreprocessSummary) -> None:
     import ray
 
-    from mmbatch.features.stages import EncodeStage, decode_batch, get_extractor, write_pieces
+    from mmbatch.features.stages import (
+        EncodeStage, decode_batch, get_extractor, read_and_decode, read_units, work_units, write_pieces,
+    )
 
     fs_in, _ = storage.url_to_fs(plan.cfg.path)
     qdir = storage.join(out_root, storage.QUARANTINE_DIR)
@@ -278,9 +280,16 @@ def extract_features(wf: Workflow, plan: DatasetPlan, out_fs, out_root: str, spe
     for c in plan.cfg.complete:
         if c.source_column and c.source_column not in columns:
             columns.append(c.source_column)
-    ds = ray.data.read_parquet(pending, filesystem=fs_in if not storage.is_local(fs_in) else None,
-                               include_paths=True).select_columns(columns + ["path"])
-    if plan.cfg.complete:
+    units = work_units(fs_in, pending)
+    ds = ray.data.from_items(units, override_num_blocks=len(units))
+    bs = wf.features.batch_size
+    decode_kwargs = {"specs": specs, "modalities": plan.modalities, "label_map": plan.label_map}
+    read_kwargs = {"dataset_uri": plan.cfg.path, "columns": columns}
+    if not plan.cfg.complete:
+        ds = ds.map_batches(read_and_decode, batch_format="pyarrow", batch_size=1,
+                            fn_kwargs={**read_kwargs, "batch_size": bs, **decode_kwargs})
+    else:
+        ds = ds.map_batches(read_units, batch_format="pyarrow", batch_size=1, fn_kwargs=read_kwargs)
         from mmbatch.convert.transforms import KINDS, CompleteModality
         for c in plan.cfg.complete:
             src = KINDS[c.kind][0]
@@ -289,9 +298,8 @@ def extract_features(wf: Workflow, plan: DatasetPlan, out_fs, out_root: str, spe
                                  f"add it to modalities or set source_column")
             ds = ds.map_batches(CompleteModality(c.kind, c.source_column, c.target),
                                 **CompleteModality.RAY_OPTIONS)
-    bs = wf.features.batch_size
-    ds = ds.map_batches(decode_batch, batch_format="pyarrow", batch_size=bs, zero_copy_batch=True,
-                        fn_kwargs={"specs": specs, "modalities": plan.modalities, "label_map": plan.label_map})
+        ds = ds.map_batches(decode_batch, batch_format="pyarrow", batch_size=bs, zero_copy_batch=True,
+                            fn_kwargs=decode_kwargs)
     for m, p in placement.items():
         ds = ds.map_batches(EncodeStage, batch_format="pyarrow", batch_size=getattr(wf.features, m).batch_size,
                             fn_constructor_kwargs={"modality": m, "spec": specs[m]},

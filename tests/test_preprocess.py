@@ -115,6 +115,53 @@ def test_ray_features_equal_plain_loop(paired, ingested):
     np.testing.assert_allclose(embeddings_to_numpy(t.column("text_emb"), 64), expect, rtol=0, atol=0)
 
 
+def test_work_units_are_row_groups_largest_first(tmp_path):
+    from mmbatch.features.stages import read_units, work_units
+
+    a, b = tmp_path / "a.parquet", tmp_path / "b.parquet"
+    pq.write_table(pa.table({"sample_id": [f"a{i}" for i in range(10)]}), a, row_group_size=4)   # 4, 4, 2
+    pq.write_table(pa.table({"sample_id": [f"b{i}" for i in range(5)]}), b, row_group_size=5)    # 5
+    fs, _ = storage.url_to_fs(str(tmp_path))
+    units = work_units(fs, [str(a), str(b)])
+    assert [(Path(u["path"]).name, u["row_group"], u["rows"]) for u in units] == \
+        [("b.parquet", 0, 5), ("a.parquet", 0, 4), ("a.parquet", 1, 4), ("a.parquet", 2, 2)]
+    t = read_units(pa.Table.from_pylist(units[2:]), str(tmp_path), ["sample_id"])
+    assert t.column("sample_id").to_pylist() == ["a4", "a5", "a6", "a7", "a8", "a9"]
+    assert set(t.column("path").to_pylist()) == {str(a)}
+
+
+def test_workers_are_pinned_and_model_free_extractors_skip_torch(tmp_path):
+    """In a fresh process with no thread settings: the embedded Ray's workers run with one BLAS
+    thread, and HOG / log-mel / hashing extraction never imports torch (2 s per worker)."""
+    import subprocess
+    import sys
+
+    code = """
+import os, sys, ray
+from mmbatch.runtime import init_ray
+init_ray(num_cpus=1)
+@ray.remote
+def probe():
+    import numpy as np
+    from mmbatch.config import FeaturesConfig
+    from mmbatch.features.stages import get_extractor
+    cfg = FeaturesConfig()
+    sr = 16000
+    clip = (0.1 * np.sin(np.arange(sr) / 5)).astype(np.float32)
+    for m, item in (("image", None), ("audio", clip), ("text", "a few words")):
+        ex = get_extractor(m, getattr(cfg, m).model_dump(mode="json"))
+        if item is not None:
+            ex.encode([item])
+    return os.environ.get("OMP_NUM_THREADS"), "torch" in sys.modules
+print("RESULT", *ray.get(probe.remote()))
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "RAY_ADDRESS")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=180)
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")]
+    assert line, proc.stderr[-2000:]
+    assert line[0].split()[1:] == ["1", "False"]
+
+
 def test_rerun_does_no_work_and_config_change_reprocesses(paired, ingested):
     out, first = paired
     mtimes = {p: p.stat().st_mtime_ns for p in Path(out).rglob("*.parquet")}

@@ -175,6 +175,7 @@ class TorchFrontend:
     def to(self, device: str) -> "TorchFrontend":
         import torch
 
+        pin_threads()
         self.device = torch.device(device)
         self.window = torch.hann_window(self.p.win_length, periodic=True, dtype=torch.float32,
                                         device=self.device)
@@ -443,6 +444,8 @@ class AudioCNNExtractor(AudioExtractor):
                  n_mels: int = 80, fmin: float = 0.0, fmax: Optional[float] = None,
                  max_seconds: Optional[float] = 30.0, embedding_dim: int = 128,
                  weights: Optional[str] = None, batch_size: int = 32, seed: int = 0, device: str = "cpu"):
+        import torch  # noqa: F401  (imported first so that pin_threads also pins torch)
+
         pin_threads()
         super().__init__(FrameParams.from_ms(sample_rate, win_ms, hop_ms, n_mels, 0, fmin, fmax), max_seconds)
         self.embedding_dim = self.dim = int(embedding_dim)

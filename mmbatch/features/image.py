@@ -339,6 +339,8 @@ class ResNetExtractor(ImageExtractor):
 
     def __init__(self, arch: str = "resnet18", size: int = 224, weights: Optional[str] = None,
                  batch_size: int = 64, precision: str = "fp32", seed: int = 0, device: str = "cpu"):
+        import torch  # noqa: F401  (imported first so that pin_threads also pins torch)
+
         from mmbatch.features.resnet import FEATURE_DIMS
 
         pin_threads()

@@ -215,6 +215,8 @@ class SentenceExtractor(TextExtractor):
 
     def __init__(self, model_path: Optional[str] = None, batch_size: int = 64, precision: str = "fp32",
                  device: str = "cpu"):
+        import torch  # noqa: F401  (imported first so that pin_threads also pins torch)
+
         pin_threads()
         path = model_path or default_model_path()
         if path is None:

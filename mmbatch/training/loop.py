@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mmbatch.runtime import pin_threads
+from mmbatch.runtime import pin_threads, quiet_worker_logs
 from mmbatch.training.evaluate import evaluate_arrays
 from mmbatch.training.models import build_model, drop_modalities, warm_start_state
 
@@ -102,7 +102,7 @@ def _broadcast_flag(flag: bool) -> bool:
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
-
+    quiet_worker_logs()
     pin_threads()
     cfg = config["train"]                 # TrainConfig.model_dump()
     spec = config["spec"]                 # model spec: arch, classes, features, ...
