@@ -174,8 +174,10 @@ def _placement(ex_needs_model: dict[str, bool], wf: Workflow) -> dict[str, dict]
 class ShardTracker:
     """Driver side of the commit protocol: counts staged rows, commits complete shards."""
 
-    def __init__(self, plan: DatasetPlan, out_fs, quarantine_dir: str, summary: PreprocessSummary):
+    def __init__(self, plan: DatasetPlan, out_fs, quarantine_dir: str, summary: PreprocessSummary,
+                 on_commit=None):
         self.plan, self.fs, self.qdir, self.summary = plan, out_fs, quarantine_dir, summary
+        self.on_commit = on_commit
         self.pieces: dict[str, list] = {}
         self.counts: dict[str, list[int]] = {}
         self.done: set[str] = set()
@@ -227,6 +229,8 @@ class ShardTracker:
             self.fs.rm(staged, recursive=True)
         self.done.add(shard)
         self.summary.shards_processed += 1
+        if self.on_commit is not None:
+            self.on_commit(self.plan, shard)
 
 
 def _dedupe(t: pa.Table) -> pa.Table:
@@ -242,7 +246,7 @@ def _dedupe(t: pa.Table) -> pa.Table:
 
 
 def extract_features(wf: Workflow, plan: DatasetPlan, out_fs, out_root: str, specs: dict,
-                     summary: PreprocessSummary) -> None:
+                     summary: PreprocessSummary, on_commit=None) -> None:
     import ray
 
     from mmbatch.features.stages import (
@@ -260,7 +264,7 @@ def extract_features(wf: Workflow, plan: DatasetPlan, out_fs, out_root: str, spe
             pending.append(f)
     storage.remove_stale(out_fs, plan.feature_dir,
                          [shard_id(f) for f in plan.files])
-    tracker = ShardTracker(plan, out_fs, qdir, summary)
+    tracker = ShardTracker(plan, out_fs, qdir, summary, on_commit)
     for f in [f for f in pending if plan.expected[f] == 0]:
         # every row of this input shard was quarantined at ingest: no row will ever reach the tracker
         tracker.commit(f, empty=_empty_features(fs_in, f, plan, specs))
@@ -406,69 +410,111 @@ def _fuse_shard(feat_path: str, out_path: str, fs_uri_root: str, partners: dict,
     return {"rows_in": n_in, "rows": table.num_rows}
 
 
-def fuse_outputs(wf: Workflow, plans: list[DatasetPlan], out_fs, out_root: str, out_uri: str,
-                 descriptions: dict, summary: PreprocessSummary) -> dict:
-    import ray
+class FusionStep:
+    """Step 2: pairing + fusion of every primary shard, committed shard by shard.
 
-    by = wf.pairing.by
-    if by != "none" and len(plans) < 2:
-        raise UsageError(f"pairing.by={by!r} needs at least two datasets; got {len(plans)}")
-    if by == "none":
-        primaries, partner_plans = plans, []
-    else:
-        primary_name = wf.pairing.primary or plans[0].cfg.name
-        names = [p.cfg.name for p in plans]
-        if primary_name not in names:
-            raise UsageError(f"pairing.primary={primary_name!r} is not a dataset name; allowed: {names}")
-        primaries = [p for p in plans if p.cfg.name == primary_name]
-        partner_plans = [p for p in plans if p.cfg.name != primary_name]
-    all_mods = [m for m in MODALITIES if any(m in p.modalities for p in plans)]
-    dims = {m: descriptions[m]["dim"] for m in all_mods}
-    from mmbatch.fusion import fused_dim
-    fdim = fused_dim(wf.fusion.method, dims, wf.fusion.dim)
-    schema = fused_schema(dims, fdim)
-    if partner_plans:
-        schema = schema.append(pa.field("paired_with", pa.string()))
-    meta = {
-        "kind": "fused", "mmbatch_version": __version__, "features": {m: descriptions[m] for m in all_mods},
-        "dims": dims, "fused_dim": fdim, "fusion": wf.fusion.model_dump(mode="json"),
-        "pairing": wf.pairing.model_dump(mode="json"),
-        "datasets": {p.cfg.name: {"path": p.cfg.path, "modalities": p.modalities,
-                                  "label_map": p.label_map} for p in plans},
-        "workflow_hash": storage.fingerprint(wf.model_dump(mode="json")),
-    }
-    schema = with_metadata(schema, meta)
-    partner_fp = {p.cfg.name: sorted(p.fingerprints.values()) for p in partner_plans}
-    ctx_base = {"dims": dims, "pairing": wf.pairing.model_dump(mode="json"),
-                "fusion": wf.fusion.model_dump(mode="json"), "row_group_size": wf.output.row_group_size,
-                "schema": list(schema), "schema_metadata": schema.metadata, "_index": {}}
-    partners = {p.cfg.name: (_read_features(out_fs, p), p.modalities) for p in partner_plans}
-    partners_ref = ray.put(partners) if partners else None
-    fuse_task = ray.remote(num_cpus=1)(_fuse_task)
-    futures, keep_ids, fps = [], [], {}
-    for p in primaries:
-        ctx = dict(ctx_base, own_modalities=p.modalities, splits=p.cfg.splits)
-        for f in p.files:
-            sid = shard_id(f)
-            out_id = f"{p.cfg.name}--{sid}"
-            keep_ids.append(out_id)
-            fp = storage.fingerprint({"features": p.fingerprints[f], "partners": partner_fp,
-                                      "fusion": ctx_base["fusion"], "pairing": ctx_base["pairing"],
-                                      "splits": p.cfg.splits, "dims": dims, "v": "fused-1"})
-            fps[out_id] = fp
-            if storage.committed(out_fs, out_root, out_id, fp):
-                summary.fused_skipped += 1
-                continue
-            feat_path = storage.join(p.feature_dir, f"{sid}.parquet")
-            out_path = storage.join(out_root, f"{out_id}.parquet")
-            futures.append((out_id, fp, fuse_task.remote(feat_path, out_path, out_uri, partners_ref, ctx)))
-    for out_id, fp, fut in futures:
-        res = ray.get(fut)
-        storage.write_marker(out_fs, out_root, out_id, {"fingerprint": fp, "rows": res["rows"],
-                                                        "rows_in": res["rows_in"], "files": [f"{out_id}.parquet"]})
+    Without pairing (``pairing.by: none``) a shard needs nothing but its own features, so
+    :meth:`fuse_now` fuses it on the driver as soon as step 1 commits it, overlapping the
+    feature extraction of the other shards. With pairing, :meth:`run` fuses every shard in
+    Ray tasks once all datasets' features are committed.
+    """
+
+    def __init__(self, wf: Workflow, plans: list[DatasetPlan], out_fs, out_root: str, out_uri: str,
+                 descriptions: dict):
+        from mmbatch.fusion import fused_dim
+
+        by = wf.pairing.by
+        if by != "none" and len(plans) < 2:
+            raise UsageError(f"pairing.by={by!r} needs at least two datasets; got {len(plans)}")
+        if by == "none":
+            primaries, partner_plans = plans, []
+        else:
+            primary_name = wf.pairing.primary or plans[0].cfg.name
+            names = [p.cfg.name for p in plans]
+            if primary_name not in names:
+                raise UsageError(f"pairing.primary={primary_name!r} is not a dataset name; allowed: {names}")
+            primaries = [p for p in plans if p.cfg.name == primary_name]
+            partner_plans = [p for p in plans if p.cfg.name != primary_name]
+        all_mods = [m for m in MODALITIES if any(m in p.modalities for p in plans)]
+        dims = {m: descriptions[m]["dim"] for m in all_mods}
+        fdim = fused_dim(wf.fusion.method, dims, wf.fusion.dim)
+        schema = fused_schema(dims, fdim)
+        if partner_plans:
+            schema = schema.append(pa.field("paired_with", pa.string()))
+        self.meta = {
+            "kind": "fused", "mmbatch_version": __version__, "features": {m: descriptions[m] for m in all_mods},
+            "dims": dims, "fused_dim": fdim, "fusion": wf.fusion.model_dump(mode="json"),
+            "pairing": wf.pairing.model_dump(mode="json"),
+            "datasets": {p.cfg.name: {"path": p.cfg.path, "modalities": p.modalities,
+                                      "label_map": p.label_map} for p in plans},
+            "workflow_hash": storage.fingerprint(wf.model_dump(mode="json")),
+        }
+        schema = with_metadata(schema, self.meta)
+        self.partner_fp = {p.cfg.name: sorted(p.fingerprints.values()) for p in partner_plans}
+        self.ctx_base = {"dims": dims, "pairing": wf.pairing.model_dump(mode="json"),
+                         "fusion": wf.fusion.model_dump(mode="json"), "row_group_size": wf.output.row_group_size,
+                         "schema": list(schema), "schema_metadata": schema.metadata, "_index": {}}
+        self.primaries, self.partner_plans = primaries, partner_plans
+        self.out_fs, self.out_root, self.out_uri = out_fs, out_root, out_uri
+        self.fingerprints: dict[str, str] = {}
+        self.done: set[str] = set()
+        self.seconds = 0.0
+
+    @property
+    def streams(self) -> bool:
+        """True when shards can be fused as soon as their features are committed."""
+        return not self.partner_plans
+
+    def _job(self, p: DatasetPlan, f: str) -> tuple[str, str, str, str, dict]:
+        sid = shard_id(f)
+        out_id = f"{p.cfg.name}--{sid}"
+        fp = storage.fingerprint({"features": p.fingerprints[f], "partners": self.partner_fp,
+                                  "fusion": self.ctx_base["fusion"], "pairing": self.ctx_base["pairing"],
+                                  "splits": p.cfg.splits, "dims": self.ctx_base["dims"], "v": "fused-1"})
+        self.fingerprints[out_id] = fp
+        ctx = dict(self.ctx_base, own_modalities=p.modalities, splits=p.cfg.splits)
+        return (out_id, fp, storage.join(p.feature_dir, f"{sid}.parquet"),
+                storage.join(self.out_root, f"{out_id}.parquet"), ctx)
+
+    def _commit(self, out_id: str, fp: str, res: dict, summary: PreprocessSummary) -> None:
+        storage.write_marker(self.out_fs, self.out_root, out_id, {
+            "fingerprint": fp, "rows": res["rows"], "rows_in": res["rows_in"], "files": [f"{out_id}.parquet"]})
+        self.done.add(out_id)
         summary.fused_processed += 1
-    storage.remove_stale(out_fs, out_root, keep_ids)
-    return {"schema_meta": meta, "fingerprints": fps}
+
+    def fuse_now(self, p: DatasetPlan, f: str, summary: PreprocessSummary) -> None:
+        """Fuse one freshly committed feature shard on the driver (no pairing only)."""
+        t0 = time.perf_counter()
+        out_id, fp, feat_path, out_path, ctx = self._job(p, f)
+        self._commit(out_id, fp, _fuse_shard(feat_path, out_path, self.out_uri, {}, ctx), summary)
+        self.seconds += time.perf_counter() - t0
+
+    def run(self, summary: PreprocessSummary) -> dict:
+        """Fuse every primary shard not fused yet (Ray tasks); drop outputs of vanished shards."""
+        import ray
+
+        t0 = time.perf_counter()
+        futures, keep_ids = [], []
+        partners_ref = None
+        fuse_task = ray.remote(num_cpus=1)(_fuse_task)
+        for p in self.primaries:
+            for f in p.files:
+                out_id, fp, feat_path, out_path, ctx = self._job(p, f)
+                keep_ids.append(out_id)
+                if out_id in self.done:
+                    continue
+                if storage.committed(self.out_fs, self.out_root, out_id, fp):
+                    summary.fused_skipped += 1
+                    continue
+                if partners_ref is None and self.partner_plans:
+                    partners_ref = ray.put({q.cfg.name: (_read_features(self.out_fs, q), q.modalities)
+                                            for q in self.partner_plans})
+                futures.append((out_id, fp, fuse_task.remote(feat_path, out_path, self.out_uri, partners_ref, ctx)))
+        for out_id, fp, fut in futures:
+            self._commit(out_id, fp, ray.get(fut), summary)
+        storage.remove_stale(self.out_fs, self.out_root, keep_ids)
+        self.seconds += time.perf_counter() - t0
+        return {"schema_meta": self.meta, "fingerprints": self.fingerprints}
 
 
 def _fuse_task(feat_path, out_path, out_uri, partners, ctx):
@@ -493,9 +539,11 @@ def run_preprocess(wf: Workflow, progress: bool = True) -> PreprocessSummary:
     plans = [plan_dataset(wf, d, out_fs, out_root, specs) for d in wf.datasets]
     used = [m for m in MODALITIES if any(m in p.modalities for p in plans)]
     descriptions = {m: get_extractor(m, specs[m]).describe() for m in used}
+    fusion = FusionStep(wf, plans, out_fs, out_root, out_uri, descriptions)
+    on_commit = (lambda plan, shard: fusion.fuse_now(plan, shard, summary)) if fusion.streams else None
     for p in plans:
         summary.rows_in += sum(p.expected.values())
-        extract_features(wf, p, out_fs, out_root, specs, summary)
+        extract_features(wf, p, out_fs, out_root, specs, summary, on_commit)
     # counts from committed markers (covers skipped shards too)
     quarantine_reasons: dict[str, int] = {}
     for p in plans:
@@ -510,9 +558,8 @@ def run_preprocess(wf: Workflow, progress: bool = True) -> PreprocessSummary:
                 for r in q.column("reason").to_pylist():
                     quarantine_reasons[r] = quarantine_reasons.get(r, 0) + 1
     summary.quarantine_reasons = quarantine_reasons
-    t_fuse = time.time()
-    fused = fuse_outputs(wf, plans, out_fs, out_root, out_uri, descriptions, summary)
-    summary.stages["fuse"] = StageStat(rows=summary.features_rows, seconds=time.time() - t_fuse)
+    fused = fusion.run(summary)
+    summary.stages["fuse"] = StageStat(rows=summary.features_rows, seconds=fusion.seconds)
     summary.fingerprint = storage.fingerprint(sorted(fused["fingerprints"].items()))
     storage.clean_tmp(out_fs, out_root)
     for p in plans:
