@@ -41,7 +41,7 @@ log = logging.getLogger("mmbatch.training")
 
 POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"   # read by the Ray Train controller (propagated from here)
 FAULT_ENV = "MMBATCH_TEST_KILL"       # tests: "<flag file>:<rank>:<epoch>" (see loop.maybe_fault)
-MATERIALIZE_BYTES = 256 * 2 ** 20     # train splits smaller than this are read once (see _train_dataset)
+MATERIALIZE_BYTES = 256 * 2 ** 20     # train splits smaller than this are held in memory (see _train_input)
 KEEP_CHECKPOINTS = 3                  # best by validation score; Ray always keeps the latest too
 # settings that do not change what is learned: a rerun that differs only in these resumes the run
 _NOT_FINGERPRINTED = {"out", "name", "data", "baselines", "num_workers", "use_gpu", "cpus_per_worker",
@@ -169,10 +169,11 @@ def train_one(wf: Workflow, data: FusedData, mods: list[str], name: str,
     # Ray Train V2 hands each report() to its controller when the controller next polls the
     # workers (a queue of one): at the default 2 s poll, an epoch of small data costs >= 2 s.
     os.environ.setdefault(POLL_ENV, "0.5")
+    train_arrays, datasets = _train_input(data, mods)
     config = {"train": t.model_dump(mode="json"), "spec": spec, "fingerprint": fp,
               "workflow": wf.model_dump(mode="json"), "warm_start": blob, "fault": _fault_from_env(),
               # validation is small and scored whole on every worker: shipped as arrays with the config
-              "validation": data.arrays("validation", mods)}
+              "validation": data.arrays("validation", mods), "train_arrays": train_arrays}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
@@ -184,7 +185,7 @@ def train_one(wf: Workflow, data: FusedData, mods: list[str], name: str,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS,
                                                          checkpoint_score_attribute="val_score",
                                                          checkpoint_score_order="max")),
-        datasets={"train": _train_dataset(data, mods)},
+        datasets=datasets,
     )
     try:
         result = trainer.fit()
@@ -224,15 +225,17 @@ def train_one(wf: Workflow, data: FusedData, mods: list[str], name: str,
                        starts=state["starts"], status=status, spec=final)
 
 
-def _train_dataset(data: FusedData, mods: list[str]):
-    """The train split as a Ray Dataset: streamed from Parquet every epoch, or -- when its
-    embeddings are small (< MATERIALIZE_BYTES) -- read once into the object store, so an epoch
-    does not pay for re-reading and re-converting the files."""
-    ds = _quiet(data.dataset("train", mods))
+def _train_input(data: FusedData, mods: list[str]):
+    """(train_arrays, datasets) for the trainer. A train split whose embeddings are small
+    (< MATERIALIZE_BYTES) is read once here and put in the object store as NumPy arrays
+    (``train_arrays``, an ObjectRef): every worker maps it zero-copy and draws its batches
+    from memory (loop.in_memory_batches), with no per-step Ray Data work. A larger split is
+    streamed from Parquet every epoch as the Ray Dataset ``datasets["train"]``."""
+    import ray
     rows = data.split_sizes()["train"]
     if rows * sum(4 * data.dims[m] + 1 for m in mods) < MATERIALIZE_BYTES:
-        ds = ds.materialize()
-    return ds
+        return ray.put(data.arrays("train", mods)), None
+    return None, {"train": _quiet(data.dataset("train", mods))}
 
 
 def _quiet(ds):
