@@ -2,12 +2,17 @@
 
     python -m benchmarks.run --samples 2000            # the README table
     python -m benchmarks.run --samples 200 --quick     # smoke run
-    python -m benchmarks.run --memory --samples 500    # peak RSS at N and 4N samples
+    python -m benchmarks.run --memory --samples 500    # peak memory (PSS) at N and 4N samples
 
 Corpus: ImageNet-like JPEGs (about 500x375, ~110 KB) and LibriSpeech-like 16 kHz FLAC
 utterances of 10-15 s with transcripts, joined per sample by a manifest (image + audio + text).
 Every contender runs the same extractors with the same parameters (the workflow's defaults:
 hog_color at 64 px, log-mel/MFCC statistics, hashing text) on the same canonical Parquet.
+
+Fairness: each contender runs in a fresh Python process (``--child``), so each pays its own
+imports and extractor warm-up inside its timed section (datasets.map warms its parent once and
+forks it; Pool and Ray warm each worker). Ray start-up is timed separately. ``--repeat`` runs
+the contenders interleaved and reports the median (and the range) of each.
 Writes JSON and a Markdown table to --out.
 """
 from __future__ import annotations
@@ -90,9 +95,9 @@ def extract_rows(images: list, audios: list, texts: list) -> dict:
     return out
 
 
-def _pool_chunk(path_and_rows):
-    path, start, stop = path_and_rows
-    t = pq.read_table(path).slice(start, stop - start)
+def _pool_chunk(path_and_row_group):
+    path, rg = path_and_row_group
+    t = pq.ParquetFile(path).read_row_group(rg, columns=["sample_id", "image", "audio", "text"])
     res = extract_rows([r["bytes"] for r in t.column("image").to_pylist()],
                        [r["bytes"] for r in t.column("audio").to_pylist()], t.column("text").to_pylist())
     return t.column("sample_id").to_pylist(), res
@@ -100,7 +105,12 @@ def _pool_chunk(path_and_rows):
 
 # --- measuring -----------------------------------------------------------------------------------
 class Monitor:
-    """Peak RSS of this process tree and average CPU utilisation while running."""
+    """Peak memory of this process tree and average CPU utilisation while running.
+
+    Memory is the sum of PSS (proportional set size): pages shared between processes (Ray's
+    object store, forked parents) count once, split between their users, instead of once per
+    process as a sum of RSS would.
+    """
 
     def __init__(self, interval: float = 0.2):
         self.interval, self.peak, self.samples, self._stop = interval, 0, [], threading.Event()
@@ -110,7 +120,7 @@ class Monitor:
         total = 0
         for p in [me, *me.children(recursive=True)]:
             try:
-                total += p.memory_info().rss
+                total += p.memory_full_info().pss
             except psutil.Error:
                 pass
         return total
@@ -132,43 +142,37 @@ class Monitor:
         self.thread.join()
         self.seconds = time.perf_counter() - self.t0
 
-    def result(self, n: int, audio_seconds: float, n_images: int) -> dict:
-        return {"seconds": round(self.seconds, 2), "samples_per_s": round(n / self.seconds, 1),
-                "images_per_s": round(n_images / self.seconds, 1),
-                "audio_x_realtime": round(audio_seconds / self.seconds, 1),
-                "cpu_util_pct": round(float(np.mean(self.samples)) if self.samples else 0.0, 1),
-                "peak_rss_mb": round(self.peak / 2**20, 1)}
 
 
 def canonical_files(canon: Path) -> list[str]:
     return sorted(str(p) for p in canon.glob("*.parquet"))
 
 
-def run_ideal(files: list[str], n_probe: int) -> dict:
-    t = pq.read_table(files[0]).slice(0, n_probe)
-    _extractors()
-    extract_rows([r["bytes"] for r in t.column("image").slice(0, 2).to_pylist()],
-                 [r["bytes"] for r in t.column("audio").slice(0, 2).to_pylist()], t.column("text").slice(0, 2).to_pylist())
+def run_ideal(files: list[str], n_probe: int, passes: int = 3) -> dict:
+    """Single-process extractor throughput on warm extractors: best of ``passes`` per modality."""
+    t = pa.concat_tables([pq.ParquetFile(f).read_row_group(0, columns=["image", "audio", "text"]) for f in files])
+    t = t.slice(0, n_probe)
     imgs = [r["bytes"] for r in t.column("image").to_pylist()]
     auds = [r["bytes"] for r in t.column("audio").to_pylist()]
     txts = t.column("text").to_pylist()
-    per = {}
+    extract_rows(imgs[:2], auds[:2], txts[:2])                       # imports, first calls
     ex = _extractors()
+    per = {}
     for m, items in (("image", imgs), ("audio", auds), ("text", txts)):
-        t0 = time.perf_counter()
-        for i in range(0, len(items), 64):
-            ex[m].extract(items[i:i + 64])
-        per[m] = (time.perf_counter() - t0) / len(items)
+        best = float("inf")
+        for _ in range(passes):
+            t0 = time.perf_counter()
+            for i in range(0, len(items), 64):
+                ex[m].extract(items[i:i + 64])
+            best = min(best, time.perf_counter() - t0)
+        per[m] = best / len(items)
     per_sample = sum(per.values())
     return {"per_sample_ms": {k: round(v * 1e3, 3) for k, v in per.items()},
-            "single_process_samples_per_s": round(1 / per_sample, 1), "probe_rows": len(items)}
+            "single_process_samples_per_s": round(1 / per_sample, 1), "probe_rows": len(imgs)}
 
 
 def run_pool(files: list[str], cores: int, out: Path) -> None:
-    chunks = []
-    for f in files:
-        n = pq.ParquetFile(f).metadata.num_rows
-        chunks += [(f, s, min(n, s + 64)) for s in range(0, n, 64)]
+    chunks = [(f, rg) for f in files for rg in range(pq.ParquetFile(f).metadata.num_row_groups)]
     ids, embs = [], {"image": [], "audio": [], "text": []}
     with mp.get_context("spawn").Pool(cores) as pool:
         for sid, res in pool.imap(_pool_chunk, chunks):
@@ -187,6 +191,7 @@ def _hf_map(batch):
 def run_datasets(files: list[str], cores: int, out: Path) -> None:
     from datasets import Dataset, disable_caching
 
+    _extractors()            # as a user's script would: build the extractors once, map forks the parent
     disable_caching()
     ds = Dataset.from_parquet(files, columns=["sample_id", "image", "audio", "text"], keep_in_memory=False)
     ds = ds.cast_column("image", ds.features["image"].__class__(decode=False)) if hasattr(ds.features["image"], "decode") else ds
@@ -205,123 +210,168 @@ def run_mmbatch(canon: Path, out: Path) -> dict:
             "rows_out": s.rows_out}
 
 
+# --- one contender, in a fresh process ------------------------------------------------------------
+CONTENDERS = ("ideal", "mmbatch", "pool", "datasets")
+
+
+def child(name: str, data: Path, cores: int, probe: int) -> dict:
+    import shutil
+
+    canon = data / "canonical"
+    files = canonical_files(canon)
+    if name == "ideal":
+        return run_ideal(files, probe)
+    target = data / f"out-{name}"
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir(parents=True)
+    res: dict = {}
+    if name == "mmbatch":
+        from mmbatch.runtime import init_ray
+
+        t0 = time.perf_counter()
+        init_ray(num_cpus=cores)
+        res["ray_startup_s"] = round(time.perf_counter() - t0, 2)
+    with Monitor() as mon:
+        if name == "mmbatch":
+            res.update(run_mmbatch(canon, target / "fused"))
+        elif name == "pool":
+            run_pool(files, cores, target)
+        elif name == "datasets":
+            run_datasets(files, cores, target)
+        else:
+            raise SystemExit(f"unknown contender {name!r}; choose from {CONTENDERS}")
+    return {**res, "seconds": mon.seconds, "cpu_util_pct": round(float(np.mean(mon.samples)) if mon.samples else 0.0, 1),
+            "peak_mem_mb": round(mon.peak / 2**20, 1)}
+
+
+def spawn_child(name: str, args, n: int) -> dict:
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "benchmarks.run", "--child", name, "--samples", str(n), "--data", args.data,
+           "--probe", str(args.probe)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        raise SystemExit(f"contender {name} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def prepare(n: int, data_root: str, cores: int) -> Path:
+    """Corpus + canonical Parquet (ingested once, reused by later runs)."""
+    data = Path(data_root) / f"n{n}"
+    t0 = time.perf_counter()
+    manifest = make_corpus(data / "corpus", n)
+    print(f"corpus: {n} samples ready in {time.perf_counter() - t0:.1f} s")
+    canon = data / "canonical"
+    if not (canon / "_manifest.json").exists():
+        import ray
+
+        from mmbatch.ingest import run_ingest
+        from mmbatch.runtime import init_ray
+
+        init_ray(num_cpus=cores)
+        run_ingest("manifest", str(manifest), str(canon))
+        ray.shutdown()
+    return data
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--samples", type=int, default=2000)
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--data", default="/tmp/mmbatch-bench")
-    ap.add_argument("--probe", type=int, default=100, help="rows for the single-process probe")
-    ap.add_argument("--only", default="ideal,mmbatch,pool,datasets")
-    ap.add_argument("--memory", action="store_true", help="peak RSS of mmbatch preprocess at N and 4N samples")
+    ap.add_argument("--probe", type=int, default=256, help="rows for the single-process probe")
+    ap.add_argument("--only", default=",".join(CONTENDERS))
+    ap.add_argument("--repeat", type=int, default=1, help="runs per contender, interleaved; the table shows medians")
+    ap.add_argument("--memory", action="store_true", help="peak memory (PSS) of mmbatch preprocess at N and 4N samples")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     cores = os.cpu_count() or 1
+    if args.child:
+        res = child(args.child, Path(args.data) / f"n{args.samples}", cores, args.probe)
+        print("RESULT " + json.dumps(res))
+        return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.memory:
-        return memory_main(args, out)
-    data = Path(args.data) / f"n{args.samples}"
-    t0 = time.perf_counter()
-    manifest = make_corpus(data / "corpus", args.samples)
-    print(f"corpus: {args.samples} samples in {time.perf_counter() - t0:.1f} s")
-
-    import ray
-
-    from mmbatch.ingest import run_ingest
-    from mmbatch.runtime import init_ray
-
-    t0 = time.perf_counter()
-    init_ray(num_cpus=cores)
-    ray_startup = time.perf_counter() - t0
-    canon = data / "canonical"
-    if not (canon / "_manifest.json").exists():
-        run_ingest("manifest", str(manifest), str(canon))
-    files = canonical_files(canon)
-    tab = pq.read_table(files, columns=["duration"]) if len(files) == 1 else \
-        pa.concat_tables([pq.read_table(f, columns=["duration"]) for f in files])
+        return memory_main(args, out, cores)
+    data = prepare(args.samples, args.data, cores)
+    files = canonical_files(data / "canonical")
+    tab = pa.concat_tables([pq.read_table(f, columns=["duration"]) for f in files])
     audio_seconds = float(np.nansum(np.array(tab.column("duration").to_pylist(), dtype=float)))
     n = tab.num_rows
     img_bytes = sum(len(r["bytes"]) for f in files for r in pq.read_table(f, columns=["image"]).column("image").to_pylist())
     results = {"machine": {"cores": cores, "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
                            "cpu": platform.processor() or platform.machine(), "python": platform.python_version()},
+               "command": f"python -m benchmarks.run --samples {args.samples} --repeat {args.repeat}",
                "samples": n, "audio_seconds": round(audio_seconds, 1), "mean_jpeg_kb": round(img_bytes / n / 1024, 1),
-               "ray_startup_s": round(ray_startup, 2), "runs": {}}
-    only = set(args.only.split(","))
-    if "ideal" in only:
-        ideal = run_ideal(files, args.probe)
-        ideal["ideal_samples_per_s"] = round(ideal["single_process_samples_per_s"] * cores, 1)
-        results["ideal"] = ideal
-        print("ideal:", ideal)
-    if "mmbatch" in only:
-        target = data / "out-mmbatch"
-        if target.exists():
-            import shutil
-            shutil.rmtree(target)
-        with Monitor() as mon:
-            detail = run_mmbatch(canon, target)
-        results["runs"]["mmbatch"] = {**mon.result(n, audio_seconds, n), **detail}
-        print("mmbatch:", results["runs"]["mmbatch"])
-    ray.shutdown()
-    for name, fn in (("pool", run_pool), ("datasets", run_datasets)):
-        if name not in only:
-            continue
-        target = data / f"out-{name}"
-        target.mkdir(parents=True, exist_ok=True)
-        with Monitor() as mon:
-            fn(files, cores, target)
-        results["runs"][f"multiprocessing.Pool({cores})" if name == "pool" else f"datasets.map(num_proc={cores})"] = \
-            mon.result(n, audio_seconds, n)
-        print(name, mon.result(n, audio_seconds, n))
+               "repeat": args.repeat, "runs": {}}
+    names = [c for c in CONTENDERS if c in args.only.split(",")]
+    label = {"mmbatch": "mmbatch", "pool": f"multiprocessing.Pool({cores})",
+             "datasets": f"datasets.map(num_proc={cores})", "ideal": "ideal"}
+    for r in range(args.repeat):
+        for name in names:
+            res = spawn_child(name, args, args.samples)
+            if name != "ideal":
+                res.update(samples_per_s=round(n / res["seconds"], 1),
+                           audio_x_realtime=round(audio_seconds / res["seconds"], 1))
+            results["runs"].setdefault(label[name], []).append(res)
+            print(f"[{r + 1}/{args.repeat}] {label[name]}: " +
+                  json.dumps({k: v for k, v in res.items() if k != "stages"}))
     write_results(results, out)
+
+
+def _median(runs: list[dict], key: str) -> float:
+    return float(np.median([r[key] for r in runs]))
 
 
 def write_results(results: dict, out: Path) -> None:
     (out / "preprocess.json").write_text(json.dumps(results, indent=2))
+    runs = results["runs"]
+    ideal = None
+    if "ideal" in runs:
+        ideal = round(_median(runs["ideal"], "single_process_samples_per_s") * results["machine"]["cores"], 1)
+        results["ideal_samples_per_s"] = ideal
+    startup = [r["ray_startup_s"] for r in runs.get("mmbatch", [])]
     lines = [f"Machine: {results['machine']['cores']} cores, {results['machine']['ram_gb']} GiB RAM, "
              f"Python {results['machine']['python']}. {results['samples']} samples "
              f"(JPEG ~{results['mean_jpeg_kb']} KB + {results['audio_seconds'] / results['samples']:.1f} s FLAC + text). "
-             f"Ray start-up {results['ray_startup_s']} s (not included below).", "",
-             "| contender | samples/s | images/s | audio s / wall s | CPU util % | peak RSS MB | % of ideal |",
+             f"Command: `{results['command']}`; each contender in a fresh process, medians of {results['repeat']} "
+             f"interleaved run(s)" + (f"; Ray start-up {np.median(startup):.1f} s, not included." if startup else "."),
+             "", "| contender | samples/s (range) | images/s | audio s / wall s | CPU util % | peak memory (PSS) MB | % of ideal |",
              "|---|---|---|---|---|---|---|"]
-    ideal = results.get("ideal", {}).get("ideal_samples_per_s")
     if ideal:
-        lines.append(f"| ideal ({results['machine']['cores']} x single process) | {ideal} | | | | | 100 |")
-    for name, r in results["runs"].items():
-        pct = f"{100 * r['samples_per_s'] / ideal:.0f}" if ideal else ""
-        lines.append(f"| {name} | {r['samples_per_s']} | {r['images_per_s']} | {r['audio_x_realtime']} | "
-                     f"{r['cpu_util_pct']} | {r['peak_rss_mb']} | {pct} |")
+        per = runs["ideal"][0]["per_sample_ms"]
+        lines.append(f"| ideal ({results['machine']['cores']} x single process; ms/sample: " +
+                     ", ".join(f"{k} {v}" for k, v in per.items()) + f") | {ideal} | | | | | 100 |")
+    for name, rs in runs.items():
+        if name == "ideal":
+            continue
+        sps = _median(rs, "samples_per_s")
+        rng = f" ({min(r['samples_per_s'] for r in rs)}-{max(r['samples_per_s'] for r in rs)})" if len(rs) > 1 else ""
+        pct = f"{100 * sps / ideal:.0f}" if ideal else ""
+        lines.append(f"| {name} | {sps:.1f}{rng} | {sps:.1f} | {_median(rs, 'audio_x_realtime'):.0f} | "
+                     f"{_median(rs, 'cpu_util_pct'):.0f} | {_median(rs, 'peak_mem_mb'):.0f} | {pct} |")
     (out / "preprocess.md").write_text("\n".join(lines) + "\n")
+    (out / "preprocess.json").write_text(json.dumps(results, indent=2))
     print("\n".join(lines))
 
 
-def memory_main(args, out: Path) -> None:
-    """Peak RSS of `mmbatch preprocess` (driver + Ray workers) at N and 4N samples."""
-    import shutil
-    import subprocess
-    import sys
-
+def memory_main(args, out: Path, cores: int) -> None:
+    """Peak memory (PSS) of mmbatch preprocess (driver + Ray workers) at N and 4N samples."""
     rows = []
     for n in (args.samples, 4 * args.samples):
-        data = Path(args.data) / f"n{n}"
-        manifest = make_corpus(data / "corpus", n)
-        target = data / "out-mem"
-        shutil.rmtree(target, ignore_errors=True)
-        code = (
-            "import sys, json; from benchmarks.run import *; from mmbatch.runtime import init_ray; init_ray();"
-            "from mmbatch.ingest import run_ingest; from pathlib import Path; c=Path(sys.argv[1]);"
-            "(c/'_manifest.json').exists() or run_ingest('manifest', sys.argv[2], str(c));"
-            "m=Monitor(0.1)\nwith m: run_mmbatch(c, Path(sys.argv[3]))\nprint('PEAK', m.peak)"
-        )
-        proc = subprocess.run([sys.executable, "-c", code, str(data / "canonical"), str(manifest), str(target)],
-                              capture_output=True, text=True)
-        peak = [ln for ln in proc.stdout.splitlines() if ln.startswith("PEAK")]
-        if not peak:
-            raise SystemExit(proc.stderr[-3000:])
-        rows.append({"samples": n, "peak_rss_mb": round(int(peak[-1].split()[1]) / 2**20, 1)})
+        prepare(n, args.data, cores)
+        res = spawn_child("mmbatch", args, n)
+        rows.append({"samples": n, "peak_mem_mb": res["peak_mem_mb"], "seconds": round(res["seconds"], 1),
+                     "samples_per_s": round(n / res["seconds"], 1)})
         print(rows[-1])
-    ratio = rows[1]["peak_rss_mb"] / rows[0]["peak_rss_mb"]
-    res = {"runs": rows, "ratio_4x": round(ratio, 3)}
+    ratio = rows[1]["peak_mem_mb"] / rows[0]["peak_mem_mb"]
+    res = {"command": f"python -m benchmarks.run --memory --samples {args.samples}", "runs": rows,
+           "ratio_4x": round(ratio, 3)}
     (out / "memory.json").write_text(json.dumps(res, indent=2))
-    print(f"4x data -> {ratio:.2f}x peak RSS")
+    print(f"4x data -> {ratio:.2f}x peak memory")
 
 
 if __name__ == "__main__":
