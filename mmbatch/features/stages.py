@@ -80,7 +80,7 @@ def read_units(batch: pa.Table, dataset_uri: str, columns: list[str]) -> pa.Tabl
     fs, _ = storage.url_to_fs(dataset_uri)
     parts = []
     for path, rg in zip(batch.column("path").to_pylist(), batch.column("row_group").to_pylist()):
-        t = pq.ParquetFile(path, filesystem=fs).read_row_group(rg, columns=columns)
+        t = pq.ParquetFile(path, filesystem=storage.arrow_fs(fs)).read_row_group(rg, columns=columns)
         parts.append(t.append_column("path", pa.array([path] * t.num_rows, pa.string())))
     return pa.concat_tables(parts)
 

@@ -156,7 +156,7 @@ def read_arrow(fs, path: str) -> pa.Table:
 
 
 def parquet_file(fs, path: str) -> pq.ParquetFile:
-    return pq.ParquetFile(path, filesystem=fs) if not storage.is_local(fs) else pq.ParquetFile(path)
+    return pq.ParquetFile(path, filesystem=storage.arrow_fs(fs))
 
 
 def read_rows(fs, path: str, fmt: str, rows: list[int], columns: list[str]) -> pa.Table:
