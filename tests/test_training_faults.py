@@ -57,3 +57,39 @@ def test_stopped_run_resumes_when_started_again(ray_session, data, tmp_path, mon
     assert [h["epoch"] for h in res.history] == [0, 1, 2, 3]
     assert res.status == "resumed"
     assert res.metrics["accuracy"] > 0.6
+
+
+def test_killed_train_driver_resumes_when_run_again(ray_session, data, tmp_path):
+    """`mmbatch train` SIGKILLed mid-run (driver, its embedded Ray and the workers all die at once);
+    the same command again resumes from the last registered checkpoint instead of starting over."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    from faults import kill_when, private_ray_tmpdir
+
+    epochs = 40
+    out = tmp_path / "out"
+    wf_file = tmp_path / "wf.yaml"
+    wf_file.write_text(yaml.safe_dump({"train": {
+        "data": str(data), "out": str(out), "name": "killed", "epochs": epochs, "hidden": 32, "batch_size": 64,
+        "num_workers": 1, "schedule": "none"}}))
+    exe = Path(sys.executable).with_name("mmbatch")
+    cmd = ([str(exe)] if exe.exists() else [sys.executable, "-m", "mmbatch.cli"]) + ["train", str(wf_file)]
+    run_dir = out / "killed"
+    checkpoints = lambda: len(list(run_dir.glob("checkpoint_epoch_*"))) >= 3  # noqa: E731
+    ray_tmp = private_ray_tmpdir()
+    try:
+        first = kill_when(cmd, checkpoints, tmp_path / "first.log", RAY_TMPDIR=ray_tmp)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert first["killed"], (tmp_path / "first.log").read_text()[-3000:]
+    assert not (run_dir / "model" / "model.json").exists()          # killed before the export
+
+    res = run_training(Workflow.model_validate(yaml.safe_load(wf_file.read_text())), baselines=False)  # again
+    assert res.status == "resumed"
+    assert len(res.starts) == 2 and res.starts[0] == 0 and 1 <= res.starts[1] < epochs, res.starts
+    assert [h["epoch"] for h in res.history] == list(range(epochs))     # every epoch once, in order
+    assert (run_dir / "model" / "model.json").exists()
