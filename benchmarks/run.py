@@ -32,6 +32,7 @@ for _k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 import pyarrow as pa  # noqa: E402
+import pyarrow.compute as pc  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 
@@ -301,7 +302,8 @@ def main() -> None:
     tab = pa.concat_tables([pq.read_table(f, columns=["duration"]) for f in files])
     audio_seconds = float(np.nansum(np.array(tab.column("duration").to_pylist(), dtype=float)))
     n = tab.num_rows
-    img_bytes = sum(len(r["bytes"]) for f in files for r in pq.read_table(f, columns=["image"]).column("image").to_pylist())
+    img_bytes = sum(pc.sum(pc.binary_length(pq.read_table(f, columns=["image"]).column("image")
+                                            .combine_chunks().field("bytes"))).as_py() for f in files)
     results = {"machine": {"cores": cores, "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
                            "cpu": platform.processor() or platform.machine(), "python": platform.python_version()},
                "command": f"python -m benchmarks.run --samples {args.samples} --repeat {args.repeat}",
@@ -327,7 +329,6 @@ def _median(runs: list[dict], key: str) -> float:
 
 
 def write_results(results: dict, out: Path) -> None:
-    (out / "preprocess.json").write_text(json.dumps(results, indent=2))
     runs = results["runs"]
     ideal = None
     if "ideal" in runs:

@@ -139,6 +139,14 @@ def cmdline(pid: int) -> str:
         return ""
 
 
+def mmbatch_exe() -> list[str]:
+    """The `mmbatch` command of this interpreter's environment (or `python -m mmbatch.cli`)."""
+    import sys
+
+    exe = Path(sys.executable).with_name("mmbatch")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "mmbatch.cli"]
+
+
 def private_ray_tmpdir() -> str:
     """A short private RAY_TMPDIR (unix socket paths must stay < 108 bytes).
 

@@ -28,7 +28,7 @@ import yaml
 
 from corpora_ingest import flac, jpeg, png_bomb, write
 from faults import (
-    ReadableWatcher, assert_same_output, cmyk_jpeg, kill_when, png_bytes, png_header_only, private_ray_tmpdir,
+    ReadableWatcher, assert_same_output, cmyk_jpeg, kill_when, mmbatch_exe, png_bytes, png_header_only, private_ray_tmpdir,
     read_tables, run_cmd, summary_counts, visible_parquet, wav_bytes,
 )
 from mmbatch import storage
@@ -43,9 +43,17 @@ SHARD_ROWS = 4          # canonical shards of 4 rows: 12 per 48-row dataset, so 
 TWO_CPUS = {"RAY_OVERRIDE_RESOURCES": json.dumps({"CPU": 2})}
 
 
-def mmbatch_exe() -> list[str]:
-    exe = Path(sys.executable).with_name("mmbatch")
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "mmbatch.cli"]
+def kill_mid_job(cmd: list[str], markers, out: Path, tmp_path: Path, ray_tmp: str) -> tuple[dict, list]:
+    """Run ``cmd`` with its own Ray; SIGKILL it once ``markers()`` finds a commit. Checks that the driver
+    and its whole Ray died; returns kill_when's result and the partial files a reader saw meanwhile."""
+    watcher = ReadableWatcher(out)
+    watcher.start()
+    first = kill_when(cmd, markers, tmp_path / "first.log", RAY_TMPDIR=ray_tmp, **TWO_CPUS)
+    bad_first = watcher.stop().bad
+    assert first["killed"], (tmp_path / "first.log").read_text()[-3000:]
+    assert first["processes"] > 3                     # driver + its Ray (gcs, raylet, workers) were tracked ...
+    assert first["leftover"] == [], "the killed driver's embedded Ray outlived it"   # ... and died with it
+    return first, bad_first
 
 
 def result_line(stdout: str) -> dict:
@@ -211,13 +219,7 @@ def test_killed_preprocess_driver_resumes_without_recomputing(canon, tmp_path, r
     cmd = mmbatch_exe() + args
     markers = lambda: sorted(out.glob("_features/*/_shards/*.json"))  # noqa: E731
 
-    watcher = ReadableWatcher(out)
-    watcher.start()
-    first = kill_when(cmd, markers, tmp_path / "first.log", RAY_TMPDIR=ray_tmp, **TWO_CPUS)
-    bad_first = watcher.stop().bad
-    assert first["killed"], (tmp_path / "first.log").read_text()[-3000:]
-    assert first["processes"] > 3                     # driver + its Ray (gcs, raylet, workers) were tracked ...
-    assert first["leftover"] == [], "the killed driver's embedded Ray outlived it"   # ... and died with it
+    first, bad_first = kill_mid_job(cmd, markers, out, tmp_path, ray_tmp)
     assert not (out / "_manifest.json").exists()                         # killed mid-job
     committed = markers()                                                 # only the driver writes these
     assert 1 <= len(first["ready"]) <= len(committed) < 24
@@ -263,13 +265,7 @@ def test_killed_ingest_driver_resumes_without_recomputing(ray_session, tmp_path,
     cmd = mmbatch_exe() + args
     markers = lambda: sorted(out.glob("_shards/*.json"))  # noqa: E731
 
-    watcher = ReadableWatcher(out)
-    watcher.start()
-    first = kill_when(cmd, markers, tmp_path / "first.log", RAY_TMPDIR=ray_tmp, **TWO_CPUS)
-    bad_first = watcher.stop().bad
-    assert first["killed"], (tmp_path / "first.log").read_text()[-3000:]
-    assert first["processes"] > 3                     # driver + its Ray (gcs, raylet, workers) were tracked ...
-    assert first["leftover"] == [], "the killed driver's embedded Ray outlived it"   # ... and died with it
+    first, bad_first = kill_mid_job(cmd, markers, out, tmp_path, ray_tmp)
     assert not (out / "_manifest.json").exists()
     committed = markers()              # written by the read tasks: counted once the whole job is dead
     assert 1 <= len(first["ready"]) <= len(committed) < 20

@@ -63,12 +63,10 @@ def test_killed_train_driver_resumes_when_run_again(ray_session, data, tmp_path)
     """`mmbatch train` SIGKILLed mid-run (driver, its embedded Ray and the workers all die at once);
     the same command again resumes from the last registered checkpoint instead of starting over."""
     import shutil
-    import sys
-    from pathlib import Path
 
     import yaml
 
-    from faults import kill_when, private_ray_tmpdir
+    from faults import kill_when, mmbatch_exe, private_ray_tmpdir
 
     epochs = 40
     out = tmp_path / "out"
@@ -76,8 +74,7 @@ def test_killed_train_driver_resumes_when_run_again(ray_session, data, tmp_path)
     wf_file.write_text(yaml.safe_dump({"train": {
         "data": str(data), "out": str(out), "name": "killed", "epochs": epochs, "hidden": 32, "batch_size": 64,
         "num_workers": 1, "schedule": "none"}}))
-    exe = Path(sys.executable).with_name("mmbatch")
-    cmd = ([str(exe)] if exe.exists() else [sys.executable, "-m", "mmbatch.cli"]) + ["train", str(wf_file)]
+    cmd = mmbatch_exe() + ["train", str(wf_file)]
     run_dir = out / "killed"
     checkpoints = lambda: len(list(run_dir.glob("checkpoint_epoch_*"))) >= 3  # noqa: E731
     ray_tmp = private_ray_tmpdir()
