@@ -62,7 +62,10 @@ def test_stopped_run_resumes_when_started_again(ray_session, data, tmp_path, mon
 def test_killed_train_driver_resumes_when_run_again(ray_session, data, tmp_path):
     """`mmbatch train` SIGKILLed mid-run (driver, its embedded Ray and the workers all die at once);
     the same command again resumes from the last registered checkpoint instead of starting over."""
+    import glob
     import shutil
+    import tempfile
+    import time
 
     import yaml
 
@@ -78,6 +81,7 @@ def test_killed_train_driver_resumes_when_run_again(ray_session, data, tmp_path)
     run_dir = out / "killed"
     checkpoints = lambda: len(list(run_dir.glob("checkpoint_epoch_*"))) >= 3  # noqa: E731
     ray_tmp = private_ray_tmpdir()
+    t_start = time.time()
     try:
         first = kill_when(cmd, checkpoints, tmp_path / "first.log", RAY_TMPDIR=ray_tmp)
     finally:
@@ -90,3 +94,7 @@ def test_killed_train_driver_resumes_when_run_again(ray_session, data, tmp_path)
     assert len(res.starts) == 2 and res.starts[0] == 0 and 1 <= res.starts[1] < epochs, res.starts
     assert [h["epoch"] for h in res.history] == list(range(epochs))     # every epoch once, in order
     assert (run_dir / "model" / "model.json").exists()
+    # the killed run's not-yet-uploaded local checkpoints are cleared by the next start, not left in /tmp
+    staged = [p for p in glob.glob(os.path.join(tempfile.gettempdir(), "mmbatch-ckpt-*", "**", "state.pt"),
+                                   recursive=True) if os.path.getmtime(p) >= t_start]
+    assert staged == [], staged

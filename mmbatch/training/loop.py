@@ -33,6 +33,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import tempfile
 import time
@@ -43,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from mmbatch.runtime import pin_threads, quiet_worker_logs
+from mmbatch.storage import fingerprint
 from mmbatch.training.evaluate import evaluate_arrays
 from mmbatch.training.models import build_model, drop_modalities, warm_start_state
 
@@ -128,6 +130,15 @@ def in_memory_batches(arrays: Mapping[str, np.ndarray], batch_size: int, seed: i
         yield {k: torch.from_numpy(v[idx]).to(device) for k, v in arrays.items()}
 
 
+def checkpoint_staging_dir(config: Mapping) -> str:
+    """The local folder where rank 0 writes each epoch's checkpoint until Ray Train has
+    uploaded it to the run's storage and deleted it. One per run: a run SIGKILLed with
+    uploads still queued leaves its leftovers in one place, the next start of the same run
+    clears them, and the driver removes the folder when the run ends."""
+    key = fingerprint([config.get("fingerprint"), config["train"].get("out"), config["train"].get("name")])
+    return os.path.join(tempfile.gettempdir(), f"mmbatch-ckpt-{key}")
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
@@ -147,6 +158,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     scheduler = make_scheduler(optimizer, cfg)
     state = {"epoch": -1, "best_score": None, "best_epoch": -1, "bad_epochs": 0,
              "stopped_early": False, "history": [], "starts": []}
+
+    staging = checkpoint_staging_dir(config)
+    if rank == 0:
+        shutil.rmtree(staging, ignore_errors=True)      # a killed predecessor's unuploaded epochs
 
     # -- resume from the latest checkpoint (worker restart, or the same run started again)
     checkpoint = ray.train.get_checkpoint()
@@ -229,7 +244,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics.update(best_epoch=state["best_epoch"], best_score=state["best_score"], stopped_early=stop)
         ckpt = None
         if rank == 0:
-            d = tempfile.mkdtemp(prefix="mmbatch-ckpt-")       # removed by Ray once uploaded
+            d = os.path.join(staging, f"epoch_{epoch:04d}")      # removed by Ray once uploaded
+            os.makedirs(d)
             torch.save({"model": {k: v.detach().cpu() for k, v in raw_model.state_dict().items()},
                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                         "epoch": epoch, "best_score": state["best_score"],

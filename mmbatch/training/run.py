@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -34,7 +35,7 @@ from mmbatch.runtime import cluster_gpus, init_ray
 from mmbatch.training import report
 from mmbatch.training.data import FusedData
 from mmbatch.training.evaluate import evaluate_model
-from mmbatch.training.loop import META_FILE, STATE_FILE, train_loop_per_worker
+from mmbatch.training.loop import META_FILE, STATE_FILE, checkpoint_staging_dir, train_loop_per_worker
 from mmbatch.training.models import MODEL_FILE, build_model, read_spec, save_model
 
 log = logging.getLogger("mmbatch.training")
@@ -192,6 +193,8 @@ def train_one(wf: Workflow, data: FusedData, mods: list[str], name: str,
     except ray.train.TrainingFailedError as e:
         raise RuntimeError(f"training run '{name}' failed ({e.__class__.__name__}); its checkpoints are kept in "
                            f"{run_dir}: run the same command again to resume from the latest one") from e
+    finally:
+        shutil.rmtree(checkpoint_staging_dir(config), ignore_errors=True)   # workers on this machine
 
     # -- best checkpoint (validation score) -> export
     if not result.best_checkpoints:
