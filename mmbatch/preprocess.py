@@ -230,7 +230,7 @@ class ShardTracker:
         self.done.add(shard)
         self.summary.shards_processed += 1
         if self.on_commit is not None:
-            self.on_commit(self.plan, shard)
+            self.on_commit(self.plan, shard, good)
 
 
 def _dedupe(t: pa.Table) -> pa.Table:
@@ -250,8 +250,10 @@ def extract_features(wf: Workflow, plan: DatasetPlan, out_fs, out_root: str, spe
     import ray
 
     from mmbatch.features.stages import (
-        EncodeStage, decode_batch, get_extractor, read_and_decode, read_units, work_units, write_pieces,
+        EncodeStage, ExtractUnits, decode_batch, get_extractor, read_and_decode, read_units, work_units,
+        write_pieces,
     )
+    from mmbatch.runtime import cluster_cpus
 
     fs_in, _ = storage.url_to_fs(plan.cfg.path)
     qdir = storage.join(out_root, storage.QUARANTINE_DIR)
@@ -275,7 +277,7 @@ def extract_features(wf: Workflow, plan: DatasetPlan, out_fs, out_root: str, spe
     placement = _placement(needs_model, wf)
     for m in plan.modalities:
         summary.placement.setdefault(m, {}).update(
-            {"stage": "encode actor pool" if needs_model[m] else "decode task",
+            {"stage": "encode actor pool" if needs_model[m] else ("decode task" if placement else "extract actor pool"),
              **({k: v for k, v in placement[m].items()} if m in placement else {"device": "cpu"})})
 
     columns = ["sample_id", "source", "split", "label", "label_name", *plan.modalities]
@@ -289,32 +291,40 @@ def extract_features(wf: Workflow, plan: DatasetPlan, out_fs, out_root: str, spe
     bs = wf.features.batch_size
     decode_kwargs = {"specs": specs, "modalities": plan.modalities, "label_map": plan.label_map}
     read_kwargs = {"dataset_uri": plan.cfg.path, "columns": columns}
-    if not plan.cfg.complete:
-        ds = ds.map_batches(read_and_decode, batch_format="pyarrow", batch_size=1,
-                            fn_kwargs={**read_kwargs, "batch_size": bs, **decode_kwargs})
-    else:
-        ds = ds.map_batches(read_units, batch_format="pyarrow", batch_size=1, fn_kwargs=read_kwargs)
-        from mmbatch.convert.transforms import KINDS, CompleteModality
-        for c in plan.cfg.complete:
-            src = KINDS[c.kind][0]
-            if src not in columns and not c.source_column:
-                raise UsageError(f"dataset '{plan.cfg.name}': completion {c.kind} needs the {src!r} column; "
-                                 f"add it to modalities or set source_column")
-            ds = ds.map_batches(CompleteModality(c.kind, c.source_column, c.target),
-                                **CompleteModality.RAY_OPTIONS)
-        ds = ds.map_batches(decode_batch, batch_format="pyarrow", batch_size=bs, zero_copy_batch=True,
-                            fn_kwargs=decode_kwargs)
-    for m, p in placement.items():
-        ds = ds.map_batches(EncodeStage, batch_format="pyarrow", batch_size=getattr(wf.features, m).batch_size,
-                            fn_constructor_kwargs={"modality": m, "spec": specs[m]},
-                            num_gpus=p["num_gpus"] or None, num_cpus=p["num_cpus"],
-                            compute=ray.data.ActorPoolStrategy(min_size=p["concurrency"][0],
-                                                               max_size=p["concurrency"][1]))
     staging = storage.join(plan.feature_dir, STAGING_DIR)
-    staging_uri = staging if storage.is_local(out_fs) else out_fs.unstrip_protocol(staging)
-    ds = ds.map_batches(write_pieces, batch_format="pyarrow", batch_size=None,
-                        fn_kwargs={"staging": staging_uri, "modalities": plan.modalities,
-                                   "source_name": plan.cfg.name})
+    write_kwargs = {"staging": staging if storage.is_local(out_fs) else out_fs.unstrip_protocol(staging),
+                    "modalities": plan.modalities, "source_name": plan.cfg.name}
+    if not plan.cfg.complete and not placement:
+        # every extractor is model-free: one CPU stage reads, extracts and stages each unit
+        ds = ds.map_batches(ExtractUnits, batch_format="pyarrow", batch_size=1, num_cpus=1,
+                            fn_constructor_kwargs={"read": read_kwargs, "decode": decode_kwargs,
+                                                   "write": write_kwargs, "batch_size": bs},
+                            compute=ray.data.ActorPoolStrategy(size=max(1, int(cluster_cpus())),
+                                                               max_tasks_in_flight_per_actor=2))
+    else:
+        if not plan.cfg.complete:
+            ds = ds.map_batches(read_and_decode, batch_format="pyarrow", batch_size=1,
+                                fn_kwargs={**read_kwargs, "batch_size": bs, **decode_kwargs})
+        else:
+            ds = ds.map_batches(read_units, batch_format="pyarrow", batch_size=1, fn_kwargs=read_kwargs)
+            from mmbatch.convert.transforms import KINDS, CompleteModality
+            for c in plan.cfg.complete:
+                src = KINDS[c.kind][0]
+                if src not in columns and not c.source_column:
+                    raise UsageError(f"dataset '{plan.cfg.name}': completion {c.kind} needs the {src!r} column; "
+                                     f"add it to modalities or set source_column")
+                ds = ds.map_batches(CompleteModality(c.kind, c.source_column, c.target),
+                                    **CompleteModality.RAY_OPTIONS)
+            ds = ds.map_batches(decode_batch, batch_format="pyarrow", batch_size=bs, zero_copy_batch=True,
+                                fn_kwargs=decode_kwargs)
+        for m, p in placement.items():
+            ds = ds.map_batches(EncodeStage, batch_format="pyarrow",
+                                batch_size=getattr(wf.features, m).batch_size,
+                                fn_constructor_kwargs={"modality": m, "spec": specs[m]},
+                                num_gpus=p["num_gpus"] or None, num_cpus=p["num_cpus"],
+                                compute=ray.data.ActorPoolStrategy(min_size=p["concurrency"][0],
+                                                                   max_size=p["concurrency"][1]))
+        ds = ds.map_batches(write_pieces, batch_format="pyarrow", batch_size=None, fn_kwargs=write_kwargs)
     for row in ds.iter_rows():
         tracker.add(row)
     missing = [f for f in pending if f not in tracker.done]
@@ -347,12 +357,14 @@ def _read_features(fs, plan: DatasetPlan) -> pa.Table:
     return pa.concat_tables(tables, promote_options="default")
 
 
-def _fuse_shard(feat_path: str, out_path: str, fs_uri_root: str, partners: dict, ctx: dict) -> dict:
-    """Pair one primary feature shard with partner embeddings, fuse, commit. Runs as a Ray task."""
+def _fuse_shard(feat_path: str, out_path: str, fs_uri_root: str, partners: dict, ctx: dict,
+                features: pa.Table | None = None) -> dict:
+    """Pair one primary feature shard with partner embeddings, fuse, commit. Runs as a Ray task,
+    or on the driver with the shard's ``features`` table it has just committed (no re-read)."""
     from mmbatch.fusion import LabelIndex, embeddings_to_arrow, embeddings_to_numpy, fuse, take_embeddings
 
     fs, _ = storage.url_to_fs(fs_uri_root)
-    t = pq.read_table(feat_path, filesystem=fs)
+    t = features if features is not None else pq.read_table(feat_path, filesystem=fs)
     n_in = t.num_rows
     splits = ctx["splits"]
     if splits and n_in:
@@ -482,11 +494,12 @@ class FusionStep:
         self.done.add(out_id)
         summary.fused_processed += 1
 
-    def fuse_now(self, p: DatasetPlan, f: str, summary: PreprocessSummary) -> None:
-        """Fuse one freshly committed feature shard on the driver (no pairing only)."""
+    def fuse_now(self, p: DatasetPlan, f: str, summary: PreprocessSummary, features: pa.Table) -> None:
+        """Fuse one freshly committed feature shard (its table, as committed) on the driver
+        (no pairing only)."""
         t0 = time.perf_counter()
         out_id, fp, feat_path, out_path, ctx = self._job(p, f)
-        self._commit(out_id, fp, _fuse_shard(feat_path, out_path, self.out_uri, {}, ctx), summary)
+        self._commit(out_id, fp, _fuse_shard(feat_path, out_path, self.out_uri, {}, ctx, features), summary)
         self.seconds += time.perf_counter() - t0
 
     def run(self, summary: PreprocessSummary) -> dict:
@@ -540,7 +553,7 @@ def run_preprocess(wf: Workflow, progress: bool = True) -> PreprocessSummary:
     used = [m for m in MODALITIES if any(m in p.modalities for p in plans)]
     descriptions = {m: get_extractor(m, specs[m]).describe() for m in used}
     fusion = FusionStep(wf, plans, out_fs, out_root, out_uri, descriptions)
-    on_commit = (lambda plan, shard: fusion.fuse_now(plan, shard, summary)) if fusion.streams else None
+    on_commit = (lambda plan, shard, table: fusion.fuse_now(plan, shard, summary, table)) if fusion.streams else None
     for p in plans:
         summary.rows_in += sum(p.expected.values())
         extract_features(wf, p, out_fs, out_root, specs, summary, on_commit)

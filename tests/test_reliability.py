@@ -128,6 +128,26 @@ def test_killed_model_actor_is_restarted_and_output_is_unchanged(canon, cnn_refe
     assert_same_output(out, cnn_reference)
 
 
+def test_killed_extract_actor_is_restarted_and_output_is_unchanged(canon, tmp_path, ray_tmp):
+    """Model-free extractors (the whole job is one ExtractUnits actor pool): an actor SIGKILLs
+    itself at its 2nd work unit; Ray Data restarts it and retries the unit; same output."""
+    from mmbatch.features.stages import FAULT_ENV
+
+    wf = {"datasets": [{"name": "speech", "path": str(canon / "librispeech")}], "output": {"path": ""}}
+    ref = tmp_path / "ref"
+    run_preprocess(workflow_from_dict({**wf, "output": {"path": str(ref)}}), progress=False)
+    flag = tmp_path / "kill-actor"
+    flag.write_text("2")
+    out = tmp_path / "out"
+    proc = run_cmd([sys.executable, "-c", WORKER_SCRIPT, json.dumps({**wf, "output": {"path": str(out)}})],
+                   **{FAULT_ENV: str(flag), "RAY_TMPDIR": ray_tmp})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert not flag.exists(), "the fault never fired"
+    res = result_line(proc.stdout)
+    assert res == {"rows_out": 48, "processed": 12, "skipped": 0, "quarantined": 0, "reconciles": True}
+    assert_same_output(out, ref)
+
+
 # --- 2. node fault ---------------------------------------------------------------------------------
 NODE_SCRIPT = r"""
 import glob, json, os, sys, threading, time
