@@ -209,6 +209,20 @@ def test_output_readable_by_common_tools(paired):
         len(hf[0]["text_emb"])
 
 
+def test_embeddings_are_written_without_dictionary_encoding(paired):
+    """Float embedding columns skip Parquet's dictionary attempt (all values distinct: wasted
+    work, bigger files); label-like string columns keep it."""
+    import pyarrow.parquet as pq
+
+    out, _ = paired
+    meta = pq.ParquetFile(sorted(Path(out).glob("*.parquet"))[0]).metadata
+    enc = {meta.schema.column(i).path.split(".")[0]: meta.row_group(0).column(i).encodings
+           for i in range(meta.num_columns)}
+    for col in ("fused", "image_emb", "audio_emb"):
+        assert "RLE_DICTIONARY" not in enc[col] and "PLAIN_DICTIONARY" not in enc[col], (col, enc[col])
+    assert "RLE_DICTIONARY" in enc["split"] or "PLAIN_DICTIONARY" in enc["split"], enc["split"]
+
+
 def test_corrupt_media_is_quarantined_and_counts_reconcile(ray_session, tmp_path):
     """A canonical shard with a truncated JPEG and a non-image: quarantined at decode, the rest go on."""
     from mmbatch.demo.corpus import encode_jpeg, make_image
