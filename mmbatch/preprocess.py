@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 from mmbatch import __version__, storage
 from mmbatch.config import DatasetConfig, Workflow
 from mmbatch.errors import UsageError
-from mmbatch.features.stages import shard_id
+from mmbatch.features.stages import row_group_sizes, shard_id
 from mmbatch.schema import (
     MODALITIES, QUARANTINE, emb_column, fused_schema, has_column, normalize_split,
     with_metadata,
@@ -112,6 +112,7 @@ class DatasetPlan:
     modalities: list[str]
     label_map: dict | None
     expected: dict[str, int]          # input file -> rows
+    row_groups: dict[str, list[int]]  # input file -> rows per row group (the work units)
     fingerprints: dict[str, str]      # input file -> shard fingerprint (input + extractor config)
     feature_dir: str
 
@@ -134,17 +135,18 @@ def plan_dataset(wf: Workflow, ds: DatasetConfig, out_fs, out_root: str, specs: 
     if not modalities:
         raise UsageError(f"dataset '{ds.name}': no image, audio or text values found")
     label_map = _label_map(fs, files, ds.label_column) if ds.label_column else None
-    expected, fps = {}, {}
+    expected, row_groups, fps = {}, {}, {}
     for f in files:
         sid = shard_id(f)
         marker = storage.read_marker(fs, root, sid)
         info = fs.info(f)
         input_fp = marker["fingerprint"] if marker else [info.get("size"), str(info.get("mtime", ""))]
-        expected[f] = pq.ParquetFile(f, filesystem=fs).metadata.num_rows
+        row_groups[f] = row_group_sizes(fs, f)
+        expected[f] = sum(row_groups[f])
         fps[f] = storage.fingerprint({"input": input_fp, "specs": {m: specs[m] for m in modalities},
                                       "label_map": label_map, "v": "features-1",
                                       "complete": [c.model_dump(mode="json") for c in ds.complete]})
-    return DatasetPlan(ds, files, modalities, label_map, expected, fps,
+    return DatasetPlan(ds, files, modalities, label_map, expected, row_groups, fps,
                        storage.join(out_root, FEATURES_DIR, ds.name))
 
 
@@ -277,7 +279,7 @@ def extract_features(wf: Workflow, plan: DatasetPlan, out_fs, out_root: str, spe
     placement = _placement(needs_model, wf)
     for m in plan.modalities:
         summary.placement.setdefault(m, {}).update(
-            {"stage": "encode actor pool" if needs_model[m] else ("decode task" if placement else "extract actor pool"),
+            {"stage": "encode actor pool" if needs_model[m] else "decode task" if placement else "extract actor pool",
              **({k: v for k, v in placement[m].items()} if m in placement else {"device": "cpu"})})
 
     columns = ["sample_id", "source", "split", "label", "label_name", *plan.modalities]
@@ -286,7 +288,7 @@ def extract_features(wf: Workflow, plan: DatasetPlan, out_fs, out_root: str, spe
     for c in plan.cfg.complete:
         if c.source_column and c.source_column not in columns:
             columns.append(c.source_column)
-    units = work_units(fs_in, pending)
+    units = work_units({f: plan.row_groups[f] for f in pending})
     ds = ray.data.from_items(units, override_num_blocks=len(units))
     bs = wf.features.batch_size
     decode_kwargs = {"specs": specs, "modalities": plan.modalities, "label_map": plan.label_map}
@@ -294,36 +296,36 @@ def extract_features(wf: Workflow, plan: DatasetPlan, out_fs, out_root: str, spe
     staging = storage.join(plan.feature_dir, STAGING_DIR)
     write_kwargs = {"staging": staging if storage.is_local(out_fs) else out_fs.unstrip_protocol(staging),
                     "modalities": plan.modalities, "source_name": plan.cfg.name}
-    if not plan.cfg.complete and not placement:
+    one_stage = not plan.cfg.complete and not placement
+    if one_stage:
         # every extractor is model-free: one CPU stage reads, extracts and stages each unit
         ds = ds.map_batches(ExtractUnits, batch_format="pyarrow", batch_size=1, num_cpus=1,
                             fn_constructor_kwargs={"read": read_kwargs, "decode": decode_kwargs,
                                                    "write": write_kwargs, "batch_size": bs},
                             compute=ray.data.ActorPoolStrategy(size=max(1, int(cluster_cpus())),
                                                                max_tasks_in_flight_per_actor=2))
+    elif not plan.cfg.complete:
+        ds = ds.map_batches(read_and_decode, batch_format="pyarrow", batch_size=1,
+                            fn_kwargs={**read_kwargs, "batch_size": bs, **decode_kwargs})
     else:
-        if not plan.cfg.complete:
-            ds = ds.map_batches(read_and_decode, batch_format="pyarrow", batch_size=1,
-                                fn_kwargs={**read_kwargs, "batch_size": bs, **decode_kwargs})
-        else:
-            ds = ds.map_batches(read_units, batch_format="pyarrow", batch_size=1, fn_kwargs=read_kwargs)
-            from mmbatch.convert.transforms import KINDS, CompleteModality
-            for c in plan.cfg.complete:
-                src = KINDS[c.kind][0]
-                if src not in columns and not c.source_column:
-                    raise UsageError(f"dataset '{plan.cfg.name}': completion {c.kind} needs the {src!r} column; "
-                                     f"add it to modalities or set source_column")
-                ds = ds.map_batches(CompleteModality(c.kind, c.source_column, c.target),
-                                    **CompleteModality.RAY_OPTIONS)
-            ds = ds.map_batches(decode_batch, batch_format="pyarrow", batch_size=bs, zero_copy_batch=True,
-                                fn_kwargs=decode_kwargs)
-        for m, p in placement.items():
-            ds = ds.map_batches(EncodeStage, batch_format="pyarrow",
-                                batch_size=getattr(wf.features, m).batch_size,
-                                fn_constructor_kwargs={"modality": m, "spec": specs[m]},
-                                num_gpus=p["num_gpus"] or None, num_cpus=p["num_cpus"],
-                                compute=ray.data.ActorPoolStrategy(min_size=p["concurrency"][0],
-                                                                   max_size=p["concurrency"][1]))
+        ds = ds.map_batches(read_units, batch_format="pyarrow", batch_size=1, fn_kwargs=read_kwargs)
+        from mmbatch.convert.transforms import KINDS, CompleteModality
+        for c in plan.cfg.complete:
+            src = KINDS[c.kind][0]
+            if src not in columns and not c.source_column:
+                raise UsageError(f"dataset '{plan.cfg.name}': completion {c.kind} needs the {src!r} column; "
+                                 f"add it to modalities or set source_column")
+            ds = ds.map_batches(CompleteModality(c.kind, c.source_column, c.target),
+                                **CompleteModality.RAY_OPTIONS)
+        ds = ds.map_batches(decode_batch, batch_format="pyarrow", batch_size=bs, zero_copy_batch=True,
+                            fn_kwargs=decode_kwargs)
+    for m, p in placement.items():
+        ds = ds.map_batches(EncodeStage, batch_format="pyarrow", batch_size=getattr(wf.features, m).batch_size,
+                            fn_constructor_kwargs={"modality": m, "spec": specs[m]},
+                            num_gpus=p["num_gpus"] or None, num_cpus=p["num_cpus"],
+                            compute=ray.data.ActorPoolStrategy(min_size=p["concurrency"][0],
+                                                               max_size=p["concurrency"][1]))
+    if not one_stage:
         ds = ds.map_batches(write_pieces, batch_format="pyarrow", batch_size=None, fn_kwargs=write_kwargs)
     for row in ds.iter_rows():
         tracker.add(row)

@@ -116,13 +116,13 @@ def test_ray_features_equal_plain_loop(paired, ingested):
 
 
 def test_work_units_are_row_groups_largest_first(tmp_path):
-    from mmbatch.features.stages import read_units, work_units
+    from mmbatch.features.stages import read_units, row_group_sizes, work_units
 
     a, b = tmp_path / "a.parquet", tmp_path / "b.parquet"
     pq.write_table(pa.table({"sample_id": [f"a{i}" for i in range(10)]}), a, row_group_size=4)   # 4, 4, 2
     pq.write_table(pa.table({"sample_id": [f"b{i}" for i in range(5)]}), b, row_group_size=5)    # 5
     fs, _ = storage.url_to_fs(str(tmp_path))
-    units = work_units(fs, [str(a), str(b)])
+    units = work_units({str(p): row_group_sizes(fs, str(p)) for p in (a, b)})
     assert [(Path(u["path"]).name, u["row_group"], u["rows"]) for u in units] == \
         [("b.parquet", 0, 5), ("a.parquet", 0, 4), ("a.parquet", 1, 4), ("a.parquet", 2, 2)]
     t = read_units(pa.Table.from_pylist(units[2:]), str(tmp_path), ["sample_id"])

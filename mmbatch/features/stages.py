@@ -56,20 +56,23 @@ def get_extractor(modality: str, cfg: dict):
 
 
 # --- the source: one task per (input shard, row group) ------------------------------
-def work_units(fs, files: list[str]) -> list[dict]:
-    """One work unit per row group of every input shard, largest first.
+def row_group_sizes(fs, path: str) -> list[int]:
+    """Rows per row group of one Parquet file (its footer only)."""
+    import pyarrow.parquet as pq
+
+    meta = pq.ParquetFile(path, filesystem=fs).metadata
+    return [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+
+
+def work_units(row_groups: dict[str, list[int]]) -> list[dict]:
+    """One work unit per row group of every input shard (``path -> rows per row group``,
+    see :func:`row_group_sizes`), largest first.
 
     Row groups, not files, are the unit of work so that tasks are short (a few
     seconds) and the last task of a job does not keep one core busy while the
     others idle; largest first so that the short ones fill the gaps at the end.
     """
-    import pyarrow.parquet as pq
-
-    units = []
-    for f in files:
-        meta = pq.ParquetFile(f, filesystem=fs).metadata
-        units += [{"path": f, "row_group": i, "rows": meta.row_group(i).num_rows}
-                  for i in range(meta.num_row_groups)]
+    units = [{"path": f, "row_group": i, "rows": n} for f, sizes in row_groups.items() for i, n in enumerate(sizes)]
     return sorted(units, key=lambda u: -u["rows"])
 
 
@@ -117,10 +120,8 @@ class ExtractUnits:
     def __call__(self, batch: pa.Table) -> pa.Table:
         self.calls += 1
         _maybe_fault(self.calls)
-        table = read_units(batch, **self.read)
-        parts = [decode_batch(table.slice(s, self.batch_size), **self.decode)
-                 for s in range(0, table.num_rows, self.batch_size)]
-        return write_pieces(pa.concat_tables(parts), **self.write)
+        parts = read_and_decode(batch, batch_size=self.batch_size, **self.read, **self.decode)
+        return write_pieces(pa.concat_tables(list(parts)), **self.write)
 
 
 # --- packing decoded values between stages ------------------------------------------
