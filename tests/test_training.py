@@ -304,3 +304,30 @@ def test_modalities_argument_is_checked_against_the_data(tmp_path):
     assert run_mod.resolve_modalities(None, data) == ["image", "audio"]
     with pytest.raises(UsageError, match="only has"):
         run_mod.resolve_modalities(["text"], data)
+
+
+def test_validation_on_read_only_arrays_warns_nothing():
+    """Ray Train workers get the validation split from the object store as read-only NumPy
+    arrays; scoring them must not make torch warn about non-writable tensors (it did, once in
+    every worker's log). A fresh process, because torch gives that warning once per process."""
+    import subprocess
+    import sys
+
+    code = """
+import warnings
+import numpy as np
+from mmbatch.training.evaluate import evaluate_arrays
+from mmbatch.training.models import FusionModel
+warnings.simplefilter("error")
+dims = {"image": 4, "audio": 3, "text": 2}
+rng = np.random.default_rng(0)
+arrays = {f"{m}_emb": rng.normal(size=(10, d)).astype(np.float32) for m, d in dims.items()}
+arrays.update({f"has_{m}": np.ones(10, bool) for m in dims}, y=rng.integers(0, 2, 10))
+for a in arrays.values():
+    a.setflags(write=False)
+print(evaluate_arrays(FusionModel(dims, 2, "early", 8, 0.0), arrays, ["a", "b"])["accuracy"])
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "not writable" not in proc.stderr
+    assert 0.0 <= float(proc.stdout.strip()) <= 1.0

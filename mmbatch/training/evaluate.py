@@ -43,7 +43,7 @@ def compute_metrics(y: np.ndarray, logits: np.ndarray, class_names: Sequence[str
     recall = np.divide(tp, support, out=np.zeros(k), where=support > 0)
     f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(k), where=(precision + recall) > 0)
     present = support > 0                      # macro-F1 over classes that occur in y
-    loss = float(F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(y)).item()) if n else float("nan")
+    loss = float(F.cross_entropy(torch.from_numpy(logits), torch.tensor(y)).item()) if n else float("nan")
     return {
         "n": int(n),
         "accuracy": float(tp.sum() / n) if n else float("nan"),
@@ -66,7 +66,9 @@ def predict(model, arrays: Mapping[str, np.ndarray], batch_size: int = 4096,
     n = len(arrays["y"])
     logits, weights = [], []
     for s in range(0, n, batch_size):
-        batch = {k: torch.as_tensor(v[s:s + batch_size]).to(device) for k, v in arrays.items() if k != "y"}
+        # torch.tensor copies: arrays from Ray's object store are read-only, and torch warns
+        # about wrapping those (the copy of one validation batch is cheap next to the model)
+        batch = {k: torch.tensor(v[s:s + batch_size]).to(device) for k, v in arrays.items() if k != "y"}
         logits.append(model(batch).float().cpu())
         weights.append(model.modality_weights(batch).float().cpu())
     model.train(was_training)
