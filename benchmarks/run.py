@@ -1,8 +1,9 @@
 """Preprocessing benchmark: mmbatch vs the ideal, multiprocessing.Pool and datasets.map.
 
     python -m benchmarks.run --samples 2000            # the README table
-    python -m benchmarks.run --samples 200 --quick     # smoke run
+    python -m benchmarks.run --samples 200             # smoke run (about a minute)
     python -m benchmarks.run --memory --samples 500    # peak memory (PSS) at N and 4N samples
+    python -m benchmarks.run --overhead --samples 2000 # fixed CPU cost per job vs CPU cost per sample
 
 Corpus: ImageNet-like JPEGs (about 500x375, ~110 KB) and LibriSpeech-like 16 kHz FLAC
 utterances of 10-15 s with transcripts, joined per sample by a manifest (image + audio + text).
@@ -106,42 +107,91 @@ def _pool_chunk(path_and_row_group):
 
 # --- measuring -----------------------------------------------------------------------------------
 class Monitor:
-    """Peak memory of this process tree and average CPU utilisation while running.
+    """Peak memory of this process tree, average CPU utilisation, the machine's CPU seconds and
+    the CPU stolen by the hypervisor while running.
 
     Memory is the sum of PSS (proportional set size): pages shared between processes (Ray's
     object store, forked parents) count once, split between their users, instead of once per
-    process as a sum of RSS would.
+    process as a sum of RSS would. CPU seconds are machine-wide (user + system + interrupts of
+    every process: Ray's daemons and short-lived workers included), so they measure what a
+    contender costs independently of how fast the VM ran at that moment; steal is the share of
+    the cores' time the hypervisor gave to other guests (a VM whose speed drifts shows it here).
+    ``cpu_by_process`` splits the process tree's CPU seconds by kind of process (the driver, each
+    kind of Ray actor or daemon, pool workers), sampled every 0.2 s; a process's last fraction
+    of a sampling interval before it exits is missed.
     """
 
-    def __init__(self, interval: float = 0.2):
+    def __init__(self, interval: float = 0.2, memory_every: int = 5):
         self.interval, self.peak, self.samples, self._stop = interval, 0, [], threading.Event()
+        # PSS reads /proc/<pid>/smaps_rollup: ~1.5 ms of CPU per Ray process (they map the object
+        # store), so memory is sampled every ``memory_every`` ticks (1 s); CPU times every tick
+        self.memory_every = memory_every
+        self._cpu_seen: dict[int, tuple[str, float, float]] = {}      # pid -> (kind, cpu at start, cpu now)
 
-    def _tree_rss(self) -> int:
+    @staticmethod
+    def _kind(p: psutil.Process, me: int) -> str:
+        if p.pid == me:
+            return "driver"
+        cmd = p.cmdline()
+        if not cmd:
+            return p.name()
+        if cmd[0].startswith("ray::"):
+            return cmd[0].split()[0]                                # Ray actors and workers set their title
+        script = next((a for a in cmd[1:] if a.endswith(".py")), None)
+        return os.path.basename(script or cmd[0])
+
+    def _poll_tree(self, first: bool = False, memory: bool = True) -> int:
         me = psutil.Process()
         total = 0
         for p in [me, *me.children(recursive=True)]:
             try:
-                total += p.memory_full_info().pss
+                if memory:
+                    total += p.memory_full_info().pss
+                t = p.cpu_times()
+                cpu, kind = t.user + t.system, self._kind(p, me.pid)
+                old_kind, start, _ = self._cpu_seen.get(p.pid) or (kind, cpu if first else 0.0, 0.0)
+                # a prestarted Ray worker is ray::IDLE until it becomes an actor: keep the actor's name
+                self._cpu_seen[p.pid] = (old_kind if kind == "ray::IDLE" else kind, start, cpu)
             except psutil.Error:
                 pass
         return total
 
+    def cpu_by_process(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for kind, start, now in self._cpu_seen.values():
+            out[kind] = out.get(kind, 0.0) + now - start
+        return {k: round(v, 2) for k, v in sorted(out.items(), key=lambda kv: -kv[1]) if v >= 0.05}
+
     def _run(self):
         psutil.cpu_percent(None)
+        tick = 0
         while not self._stop.wait(self.interval):
-            self.peak = max(self.peak, self._tree_rss())
+            tick += 1
+            self.peak = max(self.peak, self._poll_tree(memory=tick % self.memory_every == 0))
             self.samples.append(psutil.cpu_percent(None))
 
+    @staticmethod
+    def _cpu() -> tuple[float, float]:
+        t = psutil.cpu_times()
+        busy = t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)
+        return busy, getattr(t, "steal", 0.0)
+
     def __enter__(self):
+        self._poll_tree(first=True, memory=False)
+        self.cpu0 = self._cpu()
         self.t0 = time.perf_counter()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
         return self
 
     def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.t0
+        busy, steal = self._cpu()
         self._stop.set()
         self.thread.join()
-        self.seconds = time.perf_counter() - self.t0
+        self.peak = max(self.peak, self._poll_tree())
+        self.cpu_seconds = busy - self.cpu0[0]
+        self.steal_pct = 100 * (steal - self.cpu0[1]) / (self.seconds * (os.cpu_count() or 1))
 
 
 
@@ -161,6 +211,7 @@ def run_ideal(files: list[str], n_probe: int, passes: int = 3) -> dict:
     extract_rows(imgs[:2], auds[:2], txts[:2])                       # imports, first calls
     ex = _extractors()
     per = {}
+    steal0, w0 = Monitor._cpu()[1], time.perf_counter()
     for m, items in (("image", imgs), ("audio", auds), ("text", txts)):
         times = []
         for _ in range(passes):
@@ -170,8 +221,10 @@ def run_ideal(files: list[str], n_probe: int, passes: int = 3) -> dict:
             times.append(time.perf_counter() - t0)
         per[m] = float(np.median(times)) / len(items)
     per_sample = sum(per.values())
+    steal = 100 * (Monitor._cpu()[1] - steal0) / ((time.perf_counter() - w0) * (os.cpu_count() or 1))
     return {"per_sample_ms": {k: round(v * 1e3, 3) for k, v in per.items()},
-            "single_process_samples_per_s": round(1 / per_sample, 1), "probe_rows": len(imgs)}
+            "single_process_samples_per_s": round(1 / per_sample, 1), "probe_rows": len(imgs),
+            "steal_pct": round(steal, 1)}
 
 
 def run_pool(files: list[str], cores: int, out: Path) -> None:
@@ -244,6 +297,8 @@ def child(name: str, data: Path, cores: int, probe: int) -> dict:
         else:
             raise SystemExit(f"unknown contender {name!r}; choose from {CONTENDERS}")
     return {**res, "seconds": mon.seconds, "cpu_util_pct": round(float(np.mean(mon.samples)) if mon.samples else 0.0, 1),
+            "cpu_seconds": round(mon.cpu_seconds, 1), "steal_pct": round(mon.steal_pct, 1),
+            "cpu_by_process": mon.cpu_by_process(),
             "peak_mem_mb": round(mon.peak / 2**20, 1)}
 
 
@@ -288,6 +343,9 @@ def main() -> None:
     ap.add_argument("--only", default=",".join(CONTENDERS))
     ap.add_argument("--repeat", type=int, default=1, help="runs per contender, interleaved; the table shows medians")
     ap.add_argument("--memory", action="store_true", help="peak memory (PSS) of mmbatch preprocess at N and 4N samples")
+    ap.add_argument("--overhead", action="store_true",
+                    help="each contender's CPU seconds for a --small job (its fixed cost) and an N-sample job")
+    ap.add_argument("--small", type=int, default=40, help="samples of the tiny job of --overhead")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     cores = os.cpu_count() or 1
@@ -299,6 +357,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     if args.memory:
         return memory_main(args, out, cores)
+    if args.overhead:
+        return overhead_main(args, out, cores)
     data = prepare(args.samples, args.data, cores)
     files = canonical_files(data / "canonical")
     tab = pa.concat_tables([pq.read_table(f, columns=["duration"]) for f in files])
@@ -344,14 +404,15 @@ def write_results(results: dict, out: Path) -> None:
              f"Command: `{results['command']}`; each contender in a fresh process, medians of {results['repeat']} "
              f"interleaved run(s)" + (f"; Ray start-up {np.median(startup):.1f} s, not included in samples/s "
                                       "(the last column includes it)." if startup else "."),
-             "", "| contender | samples/s (range) | images/s | audio s / wall s | CPU util % | peak memory (PSS) MB "
-                 "| % of ideal | samples/s incl. start-up |",
-             "|---|---|---|---|---|---|---|---|"]
+             "", "| contender | samples/s (range) | images/s | audio s / wall s | CPU util % | CPU s / 1k samples "
+                 "| CPU steal % | peak memory (PSS) MB | % of ideal | samples/s incl. start-up |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     if ideal:
         ranked = sorted(runs["ideal"], key=lambda r: r["single_process_samples_per_s"])
         per = ranked[len(ranked) // 2]["per_sample_ms"]                   # the median run's
         lines.append(f"| ideal ({results['machine']['cores']} x single process; ms/sample: " +
-                     ", ".join(f"{k} {v}" for k, v in per.items()) + f") | {ideal} | | | | | 100 | |")
+                     ", ".join(f"{k} {v}" for k, v in per.items()) + f") | {ideal} | | | | "
+                     f"{sum(per.values()):.1f} | {_median(runs['ideal'], 'steal_pct'):.0f} | | 100 | |")
     for name, rs in runs.items():
         if name == "ideal":
             continue
@@ -359,7 +420,8 @@ def write_results(results: dict, out: Path) -> None:
         rng = f" ({min(r['samples_per_s'] for r in rs)}-{max(r['samples_per_s'] for r in rs)})" if len(rs) > 1 else ""
         pct = f"{100 * sps / ideal:.0f}" if ideal else ""
         lines.append(f"| {name} | {sps:.1f}{rng} | {sps:.1f} | {_median(rs, 'audio_x_realtime'):.0f} | "
-                     f"{_median(rs, 'cpu_util_pct'):.0f} | {_median(rs, 'peak_mem_mb'):.0f} | {pct} | "
+                     f"{_median(rs, 'cpu_util_pct'):.0f} | {1000 * _median(rs, 'cpu_seconds') / results['samples']:.1f} | "
+                     f"{_median(rs, 'steal_pct'):.0f} | {_median(rs, 'peak_mem_mb'):.0f} | {pct} | "
                      f"{_median(rs, 'samples_per_s_with_startup'):.1f} |")
     (out / "preprocess.md").write_text("\n".join(lines) + "\n")
     (out / "preprocess.json").write_text(json.dumps(results, indent=2))
@@ -380,6 +442,54 @@ def memory_main(args, out: Path, cores: int) -> None:
            "ratio_4x": round(ratio, 3)}
     (out / "memory.json").write_text(json.dumps(res, indent=2))
     print(f"4x data -> {ratio:.2f}x peak memory")
+
+
+def overhead_main(args, out: Path, cores: int) -> None:
+    """What each contender's CPU time is made of: its machine-wide CPU seconds for a tiny job
+    (``--small`` samples: start-up, imports, service processes; the feature work is a rounding
+    error) and for an N-sample job; the difference per extra sample is its marginal cost, next to
+    the ideal's (warm single-process extractors). CPU seconds barely depend on how fast the VM runs
+    at that moment (wall time does, by up to 2x on the development VM), so this separates a
+    contender's fixed cost per job from its cost per sample."""
+    sizes = (args.small, args.samples)
+    for n in sizes:
+        prepare(n, args.data, cores)
+    names = [c for c in ("mmbatch", "pool", "datasets") if c in args.only.split(",")]
+    runs: dict = {name: {n: [] for n in sizes} for name in names}
+    ideal = []
+    for r in range(args.repeat):
+        ideal.append(spawn_child("ideal", args, sizes[1]))
+        for n in sizes:
+            for name in names:
+                res = spawn_child(name, args, n)
+                runs[name][n].append(res)
+                print(f"[{r + 1}/{args.repeat}] {name} n={n}: cpu {res['cpu_seconds']} s, wall {res['seconds']:.1f} s, "
+                      f"steal {res['steal_pct']} %")
+    ideal_ms = float(np.median([1e3 / r["single_process_samples_per_s"] for r in ideal]))
+    rows = {}
+    for name in names:
+        cpu = {n: _median(runs[name][n], "cpu_seconds") for n in sizes}
+        marginal_ms = 1e3 * (cpu[sizes[1]] - cpu[sizes[0]]) / (sizes[1] - sizes[0])
+        rows[name] = {"cpu_seconds": cpu, "fixed_cpu_s": cpu[sizes[0]], "marginal_cpu_ms_per_sample": round(marginal_ms, 2),
+                      "steal_pct": _median([x for n in sizes for x in runs[name][n]], "steal_pct")}
+    res = {"command": f"python -m benchmarks.run --overhead --samples {args.samples} --small {args.small} "
+                      f"--repeat {args.repeat}",
+           "machine": {"cores": cores, "python": platform.python_version()}, "sizes": list(sizes),
+           "ideal_cpu_ms_per_sample": round(ideal_ms, 2), "contenders": rows, "runs": runs}
+    (out / "overhead.json").write_text(json.dumps(res, indent=2))
+    label = {"mmbatch": "mmbatch", "pool": f"multiprocessing.Pool({cores})", "datasets": f"datasets.map(num_proc={cores})"}
+    lines = [f"Machine: {cores} cores, Python {platform.python_version()}. Command: `{res['command']}`. "
+             f"Machine-wide CPU seconds during the timed run (Ray start-up excluded), medians of {args.repeat} "
+             f"interleaved runs. Ideal: {ideal_ms:.1f} CPU ms per sample (warm single-process extractors).", "",
+             f"| contender | CPU s, {sizes[0]} samples (fixed cost per job) | CPU s, {sizes[1]} samples "
+             f"| marginal CPU ms per sample | marginal / ideal | CPU steal % |",
+             "|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        c = r["cpu_seconds"]
+        lines.append(f"| {label[name]} | {c[sizes[0]]:.1f} | {c[sizes[1]]:.1f} | {r['marginal_cpu_ms_per_sample']} | "
+                     f"{r['marginal_cpu_ms_per_sample'] / ideal_ms:.2f} | {r['steal_pct']:.0f} |")
+    (out / "overhead.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -141,6 +141,7 @@ def plain_loop(data_uri: str, args, rank: int = 0, world: int = 1, port: int = 0
     scheduler = make_scheduler(optimizer, cfg)
     batch_size = max(1, cfg["batch_size"] // world)
     starts, history = [], []
+    phases = {"forward": [], "backward": [], "optimizer": []}     # ms per step, epochs after the first
     for epoch in range(cfg["epochs"]):
         starts.append(time.time())
         model.train()
@@ -149,19 +150,42 @@ def plain_loop(data_uri: str, args, rank: int = 0, world: int = 1, port: int = 0
         for batch in in_memory_batches(train, batch_size, cfg["seed"], epoch, rank, world):
             y = batch.pop("y")
             mask = drop_modalities(raw.presence(batch), cfg["modality_dropout"], gen)
+            t0 = time.perf_counter()
             loss = F.cross_entropy(model(batch, mask), y)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            t1 = time.perf_counter()
+            loss.backward()                    # under DDP: + waiting for the gradient all-reduce
+            t2 = time.perf_counter()
             optimizer.step()
+            if epoch:
+                for k, a, b in (("forward", t0, t1), ("backward", t1, t2), ("optimizer", t2, time.perf_counter())):
+                    phases[k].append(1e3 * (b - a))
             loss_sum += loss.detach() * len(y)
             n += len(y)
         scheduler.step()
         vm = evaluate_arrays(raw, val, class_names)
         history.append({"epoch": epoch, "train_loss": float(loss_sum) / n, "val_accuracy": vm["accuracy"]})
+    res = {"startup_s": starts[0] - t_call, "epoch_s": steady(starts), "train_rows": n * world,
+           "steps_per_epoch": -(-n // batch_size), "rows_per_step": batch_size, "step_ms": {k: round(statistics.median(v), 3) for k, v in phases.items()},
+           "val_accuracy": history[-1]["val_accuracy"], "history": history}
     if world > 1:
+        res["allreduce_ms"] = allreduce_ms(raw)
         torch.distributed.destroy_process_group()
-    return {"startup_s": starts[0] - t_call, "epoch_s": steady(starts), "train_rows": n * world,
-            "val_accuracy": history[-1]["val_accuracy"], "history": history}
+    return res
+
+
+def allreduce_ms(model, calls: int = 200) -> float:
+    """Median time of one gloo all-reduce of a buffer the size of ``model``'s gradients: the
+    synchronisation every DDP step waits for (all ranks must call this together)."""
+    import torch
+
+    flat = torch.zeros(sum(p.numel() for p in model.parameters()))
+    times = []
+    for _ in range(calls + 20):
+        t0 = time.perf_counter()
+        torch.distributed.all_reduce(flat)
+        times.append(time.perf_counter() - t0)
+    return round(1e3 * statistics.median(times[20:]), 3)
 
 
 def _ddp_rank(rank, data_uri, args, world, port, queue):
@@ -211,6 +235,21 @@ def run_ray(data_uri: str, args, workers: int, out: Path) -> dict:
 
 
 # --- main ------------------------------------------------------------------------------------------
+class Steal:
+    """The share (%) of the cores' time the hypervisor gave to other guests during the block."""
+
+    def __enter__(self):
+        import psutil
+
+        self._cpu, self.t0 = psutil.cpu_times, time.perf_counter()
+        self.s0 = getattr(self._cpu(), "steal", 0.0)
+        return self
+
+    def __exit__(self, *exc):
+        wall = time.perf_counter() - self.t0
+        self.pct = round(100 * (getattr(self._cpu(), "steal", 0.0) - self.s0) / (wall * (os.cpu_count() or 1)), 1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=12000)
@@ -241,10 +280,14 @@ def main() -> None:
                "settings": {k: v for k, v in vars(args).items() if k not in ("out", "data", "only")}, "runs": {}}
 
     if "plain" in only:
-        results["runs"]["plain torch loop (1 process)"] = r = plain_loop(data_uri, args)
+        with Steal() as st:
+            r = plain_loop(data_uri, args)
+        results["runs"]["plain torch loop (1 process)"] = {**r, "steal_pct": st.pct}
         print("plain:", _brief(r))
     if "ddp2" in only:
-        results["runs"]["torch DDP without Ray (2 processes, reference)"] = r = run_ddp(data_uri, args, 2)
+        with Steal() as st:
+            r = run_ddp(data_uri, args, 2)
+        results["runs"]["torch DDP without Ray (2 processes, reference)"] = {**r, "steal_pct": st.pct}
         print("ddp 2 processes:", _brief(r))
     if only & {"ray1", "ray2"}:
         from mmbatch.runtime import init_ray
@@ -254,7 +297,9 @@ def main() -> None:
         for w in (1, 2):
             if f"ray{w}" in only:
                 key = f"mmbatch Ray Train, {w} worker{'s' if w > 1 else ''} x {args.cpus_per_worker} CPU"
-                results["runs"][key] = r = run_ray(data_uri, args, w, work / "runs")
+                with Steal() as st:
+                    r = run_ray(data_uri, args, w, work / "runs")
+                results["runs"][key] = {**r, "steal_pct": st.pct}
                 print(f"ray {w}w:", _brief(r))
     results["machine"]["load_avg_1m_after"] = round(os.getloadavg()[0], 2)
     write_results(results, out)
@@ -283,12 +328,27 @@ def write_results(results: dict, out: Path) -> None:
              f"`{s['model']}` fusion, hidden {s['hidden']}, global batch {s['batch_size']}, {s['epochs']} epochs. "
              f"Epoch = training pass + validation (+ checkpoint and report for Ray Train), median over epochs "
              f"2..{s['epochs'] - 1}. Ray start-up {results.get('ray_startup_s', '-')} s (not included below).", "",
-             "| contender | epoch s (median) | epoch s (min-max) | ratio to plain loop | start-up s | final val accuracy |",
-             "|---|---|---|---|---|---|"]
+             "| contender | epoch s (median) | epoch s (min-max) | ratio to plain loop | start-up s | final val accuracy "
+             "| CPU steal % |",
+             "|---|---|---|---|---|---|---|"]
     for name, r in runs.items():
         lo, hi = r["epoch_s_range"]
         lines.append(f"| {name} | {r['epoch_s_median']} | {lo}-{hi} | {r['ratio_to_plain'] or '-'} | "
-                     f"{r['startup_s']} | {r['val_accuracy']:.3f} |")
+                     f"{r['startup_s']} | {r['val_accuracy']:.3f} | {r.get('steal_pct', '-')} |")
+    steps = [(name, r) for name, r in runs.items() if "step_ms" in r]
+    if steps:
+        lines += ["", "Per optimizer step (median ms; DDP's backward includes waiting for the gradient all-reduce):", "",
+                  "| contender | rows per step | forward | backward | optimizer | step | steps per epoch |",
+                  "|---|---|---|---|---|---|---|"]
+        for name, r in steps:
+            ms = r["step_ms"]
+            lines.append(f"| {name} | {r['rows_per_step']} | "
+                         f"{ms['forward']} | {ms['backward']} | {ms['optimizer']} | {sum(ms.values()):.2f} | "
+                         f"{r['steps_per_epoch']} |")
+    for name, r in runs.items():
+        if "allreduce_ms" in r:
+            lines += ["", f"{name}: one gloo all-reduce of the model's gradients, timed alone after training, takes "
+                          f"{r['allreduce_ms']} ms (median of 200)."]
     (out / "train.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
