@@ -106,6 +106,27 @@ def _pool_chunk(path_and_row_group):
 
 
 # --- measuring -----------------------------------------------------------------------------------
+def machine_cpu() -> tuple[float, float]:
+    """(busy, stolen) CPU seconds of the whole machine since boot: busy counts user + nice (Ray
+    workers run niced) + system + interrupts of every process; stolen is the time the hypervisor
+    gave the cores to other guests."""
+    t = psutil.cpu_times()
+    busy = t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)
+    return busy, getattr(t, "steal", 0.0)
+
+
+class Steal:
+    """``pct``: the share (%) of the cores' time stolen by the hypervisor during the block."""
+
+    def __enter__(self):
+        self.s0, self.t0 = machine_cpu()[1], time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        wall = time.perf_counter() - self.t0
+        self.pct = round(100 * (machine_cpu()[1] - self.s0) / (wall * (os.cpu_count() or 1)), 1)
+
+
 class Monitor:
     """Peak memory of this process tree, average CPU utilisation, the machine's CPU seconds and
     the CPU stolen by the hypervisor while running.
@@ -170,15 +191,10 @@ class Monitor:
             self.peak = max(self.peak, self._poll_tree(memory=tick % self.memory_every == 0))
             self.samples.append(psutil.cpu_percent(None))
 
-    @staticmethod
-    def _cpu() -> tuple[float, float]:
-        t = psutil.cpu_times()
-        busy = t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)
-        return busy, getattr(t, "steal", 0.0)
-
     def __enter__(self):
         self._poll_tree(first=True, memory=False)
-        self.cpu0 = self._cpu()
+        self.busy0 = machine_cpu()[0]
+        self.steal = Steal().__enter__()
         self.t0 = time.perf_counter()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -186,12 +202,11 @@ class Monitor:
 
     def __exit__(self, *exc):
         self.seconds = time.perf_counter() - self.t0
-        busy, steal = self._cpu()
+        self.cpu_seconds = machine_cpu()[0] - self.busy0
+        self.steal.__exit__()
         self._stop.set()
         self.thread.join()
         self.peak = max(self.peak, self._poll_tree())
-        self.cpu_seconds = busy - self.cpu0[0]
-        self.steal_pct = 100 * (steal - self.cpu0[1]) / (self.seconds * (os.cpu_count() or 1))
 
 
 
@@ -211,20 +226,19 @@ def run_ideal(files: list[str], n_probe: int, passes: int = 3) -> dict:
     extract_rows(imgs[:2], auds[:2], txts[:2])                       # imports, first calls
     ex = _extractors()
     per = {}
-    steal0, w0 = Monitor._cpu()[1], time.perf_counter()
-    for m, items in (("image", imgs), ("audio", auds), ("text", txts)):
-        times = []
-        for _ in range(passes):
-            t0 = time.perf_counter()
-            for i in range(0, len(items), 64):
-                ex[m].extract(items[i:i + 64])
-            times.append(time.perf_counter() - t0)
-        per[m] = float(np.median(times)) / len(items)
+    with Steal() as steal:
+        for m, items in (("image", imgs), ("audio", auds), ("text", txts)):
+            times = []
+            for _ in range(passes):
+                t0 = time.perf_counter()
+                for i in range(0, len(items), 64):
+                    ex[m].extract(items[i:i + 64])
+                times.append(time.perf_counter() - t0)
+            per[m] = float(np.median(times)) / len(items)
     per_sample = sum(per.values())
-    steal = 100 * (Monitor._cpu()[1] - steal0) / ((time.perf_counter() - w0) * (os.cpu_count() or 1))
     return {"per_sample_ms": {k: round(v * 1e3, 3) for k, v in per.items()},
             "single_process_samples_per_s": round(1 / per_sample, 1), "probe_rows": len(imgs),
-            "steal_pct": round(steal, 1)}
+            "steal_pct": steal.pct}
 
 
 def run_pool(files: list[str], cores: int, out: Path) -> None:
@@ -297,7 +311,7 @@ def child(name: str, data: Path, cores: int, probe: int) -> dict:
         else:
             raise SystemExit(f"unknown contender {name!r}; choose from {CONTENDERS}")
     return {**res, "seconds": mon.seconds, "cpu_util_pct": round(float(np.mean(mon.samples)) if mon.samples else 0.0, 1),
-            "cpu_seconds": round(mon.cpu_seconds, 1), "steal_pct": round(mon.steal_pct, 1),
+            "cpu_seconds": round(mon.cpu_seconds, 1), "steal_pct": mon.steal.pct,
             "cpu_by_process": mon.cpu_by_process(),
             "peak_mem_mb": round(mon.peak / 2**20, 1)}
 

@@ -40,6 +40,7 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
+from benchmarks.run import Steal  # noqa: E402
 from mmbatch import schema  # noqa: E402
 
 SPLITS = (("train", 0.8), ("validation", 0.1), ("test", 0.1))
@@ -166,7 +167,8 @@ def plain_loop(data_uri: str, args, rank: int = 0, world: int = 1, port: int = 0
         vm = evaluate_arrays(raw, val, class_names)
         history.append({"epoch": epoch, "train_loss": float(loss_sum) / n, "val_accuracy": vm["accuracy"]})
     res = {"startup_s": starts[0] - t_call, "epoch_s": steady(starts), "train_rows": n * world,
-           "steps_per_epoch": -(-n // batch_size), "rows_per_step": batch_size, "step_ms": {k: round(statistics.median(v), 3) for k, v in phases.items()},
+           "steps_per_epoch": -(-n // batch_size), "rows_per_step": batch_size,
+           "step_ms": {k: round(statistics.median(v), 3) for k, v in phases.items()},
            "val_accuracy": history[-1]["val_accuracy"], "history": history}
     if world > 1:
         res["allreduce_ms"] = allreduce_ms(raw)
@@ -235,21 +237,6 @@ def run_ray(data_uri: str, args, workers: int, out: Path) -> dict:
 
 
 # --- main ------------------------------------------------------------------------------------------
-class Steal:
-    """The share (%) of the cores' time the hypervisor gave to other guests during the block."""
-
-    def __enter__(self):
-        import psutil
-
-        self._cpu, self.t0 = psutil.cpu_times, time.perf_counter()
-        self.s0 = getattr(self._cpu(), "steal", 0.0)
-        return self
-
-    def __exit__(self, *exc):
-        wall = time.perf_counter() - self.t0
-        self.pct = round(100 * (getattr(self._cpu(), "steal", 0.0) - self.s0) / (wall * (os.cpu_count() or 1)), 1)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=12000)
