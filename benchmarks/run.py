@@ -38,8 +38,16 @@ import pyarrow.parquet as pq  # noqa: E402
 
 
 # --- corpus ---------------------------------------------------------------------------------
-def make_corpus(root: Path, n: int, seed: int = 0) -> Path:
-    """n samples of (500x375 JPEG, 10-15 s FLAC, transcript) + manifest.csv."""
+SHAPES = {
+    # ImageNet-like JPEGs (~500x375, ~110 KB) + LibriSpeech-like 10-15 s FLAC + 20-40 word transcripts
+    "large": {"image": (500, 375), "seconds": (10.0, 15.0), "words": (20, 40)},
+    # the AV-MNIST shape: 28x28 PNG + 1 s FLAC + a short text
+    "small": {"image": (28, 28), "seconds": (1.0, 1.0), "words": (3, 6)},
+}
+
+
+def make_corpus(root: Path, n: int, seed: int = 0, shape: str = "large") -> Path:
+    """n samples of (image, 16 kHz FLAC, text) of the given ``shape`` (SHAPES) + manifest.csv."""
     import cv2
 
     from mmbatch.demo.corpus import bits, encode_flac, make_audio, make_sentence
@@ -47,26 +55,30 @@ def make_corpus(root: Path, n: int, seed: int = 0) -> Path:
     manifest = root / "manifest.csv"
     if manifest.exists() and sum(1 for _ in manifest.open()) == n + 1:
         return manifest
+    spec = SHAPES[shape]
     rng = np.random.default_rng(seed)
     (root / "img").mkdir(parents=True, exist_ok=True)
     (root / "wav").mkdir(parents=True, exist_ok=True)
     lines = ["sample_id,image_path,audio_path,text,label,split"]
-    base = rng.integers(0, 255, size=(375, 500, 3), dtype=np.uint8)
-    base = cv2.GaussianBlur(base, (0, 0), 3)
+    w, h = spec["image"]
+    base = rng.integers(0, 255, size=(h, w, 3), dtype=np.uint8)
+    base = cv2.GaussianBlur(base, (0, 0), 3 if w > 100 else 1)
+    ext = "jpg" if shape == "large" else "png"
     for i in range(n):
         c = i % 4
         a, b, t = bits(c)
-        img = np.roll(base, int(rng.integers(0, 500)), axis=1).copy()
+        img = np.roll(base, int(rng.integers(0, w)), axis=1).copy()
         noise = rng.integers(0, 60, size=img.shape, dtype=np.uint8)
         img = cv2.add(img, noise)
         img[..., 2 if a == 0 else 0] = cv2.add(img[..., 2 if a == 0 else 0], 60)
-        ok, jpg = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 92])
-        (root / "img" / f"{i:06d}.jpg").write_bytes(jpg.tobytes())
-        clip = make_audio(b, rng, seconds=float(rng.uniform(10, 15)))
+        params = [cv2.IMWRITE_JPEG_QUALITY, 92] if ext == "jpg" else []
+        ok, enc = cv2.imencode(f".{ext}", img, params)
+        (root / "img" / f"{i:06d}.{ext}").write_bytes(enc.tobytes())
+        clip = make_audio(b, rng, seconds=float(rng.uniform(*spec["seconds"])))
         (root / "wav" / f"{i:06d}.flac").write_bytes(encode_flac(clip))
-        text = " ".join(make_sentence(t, rng, n_words=int(rng.integers(20, 40))))
+        text = " ".join(make_sentence(t, rng, n_words=int(rng.integers(*spec["words"]))))
         split = "train" if i % 10 < 8 else ("validation" if i % 10 == 8 else "test")
-        lines.append(f"s{i:06d},img/{i:06d}.jpg,wav/{i:06d}.flac,{text},{c},{split}")
+        lines.append(f"s{i:06d},img/{i:06d}.{ext},wav/{i:06d}.flac,{text},{c},{split}")
     manifest.write_text("\n".join(lines) + "\n")
     return manifest
 
@@ -280,8 +292,34 @@ def run_mmbatch(canon: Path, out: Path) -> dict:
             "rows_out": s.rows_out}
 
 
+class _RayDataExtract:
+    """The plainest Ray Data pipeline a user would write around mmbatch's extractors."""
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        res = extract_rows([r["bytes"] for r in batch.column("image").to_pylist()],
+                           [r["bytes"] for r in batch.column("audio").to_pylist()], batch.column("text").to_pylist())
+        from mmbatch.fusion import embeddings_to_arrow
+        return pa.table({"sample_id": batch.column("sample_id"),
+                         **{f"{m}_emb": embeddings_to_arrow(v) for m, v in res.items()}})
+
+
+def run_raydata(files: list[str], cores: int, out: Path) -> None:
+    import ray
+
+    ds = ray.data.read_parquet(files, columns=["sample_id", "image", "audio", "text"])
+    ds = ds.map_batches(_RayDataExtract, batch_format="pyarrow", batch_size=64, concurrency=cores)
+    ds.write_parquet(str(out / "raydata"))
+
+
+def run_ingest_job(data: Path, out: Path) -> dict:
+    from mmbatch.ingest import run_ingest
+
+    s = run_ingest("manifest", str(data / "corpus" / "manifest.csv"), str(out / "canonical"), echo=False)
+    return {"rows_out": s.ingested, "quarantined": s.quarantined}
+
+
 # --- one contender, in a fresh process ------------------------------------------------------------
-CONTENDERS = ("ideal", "mmbatch", "pool", "datasets")
+CONTENDERS = ("ideal", "mmbatch", "pool", "datasets", "raydata", "ingest")
 
 
 def child(name: str, data: Path, cores: int, probe: int) -> dict:
@@ -295,7 +333,7 @@ def child(name: str, data: Path, cores: int, probe: int) -> dict:
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir(parents=True)
     res: dict = {}
-    if name == "mmbatch":
+    if name in ("mmbatch", "raydata", "ingest"):
         from mmbatch.runtime import init_ray
 
         t0 = time.perf_counter()
@@ -308,6 +346,10 @@ def child(name: str, data: Path, cores: int, probe: int) -> dict:
             run_pool(files, cores, target)
         elif name == "datasets":
             run_datasets(files, cores, target)
+        elif name == "raydata":
+            run_raydata(files, cores, target)
+        elif name == "ingest":
+            res.update(run_ingest_job(data, target))
         else:
             raise SystemExit(f"unknown contender {name!r}; choose from {CONTENDERS}")
     return {**res, "seconds": mon.seconds, "cpu_util_pct": round(float(np.mean(mon.samples)) if mon.samples else 0.0, 1),
@@ -321,7 +363,7 @@ def spawn_child(name: str, args, n: int) -> dict:
     import sys
 
     cmd = [sys.executable, "-m", "benchmarks.run", "--child", name, "--samples", str(n), "--data", args.data,
-           "--probe", str(args.probe)]
+           "--probe", str(args.probe)] + (["--small"] if args.shape == "small" else [])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode or not lines:
@@ -329,11 +371,15 @@ def spawn_child(name: str, args, n: int) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
-def prepare(n: int, data_root: str, cores: int) -> Path:
+def data_dir(data_root: str, n: int, shape: str) -> Path:
+    return Path(data_root) / (f"n{n}" if shape == "large" else f"{shape}-n{n}")
+
+
+def prepare(n: int, data_root: str, cores: int, shape: str = "large") -> Path:
     """Corpus + canonical Parquet (ingested once, reused by later runs)."""
-    data = Path(data_root) / f"n{n}"
+    data = data_dir(data_root, n, shape)
     t0 = time.perf_counter()
-    manifest = make_corpus(data / "corpus", n)
+    manifest = make_corpus(data / "corpus", n, shape=shape)
     print(f"corpus: {n} samples ready in {time.perf_counter() - t0:.1f} s")
     canon = data / "canonical"
     if not (canon / "_manifest.json").exists():
@@ -359,12 +405,16 @@ def main() -> None:
     ap.add_argument("--memory", action="store_true", help="peak memory (PSS) of mmbatch preprocess at N and 4N samples")
     ap.add_argument("--overhead", action="store_true",
                     help="each contender's CPU seconds for a --small job (its fixed cost) and an N-sample job")
-    ap.add_argument("--small", type=int, default=40, help="samples of the tiny job of --overhead")
+    ap.add_argument("--tiny", type=int, default=40, help="samples of the tiny job of --overhead")
+    ap.add_argument("--small", action="store_true",
+                    help="the small-item corpus (28x28 PNG + 1 s FLAC + short text, the AV-MNIST shape) "
+                         "instead of the large-item one (500x375 JPEG + 10-15 s FLAC + transcript)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    args.shape = "small" if args.small else "large"
     cores = os.cpu_count() or 1
     if args.child:
-        res = child(args.child, Path(args.data) / f"n{args.samples}", cores, args.probe)
+        res = child(args.child, data_dir(args.data, args.samples, args.shape), cores, args.probe)
         print("RESULT " + json.dumps(res))
         return
     out = Path(args.out)
@@ -373,7 +423,7 @@ def main() -> None:
         return memory_main(args, out, cores)
     if args.overhead:
         return overhead_main(args, out, cores)
-    data = prepare(args.samples, args.data, cores)
+    data = prepare(args.samples, args.data, cores, args.shape)
     files = canonical_files(data / "canonical")
     tab = pa.concat_tables([pq.read_table(f, columns=["duration"]) for f in files])
     audio_seconds = float(np.nansum(np.array(tab.column("duration").to_pylist(), dtype=float)))
@@ -382,12 +432,15 @@ def main() -> None:
                                             .combine_chunks().field("bytes"))).as_py() for f in files)
     results = {"machine": {"cores": cores, "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
                            "cpu": platform.processor() or platform.machine(), "python": platform.python_version()},
-               "command": f"python -m benchmarks.run --samples {args.samples} --repeat {args.repeat}",
+               "command": f"python -m benchmarks.run --samples {args.samples} --repeat {args.repeat}"
+                          + (" --small" if args.shape == "small" else "") + (f" --only {args.only}" if args.only != ",".join(CONTENDERS) else ""),
+               "shape": args.shape,
                "samples": n, "audio_seconds": round(audio_seconds, 1), "mean_jpeg_kb": round(img_bytes / n / 1024, 1),
                "repeat": args.repeat, "runs": {}}
     names = [c for c in CONTENDERS if c in args.only.split(",")]
-    label = {"mmbatch": "mmbatch", "pool": f"multiprocessing.Pool({cores})",
-             "datasets": f"datasets.map(num_proc={cores})", "ideal": "ideal"}
+    label = {"mmbatch": "mmbatch preprocess", "pool": f"multiprocessing.Pool({cores})",
+             "datasets": f"datasets.map(num_proc={cores})", "ideal": "ideal",
+             "raydata": "plain Ray Data map_batches", "ingest": "mmbatch ingest (manifest)"}
     for r in range(args.repeat):
         for name in names:
             res = spawn_child(name, args, args.samples)
@@ -418,27 +471,31 @@ def write_results(results: dict, out: Path) -> None:
              f"Command: `{results['command']}`; each contender in a fresh process, medians of {results['repeat']} "
              f"interleaved run(s)" + (f"; Ray start-up {np.median(startup):.1f} s, not included in samples/s "
                                       "(the last column includes it)." if startup else "."),
-             "", "| contender | samples/s (range) | images/s | audio s / wall s | CPU util % | CPU s / 1k samples "
-                 "| CPU steal % | peak memory (PSS) MB | % of ideal | samples/s incl. start-up |",
+             "", "| contender | samples/s (range) | audio s / wall s | CPU util % | CPU s / 1k samples "
+                 "| driver CPU s / 1k samples | CPU steal % | peak memory (PSS) MB | % of ideal | samples/s incl. start-up |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     if ideal:
         ranked = sorted(runs["ideal"], key=lambda r: r["single_process_samples_per_s"])
         per = ranked[len(ranked) // 2]["per_sample_ms"]                   # the median run's
         lines.append(f"| ideal ({results['machine']['cores']} x single process; ms/sample: " +
                      ", ".join(f"{k} {v}" for k, v in per.items()) + f") | {ideal} | | | | "
-                     f"{sum(per.values()):.1f} | {_median(runs['ideal'], 'steal_pct'):.0f} | | 100 | |")
+                     f"{sum(per.values()):.1f} | | {_median(runs['ideal'], 'steal_pct'):.0f} | | 100 | |")
     for name, rs in runs.items():
         if name == "ideal":
             continue
         sps = _median(rs, "samples_per_s")
         rng = f" ({min(r['samples_per_s'] for r in rs)}-{max(r['samples_per_s'] for r in rs)})" if len(rs) > 1 else ""
         pct = f"{100 * sps / ideal:.0f}" if ideal else ""
-        lines.append(f"| {name} | {sps:.1f}{rng} | {sps:.1f} | {_median(rs, 'audio_x_realtime'):.0f} | "
+        driver = float(np.median([r["cpu_by_process"].get("driver", 0.0) for r in rs]))
+        lines.append(f"| {name} | {sps:.1f}{rng} | {_median(rs, 'audio_x_realtime'):.0f} | "
                      f"{_median(rs, 'cpu_util_pct'):.0f} | {1000 * _median(rs, 'cpu_seconds') / results['samples']:.1f} | "
+                     f"{1000 * driver / results['samples']:.2f} | "
                      f"{_median(rs, 'steal_pct'):.0f} | {_median(rs, 'peak_mem_mb'):.0f} | {pct} | "
                      f"{_median(rs, 'samples_per_s_with_startup'):.1f} |")
-    (out / "preprocess.md").write_text("\n".join(lines) + "\n")
-    (out / "preprocess.json").write_text(json.dumps(results, indent=2))
+    stem = "preprocess" + ("-small" if results.get("shape") == "small" else "") + \
+        ("" if results["samples"] in (2000,) else f"-{results['samples']}")
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=2))
     print("\n".join(lines))
 
 
@@ -446,7 +503,7 @@ def memory_main(args, out: Path, cores: int) -> None:
     """Peak memory (PSS) of mmbatch preprocess (driver + Ray workers) at N and 4N samples."""
     rows = []
     for n in (args.samples, 4 * args.samples):
-        prepare(n, args.data, cores)
+        prepare(n, args.data, cores, args.shape)
         res = spawn_child("mmbatch", args, n)
         rows.append({"samples": n, "peak_mem_mb": res["peak_mem_mb"], "seconds": round(res["seconds"], 1),
                      "samples_per_s": round(n / res["seconds"], 1)})
@@ -465,9 +522,9 @@ def overhead_main(args, out: Path, cores: int) -> None:
     the ideal's (warm single-process extractors). CPU seconds barely depend on how fast the VM runs
     at that moment (wall time does, by up to 2x on the development VM), so this separates a
     contender's fixed cost per job from its cost per sample."""
-    sizes = (args.small, args.samples)
+    sizes = (args.tiny, args.samples)
     for n in sizes:
-        prepare(n, args.data, cores)
+        prepare(n, args.data, cores, args.shape)
     names = [c for c in ("mmbatch", "pool", "datasets") if c in args.only.split(",")]
     runs: dict = {name: {n: [] for n in sizes} for name in names}
     ideal = []
@@ -486,7 +543,7 @@ def overhead_main(args, out: Path, cores: int) -> None:
         marginal_ms = 1e3 * (cpu[sizes[1]] - cpu[sizes[0]]) / (sizes[1] - sizes[0])
         rows[name] = {"cpu_seconds": cpu, "fixed_cpu_s": cpu[sizes[0]], "marginal_cpu_ms_per_sample": round(marginal_ms, 2),
                       "steal_pct": _median([x for n in sizes for x in runs[name][n]], "steal_pct")}
-    res = {"command": f"python -m benchmarks.run --overhead --samples {args.samples} --small {args.small} "
+    res = {"command": f"python -m benchmarks.run --overhead --samples {args.samples} --tiny {args.tiny} "
                       f"--repeat {args.repeat}",
            "machine": {"cores": cores, "python": platform.python_version()}, "sizes": list(sizes),
            "ideal_cpu_ms_per_sample": round(ideal_ms, 2), "contenders": rows, "runs": runs}

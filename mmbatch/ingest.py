@@ -33,14 +33,15 @@ import pyarrow as pa
 
 import mmbatch
 from mmbatch import schema, storage
+from mmbatch.commit import CommitRecord, Committer, write_table
 from mmbatch.errors import UsageError
 from mmbatch.sources import KINDS, common, source_module
 
 log = logging.getLogger("mmbatch.ingest")
 
 PLANNING_QUARANTINE = "planning"          # quarantine/planning.parquet
-ROW_GROUP_BYTES = 64 * 2**20              # aim for ~64 MB row groups inside a shard
-WORKER_BASE_MEMORY = 384 * 2**20          # a read worker's own footprint (Python + pyarrow + PIL/soundfile)
+ROW_GROUP_BYTES = 32 * 2**20              # aim for ~32 MB row groups inside a shard ...
+ROW_GROUP_ROWS = 1024                     # ... of at most this many rows
 
 
 @dataclass
@@ -119,7 +120,6 @@ class ShardTask:
     fingerprint: str
     samples: list[common.Sample]
     nbytes: int
-    records: list[dict] = field(default_factory=list, repr=False)   # samples as dicts (fingerprinted, shipped)
 
 
 def plan_ingest(kind: str, input: str, out: str,
@@ -149,9 +149,8 @@ def shard_plan(plan: common.Plan, samples: list[common.Sample], opts: IngestOpti
             "schema_version": schema.SCHEMA_VERSION}
     shards = []
     for i, g in enumerate(groups):
-        records = [s.to_dict() for s in g]
-        fp = storage.fingerprint({**base, "samples": records})
-        shards.append(ShardTask(common.shard_id(i), fp, g, sum(s.nbytes for s in g), records))
+        fp = storage.fingerprint({**base, "samples": [s.to_dict() for s in g]})
+        shards.append(ShardTask(common.shard_id(i), fp, g, sum(s.nbytes for s in g)))
     return shards
 
 
@@ -165,106 +164,109 @@ def quarantine_schema(kind: str) -> pa.Schema:
     return schema.with_metadata(schema.QUARANTINE, {"stage": "ingest", "kind": kind}, hf=False)
 
 
-def _counts(rows: list[dict], bad: list[dict]) -> dict:
+def _counts(rows: list[dict]) -> dict:
     splits = Counter(str(r["split"]) for r in rows)
     labels = Counter(str(r["label_name"] if r["label_name"] is not None else r["label"])
                      for r in rows if r["label"] is not None or r["label_name"] is not None)
-    reasons = Counter(b["reason"] for b in bad)
-    return {"splits": dict(splits), "labels": dict(labels), "reasons": dict(reasons)}
+    return {"split": dict(splits), "label": dict(labels)}
 
 
-def ingest_shard(shard_id: str, fingerprint: str, samples: list[dict], ctx: dict) -> dict:
-    """Read one shard's samples, write its data + quarantine Parquet and its marker; return the marker."""
+# Media bytes are already compressed (JPEG, PNG, FLAC): zstd on them costs CPU for ~nothing.
+MEDIA_COMPRESSION = {"image.bytes": "none", "audio.bytes": "none"}
+
+
+def ingest_shard(shard_id: str, fingerprint: str, samples: list[common.Sample], ctx: dict) -> CommitRecord:
+    """Read one shard's samples, write its data + quarantine Parquet; return its commit record
+    (the driver writes the marker)."""
+    t0 = time.perf_counter()
     kind = ctx["kind"]
     mod = source_module(kind)
     rctx = common.ReadContext(kind=kind, uri=ctx["uri"], root=ctx["root"], options=ctx["options"],
                               info=ctx.get("info") or {})
-    recs = [common.Sample.from_dict(d) for d in samples]
     if hasattr(mod, "read_shard"):
-        rows, bad = mod.read_shard(recs, rctx)
+        rows, bad = mod.read_shard(samples, rctx)
     else:
-        rows, bad = common.read_file_shard(recs, rctx, mod.build_row)
-    if len(rows) + len(bad) != len(recs):  # every record must end as a row or a quarantine row
-        raise RuntimeError(f"{shard_id}: {len(recs)} records gave {len(rows)} rows + {len(bad)} quarantined")
-
+        rows, bad = common.read_file_shard(samples, rctx, mod.build_row)
+    if len(rows) + len(bad) != len(samples):  # every record must end as a row or a quarantine row
+        raise RuntimeError(f"{shard_id}: {len(samples)} records gave {len(rows)} rows + {len(bad)} quarantined")
+    t1 = time.perf_counter()
     fs, out = storage.url_to_fs(ctx["out"])
     sch = data_schema(kind, ctx["options"])
     table = pa.Table.from_pylist(rows, schema=sch) if rows else sch.empty_table()
-    nbytes = sum(s.nbytes for s in recs) or 1
-    row_group = max(1, int(len(rows) * ROW_GROUP_BYTES / nbytes)) if rows else None
+    nbytes = sum(s.nbytes for s in samples) or 1
+    row_group = row_group_rows(len(rows), nbytes) if rows else None
     data_rel = f"{shard_id}.parquet"
-    storage.atomic_write_table(fs, storage.join(out, data_rel), table, row_group_size=row_group)
+    write_table(fs, storage.join(out, data_rel), table, row_group_size=row_group, compression=MEDIA_COMPRESSION)
     del table
     files = [data_rel]
     q_rel = f"{storage.QUARANTINE_DIR}/{shard_id}.parquet"
     q_path = storage.join(out, q_rel)
     if bad:
-        storage.atomic_write_table(fs, q_path, pa.Table.from_pylist(bad, schema=quarantine_schema(kind)))
+        write_table(fs, q_path, pa.Table.from_pylist(bad, schema=quarantine_schema(kind)))
         files.append(q_rel)
     elif fs.exists(q_path):
         fs.rm(q_path)
-    marker = {"shard_id": shard_id, "fingerprint": fingerprint, "rows": len(rows), "quarantined": len(bad),
-              "files": files, "counts": _counts(rows, bad), "stage": "ingest", "kind": kind}
-    storage.write_marker(fs, out, shard_id, marker)
-    return marker
+    return CommitRecord(unit=shard_id, fingerprint=fingerprint, input=f"{len(samples)} samples", files=files,
+                        rows_in=len(samples), rows=len(rows), quarantined=len(bad),
+                        quarantine_file=q_rel if bad else None, reasons=dict(Counter(b["reason"] for b in bad)),
+                        counts=_counts(rows), seconds={"read": round(t1 - t0, 6),
+                                                       "write": round(time.perf_counter() - t1, 6)})
 
 
-def _shard_batch(batch: pa.Table, ctx: dict) -> pa.Table:
-    """Ray Data adapter: a batch of shard rows (batch_size=1) -> one marker row each.
-
-    (No torch/BLAS here, so no thread pinning: importing torch would only slow the workers' start.)
-    """
-    out = []
-    for item in batch.to_pylist():
-        marker = ingest_shard(item["shard_id"], item["fingerprint"], json.loads(item["payload"]), ctx)
-        out.append({"shard_id": item["shard_id"], "marker": json.dumps(marker)})
-    return pa.Table.from_pylist(out, schema=pa.schema([("shard_id", pa.string()), ("marker", pa.string())]))
+def row_group_rows(rows: int, nbytes: int) -> int:
+    """Rows per row group: ~ROW_GROUP_BYTES of media, and at most ROW_GROUP_ROWS rows (a row group is
+    one unit of preprocess work: small enough that the units of a job spread over the workers)."""
+    return max(1, min(ROW_GROUP_ROWS, int(rows * ROW_GROUP_BYTES / nbytes)))
 
 
-def _run_shards(pending: list[ShardTask], ctx: dict) -> list[dict]:
-    import ray
-    import ray.data
+class IngestWorker:
+    """The per-process side of ingest: one shard in, one commit record out (see mmbatch.pool)."""
 
-    items = [{"shard_id": t.shard_id, "fingerprint": t.fingerprint,
-              "payload": json.dumps(t.records or [s.to_dict() for s in t.samples])} for t in pending]
-    # memory hint: raw bytes + the Arrow table + Parquet buffers; never more than a quarter of the cluster
-    biggest = max(t.nbytes for t in pending)
-    cluster_mem = float(ray.cluster_resources().get("memory", 0.0)) or 8 * 2**30
-    memory = int(min(3 * biggest + WORKER_BASE_MEMORY, cluster_mem / 4))
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map_batches(_shard_batch, batch_size=1, batch_format="pyarrow", fn_kwargs={"ctx": ctx},
-                        num_cpus=1, memory=memory)
-    return [json.loads(r["marker"]) for r in ds.take_all()]
+    def __init__(self, ctx: dict):
+        self.ctx = ctx
+
+    def __call__(self, task: "ShardTask") -> CommitRecord:
+        return ingest_shard(task.shard_id, task.fingerprint, task.samples, self.ctx)
+
+
+def _run_shards(pending: list[ShardTask], ctx: dict, on_result) -> None:
+    from mmbatch.pool import Resources, run_units
+    from mmbatch.runtime import cluster_cpus
+
+    run_units(IngestWorker, ctx, sorted(pending, key=lambda t: -t.nbytes), on_result,
+              num_workers=max(1, int(cluster_cpus())), resources=Resources(num_cpus=1),
+              name=lambda t: t.shard_id)
 
 
 # --- the stage ----------------------------------------------------------------------------
 def run_ingest(kind: str, input: str, out: str, opts: IngestOptions | None = None,
                address: str | None = None, echo: bool = True) -> IngestSummary:
     """Ingest INPUT (a KIND corpus) into OUT; see the module docstring. Prints the summary when ``echo``."""
-    from mmbatch.runtime import cluster_cpus, init_ray
+    from mmbatch.runtime import init_ray, planned_cpus
 
     t0 = time.time()
     opts = opts or IngestOptions()
     opts.validate()
     fs, out_path = storage.url_to_fs(out)
     plan, samples, problems = plan_ingest(kind, input, out, opts)   # UsageError before Ray starts
-    init_ray(address=address)
-    shards = shard_plan(plan, samples, opts, num_cpus=cluster_cpus())
+    shards = shard_plan(plan, samples, opts, num_cpus=planned_cpus(address))
 
     fs.makedirs(out_path, exist_ok=True)
     manifest_path = storage.join(out_path, storage.MANIFEST)
     if fs.exists(manifest_path):  # "complete" no longer holds while shards change
         fs.rm(manifest_path)
 
-    markers: dict[str, dict] = {}
+    committer = Committer(fs, out_path)
+    records: dict[str, CommitRecord] = {}
     pending: list[ShardTask] = []
     for t in shards:
-        m = storage.committed(fs, out_path, t.shard_id, t.fingerprint)
-        if m is not None:
-            markers[t.shard_id] = m
+        rec = committer.marker(t.shard_id, t.fingerprint)
+        if rec is not None:
+            records[t.shard_id] = rec
         else:
             pending.append(t)
-    skipped = len(markers)
+    skipped = len(records)
+    committer.remove_leftovers([t.shard_id for t in shards], data_dirs=("", storage.QUARANTINE_DIR))
 
     # planning-time quarantine (always rewritten, possibly empty)
     qsch = quarantine_schema(kind)
@@ -273,13 +275,16 @@ def run_ingest(kind: str, input: str, out: str, opts: IngestOptions | None = Non
                                pa.Table.from_pylist(qrows, schema=qsch) if qrows else qsch.empty_table())
 
     if pending:
+        init_ray(address=address)
         ctx = {"kind": kind, "uri": plan.uri, "root": plan.root, "out": out,
                "options": opts.content_options(), "info": plan.info}
         log.info("ingest %s: %d shards to read (%d already committed)", kind, len(pending), skipped)
-        for m in _run_shards(pending, ctx):
-            markers[m["shard_id"]] = m
 
-    storage.remove_stale(fs, out_path, [t.shard_id for t in shards])
+        def on_result(task: ShardTask, rec: CommitRecord) -> None:
+            committer.on_write_complete(rec)
+            records[task.shard_id] = rec
+
+        _run_shards(pending, ctx, on_result)
     storage.clean_tmp(fs, out_path)
 
     splits: Counter = Counter()
@@ -287,13 +292,12 @@ def run_ingest(kind: str, input: str, out: str, opts: IngestOptions | None = Non
     reasons: Counter = Counter(p.reason for p in problems)
     ingested = quarantined = 0
     for t in shards:
-        m = markers[t.shard_id]
-        ingested += int(m["rows"])
-        quarantined += int(m["quarantined"])
-        c = m.get("counts") or {}
-        splits.update(c.get("splits") or {})
-        labels.update(c.get("labels") or {})
-        reasons.update(c.get("reasons") or {})
+        r = records[t.shard_id]
+        ingested += r.rows
+        quarantined += r.quarantined
+        splits.update(r.counts.get("split") or {})
+        labels.update(r.counts.get("label") or {})
+        reasons.update(r.reasons)
     quarantined += len(problems)
     rows_in = sum(len(t.samples) for t in shards) + len(problems)
     if rows_in != ingested + quarantined:
@@ -312,7 +316,7 @@ def run_ingest(kind: str, input: str, out: str, opts: IngestOptions | None = Non
         "mmbatch_version": mmbatch.__version__, "schema_version": schema.SCHEMA_VERSION,
         "files": [f"{t.shard_id}.parquet" for t in shards],   # the data shards, as in every mmbatch manifest
         "quarantine_files": [f"{storage.QUARANTINE_DIR}/{PLANNING_QUARANTINE}.parquet"] + sorted(
-            f for t in shards for f in markers[t.shard_id]["files"] if f.startswith(storage.QUARANTINE_DIR)),
+            f for t in shards for f in records[t.shard_id].files if f.startswith(storage.QUARANTINE_DIR)),
         "info": plan.info,
         "shards_total": len(shards), "shards_skipped": skipped,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "elapsed_s": round(summary.elapsed, 3),

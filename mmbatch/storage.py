@@ -85,13 +85,33 @@ def dictionary_columns(schema: pa.Schema) -> list[str]:
     return [f.name for f in schema if not is_float(f.type)]
 
 
-def atomic_write_table(fs, path: str, table: pa.Table, row_group_size: int | None = None) -> None:
-    """Write ``table`` as Parquet at ``path`` through a temp file + rename."""
+def leaf_columns(schema: pa.Schema) -> list[str]:
+    """Parquet leaf column paths of an Arrow schema (``image.bytes``, ``words.list.element.start``)."""
+    key = schema.to_string(show_schema_metadata=False)
+    got = _LEAVES.get(key)
+    if got is None:
+        buf = pa.BufferOutputStream()
+        pq.write_table(schema.remove_metadata().empty_table(), buf)
+        pf = pq.ParquetFile(pa.BufferReader(buf.getvalue()))
+        got = _LEAVES[key] = [pf.schema.column(i).path for i in range(len(pf.schema))]
+    return got
+
+
+_LEAVES: dict[str, list[str]] = {}
+
+
+def atomic_write_table(fs, path: str, table: pa.Table, row_group_size: int | None = None,
+                       compression: dict[str, str] | None = None) -> None:
+    """Write ``table`` as Parquet at ``path`` through a temp file + rename; zstd, except the leaf
+    columns ``compression`` maps to another codec (e.g. ``{"image.bytes": "none"}``)."""
     parent = posixpath.dirname(path)
     tmp = join(parent, TMP_DIR, f"{uuid.uuid4().hex}.{posixpath.basename(path)}")
     fs.makedirs(posixpath.dirname(tmp), exist_ok=True)
+    codec: str | dict = "zstd"
+    if compression:
+        codec = {c: compression.get(c, "zstd") for c in leaf_columns(table.schema)}
     pq.write_table(table, tmp, filesystem=fs, row_group_size=row_group_size,
-                   compression="zstd", use_dictionary=dictionary_columns(table.schema))
+                   compression=codec, use_dictionary=dictionary_columns(table.schema))
     _rename(fs, tmp, path)
 
 
@@ -147,7 +167,7 @@ def remove_stale(fs, out_dir: str, keep_shards: Iterable[str]) -> list[str]:
         if sid in keep:
             continue
         m = read_json(fs, marker_path) or {}
-        for f in m.get("files", []):
+        for f in [*m.get("files", []), *([m["quarantine_file"]] if m.get("quarantine_file") else [])]:
             p = join(out_dir, f)
             if fs.exists(p):
                 fs.rm(p)
@@ -162,6 +182,11 @@ def clean_tmp(fs, out_dir: str) -> None:
             fs.rm(d, recursive=True)
 
 
+def marker_paths(fs, out_dir: str) -> list[str]:
+    """Paths of every shard marker under ``out_dir``."""
+    return _ls(fs, join(out_dir, SHARDS_DIR))
+
+
 def _ls(fs, d: str) -> list[str]:
     try:
         return sorted(p for p in fs.ls(d, detail=False) if p.endswith(".json"))
@@ -172,3 +197,14 @@ def _ls(fs, d: str) -> list[str]:
 def read_manifest(uri: str) -> dict | None:
     fs, path = url_to_fs(uri)
     return read_json(fs, join(path, MANIFEST))
+
+
+def jsonable(x: Any) -> Any:
+    """``x`` with sets as sorted lists and tuples as lists (for JSON files)."""
+    if isinstance(x, dict):
+        return {k: jsonable(v) for k, v in x.items()}
+    if isinstance(x, set):
+        return sorted(jsonable(v) for v in x)
+    if isinstance(x, (tuple, list)):
+        return [jsonable(v) for v in x]
+    return x

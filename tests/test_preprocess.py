@@ -115,19 +115,24 @@ def test_ray_features_equal_plain_loop(paired, ingested):
     np.testing.assert_allclose(embeddings_to_numpy(t.column("text_emb"), 64), expect, rtol=0, atol=0)
 
 
-def test_work_units_are_row_groups_largest_first(tmp_path):
-    from mmbatch.features.stages import read_units, row_group_sizes, work_units
+def test_units_are_row_groups_largest_first_with_deterministic_names(tmp_path):
+    """A unit is one row group of one input shard; its id (= output file stem and marker name)
+    does not depend on the run, its fingerprint changes with the settings."""
+    from mmbatch.config import DatasetConfig
+    from mmbatch.preprocess.plan import DatasetPlan, row_group_sizes
 
-    a, b = tmp_path / "a.parquet", tmp_path / "b.parquet"
+    a, b = tmp_path / "part-00000.parquet", tmp_path / "part-00001.parquet"
     pq.write_table(pa.table({"sample_id": [f"a{i}" for i in range(10)]}), a, row_group_size=4)   # 4, 4, 2
     pq.write_table(pa.table({"sample_id": [f"b{i}" for i in range(5)]}), b, row_group_size=5)    # 5
     fs, _ = storage.url_to_fs(str(tmp_path))
-    units = work_units({str(p): row_group_sizes(fs, str(p)) for p in (a, b)})
-    assert [(Path(u["path"]).name, u["row_group"], u["rows"]) for u in units] == \
-        [("b.parquet", 0, 5), ("a.parquet", 0, 4), ("a.parquet", 1, 4), ("a.parquet", 2, 2)]
-    t = read_units(pa.Table.from_pylist(units[2:]), str(tmp_path), ["sample_id"])
-    assert t.column("sample_id").to_pylist() == ["a4", "a5", "a6", "a7", "a8", "a9"]
-    assert set(t.column("path").to_pylist()) == {str(a)}
+    plan = DatasetPlan(DatasetConfig(name="ds", path=str(tmp_path)), [str(a), str(b)], ["image"], None,
+                       {str(p): row_group_sizes(fs, str(p)) for p in (a, b)}, {str(a): "fa", str(b): "fb"}, {})
+    units = plan.units({"specs": 1})
+    assert [(u.id, u.row_group, u.rows) for u in units] == [
+        ("ds--part-00001-rg000", 0, 5), ("ds--part-00000-rg000", 0, 4), ("ds--part-00000-rg001", 1, 4),
+        ("ds--part-00000-rg002", 2, 2)]
+    assert [u.fingerprint for u in plan.units({"specs": 1})] == [u.fingerprint for u in units]
+    assert not {u.fingerprint for u in plan.units({"specs": 2})} & {u.fingerprint for u in units}
 
 
 def test_workers_are_pinned_and_model_free_extractors_skip_torch(tmp_path):
@@ -144,7 +149,7 @@ init_ray(num_cpus=1)
 def probe():
     import numpy as np
     from mmbatch.config import FeaturesConfig
-    from mmbatch.features.stages import get_extractor
+    from mmbatch.preprocess.unit import extractor as get_extractor
     cfg = FeaturesConfig()
     sr = 16000
     clip = (0.1 * np.sin(np.arange(sr) / 5)).astype(np.float32)
@@ -172,8 +177,10 @@ def test_rerun_does_no_work_and_config_change_reprocesses(paired, ingested):
     changed = paired_workflow(ingested, out)
     changed["features"]["text"]["dim"] = 32
     s = run_preprocess(workflow_from_dict(changed), progress=False)
-    speech_shards = len(storage.list_parquet(*storage.url_to_fs(str(Path(ingested) / "librispeech"))))
-    assert s.shards_processed == speech_shards            # only the text dataset changed
+    speech_units = len(list((Path(out) / "_features" / "speech" / "_shards").glob("*.json")))
+    # the partner's features are recomputed; every fused unit of the primary is redone in one pass
+    # (its own features are not stored apart: each row is written once, in its fused file)
+    assert s.shards_processed == speech_units + first.fused_processed and s.fused_processed == first.fused_processed
     assert read_mmbatch_meta(pq.read_schema(next(Path(out).glob("*.parquet"))))["dims"]["text"] == 32
     assert not list(Path(out).rglob("_staging/*")) and not list(Path(out).rglob("_tmp/*"))
 

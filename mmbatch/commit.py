@@ -1,0 +1,113 @@
+"""The one commit protocol of ingest and preprocess: workers write, the driver commits.
+
+It has the shape of Ray Data's ``Datasink`` (``write`` per block on a worker,
+``on_write_complete`` on the driver), with the per-unit fingerprints Ray's
+job-level checkpointing lacks:
+
+- A **worker** computes one unit of work and writes its output files itself,
+  each through a temp file + rename (:func:`write_table`, retried on transient
+  storage errors). File names are deterministic per unit, so a retried task
+  overwrites instead of appending. It returns a :class:`CommitRecord`: a few
+  hundred bytes of counts, file names and timings, never row data.
+- The **driver** (:class:`Committer`) writes the unit's marker
+  ``<dir>/_shards/<unit>.json`` when the record arrives. A unit is committed
+  when its marker exists with the unit's current fingerprint and its files
+  exist; a rerun skips it. Data files without a marker at the start of a run
+  are leftovers of a killed run: :meth:`Committer.remove_leftovers` deletes them.
+- ``_manifest.json`` is written last, from the markers alone.
+"""
+from __future__ import annotations
+
+import posixpath
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable, TypeVar
+
+from mmbatch import storage
+
+T = TypeVar("T")
+
+WRITE_ATTEMPTS = 4           # a transient object-store error gets three more tries
+WRITE_BACKOFF_S = 0.5
+
+
+@dataclass
+class CommitRecord:
+    """What a worker returns for one unit: everything the driver needs, and no row data."""
+    unit: str                                   # unit id = marker name
+    fingerprint: str
+    input: str                                  # the input file (and row group) the unit read
+    files: list[str] = field(default_factory=list)   # data files written, relative to the output dir
+    rows_in: int = 0                            # input rows of the unit
+    rows: int = 0                               # rows written
+    quarantined: int = 0                        # rows quarantined (rows_in = rows + quarantined + dropped)
+    dropped: int = 0                            # rows left out by design (split filter, unpaired)
+    quarantine_file: str | None = None          # relative to the output dir
+    reasons: dict = field(default_factory=dict)       # quarantine reason -> rows
+    counts: dict = field(default_factory=dict)        # "split"/"label"/"presence" -> value -> rows written
+    seconds: dict = field(default_factory=dict)       # stage -> busy seconds in the worker
+    devices: dict = field(default_factory=dict)       # modality -> device it was embedded on
+
+    def to_marker(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_marker(cls, m: dict) -> "CommitRecord":
+        known = {k: m[k] for k in cls.__dataclass_fields__ if k in m}
+        return cls(**known)
+
+
+def call_with_retry(fn: Callable[[], T], what: str, attempts: int = WRITE_ATTEMPTS,
+                    backoff_s: float = WRITE_BACKOFF_S) -> T:
+    """``fn()``, retried with exponential backoff on OSError (transient storage errors)."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except OSError as e:
+            if attempt == attempts:
+                raise OSError(f"{what}: failed {attempts} times, last error: {e}") from e
+            time.sleep(backoff_s * 2 ** (attempt - 1))
+    raise AssertionError("unreachable")
+
+
+def write_table(fs, path: str, table, row_group_size: int | None = None,
+                compression: dict[str, str] | None = None) -> None:
+    """Atomic Parquet write (temp file + rename), retried on transient storage errors."""
+    call_with_retry(lambda: storage.atomic_write_table(fs, path, table, row_group_size=row_group_size,
+                                                       compression=compression), f"writing {path}")
+
+
+class Committer:
+    """Driver side of the protocol for one output directory."""
+
+    def __init__(self, fs, out_dir: str):
+        self.fs, self.out_dir = fs, out_dir
+        self.committed = 0
+
+    def marker(self, unit: str, fingerprint: str) -> CommitRecord | None:
+        """The record of ``unit`` if it is committed with ``fingerprint`` (files present), else None."""
+        m = storage.committed(self.fs, self.out_dir, unit, fingerprint)
+        return CommitRecord.from_marker(m) if m else None
+
+    def on_write_complete(self, rec: CommitRecord) -> None:
+        storage.write_marker(self.fs, self.out_dir, rec.unit, rec.to_marker())
+        self.committed += 1
+
+    def remove_leftovers(self, keep_units: Iterable[str], data_dirs: Iterable[str] = ("",)) -> list[str]:
+        """Drop committed units not in ``keep_units`` (stale: their input or plan changed), then any
+        data file that no marker names (a killed run's output), then temp files. Returns removed paths."""
+        removed = list(storage.remove_stale(self.fs, self.out_dir, keep_units))
+        named = set()
+        for marker_path in storage.marker_paths(self.fs, self.out_dir):
+            m = storage.read_json(self.fs, marker_path) or {}
+            named.update(m.get("files", []))
+            if m.get("quarantine_file"):
+                named.add(m["quarantine_file"])
+        for d in data_dirs:
+            for p in storage.list_parquet(self.fs, storage.join(self.out_dir, d) if d else self.out_dir):
+                rel = posixpath.join(d, posixpath.basename(p)) if d else posixpath.basename(p)
+                if rel not in named:
+                    self.fs.rm(p)
+                    removed.append(rel)
+        storage.clean_tmp(self.fs, self.out_dir)
+        return removed

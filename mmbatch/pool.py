@@ -1,0 +1,110 @@
+"""The Ray wiring of ingest and preprocess: a pool of long-lived actors runs units of work.
+
+Each actor builds its worker once (``make_worker(job)``: extractors, models,
+lookups) and then runs unit after unit; the driver keeps ``in_flight`` units
+queued per actor (so an actor never waits for the driver between units) and
+receives only each unit's small :class:`~mmbatch.commit.CommitRecord`.
+
+Why actors and not a Ray Data pipeline: a job of this shape (independent
+units, each read -> compute -> write by one worker) needs no streaming
+executor, no block shuffling between stages and no object-store traffic. On
+a 2-core machine Ray Data's executor, its service actors and its imports cost
+several CPU seconds per job (benchmarks/README figures), which this pool does
+not pay.
+
+Fault tolerance is Ray's own: an actor whose process dies (SIGKILL, OOM, a
+lost node) is restarted (``max_restarts=-1``), and the units it held are
+retried on it (``max_task_retries``); a unit that kills its worker
+``max_task_retries + 1`` times fails the job with the unit named.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+
+class UnitFailed(RuntimeError):
+    """A unit of work failed in its worker (the error names the unit and the cause)."""
+
+
+class _PoolActor:
+    """The actor class (``ray.remote`` is applied in :func:`run_units`, so importing this module
+    does not import Ray)."""
+
+    def __init__(self, make_worker: Callable[[Any], Callable], job_ref: list):
+        import ray
+
+        job = ray.get(job_ref[0])   # the job travels once through the object store (a nested ref, so a
+        #                             restarted actor fetches it again rather than pinning its arguments)
+        # A worker that cannot be built (a missing tool, a bad model path) fails each unit with
+        # its own error instead of dying: a dead actor would be restarted and fail again, silently.
+        try:
+            self.worker, self.error = make_worker(job), None
+        except Exception as e:  # noqa: BLE001 - re-raised by run()
+            self.worker, self.error = None, e
+
+    def run(self, unit: Any) -> Any:
+        if self.error is not None:
+            raise self.error
+        return self.worker(unit)
+
+    def ready(self) -> bool:
+        return True
+
+
+@dataclass
+class Resources:
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+
+
+def run_units(make_worker: Callable[[Any], Callable], job: Any, units: Iterable[Any],
+              on_result: Callable[[Any, Any], None], *, num_workers: int,
+              resources: Resources | None = None, in_flight: int = 2, max_task_retries: int = 3,
+              name: Callable[[Any], str] = str) -> None:
+    """Run ``make_worker(job)(unit)`` for every unit on ``num_workers`` actors.
+
+    ``on_result(unit, result)`` runs on the driver as each unit finishes, in completion order.
+    Units are handed out in the given order (put the largest first).
+    """
+    import ray
+
+    queue = deque(units)
+    if not queue:
+        return
+    res = resources or Resources()
+    actor_cls = ray.remote(_PoolActor).options(
+        num_cpus=res.num_cpus, num_gpus=res.num_gpus or None, max_restarts=-1,
+        max_task_retries=max_task_retries)
+    job_ref = ray.put(job)
+    actors = [actor_cls.remote(make_worker, [job_ref]) for _ in range(max(1, min(num_workers, len(queue))))]
+    pending: dict = {}
+
+    def submit(actor) -> None:
+        unit = queue.popleft()
+        pending[actor.run.remote(unit)] = (actor, unit)
+
+    try:
+        for _ in range(in_flight):
+            for a in actors:
+                if queue:
+                    submit(a)
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            ref = done[0]
+            actor, unit = pending.pop(ref)
+            try:
+                result = ray.get(ref)
+            except ray.exceptions.RayActorError as e:
+                raise UnitFailed(f"unit {name(unit)}: its worker died {max_task_retries + 1} times "
+                                 f"({e.__class__.__name__})") from None
+            except ray.exceptions.RayTaskError as e:
+                cause = e.cause if getattr(e, "cause", None) is not None else e
+                raise UnitFailed(f"unit {name(unit)}: {type(cause).__name__}: {cause}") from cause
+            on_result(unit, result)
+            if queue:
+                submit(actor)
+    finally:
+        for a in actors:
+            ray.kill(a, no_restart=True)

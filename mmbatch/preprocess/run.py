@@ -1,0 +1,225 @@
+"""`mmbatch preprocess`, the driver: plan, hand units to workers, commit their records, write the manifest.
+
+The driver never touches row data. Per dataset it plans units (row groups of
+the canonical shards, plan.py), skips those committed with the same
+fingerprint, removes a killed run's leftovers, and runs the rest on a pool of
+actors (mmbatch.pool) that read, extract, fuse and write each unit's final
+file (unit.py). Each unit comes back as a CommitRecord; the driver writes its
+marker (mmbatch.commit) and, at the end, ``_manifest.json`` from the records.
+
+With pairing, partner datasets run first and write their features to
+``OUT/_features/<dataset>/``; the driver then indexes their light columns
+(fuse.PartnerIndex) and the primary dataset's units pair, fuse and write in
+one pass. A run with nothing to do does not start Ray.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import pyarrow as pa
+
+from mmbatch import __version__, storage
+from mmbatch.commit import CommitRecord, Committer
+from mmbatch.config import Workflow
+from mmbatch.errors import UsageError
+from mmbatch.preprocess.fuse import PartnerIndex
+from mmbatch.preprocess.plan import FEATURES_DIR, META_COLS, DatasetPlan, feature_specs, plan_dataset, present_splits
+from mmbatch.preprocess.summary import PreprocessSummary, render_summary, write_manifest
+from mmbatch.preprocess.unit import UnitJob, extractor, make_worker
+from mmbatch.schema import MODALITIES, embedding_type, emb_column, fused_schema, has_column, with_metadata
+
+log = logging.getLogger("mmbatch.preprocess")
+
+
+def _roles(wf: Workflow, plans: list[DatasetPlan]) -> tuple[list[DatasetPlan], list[DatasetPlan]]:
+    """(primaries: their rows are the fused samples, partners: their embeddings are attached)."""
+    by = wf.pairing.by
+    if by == "none":
+        return plans, []
+    if len(plans) < 2:
+        raise UsageError(f"pairing.by={by!r} needs at least two datasets; got {len(plans)}")
+    primary = wf.pairing.primary or plans[0].cfg.name
+    names = [p.cfg.name for p in plans]
+    if primary not in names:
+        raise UsageError(f"pairing.primary={primary!r} is not a dataset name; allowed: {names}")
+    return [p for p in plans if p.cfg.name == primary], [p for p in plans if p.cfg.name != primary]
+
+
+def _features_schema(dims: dict, modalities: list[str]) -> pa.Schema:
+    base = fused_schema({}, 0)
+    fields = [base.field(c) for c in META_COLS]
+    fields += [pa.field(emb_column(m), embedding_type(dims[m])) for m in modalities]
+    fields += [pa.field(has_column(m), pa.bool_()) for m in modalities]
+    return pa.schema(fields)
+
+
+class _Runner:
+    """Runs the units of one output directory and commits them; counts into the summary."""
+
+    def __init__(self, wf: Workflow, out_fs, out_root: str, summary: PreprocessSummary, progress: bool):
+        self.wf, self.fs, self.out_root, self.summary, self.progress = wf, out_fs, out_root, summary, progress
+
+    def run(self, plan: DatasetPlan, job: UnitJob, fp_extra: dict, fused: bool) -> list[CommitRecord]:
+        units = plan.units(fp_extra)
+        committer = Committer(self.fs, storage.join(self.out_root, job.out_rel) if job.out_rel else self.out_root)
+        records: dict[str, CommitRecord] = {}
+        pending = []
+        for u in units:
+            rec = committer.marker(u.id, u.fingerprint)
+            if rec is not None:
+                records[u.id] = rec
+                self.summary.add(rec, fused, processed=False)
+            else:
+                pending.append(u)
+        if pending:
+            from mmbatch.pool import run_units
+            from mmbatch.runtime import init_ray
+
+            init_ray(self.wf.ray.address, self.wf.ray.num_cpus, self.wf.ray.num_gpus, self.wf.ray.object_store_memory)
+            workers, resources = _placement(self.wf, plan, job)
+            for m in plan.modalities:
+                self.summary.placement.setdefault(m, {}).update(
+                    stage="unit worker", device=job.devices.get(m, "cpu"), num_gpus=resources.num_gpus,
+                    workers=workers)
+            bar = _Progress(plan.cfg.name, sum(u.rows for u in pending), len(pending), self.progress)
+
+            def on_result(unit, rec: CommitRecord) -> None:
+                committer.on_write_complete(rec)
+                records[unit.id] = rec
+                self.summary.add(rec, fused, processed=True)
+                bar.update(rec.rows_in)
+
+            run_units(make_worker, job, pending, on_result, num_workers=workers, resources=resources)
+            bar.close()
+        return [records[u.id] for u in units]
+
+
+class _Progress:
+    """Rows per dataset; periodic lines (the front door's progress bar replaces this)."""
+
+    def __init__(self, name: str, rows: int, units: int, enabled: bool):
+        self.name, self.total, self.units, self.enabled = name, rows, units, enabled
+        self.done, self.t0, self.last = 0, time.time(), 0.0
+
+    def update(self, rows: int) -> None:
+        self.done += rows
+        now = time.time()
+        if self.enabled and (now - self.last > 10 or self.done >= self.total):
+            self.last = now
+            rate = self.done / max(now - self.t0, 1e-9)
+            print(f"  {self.name}: {self.done}/{self.total} rows ({rate:.0f} rows/s)", flush=True)
+
+    def close(self) -> None:
+        pass
+
+
+def _placement(wf: Workflow, plan: DatasetPlan, job: UnitJob):
+    """(workers, per-worker resources): one worker per CPU; when an extractor needs a model and
+    the cluster has GPUs, the workers share them (each worker decodes on its CPU and embeds on
+    its GPU fraction)."""
+    from mmbatch.pool import Resources
+    from mmbatch.runtime import cluster_cpus, cluster_gpus
+
+    workers = max(1, int(cluster_cpus()))
+    model_mods = [m for m in plan.modalities if extractor(m, job.specs[m]).needs_model]
+    gpus = cluster_gpus()
+    if model_mods and gpus > 0:
+        asked = [getattr(wf.features, m).num_gpus for m in model_mods if getattr(wf.features, m).num_gpus]
+        frac = min(1.0, max(asked) if asked else gpus / workers)
+        workers = max(1, min(workers, int(gpus / frac)))
+        for m in model_mods:
+            job.devices[m] = "gpu"
+        return workers, Resources(num_cpus=1, num_gpus=frac)
+    return workers, Resources(num_cpus=1)
+
+
+def _check_completions(plans: list[DatasetPlan]) -> None:
+    """Fail in the driver, before any worker starts, when a completion's tool is missing."""
+    from mmbatch.convert.transforms import KINDS, CompleteModality
+
+    for p in plans:
+        for c in p.cfg.complete:
+            src = KINDS[c.kind][0]
+            if src not in p.columns and not c.source_column:
+                raise UsageError(f"dataset '{p.cfg.name}': completion {c.kind} needs the {src!r} column; "
+                                 f"add it to modalities or set source_column")
+            CompleteModality(c.kind, c.source_column, c.target)     # checks tesseract / espeak-ng
+
+
+def run_preprocess(wf: Workflow, progress: bool = True) -> PreprocessSummary:
+    t0, cpu0 = time.time(), time.process_time()
+    if not wf.datasets:
+        raise UsageError("workflow has no datasets: add at least one under 'datasets:' "
+                         "(name + path of an ingested dataset)")
+    out_uri = wf.output.path
+    out_fs, out_root = storage.url_to_fs(out_uri)
+    out_fs.makedirs(out_root, exist_ok=True)
+    specs = feature_specs(wf)
+    plans = [plan_dataset(d) for d in wf.datasets]
+    _check_completions(plans)
+    primaries, partners = _roles(wf, plans)
+    used = [m for m in MODALITIES if any(m in p.modalities for p in plans)]
+    descriptions = {m: extractor(m, specs[m]).describe() for m in used}
+    dims = {m: descriptions[m]["dim"] for m in used}
+
+    from mmbatch.fusion import fused_dim
+    from mmbatch.splits import split_plan
+
+    fdim = fused_dim(wf.fusion.method, dims, wf.fusion.dim)
+    splits = split_plan(present_splits(primaries), wf.train.val_fraction, wf.train.test_fraction)
+    meta = {
+        "kind": "fused", "mmbatch_version": __version__, "features": descriptions, "dims": dims, "fused_dim": fdim,
+        "fusion": wf.fusion.model_dump(mode="json"), "pairing": wf.pairing.model_dump(mode="json"),
+        "datasets": {p.cfg.name: {"path": p.cfg.path, "modalities": p.modalities, "label_map": p.label_map}
+                     for p in plans},
+        "splits_final": True, "split_plan": {**splits, "seed": wf.train.seed},
+        "workflow_hash": storage.fingerprint(wf.model_dump(mode="json")),
+    }
+    schema = fused_schema(dims, fdim)
+    if partners:
+        schema = schema.append(pa.field("paired_with", pa.string()))
+    schema = with_metadata(schema, meta)
+    summary = PreprocessSummary(out=out_uri)
+    runner = _Runner(wf, out_fs, out_root, summary, progress)
+
+    def job_for(p: DatasetPlan, role: str, out_rel: str, **kw) -> UnitJob:
+        return UnitJob(dataset=p.cfg.name, out_uri=storage.join(out_uri, out_rel) if out_rel else out_uri,
+                       out_rel=out_rel, role=role, columns=p.columns, specs={m: specs[m] for m in p.modalities},
+                       modalities=p.modalities, dims=dims, label_map=p.label_map,
+                       completions=[c.model_dump(mode="json") for c in p.cfg.complete],
+                       row_group_size=wf.output.row_group_size, **kw)
+
+    base_fp = {"label_map": None, "complete": None}
+    partner_indexes, partner_fps = [], {}
+    for p in partners:
+        out_rel = storage.join(FEATURES_DIR, p.cfg.name)
+        job = job_for(p, "features", out_rel, schema=_features_schema(dims, p.modalities))
+        fp = {**base_fp, "specs": job.specs, "label_map": p.label_map, "complete": job.completions}
+        recs = runner.run(p, job, fp, fused=False)
+        files = [storage.join(out_root, out_rel, f) for r in recs for f in r.files]
+        partner_indexes.append(PartnerIndex.build(out_fs, p.cfg.name, p.modalities, files, wf.pairing.by,
+                                                  wf.pairing.key))
+        partner_fps[p.cfg.name] = sorted(r.fingerprint for r in recs)
+        Committer(out_fs, storage.join(out_root, out_rel)).remove_leftovers(
+            [r.unit for r in recs], data_dirs=("", storage.QUARANTINE_DIR))
+
+    fused_records: list[CommitRecord] = []
+    keep_units = [u.id for p in primaries for u in p.units({})]   # ids only (fingerprints differ below)
+    Committer(out_fs, out_root).remove_leftovers(keep_units, data_dirs=("", storage.QUARANTINE_DIR))
+    for p in primaries:
+        job = job_for(p, "fused", "", schema=schema, keep_splits=p.cfg.splits, split_plan=splits,
+                      split_seed=wf.train.seed, fusion=wf.fusion.model_dump(mode="json"),
+                      pairing=wf.pairing.model_dump(mode="json"), partners=partner_indexes)
+        fp = {**base_fp, "specs": job.specs, "label_map": p.label_map, "complete": job.completions,
+              "fusion": job.fusion, "pairing": job.pairing, "partners": partner_fps, "splits": p.cfg.splits,
+              "split_plan": meta["split_plan"], "dims": dims, "schema": storage.fingerprint(str(schema))}
+        fused_records += runner.run(p, job, fp, fused=True)
+    summary.dropped = summary.features_rows - summary.rows_out
+    summary.fingerprint = storage.fingerprint(sorted(r.fingerprint for r in fused_records))
+    summary.driver_cpu_s = time.process_time() - cpu0
+    write_manifest(out_fs, out_root, fused_records, summary, meta, t0)
+    summary.elapsed = time.time() - t0
+    if progress:
+        print(render_summary(summary))
+    return summary

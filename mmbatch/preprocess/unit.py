@@ -1,0 +1,270 @@
+"""One unit of preprocess work, start to finish, in the worker that computes it (no Ray here).
+
+:class:`UnitWorker` is built once per worker (extractors, completions, the
+partner cache) and then, per unit (one row group of a canonical shard):
+
+    read the row group -> complete missing modalities -> decode + embed each
+    modality on the whole batch -> quarantine rows that failed -> filter
+    splits, decide the final split -> attach partners -> fuse -> write the
+    final Parquet file (and the unit's quarantine file) -> CommitRecord
+
+Batches are Arrow in, NumPy per modality, Arrow out (embeddings as
+fixed-size lists built once per batch). Timings and quarantine reasons are
+fields of the returned record, not columns. The same class serves a test, a
+plain loop and the Ray actor pool (mmbatch.pool).
+"""
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from mmbatch import storage
+from mmbatch.commit import CommitRecord, write_table
+from mmbatch.fusion import embeddings_to_arrow
+from mmbatch.preprocess.fuse import PartnerIndex, PartnerRows, fused_table
+from mmbatch.preprocess.plan import META_COLS, Unit
+from mmbatch.schema import MODALITIES, QUARANTINE, emb_column, has_column, normalize_split
+
+QUARANTINE_DIR = storage.QUARANTINE_DIR
+
+
+@dataclass
+class UnitJob:
+    """What every worker of one dataset's units needs (shipped once per worker)."""
+    dataset: str
+    out_uri: str                     # output directory of this dataset's units
+    out_rel: str                     # that directory relative to the run's output root ("" or _features/<ds>)
+    role: str                        # "fused": final rows; "features": a pairing partner's embeddings
+    columns: list[str]
+    specs: dict
+    modalities: list[str]            # this dataset's own modalities
+    dims: dict                       # every modality of the run -> embedding size
+    schema: pa.Schema                # of the written table
+    label_map: dict | None = None
+    completions: list[dict] = field(default_factory=list)
+    keep_splits: list[str] | None = None
+    split_plan: dict | None = None   # decide the final split (mmbatch.splits) when set
+    split_seed: int = 0
+    fusion: dict = field(default_factory=dict)
+    pairing: dict = field(default_factory=dict)
+    partners: list[PartnerIndex] = field(default_factory=list)
+    row_group_size: int = 4096
+    devices: dict = field(default_factory=dict)   # modality -> "gpu"/"cpu" placement asked for
+
+
+def extractor(modality: str, spec: dict):
+    """One extractor per (modality, config) per worker process, pinned to one thread."""
+    key = storage.fingerprint([modality, spec])
+    ex = _EXTRACTORS.get(key)
+    if ex is None:
+        from mmbatch import config as C
+        from mmbatch.features.registry import build_extractor
+        from mmbatch.runtime import pin_threads
+
+        pin_threads()
+        model = {"image": C.ImageFeatures, "audio": C.AudioFeatures, "text": C.TextFeatures}[modality]
+        ex = _EXTRACTORS[key] = build_extractor(modality, model.model_validate(spec))
+    return ex
+
+
+_EXTRACTORS: dict[str, Any] = {}
+
+
+def raw_items(table: pa.Table, modality: str) -> tuple[list, list | None]:
+    """(raw values per row: bytes / str / None, media paths per row or None)."""
+    if modality not in table.column_names:
+        return [None] * table.num_rows, None
+    col = table.column(modality).combine_chunks()
+    if modality == "text":
+        return col.to_pylist(), None
+    return pc.struct_field(col, "bytes").to_pylist(), pc.struct_field(col, "path").to_pylist()
+
+
+class UnitWorker:
+    def __init__(self, job: UnitJob):
+        self.job = job
+        self.extractors = {m: extractor(m, job.specs[m]) for m in job.modalities}
+        self.device = {m: self._place(m, ex) for m, ex in self.extractors.items()}
+        self.completions = []
+        if job.completions:
+            from mmbatch.convert.transforms import CompleteModality
+            self.completions = [CompleteModality(c["kind"], c.get("source_column"), c.get("target"))
+                                for c in job.completions]
+        self.fs, self.out_dir = storage.url_to_fs(job.out_uri)
+        self.partner_rows = PartnerRows(self.fs) if job.partners else None
+
+    def _place(self, modality: str, ex) -> str:
+        if not ex.needs_model:
+            return "cpu"
+        import torch
+        # Ray sets CUDA_VISIBLE_DEVICES for workers given GPUs; where the cluster only advertises
+        # GPUs (or CUDA is missing), the model runs on the CPU.
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.extractors[modality] = ex.to(device)
+        return device
+
+    def __call__(self, unit: Unit) -> CommitRecord:
+        job, sec = self.job, Counter()
+        t0 = time.perf_counter()
+        fs_in, _ = storage.url_to_fs(unit.path)
+        table = pq.ParquetFile(unit.path, filesystem=storage.arrow_fs(fs_in)).read_row_group(
+            unit.row_group, columns=[c for c in job.columns])
+        sec["read"] += time.perf_counter() - t0
+        for c in self.completions:
+            t0 = time.perf_counter()
+            table = c(table)
+            sec["complete"] += time.perf_counter() - t0
+        n = table.num_rows
+        reason = np.full(n, None, object)
+        detail = np.full(n, None, object)
+        where = np.full(n, None, object)
+        embs, present = {}, {}
+        for m in job.modalities:
+            t0 = time.perf_counter()
+            items, paths = raw_items(table, m)
+            has = np.fromiter((x is not None and len(x) > 0 for x in items), bool, count=n)
+            idx = np.flatnonzero(has)
+            emb = np.zeros((n, job.dims[m]), np.float32)
+            if len(idx):
+                got, errors = self.extractors[m].extract([items[i] for i in idx])
+                emb[idx] = got
+                for j, err in enumerate(errors):
+                    i = idx[j]
+                    if err is not None and reason[i] is None:
+                        reason[i], detail[i] = f"{m}:{err[0]}", err[1]
+                        where[i] = paths[i] if paths else None
+            embs[m], present[m] = emb, has
+            sec[m] += time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        bad = np.array([r is not None for r in reason], bool)
+        quarantine = self._quarantine(table, bad, reason, detail, where)
+        good = np.flatnonzero(~bad)
+        table = table.take(pa.array(good)) if len(good) < n else table
+        embs = {m: e[good] for m, e in embs.items()}
+        present = {m: p[good] for m, p in present.items()}
+        meta = self._meta(table)
+        keep = self._split_filter(meta["split"]) if job.role == "fused" else None
+        paired_with = None
+        if job.partners:       # partners share the dataset's own split (as ingested) where they have it
+            keep, paired_with = self._attach_partners(meta, table, embs, present, keep)
+        if job.split_plan is not None:
+            from mmbatch.splits import assign_splits
+            final = assign_splits(meta["sample_id"].to_pylist(), meta["split"].to_pylist(), job.split_plan,
+                                  job.split_seed)
+            meta["split"] = pa.array(final.tolist(), pa.string())
+        if keep is not None and not keep.all():
+            meta = {k: v.filter(pa.array(keep)) for k, v in meta.items()}
+            embs = {m: e[keep] for m, e in embs.items()}
+            present = {m: p[keep] for m, p in present.items()}
+            if paired_with is not None:
+                paired_with = {k: [v for v, ok in zip(vals, keep) if ok] for k, vals in paired_with.items()}
+        if job.role == "fused":
+            out = fused_table(meta, embs, present, job.dims, job.fusion, job.schema, paired_with)
+        else:
+            cols = dict(meta)
+            for m in job.modalities:
+                cols[emb_column(m)] = embeddings_to_arrow(embs[m], present[m])
+                cols[has_column(m)] = pa.array(present[m])
+            out = pa.table(cols, schema=job.schema)
+        sec["fuse"] += time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        name = f"{unit.id}.parquet"
+        write_table(self.fs, storage.join(self.out_dir, name), out, row_group_size=job.row_group_size)
+        qfile = None
+        qpath = storage.join(self.out_dir, QUARANTINE_DIR, name)
+        if quarantine.num_rows:
+            write_table(self.fs, qpath, quarantine)
+            qfile = f"{QUARANTINE_DIR}/{name}"
+        elif self.fs.exists(qpath):
+            self.fs.rm(qpath)
+        sec["write"] += time.perf_counter() - t0
+        return CommitRecord(
+            unit=unit.id, fingerprint=unit.fingerprint, input=f"{unit.path}#rg{unit.row_group}", files=[name],
+            rows_in=n, rows=out.num_rows, quarantined=quarantine.num_rows,
+            dropped=n - quarantine.num_rows - out.num_rows, quarantine_file=qfile,
+            reasons=dict(Counter(quarantine.column("reason").to_pylist())), counts=_counts(out),
+            seconds={k: round(v, 6) for k, v in sec.items()},
+            devices={m: d for m, d in self.device.items()})
+
+    # --- parts ---------------------------------------------------------------------------------
+    def _meta(self, table: pa.Table) -> dict[str, pa.Array]:
+        meta = {c: table.column(c).combine_chunks() for c in META_COLS}
+        lm = self.job.label_map
+        if lm:
+            keys = pc.cast(table.column(lm["column"]).combine_chunks(), pa.string())
+            values = pa.array(sorted(lm["mapping"], key=lm["mapping"].get), pa.string())
+            meta["label"] = pc.cast(pc.index_in(keys, value_set=values), pa.int64())
+            meta["label_name"] = keys
+        return meta
+
+    def _split_filter(self, split: pa.Array) -> np.ndarray | None:
+        wanted = self.job.keep_splits
+        if not wanted:
+            return None
+        wanted = {s.lower() for s in wanted}
+        ok = {v for v in pc.unique(split).to_pylist()
+              if v is not None and (v.lower() in wanted or (normalize_split(v) or "") in wanted)}
+        return np.asarray(pc.is_in(split, value_set=pa.array(sorted(ok), pa.string())).to_numpy(
+            zero_copy_only=False), bool)
+
+    def _attach_partners(self, meta, table, embs, present, keep):
+        job = self.job
+        keep = np.ones(len(meta["sample_id"]), bool) if keep is None else keep
+        ids = meta["sample_id"].to_pylist()
+        labels, splits = meta["label"].to_pylist(), meta["split"].to_pylist()
+        key = job.pairing.get("key", "sample_id")
+        keys = (meta[key] if key in meta else table.column(key)).to_pylist() if job.pairing["by"] == "key" else None
+        paired_with = {}
+        for index in job.partners:
+            pos = index.choose(ids, labels, splits, keys, job.pairing.get("seed", 0))
+            if job.pairing["by"] == "key":
+                keep &= pos >= 0
+            p_embs, p_present, p_ids = self.partner_rows.take(index, pos, job.dims)
+            for m in p_embs:
+                if m not in job.modalities:
+                    embs[m], present[m] = p_embs[m], p_present[m]
+            paired_with[index.name] = p_ids
+        return keep, paired_with
+
+    def _quarantine(self, table, bad, reason, detail, where) -> pa.Table:
+        if not bad.any():
+            return QUARANTINE.empty_table()
+        idx = np.flatnonzero(bad)
+        k = len(idx)
+        return pa.table({
+            "path": pa.array(where[idx].tolist(), pa.string()),
+            "sample_id": table.column("sample_id").take(pa.array(idx)),
+            "source": pa.array([self.job.dataset] * k, pa.string()),
+            "stage": pa.array(["preprocess"] * k, pa.string()),
+            "reason": pa.array(reason[idx].tolist(), pa.string()),
+            "detail": pa.array(detail[idx].tolist(), pa.string()),
+        }, schema=QUARANTINE)
+
+
+def _value_counts(col) -> dict:
+    out = {}
+    for item in pc.value_counts(col).to_pylist():
+        out[str(item["values"])] = int(item["counts"])
+    return out
+
+
+def _counts(t: pa.Table) -> dict:
+    """Rows written per split, per label and per present modality (the manifest adds these up)."""
+    if t.num_rows == 0:
+        return {"split": {}, "label": {}, "presence": {}}
+    return {"split": _value_counts(t.column("split")), "label": _value_counts(t.column("label")),
+            "presence": {m: int(pc.sum(t.column(has_column(m))).as_py() or 0)
+                         for m in MODALITIES if has_column(m) in t.column_names}}
+
+
+def make_worker(job: UnitJob) -> UnitWorker:
+    return UnitWorker(job)
