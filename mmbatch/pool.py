@@ -12,10 +12,10 @@ a 2-core machine Ray Data's executor, its service actors and its imports cost
 several CPU seconds per job (benchmarks/README figures), which this pool does
 not pay.
 
-Fault tolerance is Ray's own: an actor whose process dies (SIGKILL, OOM, a
-lost node) is restarted (``max_restarts=-1``), and the units it held are
-retried on it (``max_task_retries``); a unit that kills its worker
-``max_task_retries + 1`` times fails the job with the unit named.
+Faults: an actor whose process dies (SIGKILL, OOM, a lost node) is restarted
+by Ray (``max_restarts=-1``) and the units it held go to live actors (a
+restarted actor may have nowhere to run, e.g. when its node is gone); a unit
+that kills ``max_deaths`` workers fails the job with the unit named.
 """
 from __future__ import annotations
 
@@ -61,29 +61,34 @@ class Resources:
 
 def run_units(make_worker: Callable[[Any], Callable], job: Any, units: Iterable[Any],
               on_result: Callable[[Any, Any], None], *, num_workers: int,
-              resources: Resources | None = None, in_flight: int = 2, max_task_retries: int = 3,
+              resources: Resources | None = None, in_flight: int = 2, max_deaths: int = 4,
               name: Callable[[Any], str] = str) -> None:
     """Run ``make_worker(job)(unit)`` for every unit on ``num_workers`` actors.
 
     ``on_result(unit, result)`` runs on the driver as each unit finishes, in completion order.
-    Units are handed out in the given order (put the largest first).
+    Units are handed out in the given order (put the largest first). A unit whose worker died
+    (SIGKILL, OOM, a lost node) is handed to a live worker; the dead one is restarted by Ray and
+    gets work again once it answers. A unit that killed ``max_deaths`` workers fails the job.
     """
     import ray
+    from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
 
     queue = deque(units)
     if not queue:
         return
     res = resources or Resources()
     actor_cls = ray.remote(_PoolActor).options(
-        num_cpus=res.num_cpus, num_gpus=res.num_gpus or None, max_restarts=-1,
-        max_task_retries=max_task_retries)
+        num_cpus=res.num_cpus, num_gpus=res.num_gpus or None, max_restarts=-1, max_task_retries=0)
     job_ref = ray.put(job)
     actors = [actor_cls.remote(make_worker, [job_ref]) for _ in range(max(1, min(num_workers, len(queue))))]
-    pending: dict = {}
+    pending: dict = {}              # ref -> (actor, unit or None for a readiness probe)
+    load = {a: 0 for a in actors}   # units in flight per actor
+    deaths: dict[int, int] = {}
 
-    def submit(actor) -> None:
-        unit = queue.popleft()
+    def submit(actor, unit=None) -> None:
+        unit = queue.popleft() if unit is None else unit
         pending[actor.run.remote(unit)] = (actor, unit)
+        load[actor] += 1
 
     try:
         for _ in range(in_flight):
@@ -94,12 +99,29 @@ def run_units(make_worker: Callable[[Any], Callable], job: Any, units: Iterable[
             done, _ = ray.wait(list(pending), num_returns=1)
             ref = done[0]
             actor, unit = pending.pop(ref)
+            if unit is None:                                  # a restarted worker answers again
+                try:
+                    ray.get(ref)
+                    for _ in range(in_flight):
+                        if queue:
+                            submit(actor)
+                except RayActorError:
+                    pass
+                continue
+            load[actor] -= 1
             try:
                 result = ray.get(ref)
-            except ray.exceptions.RayActorError as e:
-                raise UnitFailed(f"unit {name(unit)}: its worker died {max_task_retries + 1} times "
-                                 f"({e.__class__.__name__})") from None
-            except ray.exceptions.RayTaskError as e:
+            except RayActorError as e:
+                died = isinstance(e, ActorDiedError)
+                deaths[id(unit)] = deaths.get(id(unit), 0) + int(died)
+                if deaths[id(unit)] >= max_deaths:
+                    raise UnitFailed(f"unit {name(unit)}: its worker died {max_deaths} times") from None
+                others = [a for a in actors if a is not actor] or [actor]
+                submit(min(others, key=lambda a: load[a]), unit)
+                if not any(u is None and a is actor for a, u in pending.values()):
+                    pending[actor.ready.remote()] = (actor, None)
+                continue
+            except RayTaskError as e:
                 cause = e.cause if getattr(e, "cause", None) is not None else e
                 raise UnitFailed(f"unit {name(unit)}: {type(cause).__name__}: {cause}") from cause
             on_result(unit, result)

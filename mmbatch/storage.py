@@ -177,7 +177,7 @@ def remove_stale(fs, out_dir: str, keep_shards: Iterable[str]) -> list[str]:
 
 
 def clean_tmp(fs, out_dir: str) -> None:
-    for d in (join(out_dir, TMP_DIR), join(out_dir, QUARANTINE_DIR, TMP_DIR)):
+    for d in (join(out_dir, TMP_DIR), join(out_dir, QUARANTINE_DIR, TMP_DIR), join(out_dir, SHARDS_DIR, TMP_DIR)):
         if fs.exists(d):
             fs.rm(d, recursive=True)
 

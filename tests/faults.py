@@ -268,7 +268,7 @@ def wav_bytes(x: np.ndarray, sr: int, fmt: str = "WAV", subtype: str = "PCM_16")
 def summary_counts(text: str) -> dict:
     """Counts from a printed preprocess/ingest summary."""
     out = {}
-    m = re.search(r"shards: (\d+) processed, (\d+) already committed", text)
+    m = re.search(r"units: (\d+) processed, (\d+) already committed", text)
     if m:
         out["processed"], out["skipped"] = int(m.group(1)), int(m.group(2))
     m = re.search(r"shards (\d+) \((\d+) already committed, skipped\)", text)

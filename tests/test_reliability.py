@@ -101,8 +101,11 @@ def cnn_reference(canon, tmp_path_factory):
 # --- 1. worker fault -------------------------------------------------------------------------------
 WORKER_SCRIPT = r"""
 import json, sys
-from mmbatch.runtime import init_ray
-init_ray(num_cpus=2)
+import ray
+from mmbatch.runtime import THREAD_ENV
+# test-only fault hook (tests/fault_hooks.py) in every worker of this job's own Ray
+ray.init(address="local", num_cpus=2, include_dashboard=False,
+         runtime_env={"worker_process_setup_hook": "fault_hooks.kill_nth_unit", "env_vars": dict(THREAD_ENV)})
 from mmbatch.config import workflow_from_dict
 from mmbatch.preprocess import run_preprocess
 s = run_preprocess(workflow_from_dict(json.loads(sys.argv[1])), progress=False)
@@ -111,16 +114,22 @@ print("RESULT", json.dumps({"rows_out": s.rows_out, "processed": s.shards_proces
 """
 
 
+def with_fault_hooks(**env) -> dict:
+    """Environment for a subprocess whose Ray workers load tests/fault_hooks.py."""
+    path = os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return {"PYTHONPATH": path, **env}
+
+
 def test_killed_model_actor_is_restarted_and_output_is_unchanged(canon, cnn_reference, tmp_path, ray_tmp):
-    """The EncodeStage actor SIGKILLs itself at its 3rd batch (test hook MMBATCH_TEST_KILL_ACTOR);
-    Ray Data restarts it (max_restarts=-1) and retries the batch; the output equals the undisturbed run."""
-    from mmbatch.features.stages import FAULT_ENV
+    """A unit worker holding the CNN SIGKILLs itself at its 3rd unit (test hook, tests/fault_hooks.py);
+    Ray restarts the actor (max_restarts=-1) and retries the unit; the output equals the undisturbed run."""
+    from fault_hooks import KILL_UNIT_ENV
 
     flag = tmp_path / "kill-actor"
     flag.write_text("3")
     out = tmp_path / "out"
     proc = run_cmd([sys.executable, "-c", WORKER_SCRIPT, json.dumps(cnn_workflow(canon, out))],
-                   **{FAULT_ENV: str(flag), "RAY_TMPDIR": ray_tmp})
+                   **with_fault_hooks(**{KILL_UNIT_ENV: str(flag), "RAY_TMPDIR": ray_tmp}))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert not flag.exists(), "the fault never fired"
     res = result_line(proc.stdout)
@@ -129,9 +138,9 @@ def test_killed_model_actor_is_restarted_and_output_is_unchanged(canon, cnn_refe
 
 
 def test_killed_extract_actor_is_restarted_and_output_is_unchanged(canon, tmp_path, ray_tmp):
-    """Model-free extractors (the whole job is one ExtractUnits actor pool): an actor SIGKILLs
-    itself at its 2nd work unit; Ray Data restarts it and retries the unit; same output."""
-    from mmbatch.features.stages import FAULT_ENV
+    """Model-free extractors: a unit worker SIGKILLs itself at its 2nd unit; Ray restarts it and
+    retries the unit; same output, no duplicate rows, no partial file."""
+    from fault_hooks import KILL_UNIT_ENV
 
     wf = {"datasets": [{"name": "speech", "path": str(canon / "librispeech")}], "output": {"path": ""}}
     ref = tmp_path / "ref"
@@ -140,7 +149,7 @@ def test_killed_extract_actor_is_restarted_and_output_is_unchanged(canon, tmp_pa
     flag.write_text("2")
     out = tmp_path / "out"
     proc = run_cmd([sys.executable, "-c", WORKER_SCRIPT, json.dumps({**wf, "output": {"path": str(out)}})],
-                   **{FAULT_ENV: str(flag), "RAY_TMPDIR": ray_tmp})
+                   **with_fault_hooks(**{KILL_UNIT_ENV: str(flag), "RAY_TMPDIR": ray_tmp}))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert not flag.exists(), "the fault never fired"
     res = result_line(proc.stdout)
@@ -172,12 +181,12 @@ state = {}
 
 def actors_on(node):
     raylet = node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
-    return sum("MapWorker" in cmdline(p) for p in child_pids(raylet))
+    return sum("_PoolActor" in cmdline(p) for p in child_pids(raylet))
 
 def remove_a_node():
-    while not glob.glob(out + "/_features/*/_shards/*.json"):      # mid-job: a shard is committed
+    while not glob.glob(out + "/_shards/*.json"):                  # mid-job: a unit is committed
         time.sleep(0.01)
-    state["markers_before"] = len(glob.glob(out + "/_features/*/_shards/*.json"))
+    state["markers_before"] = len(glob.glob(out + "/_shards/*.json"))
     state["done_before"] = os.path.exists(out + "/_manifest.json")
     hosts = [actors_on(n) for n in workers]
     victim = max(range(2), key=lambda i: hosts[i])                  # the node hosting the model actor(s)
@@ -237,13 +246,13 @@ def test_killed_preprocess_driver_resumes_without_recomputing(canon, tmp_path, r
     wf_file.write_text(yaml.safe_dump(paired_workflow(canon, out)))
     args = ["preprocess", str(wf_file)]
     cmd = mmbatch_exe() + args
-    markers = lambda: sorted(out.glob("_features/*/_shards/*.json"))  # noqa: E731
+    markers = lambda: sorted(out.rglob("_shards/*.json"))  # noqa: E731  (partner features and fused units)
 
     first, bad_first = kill_mid_job(cmd, markers, out, tmp_path, ray_tmp)
     assert not (out / "_manifest.json").exists()                         # killed mid-job
     committed = markers()                                                 # only the driver writes these
     assert 1 <= len(first["ready"]) <= len(committed) < 24
-    feature_files = [out / "_features" / m.parent.parent.name / (m.stem + ".parquet") for m in committed]
+    feature_files = [m.parent.parent / (m.stem + ".parquet") for m in committed]
     before = _mtimes(feature_files)
 
     # the same command again (in this process, on the warm shared Ray: the resume logic is all on disk)
