@@ -1,9 +1,9 @@
-"""Corpus readers: one module per ingest KIND, plus ``sphere`` (NIST SPHERE audio).
+"""Corpus readers: one module per ingest KIND, plus ``sphere`` (a NIST SPHERE writer for demos and tests).
 
 Each module has ``plan(input_uri, opts, exclude=()) -> common.Plan`` (driver
 side, no Ray) and either ``build_row(sample, blobs, options)`` (file kinds)
-or ``read_shard(samples, ctx)`` (``hf``). Modules are imported lazily:
-``mmbatch.media`` imports ``sources.sphere``, and the readers import ``media``.
+or ``read_shard(samples, ctx)`` (``hf``). Modules are imported lazily, so
+importing one kind does not import the others' dependencies.
 """
 from __future__ import annotations
 
