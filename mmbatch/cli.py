@@ -14,7 +14,7 @@ import logging
 import sys
 import textwrap
 
-EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_QUARANTINED = 0, 1, 2, 3
+from mmbatch.errors import EXIT_FAIL, EXIT_OK, EXIT_QUARANTINED, EXIT_USAGE
 
 
 def _fmt(text: str) -> str:
