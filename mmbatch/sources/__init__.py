@@ -18,8 +18,3 @@ def source_module(kind: str) -> ModuleType:
     if kind not in KINDS:
         raise ValueError(f"unknown ingest kind {kind!r}; choose from {', '.join(KINDS)}")
     return importlib.import_module(f"mmbatch.sources.{kind}")
-
-
-def planner(kind: str):
-    """KIND -> its ``plan(input_uri, opts, exclude=())`` function."""
-    return source_module(kind).plan
