@@ -14,7 +14,7 @@ import logging
 import sys
 import textwrap
 
-EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_QUARANTINED = 0, 1, 2, 3
+from mmbatch.errors import EXIT_FAIL, EXIT_OK, EXIT_QUARANTINED, EXIT_USAGE
 
 
 def _fmt(text: str) -> str:
@@ -185,7 +185,7 @@ def _dispatch(args) -> int:
         return submit_cli(rest, address=args.address, wait=args.wait, working_dir=args.working_dir,
                           pip=args.pip, job_id=args.job_id)
     if c == "inspect":
-        from mmbatch.inspect import describe, render_text
+        from mmbatch.describe_output import describe, render_text
         info = describe(args.path)
         print(json.dumps(info, indent=2, default=str) if args.json else render_text(info))
         return EXIT_OK

@@ -1,4 +1,12 @@
-"""Errors a user can act on. The CLI turns them into exit code 2 with the message."""
+"""Errors a user can act on, and the exit codes every command returns.
+
+The CLI turns :class:`UsageError` into exit code 2 with the message.
+"""
+
+EXIT_OK = 0            # done
+EXIT_FAIL = 1          # failed (a bug, a crash, a cluster error)
+EXIT_USAGE = 2         # bad input the user can fix (UsageError, a bad workflow file)
+EXIT_QUARANTINED = 3   # done, but some samples were quarantined
 
 
 class UsageError(ValueError):

@@ -2,6 +2,13 @@
 
 Every failure raises :class:`MediaError` with a short ``reason`` code (what the
 quarantine table records) and a human ``detail``.
+
+Audio goes through libsndfile (``soundfile``) for every format, NIST SPHERE
+(TIMIT ``.WAV``) included: libsndfile reads SPHERE PCM in both byte orders.
+Before that, :func:`sphere_header` reads the SPHERE text header so a
+shorten-compressed file (which libsndfile refuses as "unimplemented format")
+is reported as ``sphere_shorten`` and a file shorter than its declared
+``sample_count`` as ``truncated`` (libsndfile would read what is there).
 """
 from __future__ import annotations
 
@@ -9,8 +16,6 @@ import io
 from dataclasses import dataclass
 
 import numpy as np
-
-from mmbatch.sources import sphere
 
 # Refuse images whose header declares more pixels than this, before allocating
 # (decompression bombs). 16k x 16k; ImageNet's largest is far below.
@@ -68,46 +73,81 @@ def probe_image(data: bytes | None) -> ImageInfo:
     return ImageInfo(w, h, fmt, mode)
 
 
+SPHERE_MAGIC = b"NIST_1A\n"
+
+
+def is_sphere(data: bytes) -> bool:
+    return data[:8] == SPHERE_MAGIC
+
+
+def sphere_header(data: bytes) -> dict[str, str]:
+    """The ``name -type value`` fields of a NIST SPHERE header, values as written (no samples read).
+
+    Raises ``bad_header`` when the header size is not a number or exceeds the file.
+    """
+    try:
+        header_size = int(data[8:16].strip())
+    except ValueError:
+        raise MediaError("bad_header", "SPHERE header size is not a number") from None
+    if header_size < 16 or header_size > len(data):
+        raise MediaError("truncated", f"SPHERE header declares {header_size} bytes, file has {len(data)}")
+    fields: dict[str, str] = {}
+    for raw in data[16:header_size].split(b"\n"):
+        line = raw.decode("ascii", "replace").strip()
+        if line == "end_head":
+            break
+        parts = line.split(None, 2)
+        if len(parts) == 3:
+            fields[parts[0]] = parts[2]
+    return fields
+
+
+def _check_sphere(data: bytes) -> int | None:
+    """Refuse shorten-compressed SPHERE; the header's ``sample_count`` (None when absent)."""
+    h = sphere_header(data)
+    coding = h.get("sample_coding", "pcm")
+    if "shorten" in coding:
+        raise MediaError("sphere_shorten", f"SPHERE sample_coding={coding!r} (shorten-compressed) is not "
+                         "supported; decompress with sph2pipe first")
+    try:
+        return int(h["sample_count"]) if "sample_count" in h else None
+    except ValueError:
+        raise MediaError("bad_header", f"SPHERE sample_count={h['sample_count']!r} is not a number") from None
+
+
+def _check_count(declared: int | None, frames: int) -> None:
+    if declared is not None and declared > frames:
+        raise MediaError("truncated", f"SPHERE header declares {declared} samples, file holds {frames}")
+
+
 def probe_audio(data: bytes | None) -> AudioInfo:
-    """Read the audio header only (FLAC/WAV/OGG via libsndfile, SPHERE natively)."""
+    """Read the audio header only (FLAC/WAV/OGG/NIST SPHERE via libsndfile)."""
     if not data:
         raise MediaError("empty_file", "zero-byte audio")
-    if sphere.is_sphere(data):
-        try:
-            h = sphere.parse_header(data)
-        except sphere.SphereError as e:
-            raise MediaError(e.reason, str(e)) from None
-        coding = str(h.get("sample_coding", "pcm"))
-        if "shorten" in coding:
-            raise MediaError("sphere_shorten", f"SPHERE sample_coding={coding!r} (shorten) is not supported; "
-                             "decompress with sph2pipe first")
-        return AudioInfo(int(h.get("sample_rate", 16000)), int(h.get("sample_count", 0)),
-                         int(h.get("channel_count", 1)), "SPHERE")
+    declared = _check_sphere(data) if is_sphere(data) else None
     import soundfile as sf
 
     try:
         info = sf.info(io.BytesIO(data))
     except Exception as e:
         raise MediaError("corrupt_audio", f"{type(e).__name__}: {e}") from None
-    return AudioInfo(int(info.samplerate), int(info.frames), int(info.channels), str(info.format))
+    _check_count(declared, int(info.frames))
+    fmt = "SPHERE" if is_sphere(data) else str(info.format)
+    return AudioInfo(int(info.samplerate), int(info.frames), int(info.channels), fmt)
 
 
 def decode_audio(data: bytes | None) -> tuple[np.ndarray, int]:
     """Decode to float32 mono samples in [-1, 1] and the file's sample rate."""
     if not data:
         raise MediaError("empty_file", "zero-byte audio")
-    if sphere.is_sphere(data):
-        try:
-            x, sr = sphere.decode(data)
-        except sphere.SphereError as e:
-            raise MediaError(e.reason, str(e)) from None
-    else:
-        import soundfile as sf
+    declared = _check_sphere(data) if is_sphere(data) else None
+    import soundfile as sf
 
-        try:
-            x, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=False)
-        except Exception as e:
-            raise MediaError("corrupt_audio", f"{type(e).__name__}: {e}") from None
+    try:
+        x, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=False)
+    except Exception as e:
+        raise MediaError("corrupt_audio", f"{type(e).__name__}: {e}") from None
+    _check_count(declared, len(x))
     if x.ndim > 1:
         x = x.mean(axis=1)
     if x.size == 0:

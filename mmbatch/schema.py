@@ -62,7 +62,6 @@ QUARANTINE = pa.schema([
     pa.field("reason", pa.string(), nullable=False),   # short machine-readable code
     pa.field("detail", pa.string()),     # human-readable explanation
 ])
-QUARANTINE_COLUMNS = QUARANTINE.names
 
 # --- fused rows (preprocess output) ----------------------------------------------
 MODALITIES = ("image", "audio", "text")
@@ -154,13 +153,10 @@ def read_mmbatch_meta(schema: pa.Schema) -> dict:
     return json.loads(raw) if raw else {}
 
 
-def empty_table(schema: pa.Schema) -> pa.Table:
-    return schema.empty_table()
-
-
 def quarantine_row(reason: str, detail: str = "", *, path: str | None = None,
                    sample_id: str | None = None, source: str | None = None,
                    stage: str = "ingest") -> dict:
+    """One row of the QUARANTINE schema (every stage builds its quarantine rows with this)."""
     return {"path": path, "sample_id": sample_id, "source": source, "stage": stage,
             "reason": reason, "detail": detail}
 

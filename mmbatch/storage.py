@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import posixpath
 import uuid
@@ -113,6 +114,25 @@ def atomic_write_table(fs, path: str, table: pa.Table, row_group_size: int | Non
     pq.write_table(table, tmp, filesystem=fs, row_group_size=row_group_size,
                    compression=codec, use_dictionary=dictionary_columns(table.schema))
     _rename(fs, tmp, path)
+
+
+def jsonable(x: Any) -> Any:
+    """``x`` as strict JSON values: str keys, lists for tuples, sorted lists for sets, ``.item()`` of
+    NumPy/torch scalars, inf/nan as strings (``json`` would write the non-standard ``Infinity``/``NaN``),
+    anything else as ``str(x)``."""
+    if isinstance(x, dict):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, (set, frozenset)):
+        return sorted(jsonable(v) for v in x)
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if isinstance(x, float):
+        return x if math.isfinite(x) else str(x)
+    if isinstance(x, (str, int, bool)) or x is None:
+        return x
+    if hasattr(x, "item") and getattr(x, "ndim", 1) == 0:
+        return jsonable(x.item())
+    return str(x)
 
 
 def write_json(fs, path: str, obj: Any) -> None:

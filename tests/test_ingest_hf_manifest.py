@@ -87,6 +87,30 @@ def test_save_to_disk_dataset_and_dict(ray_session, tmp_path):
     assert rows["train-00000002"]["text"] == "utterance number 2"      # "transcript" is a known text name
 
 
+def test_save_to_disk_in_shards_row_by_row(ray_session, tmp_path):
+    """A shuffled dataset saved in 3 data files: every row keeps its own values, in the saved order."""
+    ds = hf_dataset(7).shuffle(seed=3)
+    order = ds["uid"]
+    assert order != sorted(order)                                     # the saved order is not the build order
+    ds.save_to_disk(str(tmp_path / "sharded"), num_shards=3)
+    assert len(list((tmp_path / "sharded").glob("data-*.arrow"))) == 3
+    out = tmp_path / "out"
+    s = run_ingest("hf", str(tmp_path / "sharded"), str(out), IngestOptions(), echo=False)
+    assert (s.ingested, s.quarantined) == (7, 0) and s.splits == {"train": 7}
+    rows = read_rows(out)
+    assert sorted(rows) == [f"train-{i:08d}" for i in range(7)]
+    for pos, uid in enumerate(order):                                 # default ids follow the saved order
+        i = int(uid[1:])
+        r = rows[f"train-{pos:08d}"]
+        assert r["text"] == f"utterance number {i}" and json.loads(r["extra"])["uid"] == uid
+        assert (r["label"], r["label_name"]) == (i % 3, CLASSES[i % 3])
+        assert r["image"]["bytes"] == jpeg(seed=i, c=i % 4) and r["audio"]["bytes"] == flac(seed=i, seconds=0.25 + 0.05 * i)
+    assert storage.read_manifest(str(out))["info"]["label_names"] == CLASSES
+    # the same folder again: nothing changed, every shard is skipped
+    again = run_ingest("hf", str(tmp_path / "sharded"), str(out), IngestOptions(), echo=False)
+    assert again.ingested == 7 and again.shards_skipped == again.shards_total
+
+
 def test_hub_parquet_shards(ray_session, tmp_path):
     src = tmp_path / "hub" / "data"
     hf_dataset(3).to_parquet(str(src / "train-00000-of-00002.parquet"))

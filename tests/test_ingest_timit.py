@@ -10,7 +10,7 @@ import pytest
 from corpora_ingest import PHN, TIMIT, TIMIT_UTTS, read_rows, timit
 from mmbatch import storage
 from mmbatch.ingest import IngestOptions, run_ingest
-from mmbatch.media import decode_audio
+from mmbatch.media import decode_audio, is_sphere
 from mmbatch.sources import sphere
 from mmbatch.sources import timit as T
 from mmbatch.sources.common import Reject
@@ -78,7 +78,7 @@ def check_rows(rows, facts, phones: int, include_sa: bool):
         pb = f["phone_bounds"]
         want = [(pb[i] / 16000, pb[i + 1] / 16000, T.fold_phone(p, phones)) for i, p in enumerate(PHN)]
         assert [(p["start"], p["end"], p["symbol"]) for p in r["phones"]] == [w for w in want if w[2] is not None]
-        assert sphere.is_sphere(r["audio"]["bytes"])                        # SPHERE bytes stored as-is
+        assert is_sphere(r["audio"]["bytes"])                        # SPHERE bytes stored as-is
         x, sr = decode_audio(r["audio"]["bytes"])
         assert sr == 16000 and np.abs(x - f["x"]).max() < 1e-3
 

@@ -7,7 +7,6 @@ stopped by signalling its own process (then its process group), never `ray stop`
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import secrets
@@ -282,8 +281,6 @@ def test_failed_job_keeps_mmbatchs_exit_code(with_token, capsys):
     assert "does not exist" in out and "FAILED (exit code 2)" in err
 
 
-@pytest.mark.skipif(importlib.util.find_spec("mmbatch.ingest") is None,
-                    reason="mmbatch.ingest is not written yet")
 def test_submit_ingest_imagenet_runs_on_the_cluster(ray_head, tmp_path):
     """The real path: `mmbatch submit --wait -- ingest imagenet ...` as a user runs it, token from a file."""
     from mmbatch.demo.corpus import write_imagenet
@@ -298,7 +295,7 @@ def test_submit_ingest_imagenet_runs_on_the_cluster(ray_head, tmp_path):
     assert "SUCCEEDED" in p.stderr
     assert ray_head.token not in p.stdout + p.stderr
     assert (out_dir / "_manifest.json").exists()
-    from mmbatch.inspect import describe
+    from mmbatch.describe_output import describe
     info = describe(str(out_dir))
     assert info["rows"] == 3 * 4                               # 4 classes x 3 images
     assert info["counts"]["split"] == {"train": 8, "validation": 4}

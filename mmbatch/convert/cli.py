@@ -20,11 +20,9 @@ import sys
 from pathlib import Path
 
 from mmbatch.convert import DIRECTIONS, MissingTool, audio_format_for, decode_rgb, encode_audio, encode_png
-from mmbatch.errors import UsageError
+from mmbatch.errors import EXIT_FAIL, EXIT_OK, UsageError
 
 log = logging.getLogger("mmbatch.convert")
-
-EXIT_OK, EXIT_FAIL = 0, 1
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 TEXT_EXTS = (".txt",)

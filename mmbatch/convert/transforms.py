@@ -233,8 +233,3 @@ class _Columns:
 
     def result(self):
         return self.batch
-
-
-def complete_modality(ds, kind: str, source_column: str | None = None, target: str | None = None, **kwargs):
-    """``ds.map_batches(CompleteModality(...))`` with the stage's declared resources."""
-    return ds.map_batches(CompleteModality(kind, source_column, target, **kwargs), **CompleteModality.RAY_OPTIONS)

@@ -6,7 +6,7 @@ audio ``b = c % 2`` (low vs high pitch), the transcript ``a xor b`` (two word
 pools). Each modality alone is ambiguous (about 50 % on 4 classes); image +
 audio, or audio + text, together are not.
 
-Layouts written (REFERENCE.md §1-3):
+Layouts written (the layouts the ingest readers in ``mmbatch.sources`` document):
 - ImageNet: ``imagenet/train/<wnid>/<wnid>_<n>.JPEG``, ``imagenet/val/<wnid>/...``, ``LOC_synset_mapping.txt``
 - LibriSpeech: ``LibriSpeech/<part>/<reader>/<chapter>/<reader>-<chapter>-NNNN.flac``,
   ``<reader>-<chapter>.trans.txt``, ``SPEAKERS.TXT``

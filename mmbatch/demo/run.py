@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from mmbatch.cli import EXIT_FAIL, EXIT_OK
+from mmbatch.errors import EXIT_FAIL, EXIT_OK
 
 DEMO_WORKFLOW = {
     "name": "demo",

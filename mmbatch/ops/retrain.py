@@ -141,7 +141,7 @@ def conclude_cycle(registry: Registry, wf: Workflow, candidate_model_dir: str, c
                               "champion_score": d.champion_score},
                  "champion_at_training": champion.version if champion else None,
                  "champion_metrics": champion_metrics, "eval_split": EVAL_SPLIT,
-                 "train_metrics": _jsonable(train_metrics or {}), "train_run": train_run,
+                 "train_metrics": storage.jsonable(train_metrics or {}), "train_run": train_run,
                  "preprocess": preprocess or {}}
         version = registry.register(candidate_model_dir, metrics=candidate_metrics, fingerprints=fingerprints,
                                     workflow=wf, extra=extra)
@@ -170,7 +170,7 @@ def run_retrain(wf: Workflow, lock_timeout: float = 0.0) -> RetrainResult:
     registry = Registry(cfg.registry)
     with registry.lock(timeout=lock_timeout):
         summary = run_preprocess(wf)
-        pre = {k: _jsonable(getattr(summary, k, None))
+        pre = {k: storage.jsonable(getattr(summary, k, None))
                for k in ("out", "fingerprint", "shards_processed", "shards_skipped", "rows_out", "quarantined")}
         fps = {"features": summary.fingerprint, "train": train_fingerprint(wf)}
         champion = registry.champion()
@@ -256,18 +256,6 @@ def _scalars(metrics: Any) -> dict:
         elif hasattr(v, "item") and getattr(v, "ndim", 1) == 0:
             out[str(k)] = float(v.item())
     return out
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (str, int, float, bool)) or x is None:
-        return x
-    if hasattr(x, "item") and getattr(x, "ndim", 1) == 0:
-        return x.item()
-    return str(x)
 
 
 def _log_mlflow(wf: Workflow, r: RetrainResult) -> None:

@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, TextIO
 
+from mmbatch.errors import EXIT_FAIL, EXIT_OK, EXIT_QUARANTINED, EXIT_USAGE
+
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 TOKEN_ENV = "RAY_AUTH_TOKEN"
 TOKEN_PATH_ENV = "RAY_AUTH_TOKEN_PATH"
@@ -43,10 +45,9 @@ DEFAULT_TOKEN_FILE = Path(".ray") / "auth_token"          # under the home folde
 
 ENTRYPOINT = ("python", "-m", "mmbatch.cli")
 WORKING_DIR_EXCLUDES = [".git", "__pycache__", "*.pyc", ".pytest_cache", "mmbatch-demo", "out"]
-# Exit codes of mmbatch itself that survive the trip through the Jobs API
-# (see mmbatch/cli.py): 2 = bad usage or workflow, 3 = finished with quarantined rows.
-PASS_THROUGH_EXIT_CODES = (2, 3)
-EXIT_OK, EXIT_FAIL = 0, 1
+# Exit codes of mmbatch itself that survive the trip through the Jobs API:
+# bad usage or workflow, finished with quarantined rows.
+PASS_THROUGH_EXIT_CODES = (EXIT_USAGE, EXIT_QUARANTINED)
 
 
 class SubmitError(RuntimeError):

@@ -1,9 +1,9 @@
-"""Corpus readers: one module per ingest KIND, plus ``sphere`` (NIST SPHERE audio).
+"""Corpus readers: one module per ingest KIND, plus ``sphere`` (a NIST SPHERE writer for demos and tests).
 
 Each module has ``plan(input_uri, opts, exclude=()) -> common.Plan`` (driver
 side, no Ray) and either ``build_row(sample, blobs, options)`` (file kinds)
-or ``read_shard(samples, ctx)`` (``hf``). Modules are imported lazily:
-``mmbatch.media`` imports ``sources.sphere``, and the readers import ``media``.
+or ``read_shard(samples, ctx)`` (``hf``). Modules are imported lazily, so
+importing one kind does not import the others' dependencies.
 """
 from __future__ import annotations
 
@@ -18,8 +18,3 @@ def source_module(kind: str) -> ModuleType:
     if kind not in KINDS:
         raise ValueError(f"unknown ingest kind {kind!r}; choose from {', '.join(KINDS)}")
     return importlib.import_module(f"mmbatch.sources.{kind}")
-
-
-def planner(kind: str):
-    """KIND -> its ``plan(input_uri, opts, exclude=())`` function."""
-    return source_module(kind).plan

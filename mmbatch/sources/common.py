@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable
 
 from mmbatch import storage
 from mmbatch.errors import UsageError
-from mmbatch.schema import CANONICAL_COLUMNS
+from mmbatch.schema import CANONICAL_COLUMNS, quarantine_row
 
 # Reason codes decided at planning time (media probes add their own: empty_file,
 # not_an_image, corrupt_image, decompression_bomb, corrupt_audio, sphere_shorten, ...).
@@ -99,8 +99,8 @@ class Problem:
     sample_id: str | None = None
 
     def to_row(self, source: str) -> dict:
-        return {"path": self.path, "sample_id": self.sample_id, "source": source, "stage": "ingest",
-                "reason": self.reason, "detail": self.detail}
+        return quarantine_row(self.reason, self.detail, path=self.path, sample_id=self.sample_id,
+                              source=source, stage="ingest")
 
 
 @dataclass

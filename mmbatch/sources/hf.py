@@ -1,9 +1,13 @@
-"""HuggingFace ``datasets`` storage (REFERENCE.md §4).
+"""HuggingFace ``datasets`` storage.
 
 INPUT is one of:
 - a ``Dataset.save_to_disk`` folder (``state.json`` + ``dataset_info.json`` +
-  ``data-0000x-of-0000n.arrow`` Arrow IPC streams), or a ``DatasetDict`` folder
-  with one such folder per split (the split is the folder name);
+  ``data-0000x-of-0000n.arrow``), read with ``datasets.load_from_disk`` (which
+  knows the features and the order of the data files), or a ``DatasetDict``
+  folder with one such folder per split (the split is the folder name). A
+  remote folder is copied to a local temporary folder by ``datasets`` on each
+  read; for large remote datasets the Hub Parquet layout reads only the row
+  groups it needs;
 - Parquet shards as on the Hub: ``{split}-00000-of-00005.parquet`` (maybe
   under ``data/``), or ``<config>/<split>/*.parquet``; one ``.parquet`` file works too.
 
@@ -141,18 +145,13 @@ def scalar_columns(schema: pa.Schema, exclude: set[str]) -> list[str]:
 
 
 # --- file access ------------------------------------------------------------------------
-def read_arrow(fs, path: str) -> pa.Table:
-    """A ``save_to_disk`` Arrow file (IPC stream; IPC file format accepted too)."""
+def load_saved(fs, path: str):
+    """The ``datasets.Dataset`` saved (``save_to_disk``) in folder ``path`` of ``fs`` (memory-mapped when local)."""
+    import datasets
+
     if storage.is_local(fs):
-        source = pa.memory_map(path)
-    else:
-        with fs.open(path, "rb") as f:
-            source = pa.BufferReader(f.read())
-    try:
-        return pa.ipc.open_stream(source).read_all()
-    except pa.ArrowInvalid:
-        source.seek(0)
-        return pa.ipc.open_file(source).read_all()
+        return datasets.load_from_disk(path)
+    return datasets.load_from_disk(fs.unstrip_protocol(path), storage_options=fs.storage_options)
 
 
 def parquet_file(fs, path: str) -> pq.ParquetFile:
@@ -161,9 +160,10 @@ def parquet_file(fs, path: str) -> pq.ParquetFile:
 
 def read_rows(fs, path: str, fmt: str, rows: list[int], columns: list[str]) -> pa.Table:
     """The given rows (sorted) and columns of one source file, reading only the row groups needed."""
-    if fmt == "arrow":
-        t = read_arrow(fs, path)
-        return t.select([c for c in columns if c in t.column_names]).take(pa.array(rows, pa.int64()))
+    if fmt == "save_to_disk":
+        ds = load_saved(fs, path)
+        ds = ds.select_columns([c for c in columns if c in ds.column_names])
+        return ds.with_format("arrow")[rows]
     pf = parquet_file(fs, path)
     md = pf.metadata
     groups, offsets, start = [], [], 0
@@ -181,23 +181,20 @@ def read_rows(fs, path: str, fmt: str, rows: list[int], columns: list[str]) -> p
 
 
 # --- planning -------------------------------------------------------------------------
-def _arrow_parts(fs, root: str, files: dict, default_split: str | None) -> list[dict]:
+def _saved_parts(fs, root: str, files: dict, default_split: str | None) -> list[dict]:
+    """One part per ``save_to_disk`` folder (a folder holding ``state.json``), loaded with ``datasets``."""
     parts = []
     for rel in sorted(r for r in files if posixpath.basename(r) == "state.json"):
         d = posixpath.dirname(rel)
-        state = storage.read_json(fs, posixpath.join(root, rel)) or {}
-        info = storage.read_json(fs, posixpath.join(root, d, "dataset_info.json")) or {}
-        data_files = [x.get("filename") for x in state.get("_data_files", []) if x.get("filename")]
-        if not data_files:
-            data_files = sorted(posixpath.basename(r) for r in files
-                                if posixpath.dirname(r) == d and r.endswith(".arrow"))
-        split = posixpath.basename(d) if d else (default_split or state.get("_split") or "train")
-        for name in data_files:
-            frel = posixpath.join(d, name) if d else name
-            if frel not in files:
-                raise UsageError(f"hf: {rel} lists {name}, which is missing")
-            parts.append({"file": frel, "format": "arrow", "split": split,
-                          "features": info.get("features") or None})
+        try:
+            ds = load_saved(fs, posixpath.join(root, d) if d else root)
+        except Exception as e:
+            raise UsageError(f"hf: cannot load the save_to_disk folder {d or '.'!r}: {type(e).__name__}: {e}") from None
+        split = posixpath.basename(d) if d else (default_split or ds.split or "train")
+        entries = [e for r, e in sorted(files.items()) if posixpath.dirname(r) == d]
+        parts.append({"file": d or ".", "format": "save_to_disk", "split": str(split), "dataset": ds,
+                      "features": ds.features.to_dict(), "size": sum(e.size for e in entries),
+                      "stamp": [common.stamp(e) for e in entries if e.rel.endswith((".arrow", ".json"))]})
     return parts
 
 
@@ -217,13 +214,13 @@ def plan(uri: str, opts, exclude=()) -> Plan:
         if dst not in MAPPABLE:
             raise UsageError(f"hf --columns: unknown target {dst!r}; choose from {', '.join(MAPPABLE)}")
 
-    parts = _arrow_parts(fs, root, files, opts.split)
+    parts = _saved_parts(fs, root, files, opts.split)
     layout = "save_to_disk"
     if not parts:
         layout = "parquet"
         for rel in sorted(r for r in files if r.endswith(".parquet")):
-            parts.append({"file": rel, "format": "parquet",
-                          "split": split_from_parquet_path(rel, opts.split), "features": None})
+            parts.append({"file": rel, "format": "parquet", "split": split_from_parquet_path(rel, opts.split),
+                          "features": None, "size": files[rel].size, "stamp": common.stamp(files[rel])})
     if not parts:
         raise UsageError(f"hf: no save_to_disk folder (state.json + .arrow) or Parquet files under {uri!r}")
 
@@ -233,9 +230,9 @@ def plan(uri: str, opts, exclude=()) -> Plan:
     for part in parts:
         path = posixpath.join(root, part["file"])
         try:
-            if part["format"] == "arrow":
-                table = read_arrow(fs, path)
-                schema, num_rows = table.schema, table.num_rows
+            ds = part.pop("dataset", None)
+            if ds is not None:
+                table, schema, num_rows = None, ds.features.arrow_schema, ds.num_rows
             else:
                 pf = parquet_file(fs, path)
                 table, schema, num_rows = None, pf.schema_arrow, pf.metadata.num_rows
@@ -246,7 +243,9 @@ def plan(uri: str, opts, exclude=()) -> Plan:
         seen_sources.update(schema.names)
         want = [mapping[t] for t in PLANNING_TARGETS if t in mapping]
         if want:
-            if table is None:
+            if ds is not None:
+                table = ds.select_columns(want).with_format("arrow")[:]
+            elif table is None:
                 table = parquet_file(fs, path).read(columns=want)
             cols = {t: table.column(mapping[t]).to_pylist() for t in PLANNING_TARGETS if t in mapping}
         else:
@@ -269,8 +268,7 @@ def plan(uri: str, opts, exclude=()) -> Plan:
     counters: dict[str, int] = {}
     file_specs = {}
     for part in parts:
-        e = files[part["file"]]
-        per_row = max(1, e.size // max(part["num_rows"], 1))
+        per_row = max(1, part["size"] // max(part["num_rows"], 1))
         cols, names = part["planned"], part["label_names"]
         for i in range(part["num_rows"]):
             split = cols["split"][i] if "split" in cols and cols["split"][i] is not None else part["split"]
@@ -294,7 +292,7 @@ def plan(uri: str, opts, exclude=()) -> Plan:
             samples.append(Sample(
                 key=f"{part['file']}\x00{i:012d}", sample_id=sid, split=split, label=label,
                 label_name=label_name, aux={"file": part["file"], "row": i}, nbytes=per_row,
-                stamp=[e.size, e.mtime]))
+                stamp=part["stamp"]))
         mapping = part["mapping"]
         file_specs[part["file"]] = {
             "format": part["format"], "mapping": mapping,
@@ -313,8 +311,8 @@ def plan(uri: str, opts, exclude=()) -> Plan:
 
 
 # --- reading --------------------------------------------------------------------------------
-def _media_bytes(fs, ctx: common.ReadContext, file_rel: str, value: Any, role: str) -> tuple[bytes, str | None]:
-    """Bytes of an Image/Audio value (struct bytes/path, raw bytes or a path string)."""
+def _media_bytes(fs, ctx: common.ReadContext, base_rel: str, value: Any, role: str) -> tuple[bytes, str | None]:
+    """Bytes of an Image/Audio value (struct bytes/path, raw bytes or a path string relative to ``base_rel``)."""
     path = None
     data = None
     if isinstance(value, dict):
@@ -330,7 +328,7 @@ def _media_bytes(fs, ctx: common.ReadContext, file_rel: str, value: Any, role: s
             raise Reject("empty_file", f"{role} has zero bytes")
         raise Reject(common.MISSING_FILE, f"{role} has neither bytes nor a path")
     allow = bool(ctx.options.get("allow_outside"))
-    base = posixpath.join(ctx.root, posixpath.dirname(file_rel))
+    base = posixpath.join(ctx.root, base_rel)
     if path.startswith("/") or "://" in path:
         full = path
         if not (common.is_within(full, ctx.root) or allow):
@@ -360,6 +358,8 @@ def read_shard(samples: list[Sample], ctx: common.ReadContext) -> tuple[list[dic
     for file_rel, group in by_file.items():
         spec = specs[file_rel]
         mapping = spec["mapping"]
+        # relative media paths are relative to the save_to_disk folder, or to the Parquet file's folder
+        base_rel = file_rel if spec["format"] == "save_to_disk" else posixpath.dirname(file_rel)
         row_targets = [t for t in MAPPABLE if t in mapping and t not in PLANNING_TARGETS]
         columns = [mapping[t] for t in row_targets] + list(spec.get("extra_columns", []))
         group.sort(key=lambda s: s.aux["row"])
@@ -385,7 +385,7 @@ def read_shard(samples: list[Sample], ctx: common.ReadContext) -> tuple[list[dic
                     if t in ("image", "audio"):
                         if v is None:
                             continue
-                        blob, path = _media_bytes(fs, ctx, file_rel, v, t)
+                        blob, path = _media_bytes(fs, ctx, base_rel, v, t)
                         path = path or f"{s.sample_id}"
                         if t == "image":
                             row["image"], facts = common.image_fields(blob, path)

@@ -1,4 +1,4 @@
-"""LibriSpeech (REFERENCE.md §2).
+"""LibriSpeech (OpenSLR SLR12 layout).
 
 ``<part>/<reader>/<chapter>/<reader>-<chapter>-NNNN.flac`` plus one
 ``<reader>-<chapter>.trans.txt`` per chapter (``<utt-id> <TEXT>``, split on the
@@ -22,8 +22,6 @@ from mmbatch.sources import common
 from mmbatch.sources.common import Plan, Problem, Reject, Sample
 
 KIND = "librispeech"
-PARTS = ("dev-clean", "dev-other", "test-clean", "test-other", "train-clean-100", "train-clean-360",
-         "train-other-500", "dev-clean-2", "train-clean-5")
 SPEAKERS_FILE = "SPEAKERS.TXT"
 TRANS_SUFFIX = ".trans.txt"
 

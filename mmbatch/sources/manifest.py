@@ -142,7 +142,7 @@ def plan(uri: str, opts, exclude=()) -> Plan:
     problems: list[Problem] = []
     samples: list[Sample] = []
     names: set[str] = set()
-    pending: list[tuple[Sample, str | None]] = []
+    pending: list[Sample] = []
     mname = posixpath.basename(mpath)
 
     def locate(rel: str, role: str, sid_hint: str) -> tuple[str | None, common.Entry | None, Problem | None]:
@@ -221,9 +221,9 @@ def plan(uri: str, opts, exclude=()) -> Plan:
             dialect_region=_s(fields.get("dialect_region")), sentence_type=_s(fields.get("sentence_type")),
             files=located, extra={**extra, "manifest_line": line},
             nbytes=sum(e.size for e in entries) or len(text or ""), stamp=[common.stamp(e) for e in entries])
-        pending.append((s, fields.get("label")))
+        pending.append(s)
     vocab = {n: i for i, n in enumerate(sorted(names))}
-    for s, raw_label in pending:
+    for s in pending:
         if s.label is None and s.label_name is not None:
             s.label = vocab[s.label_name]
         samples.append(s)

@@ -1,4 +1,4 @@
-"""TIMIT (REFERENCE.md §3): LDC layout in upper or lower case, and the Kaggle layout.
+"""TIMIT: LDC layout in upper or lower case, and the Kaggle layout.
 
 ``{TRAIN,TEST}/DR1..DR8/<SPK>/<UTT>.{WAV,TXT,WRD,PHN}`` anywhere under INPUT
 (the Kaggle copy nests it in ``data/`` and adds RIFF copies ``SA1.WAV.wav``:
@@ -24,6 +24,7 @@ from __future__ import annotations
 import posixpath
 import re
 
+from mmbatch import media
 from mmbatch.errors import UsageError
 from mmbatch.sources import common
 from mmbatch.sources.common import Plan, Problem, Reject, Sample
@@ -212,8 +213,6 @@ def build_row(s: Sample, blobs: dict, options: dict) -> dict:
                                         int(options.get("phones", 61)))
     except UnicodeDecodeError as e:
         raise Reject(common.BAD_ALIGNMENT, f"alignment file is not ASCII: {e}") from None
-    if blobs["audio"][:8] == b"NIST_1A\n":
-        from mmbatch.sources import sphere
-        h = sphere.parse_header(blobs["audio"])
-        facts["sample_byte_format"] = h.get("sample_byte_format")
+    if media.is_sphere(blobs["audio"]):
+        facts["sample_byte_format"] = media.sphere_header(blobs["audio"]).get("sample_byte_format")
     return common.finish_extra(row, {**s.extra, **facts})

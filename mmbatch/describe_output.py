@@ -1,4 +1,7 @@
-"""`mmbatch inspect`: describe any Parquet folder mmbatch writes (canonical, fused, quarantine)."""
+"""`mmbatch inspect`: describe any Parquet folder mmbatch writes (canonical, fused, quarantine).
+
+(Named describe_output, not inspect, so it does not shadow the standard library's ``inspect``.)
+"""
 from __future__ import annotations
 
 import json
