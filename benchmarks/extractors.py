@@ -18,9 +18,18 @@ modality; the best of ``--repeats`` passes over the corpus.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
-import numpy as np
+from mmbatch.runtime import THREAD_ENV
+
+# One BLAS thread, as in a worker (mmbatch.runtime.init_ray sets these for Ray's workers
+# before they import numpy). Set before numpy loads: OpenBLAS reads them once, and a
+# two-thread sgemm on these small matrices costs CPU time, not only wall time.
+for _k, _v in THREAD_ENV.items():
+    os.environ.setdefault(_k, _v)
+
+import numpy as np  # noqa: E402
 
 BATCH = 64
 
