@@ -24,9 +24,10 @@ log = logging.getLogger("mmbatch")
 def pin_threads() -> None:
     """Pin this process to one BLAS/torch thread (call inside CPU workers).
 
-    torch is only touched when something already imported it: importing torch costs
-    ~2 s per fresh worker process, which model-free extractors (HOG, log-mel, hashing)
-    must not pay. Code that imports torch later calls this again after the import.
+    torch and OpenCV are only touched when something already imported them: importing
+    torch costs ~2 s per fresh worker process, which model-free extractors (HOG,
+    log-mel, hashing) must not pay, and an audio-only worker has no use for OpenCV
+    (~0.2 s). Code that imports either later calls this again after the import.
     """
     import sys
 
@@ -35,11 +36,9 @@ def pin_threads() -> None:
     torch = sys.modules.get("torch")
     if torch is not None and torch.get_num_threads() != 1:
         torch.set_num_threads(1)
-    try:
-        import cv2
+    cv2 = sys.modules.get("cv2")
+    if cv2 is not None:
         cv2.setNumThreads(1)
-    except ImportError:  # pragma: no cover
-        pass
 
 
 def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None,

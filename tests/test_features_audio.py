@@ -189,3 +189,112 @@ def test_registry_audio():
 def test_logmel_stats_function_matches_extractor():
     x = _speechlike(0.5)
     assert np.array_equal(logmel_stats(x), LogMelStatsExtractor().encode([x])[0])
+
+
+# --- the numpy front end equals the librosa computation it replaced -------------------
+def _librosa_logmel_stats(x: np.ndarray, p: FrameParams) -> np.ndarray:
+    """The oracle: logmel_stats exactly as mmbatch computed it with librosa before the
+    numpy front end (librosa.stft per clip, librosa.filters.mel, scipy's DCT-II)."""
+    import scipy.fft
+
+    S = librosa.stft(np.asarray(x, dtype=np.float32), n_fft=p.n_fft, hop_length=p.hop_length,
+                     win_length=p.win_length, window="hann", center=p.center, pad_mode=p.pad_mode)
+    power = (S.real * S.real + S.imag * S.imag).astype(np.float32, copy=False)
+    fb = librosa.filters.mel(sr=p.sample_rate, n_fft=p.n_fft, n_mels=p.n_mels, fmin=p.fmin, fmax=p.fmax,
+                             htk=p.mel_htk, norm=p.mel_norm, dtype=np.float32)
+    L = (10.0 * np.log10(np.maximum(fb @ power, p.amin))).astype(np.float32, copy=False)
+    parts = [L.mean(axis=1), L.std(axis=1)]
+    if p.n_mfcc:
+        D = scipy.fft.dct(np.eye(p.n_mels, dtype=np.float64), type=2, norm="ortho", axis=0)[:p.n_mfcc]
+        M = D.astype(np.float32) @ L
+        parts += [M.mean(axis=1), M.std(axis=1)]
+    return np.concatenate(parts).astype(np.float32)
+
+
+def _real_clips() -> dict[str, bytes]:
+    """Encoded FLAC/WAV files of several lengths, rates and contents, incl. edge cases."""
+    rng = np.random.default_rng(7)
+    return {
+        "speech_1s": _encode(_speechlike(1.0), SR, "FLAC"),
+        "speech_0.37s": _encode(_speechlike(0.37, seed=1), SR, "FLAC"),
+        "speech_12.3s": _encode(_speechlike(12.3, seed=2), SR, "FLAC"),
+        "noise_loud_2s": _encode(np.clip(rng.normal(0, 0.6, 2 * SR), -1, 1).astype(np.float32), SR, "FLAC"),
+        "tone_100_samples": _encode(_tone(700, 100 / SR, SR), SR, "FLAC"),     # < one window: padded
+        "one_window_plus_one": _encode(_speechlike(401 / SR, seed=3), SR, "FLAC"),
+        "silence_0.5s": _encode(np.zeros(SR // 2, np.float32), SR, "FLAC"),
+        "near_silence_1s": _encode((rng.integers(-1, 2, SR) / 32768.0).astype(np.float32), SR, "FLAC"),
+        "speech_44k1_1.5s": _encode(_speechlike(1.5, 44100, seed=4), 44100, "FLAC"),   # resampled
+        "stereo_wav_0.8s": _encode(np.stack([_speechlike(0.8, seed=5), _tone(300, 0.8, SR)], 1), SR, "WAV"),
+    }
+
+
+# float32 log-mel values are stored with a relative precision of 6e-8 (|values| up to
+# ~100 dB: one float32 step is 7.6e-6 there), so 1e-5 relative to max(1, |value|) allows
+# a rounding difference of about one step and fails on any change in the computation
+# (a window, padding, filterbank or dB-floor change moves values by 1e-3 or more).
+EQUALITY_RTOL = 1e-5
+
+
+@pytest.mark.parametrize("frames", [
+    {},                                                          # the workflow defaults
+    dict(sample_rate=8000, win_ms=32.0, hop_ms=8.0, n_mels=40, n_mfcc=20, fmin=50.0, fmax=3800.0),
+])
+def test_logmel_stats_equal_to_the_librosa_computation_on_real_files(frames):
+    ex = LogMelStatsExtractor(**frames)
+    clips = _real_clips()
+    feats, errors = ex.extract(list(clips.values()))
+    assert errors == [None] * len(clips)
+    decoded = ex.decode(list(clips.values())).values
+    for i, (name, x) in enumerate(zip(clips, decoded)):
+        ref = _librosa_logmel_stats(x, ex.p)
+        err = np.abs(feats[i] - ref) / np.maximum(1.0, np.abs(ref))
+        assert err.max() <= EQUALITY_RTOL, (name, float(err.max()))
+        assert np.isfinite(feats[i]).all()
+    # the silent file: every band at the -100 dB floor, no spread
+    silent = feats[list(clips).index("silence_0.5s")]
+    assert np.allclose(silent[:ex.p.n_mels], -100.0, atol=1e-4) and not silent[ex.p.n_mels:2 * ex.p.n_mels].any()
+
+
+@pytest.mark.parametrize("p", [
+    FrameParams(),
+    FrameParams.from_ms(8000, 32.0, 8.0, n_mels=40, n_mfcc=20, fmin=50.0, fmax=3800.0),
+    FrameParams.from_ms(22050, 46.4, 11.6, n_mels=128, n_mfcc=13, fmin=20.0),
+    FrameParams(sample_rate=16000, win_length=400, hop_length=160, n_fft=512, n_mels=64, mel_htk=True),
+])
+def test_window_filterbank_and_dct_equal_librosa_and_scipy(p):
+    import scipy.fft
+    import scipy.signal
+
+    from mmbatch.features.audio import analysis_window, dct_matrix, mel_basis
+
+    ref_fb = librosa.filters.mel(sr=p.sample_rate, n_fft=p.n_fft, n_mels=p.n_mels, fmin=p.fmin, fmax=p.fmax,
+                                 htk=p.mel_htk, norm=p.mel_norm, dtype=np.float32)
+    fb = mel_basis(p)
+    assert fb.shape == ref_fb.shape and fb.dtype == np.float32
+    assert np.abs(fb - ref_fb).max() <= 1e-7 * np.abs(ref_fb).max()
+    ref_win = librosa.util.pad_center(scipy.signal.get_window("hann", p.win_length, fftbins=True), size=p.n_fft)
+    assert np.abs(analysis_window(p) - ref_win).max() < 1e-15
+    ref_dct = scipy.fft.dct(np.eye(p.n_mels), type=2, norm="ortho", axis=0)[:p.n_mfcc].astype(np.float32)
+    assert np.abs(dct_matrix(p.n_mfcc, p.n_mels) - ref_dct).max() <= 1e-7
+    # and the power spectrum of a clip, frame by frame, for a window shorter than n_fft too
+    x = _speechlike(0.9, p.sample_rate)
+    S = librosa.stft(x, n_fft=p.n_fft, hop_length=p.hop_length, win_length=p.win_length, window="hann",
+                     center=True, pad_mode="constant")
+    from mmbatch.features.audio import power_spectrogram
+    assert np.array_equal(power_spectrogram(x, p), S.real * S.real + S.imag * S.imag)
+
+
+def test_logmel_stats_imports_neither_librosa_nor_scipy_nor_torch():
+    """A model-free audio worker decodes and extracts without the heavy imports."""
+    import subprocess
+    import sys
+
+    code = (
+        "import io, sys, numpy as np, soundfile as sf\n"
+        "from mmbatch.features.registry import build_extractor\n"
+        "buf = io.BytesIO(); sf.write(buf, np.zeros(16000, np.float32), 16000, format='FLAC')\n"
+        "emb, errors = build_extractor('audio').extract([buf.getvalue()])\n"
+        "assert errors == [None] and emb.shape == (1, 186)\n"
+        "print(sorted(m for m in ('librosa', 'scipy', 'torch', 'cv2') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -294,3 +294,145 @@ def test_resnet_bf16_on_cpu_close_to_fp32():
     assert b16.dtype == np.float32
     cos = (f32 * b16).sum(1) / (np.linalg.norm(f32, axis=1) * np.linalg.norm(b16, axis=1))
     assert cos.min() > 0.98
+
+
+# --- hog_color equals the implementation it replaced -------------------------------
+def _previous_hog_color(images: np.ndarray, cells=8, bins=9, block=2, hsv_bins=(8, 4, 4)) -> np.ndarray:
+    """The oracle: hog_color_features exactly as mmbatch computed it before this rewrite."""
+    n, S = images.shape[0], images.shape[1]
+    tall = np.ascontiguousarray(images, dtype=np.uint8).reshape(n * S, S, 3)
+    gray = cv2.cvtColor(tall, cv2.COLOR_RGB2GRAY).reshape(n * S, S).astype(np.float32)
+    gx = cv2.Sobel(gray, cv2.CV_32F, 1, 0, ksize=1)
+    gy = cv2.Sobel(gray, cv2.CV_32F, 0, 1, ksize=1)
+    gy3 = gy.reshape(n, S, S)
+    gy3[:, 0, :] = 0.0
+    gy3[:, S - 1, :] = 0.0
+    mag, q = cv2.cartToPolar(gx, gy, angleInDegrees=True)
+    q *= bins / 180.0
+    q -= np.float32(bins) * (q >= bins)
+    q += 0.5
+    slot = q.astype(np.intp)
+    frac = q - slot
+    w_hi = mag * frac
+    w_lo = mag - w_hi
+    slots = bins + 2
+    cell_of = (np.arange(S) * cells) // S
+    cell = cell_of[:, None] * cells + cell_of[None, :]
+    base = ((np.arange(n)[:, None, None] * (cells * cells) + cell[None]) * slots).astype(np.intp)
+    idx = base.reshape(-1) + slot.reshape(-1)
+    total = n * cells * cells * slots
+    hist = np.bincount(idx, weights=w_lo.reshape(-1), minlength=total)
+    hist += np.bincount(idx + 1, weights=w_hi.reshape(-1), minlength=total)
+    hist = hist.reshape(n, cells, cells, slots)
+    h = hist[..., 1:bins + 1].astype(np.float32)
+    h[..., bins - 1] += hist[..., 0]
+    h[..., 0] += hist[..., bins + 1]
+    nb = cells - block + 1
+    blocks = np.concatenate([h[:, dy:dy + nb, dx:dx + nb, :] for dy in range(block) for dx in range(block)],
+                            axis=-1)
+    blocks /= np.sqrt(np.sum(blocks * blocks, axis=-1, keepdims=True) + 1e-10)
+    np.minimum(blocks, 0.2, out=blocks)
+    blocks /= np.sqrt(np.sum(blocks * blocks, axis=-1, keepdims=True) + 1e-10)
+    hb, sb, vb = hsv_bins
+    hsv = cv2.cvtColor(tall, cv2.COLOR_RGB2HSV).reshape(n, -1, 3).astype(np.intp)
+    code = ((np.minimum(hsv[..., 0] * hb // 180, hb - 1) * sb + hsv[..., 1] * sb // 256) * vb
+            + hsv[..., 2] * vb // 256)
+    k = hb * sb * vb
+    colour = np.stack([np.bincount(c, minlength=k) for c in code]).astype(np.float32) / code.shape[1]
+    return np.concatenate([blocks.reshape(n, -1), np.sqrt(colour)], axis=1).astype(np.float32)
+
+
+def _real_image_files() -> dict[str, bytes]:
+    """Encoded images in the shapes the workflows see, plus edge cases."""
+    from benchmarks.extractors import large_items, small_items
+
+    files = {f"large_jpeg_{i}": b for i, b in enumerate(large_items(3)["image"])}      # 500x375 q92
+    files.update({f"small_png_{i}": b for i, b in enumerate(small_items(3)["image"])})  # 28x28
+    files["smooth_jpeg_128x96"] = _jpeg(_smooth_rgb(128, 96, seed=3))
+    files["gray_png_70x200"] = _png(_smooth_rgb(70, 200, seed=4)[..., 0])
+    files["flat_jpeg"] = _jpeg(_solid_rgb(80, 80, (200, 30, 90)))
+    files["stripes_png"] = _png(np.tile(((np.arange(64) // 4) % 2 * 255).astype(np.uint8)[:, None, None], (1, 64, 3)))
+    return files
+
+
+# Both compute in float32 with float64 histogram sums; 1e-5 absolute on values in [0, 1]
+# (HOG after L2-Hys, sqrt of a normalised histogram) is ~100 float32 steps and fails on
+# any change of gradient, binning, normalisation or layout (those move values by >= 1e-3).
+@pytest.mark.parametrize("size", [64, 40, 100])
+def test_hog_color_equal_to_the_previous_implementation_on_real_files(size):
+    files = _real_image_files()
+    ex = HogColorExtractor(size=size)
+    feats, errors = ex.extract(list(files.values()))
+    assert errors == [None] * len(files)
+    ref = _previous_hog_color(np.stack([decode_image(b, size) for b in files.values()]))
+    for i, name in enumerate(files):
+        assert np.abs(feats[i] - ref[i]).max() <= 1e-5, name
+    assert feats[:, :1764].any(axis=1).sum() == len(files) - 1          # only the flat image has no HOG
+
+
+# --- HOG against scikit-image ------------------------------------------------------
+def _reference_hog(gray: np.ndarray, cells: int, bins: int, block: int, vote: str) -> np.ndarray:
+    """HOG in plain float64 numpy, pixel loops written out: skimage's conventions
+    (gradients [-1, 0, 1] with zero border rows/columns, unsigned angle, cell means,
+    L2-Hys blocks with eps 1e-5, (block row, block col, cell row, cell col, bin) order).
+    ``vote="nearest"``: every pixel into its bin (skimage); ``"linear"``: split between
+    the two nearest bin centres (b + 0.5) * 180 / bins (mmbatch)."""
+    g = gray.astype(np.float64)
+    side = g.shape[0] // cells
+    d_row, d_col = np.zeros_like(g), np.zeros_like(g)
+    d_row[1:-1, :] = g[2:, :] - g[:-2, :]
+    d_col[:, 1:-1] = g[:, 2:] - g[:, :-2]
+    mag = np.hypot(d_row, d_col)
+    theta = np.rad2deg(np.arctan2(d_row, d_col)) % 180.0
+    width = 180.0 / bins
+    rows, cols = np.indices(g.shape) // side
+    hist = np.zeros((cells, cells, bins))
+    if vote == "nearest":
+        np.add.at(hist, (rows, cols, np.floor(theta / width).astype(int) % bins), mag)
+    else:
+        pos = theta / width - 0.5
+        lo = np.floor(pos)
+        frac = pos - lo
+        np.add.at(hist, (rows, cols, lo.astype(int) % bins), mag * (1.0 - frac))
+        np.add.at(hist, (rows, cols, (lo.astype(int) + 1) % bins), mag * frac)
+    hist /= side * side
+    nb = cells - block + 1
+    out = np.zeros((nb, nb, block, block, bins))
+    for r in range(nb):
+        for c in range(nb):
+            v = hist[r:r + block, c:c + block]
+            v = np.minimum(v / np.sqrt(np.sum(v ** 2) + 1e-10), 0.2)
+            out[r, c] = v / np.sqrt(np.sum(v ** 2) + 1e-10)
+    return out.ravel()
+
+
+# cv2.cartToPolar's angles are accurate to about 0.3 degrees (OpenCV documentation): at
+# most 0.3 / 20 = 1.5 % of a pixel's vote lands in the neighbouring bin. Measured max
+# difference to the exact-angle reference: 3.8e-4 (9 bins) on these images; a vote one
+# bin off, a mirrored angle or transposed cells differ by >= 0.09.
+HOG_ANGLE_TOL = 2e-3
+
+
+@pytest.mark.parametrize("bins", [9, 4, 1])
+def test_hog_agrees_with_skimage(bins):
+    from skimage.feature import hog as skimage_hog
+
+    files = _real_image_files()
+    images = np.stack([decode_image(b, 64) for b in files.values()])
+    n = len(images)
+    gray = cv2.cvtColor(images.reshape(n * 64, 64, 3), cv2.COLOR_RGB2GRAY).reshape(n, 64, 64)
+    ours = img_mod.hog_color_features(images, bins=bins)[:, :49 * 4 * bins]
+    for i, name in enumerate(files):
+        sk = skimage_hog(gray[i].astype(np.float64), orientations=bins, pixels_per_cell=(8, 8),
+                         cells_per_block=(2, 2), block_norm="L2-Hys", feature_vector=True)
+        # 1. the reference, with skimage's nearest-bin vote, is skimage
+        assert np.abs(_reference_hog(gray[i], 8, bins, 2, "nearest") - sk).max() < 1e-6, name
+        linear = _reference_hog(gray[i], 8, bins, 2, "linear")
+        # 2. with one bin the vote plays no part: ours is skimage to float32 rounding
+        if bins == 1:
+            assert np.abs(ours[i] - sk).max() < 1e-6, name
+        # 3. ours is the reference with the linear vote, to cartToPolar's angle accuracy
+        assert np.abs(ours[i] - linear).max() < HOG_ANGLE_TOL, name
+        if bins > 1 and ours[i].any():      # and that tolerance tells a wrong bin apart
+            wrong = np.roll(ours[i].reshape(-1, bins), 1, axis=1).ravel()
+            assert np.abs(wrong - linear).max() > 20 * HOG_ANGLE_TOL, name

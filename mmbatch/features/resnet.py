@@ -11,6 +11,12 @@ Bottleneck), which is what torchvision's ImageNet weights are trained for.
 :meth:`ResNet.features` returns the global-average-pooled vector (512 for
 18/34, 2048 for 50) that the image ``cnn`` extractor uses; ``fc`` is kept only
 so full checkpoints load strictly.
+
+Kept instead of ``torchvision.models`` on purpose: PyPI's ``torchvision==0.28.0``
+(the release built for torch 2.13.0) is a CUDA build; beside the CPU wheel
+``torch==2.13.0+cpu`` it installs without touching torch but fails on import
+(``_C.so`` needs ``libc10_cuda.so``; ``RuntimeError: operator torchvision::nms
+does not exist``), so a CPU install cannot use it.
 """
 from __future__ import annotations
 
