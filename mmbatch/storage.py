@@ -218,13 +218,3 @@ def read_manifest(uri: str) -> dict | None:
     fs, path = url_to_fs(uri)
     return read_json(fs, join(path, MANIFEST))
 
-
-def jsonable(x: Any) -> Any:
-    """``x`` with sets as sorted lists and tuples as lists (for JSON files)."""
-    if isinstance(x, dict):
-        return {k: jsonable(v) for k, v in x.items()}
-    if isinstance(x, set):
-        return sorted(jsonable(v) for v in x)
-    if isinstance(x, (tuple, list)):
-        return [jsonable(v) for v in x]
-    return x
