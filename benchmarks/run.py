@@ -23,6 +23,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import resource
 import threading
 import time
 from pathlib import Path
@@ -282,11 +283,50 @@ def run_datasets(files: list[str], cores: int, out: Path) -> None:
     ds.to_parquet(str(out / "datasets.parquet"))
 
 
-def run_mmbatch(canon: Path, out: Path) -> dict:
+def make_text_partner(root: Path, n: int, seed: int = 7) -> Path:
+    """A text-only manifest of n rows with the corpus' labels (0-3) and splits: a pairing partner."""
+    from mmbatch.demo.corpus import bits, make_sentence
+
+    manifest = root / "manifest.csv"
+    if manifest.exists() and sum(1 for _ in manifest.open()) == n + 1:
+        return manifest
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    lines = ["sample_id,text,label,split"]
+    for i in range(n):
+        c = i % 4
+        split = "train" if i % 10 < 8 else ("validation" if i % 10 == 8 else "test")
+        lines.append(f"t{i:07d},{' '.join(make_sentence(bits(c)[2], rng, n_words=8))},{c},{split}")
+    manifest.write_text("\n".join(lines) + "\n")
+    return manifest
+
+
+def prepare_partner(n: int, data_root: str, cores: int) -> Path:
+    data = Path(data_root) / f"partner-text-n{n}"
+    canon = data / "canonical"
+    if not (canon / "_manifest.json").exists():
+        import ray
+
+        from mmbatch.ingest import run_ingest
+        from mmbatch.runtime import init_ray
+
+        manifest = make_text_partner(data / "corpus", n)
+        init_ray(num_cpus=cores)
+        run_ingest("manifest", str(manifest), str(canon))
+        ray.shutdown()
+    return canon
+
+
+def run_mmbatch(canon: Path, out: Path, partner: str | None = None) -> dict:
     from mmbatch.config import workflow_from_dict
     from mmbatch.preprocess import run_preprocess
 
-    wf = workflow_from_dict({"datasets": [{"name": "bench", "path": str(canon)}], "output": {"path": str(out)}})
+    wf = {"datasets": [{"name": "bench", "path": str(canon)}], "output": {"path": str(out)}}
+    if partner:          # pairing by label with a text-only partner dataset
+        wf["datasets"] = [{"name": "bench", "path": str(canon), "modalities": ["image", "audio"]},
+                          {"name": "partner", "path": partner, "modalities": ["text"]}]
+        wf["pairing"] = {"by": "label", "primary": "bench"}
+    wf = workflow_from_dict(wf)
     s = run_preprocess(wf, progress=True)
     return {"stages": {k: {"rows": v.rows, "busy_seconds": round(v.seconds, 2)} for k, v in s.stages.items()},
             "rows_out": s.rows_out}
@@ -322,7 +362,7 @@ def run_ingest_job(data: Path, out: Path) -> dict:
 CONTENDERS = ("ideal", "mmbatch", "pool", "datasets", "raydata", "ingest")
 
 
-def child(name: str, data: Path, cores: int, probe: int) -> dict:
+def child(name: str, data: Path, cores: int, probe: int, partner: str | None = None) -> dict:
     import shutil
 
     canon = data / "canonical"
@@ -341,7 +381,7 @@ def child(name: str, data: Path, cores: int, probe: int) -> dict:
         res["ray_startup_s"] = round(time.perf_counter() - t0, 2)
     with Monitor() as mon:
         if name == "mmbatch":
-            res.update(run_mmbatch(canon, target / "fused"))
+            res.update(run_mmbatch(canon, target / "fused", partner))
         elif name == "pool":
             run_pool(files, cores, target)
         elif name == "datasets":
@@ -355,7 +395,8 @@ def child(name: str, data: Path, cores: int, probe: int) -> dict:
     return {**res, "seconds": mon.seconds, "cpu_util_pct": round(float(np.mean(mon.samples)) if mon.samples else 0.0, 1),
             "cpu_seconds": round(mon.cpu_seconds, 1), "steal_pct": mon.steal.pct,
             "cpu_by_process": mon.cpu_by_process(),
-            "peak_mem_mb": round(mon.peak / 2**20, 1)}
+            "peak_mem_mb": round(mon.peak / 2**20, 1),
+            "driver_peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 
 def spawn_child(name: str, args, n: int) -> dict:
@@ -363,7 +404,8 @@ def spawn_child(name: str, args, n: int) -> dict:
     import sys
 
     cmd = [sys.executable, "-m", "benchmarks.run", "--child", name, "--samples", str(n), "--data", args.data,
-           "--probe", str(args.probe)] + (["--small"] if args.shape == "small" else [])
+           "--probe", str(args.probe)] + (["--small"] if args.shape == "small" else []) + \
+        (["--partner", args.partner] if getattr(args, "partner", None) else [])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode or not lines:
@@ -409,12 +451,15 @@ def main() -> None:
     ap.add_argument("--small", action="store_true",
                     help="the small-item corpus (28x28 PNG + 1 s FLAC + short text, the AV-MNIST shape) "
                          "instead of the large-item one (500x375 JPEG + 10-15 s FLAC + transcript)")
+    ap.add_argument("--pairing", type=int, default=0, metavar="ROWS",
+                    help="--memory: pair by label with a text-only partner dataset of ROWS rows")
+    ap.add_argument("--partner", help=argparse.SUPPRESS)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.shape = "small" if args.small else "large"
     cores = os.cpu_count() or 1
     if args.child:
-        res = child(args.child, data_dir(args.data, args.samples, args.shape), cores, args.probe)
+        res = child(args.child, data_dir(args.data, args.samples, args.shape), cores, args.probe, args.partner)
         print("RESULT " + json.dumps(res))
         return
     out = Path(args.out)
@@ -502,16 +547,21 @@ def write_results(results: dict, out: Path) -> None:
 def memory_main(args, out: Path, cores: int) -> None:
     """Peak memory (PSS) of mmbatch preprocess (driver + Ray workers) at N and 4N samples."""
     rows = []
+    if args.pairing:
+        args.partner = str(prepare_partner(args.pairing, args.data, cores))
     for n in (args.samples, 4 * args.samples):
         prepare(n, args.data, cores, args.shape)
         res = spawn_child("mmbatch", args, n)
         rows.append({"samples": n, "peak_mem_mb": res["peak_mem_mb"], "seconds": round(res["seconds"], 1),
-                     "samples_per_s": round(n / res["seconds"], 1)})
+                     "samples_per_s": round(n / res["seconds"], 1),
+                     "driver_peak_mb": res.get("driver_peak_mb")})
         print(rows[-1])
     ratio = rows[1]["peak_mem_mb"] / rows[0]["peak_mem_mb"]
-    res = {"command": f"python -m benchmarks.run --memory --samples {args.samples}", "runs": rows,
-           "ratio_4x": round(ratio, 3)}
-    (out / "memory.json").write_text(json.dumps(res, indent=2))
+    cmd = f"python -m benchmarks.run --memory --samples {args.samples}" + (" --small" if args.shape == "small" else "") \
+        + (f" --pairing {args.pairing}" if args.pairing else "")
+    res = {"command": cmd, "runs": rows, "ratio_4x": round(ratio, 3), "pairing_partner_rows": args.pairing or None}
+    name = "memory" + ("-small" if args.shape == "small" else "") + ("-paired" if args.pairing else "")
+    (out / f"{name}.json").write_text(json.dumps(res, indent=2))
     print(f"4x data -> {ratio:.2f}x peak memory")
 
 

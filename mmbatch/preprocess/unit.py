@@ -30,7 +30,7 @@ from mmbatch.commit import CommitRecord, write_table
 from mmbatch.fusion import embeddings_to_arrow
 from mmbatch.preprocess.fuse import PartnerIndex, PartnerRows, fused_table
 from mmbatch.preprocess.plan import META_COLS, Unit
-from mmbatch.schema import MODALITIES, QUARANTINE, emb_column, has_column, normalize_split
+from mmbatch.schema import MODALITIES, QUARANTINE, emb_column, has_column, normalize_split, quarantine_row
 
 QUARANTINE_DIR = storage.QUARANTINE_DIR
 
@@ -239,15 +239,10 @@ class UnitWorker:
         if not bad.any():
             return QUARANTINE.empty_table()
         idx = np.flatnonzero(bad)
-        k = len(idx)
-        return pa.table({
-            "path": pa.array(where[idx].tolist(), pa.string()),
-            "sample_id": table.column("sample_id").take(pa.array(idx)),
-            "source": pa.array([self.job.dataset] * k, pa.string()),
-            "stage": pa.array(["preprocess"] * k, pa.string()),
-            "reason": pa.array(reason[idx].tolist(), pa.string()),
-            "detail": pa.array(detail[idx].tolist(), pa.string()),
-        }, schema=QUARANTINE)
+        ids = table.column("sample_id").take(pa.array(idx)).to_pylist()
+        return pa.Table.from_pylist(
+            [quarantine_row(reason[i], detail[i] or "", path=where[i], sample_id=sid, source=self.job.dataset,
+                            stage="preprocess") for i, sid in zip(idx, ids)], schema=QUARANTINE)
 
 
 def _value_counts(col) -> dict:
