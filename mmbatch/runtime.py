@@ -55,7 +55,8 @@ def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None,
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
-    kwargs = dict(logging_level=logging.WARNING if quiet else logging.INFO, log_to_driver=True)
+    kwargs = dict(logging_level=logging.WARNING if quiet else logging.INFO, log_to_driver=True,
+                  job_config=worker_path_job_config())
     if address in (None, "local"):
         # The embedded Ray's workers inherit this process's environment. A job-level
         # runtime_env would do the same job but makes Ray start a second set of worker
@@ -74,6 +75,51 @@ def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None,
             "env_vars": dict(THREAD_ENV), "worker_process_setup_hook": "mmbatch.runtime.quiet_worker_logs"},
             **kwargs)
     _quiet_ray_data()
+
+
+class _WorkerCodePaths(list):
+    """The folders Ray adds to the front of every worker's ``sys.path`` (``JobConfig._py_driver_sys_path``).
+
+    At ``ray.init`` Ray extends this list with the driver's current folder and script folder
+    (ray/_private/worker.py, "Add the directory containing the script ... Also add the current
+    directory"); each worker then does ``sys.path.insert(0, p)`` for every entry, ahead of
+    PYTHONPATH and site-packages. A folder that holds something named ``mmbatch`` other than the
+    package this driver runs (a clone's top folder seen from its parent, a stale copy) would then
+    shadow the installed package in the workers only. Such folders are left out; every other
+    folder is kept, so Ray's behaviour is unchanged elsewhere.
+    """
+
+    def extend(self, paths) -> None:
+        super().extend(p for p in paths if not shadows_package(p))
+
+    def append(self, path) -> None:
+        self.extend([path])
+
+
+def shadows_package(folder: str) -> bool:
+    """True when ``import mmbatch`` from ``folder`` would not be the package this process runs."""
+    import mmbatch
+
+    ours = os.path.realpath(os.path.dirname(mmbatch.__file__))
+    for name in ("mmbatch", "mmbatch.py"):
+        candidate = os.path.join(folder, name)
+        if os.path.exists(candidate) and os.path.realpath(candidate) != ours:
+            return True
+    return False
+
+
+def worker_path_job_config():
+    """A ``JobConfig`` whose worker ``sys.path`` additions never shadow the installed package.
+
+    Ray offers no public switch for this: the current folder is skipped only for Ray Client jobs
+    or when ``runtime_env.working_dir`` is set, and a job-level runtime_env makes the embedded Ray
+    start a second set of workers (see init_ray). So the list Ray extends is a filtering one.
+    """
+    from ray.job_config import JobConfig
+
+    job_config = JobConfig()
+    job_config._py_driver_sys_path = _WorkerCodePaths()
+    return job_config
 
 
 def quiet_worker_logs() -> None:
