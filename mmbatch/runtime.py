@@ -233,7 +233,9 @@ def quiet_worker_logs() -> None:
 # Lines workers send to the driver's terminal that say nothing to a user (kept in Ray's log files):
 NOISE_ACTORS = ("PlacementGroupCleaner",)   # Ray Train's cleaner polls the State API, which needs the
 #                                            dashboard the embedded Ray does not start: a warning a second
-NOISE_LINES = ("has constructor arguments in the object store and max_restarts > 0",)
+NOISE_LINES = ("has constructor arguments in the object store and max_restarts > 0",
+               "Set ray log level from environment variable",        # each process, once RAY_BACKEND_LOG_LEVEL is set
+               "Reporting training result ")                          # Ray Train: one per epoch per worker
 
 
 def _filter_worker_logs() -> None:
@@ -265,6 +267,9 @@ def _quiet_ray_data(quiet: bool = True) -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = not quiet
     ctx.print_on_execution_start = False
+    if quiet:       # importing ray.data configures its loggers at INFO: set after the import
+        for name in ("ray.data", "ray.train", "ray.tune"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 class _DropMessages(logging.Filter):

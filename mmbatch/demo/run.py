@@ -128,6 +128,7 @@ def _absolute(wf_dict: dict, root: Path) -> dict:
 
 
 def _print_outputs(root, ingested, pre, pre_timit, result, completion, timings, total) -> bool:
+    """The demo's last screen: what it wrote, then the fused-vs-unimodal result, then what to open."""
     print("\n== mmbatch demo: outputs")
     rows = [
         ("corpus", root / "corpus"),
@@ -140,21 +141,24 @@ def _print_outputs(root, ingested, pre, pre_timit, result, completion, timings, 
     ]
     for name, path in rows:
         print(f"  {name:<34} {path}")
-    print("\n  ingest:      " + "; ".join(f"{k} {s.ingested} rows ({s.quarantined} quarantined)"
-                                         for k, s in ingested.items()))
+    print("  ingest:      " + "; ".join(f"{k} {s.ingested} rows ({s.quarantined} quarantined)"
+                                       for k, s in ingested.items()))
     print(f"  preprocess:  {pre.rows_out} fused rows, {pre.quarantined} quarantined")
-    print("\n  test accuracy (4 classes, chance 0.25)")
+    print("  seconds:     " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()) + f"; total {total:.1f}")
+    if completion is not None:
+        image_only = (result.baselines or {}).get("image", {}).get("accuracy")
+        if image_only is not None:
+            print(f"  modality completion (image rows + spoken class name): accuracy "
+                  f"{completion.metrics['accuracy']:.3f} vs image only {image_only:.3f}; the spoken clip says the\n"
+                  "    class name, so it carries the label like a caption: this shows the completion path works,\n"
+                  "    not that sonified labels are a modelling win.")
+    print("\n== result: the fused model against each modality alone (test split, 4 classes, chance 0.25)")
     print(f"    {'model':<14}{'accuracy':>10}{'macro-F1':>10}")
     print(f"    {'fused':<14}{result.metrics['accuracy']:>10.3f}{result.metrics['macro_f1']:>10.3f}")
     for m, met in (result.baselines or {}).items():
         print(f"    {m + ' only':<14}{met['accuracy']:>10.3f}{met['macro_f1']:>10.3f}")
-    if completion is not None:
-        image_only = (result.baselines or {}).get("image", {}).get("accuracy")
-        print(f"\n  modality completion (image rows + spoken class name): accuracy "
-              f"{completion.metrics['accuracy']:.3f} vs image only {image_only:.3f}" if image_only is not None else "")
-        print("    note: the spoken clip says the class name, so it carries the label the way a caption would;\n"
-              "    the jump shows the completion path works end to end, not that sonified labels are a modelling win.")
-    print("\n  seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()) + f"; total {total:.1f}")
+    print(f"\nnext: open {result.report_path}\n"
+          f"      rerun a stage: mmbatch preprocess {root / 'workflow.yaml'} (committed shards are skipped)")
     checks = [Path(result.model_dir, "model.pt").exists(), Path(result.report_path).exists(),
               pre.rows_out > 0, pre.reconciles]
     return all(checks)
