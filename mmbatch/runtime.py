@@ -270,6 +270,7 @@ def _quiet_ray_data(quiet: bool = True) -> None:
     if quiet:       # importing ray.data configures its loggers at INFO: set after the import
         for name in ("ray.data", "ray.train", "ray.tune"):
             logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger("ray.data._internal.progress").addFilter(_DropMessages("Progress bars disabled"))
 
 
 class _DropMessages(logging.Filter):
