@@ -5,6 +5,7 @@ Exit codes (documented in README):
   1  the command failed
   2  bad usage or an invalid workflow/config
   3  the command finished, but some input rows were quarantined (see quarantine/)
+  130 interrupted (Ctrl-C or SIGTERM); committed shards are kept, rerun the same command to resume
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import logging
 import sys
 import textwrap
 
-from mmbatch.errors import EXIT_FAIL, EXIT_OK, EXIT_QUARANTINED, EXIT_USAGE
+from mmbatch.errors import EXIT_FAIL, EXIT_INTERRUPTED, EXIT_OK, EXIT_QUARANTINED, EXIT_USAGE
 
 
 def _fmt(text: str) -> str:
@@ -37,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
         """),
         epilog="Run `mmbatch demo` for an end-to-end run on an embedded local Ray.",
     )
-    p.add_argument("-v", "--verbose", action="store_true", help="log more")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="log more: Ray's INFO logs, its workers' chatter and Ray Data's own progress bars")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def cmd(name, help_, example):
@@ -122,8 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    from mmbatch import progress, runtime
     from mmbatch.config import WorkflowError
     from mmbatch.errors import UsageError
+    runtime.VERBOSE = args.verbose
+    if argv is None:            # the real command line: SIGTERM stops it like Ctrl-C
+        runtime.handle_sigterm_as_interrupt()
     try:
         return int(_dispatch(args) or 0)
     except WorkflowError as e:
@@ -133,13 +139,62 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mmbatch {args.command}: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return EXIT_FAIL
+        return _interrupted(args, progress.committed_shards())
+
+
+def _interrupted(args, committed: int) -> int:
+    """Ctrl-C / SIGTERM: one line, Ray stopped within seconds, exit 130."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)        # a second Ctrl-C must not cut the clean-up short
+    shards = f"{committed} shard{'s' if committed != 1 else ''} committed"
+    print(f"\nmmbatch {args.command}: interrupted; {shards}, rerun the same command to resume",
+          file=sys.stderr, flush=True)
+    import ray
+
+    from mmbatch.runtime import shutdown_ray
+    if ray.is_initialized():
+        shutdown_ray()
+    return EXIT_INTERRUPTED
 
 
 def _load(args):
     from mmbatch.config import load_workflow
     return load_workflow(args.workflow, args.overrides)
+
+
+def print_next_steps(written: str, out: str | None, quarantined: int, next_steps: list[str]) -> None:
+    """The last lines of a command: what it wrote, where quarantined rows went, what to run or open next."""
+    print(f"\n{written}")
+    if out and quarantined:
+        files = quarantine_files(out)
+        print(f"{quarantined} row(s) quarantined, with the reason for each, in {storage_join(out, 'quarantine')}/"
+              + (f": {', '.join(files[:5])}{' ...' if len(files) > 5 else ''}" if files else ""))
+    print("next: " + "\n      ".join(next_steps))
+
+
+def quarantine_files(out: str) -> list[str]:
+    """Names of the non-empty quarantine Parquet files under ``out/quarantine``."""
+    import pyarrow.parquet as pq
+
+    from mmbatch import storage
+    try:
+        fs, root = storage.url_to_fs(out)
+        qdir = storage.join(root, storage.QUARANTINE_DIR)
+        paths = sorted(p for p in fs.ls(qdir, detail=False) if p.endswith(".parquet"))
+        out_files = []
+        for p in paths:
+            with fs.open(p, "rb") as f:
+                if pq.ParquetFile(f).metadata.num_rows:
+                    out_files.append(p.rstrip("/").rsplit("/", 1)[-1])
+        return out_files
+    except (OSError, ValueError):
+        return []
+
+
+def storage_join(*parts: str) -> str:
+    from mmbatch import storage
+    return storage.join(*parts)
 
 
 def _dispatch(args) -> int:
@@ -154,14 +209,24 @@ def _dispatch(args) -> int:
                              phones=args.phones, columns=args.columns, split=args.split,
                              allow_outside=args.allow_outside)
         summary = run_ingest(args.kind, args.input, args.out, opts, address=args.address)
+        print_next_steps(f"wrote {summary.ingested} canonical rows to {summary.out} (_manifest.json lists the "
+                         f"shards)", summary.out, summary.quarantined,
+                         [f"mmbatch inspect {summary.out}",
+                          "list it under `datasets:` in a workflow, then: mmbatch preprocess WORKFLOW.yaml"])
         return EXIT_QUARANTINED if summary.quarantined else EXIT_OK
     if c == "preprocess":
         from mmbatch.preprocess import run_preprocess
         summary = run_preprocess(_load(args))
+        print_next_steps(f"wrote {summary.rows_out} fused feature rows to {summary.out}", summary.out,
+                         summary.quarantined,
+                         [f"mmbatch inspect {summary.out}", f"mmbatch train {args.workflow} --baselines"])
         return EXIT_QUARANTINED if summary.quarantined else EXIT_OK
     if c == "train":
         from mmbatch.training.run import run_training
-        run_training(_load(args), baselines=args.baselines or None)
+        result = run_training(_load(args), baselines=args.baselines or None)
+        print_next_steps(f"wrote the model to {result.model_dir} (model.pt + model.json)", None, 0,
+                         [f"open {result.report_path}" if result.report_path else f"see {result.run_dir}",
+                          f"mmbatch evaluate {result.model_dir} --data FUSED_PARQUET_FOLDER"])
         return EXIT_OK
     if c == "evaluate":
         from mmbatch.training.evaluate import evaluate_cli

@@ -7,8 +7,9 @@ Errors name the key, the value given and what is allowed (:class:`WorkflowError`
 from __future__ import annotations
 
 import copy
+import difflib
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -27,135 +28,157 @@ class Strict(BaseModel):
 
 
 class RayConfig(Strict):
-    """Where and with what resources to run. ``address: null`` starts an embedded local Ray."""
-    address: Optional[str] = None
-    num_cpus: Optional[int] = Field(None, ge=1)
-    num_gpus: Optional[float] = Field(None, ge=0)
-    object_store_memory: Optional[int] = None
+    """Where and with what resources to run."""
+    address: Optional[str] = Field(None, description="null: a new embedded local Ray (or the cluster in "
+                                   "RAY_ADDRESS); \"auto\": the `ray start` cluster on this machine; or ray://HOST:PORT")
+    num_cpus: Optional[int] = Field(None, ge=1, description="CPUs of the embedded Ray (null: all)")
+    num_gpus: Optional[float] = Field(None, ge=0, description="GPUs of the embedded Ray (null: all)")
+    object_store_memory: Optional[int] = Field(None, description="bytes for the embedded Ray's object store "
+                                               "(null: Ray's default)")
 
 
 class CompletionConfig(Strict):
     """Fill a missing modality from another column before extraction ("modality completion")."""
-    kind: Literal["image-to-speech", "image-to-text", "text-to-image", "text-to-speech"]
-    source_column: Optional[str] = None              # default: the kind's source modality column
-    target: Optional[Modality] = None                # default: the kind's target modality
+    kind: Literal["image-to-speech", "image-to-text", "text-to-image", "text-to-speech"] = Field(
+        description="the conversion (see `mmbatch convert`)")
+    source_column: Optional[str] = Field(None, description="column to convert (null: the kind's source modality)")
+    target: Optional[Modality] = Field(None, description="modality to fill (null: the kind's target)")
 
 
 class DatasetConfig(Strict):
     """An ingested (canonical) dataset to preprocess."""
-    name: str
-    path: str
-    modalities: Optional[list[Modality]] = None      # default: every modality present
-    label_column: Optional[str] = None               # derive labels from this column (sorted unique index)
-    splits: Optional[list[str]] = None               # keep only these splits
-    complete: list[CompletionConfig] = Field(default_factory=list)   # conversions filling missing modalities
+    name: str = Field(description="a name for this dataset, unique in the workflow")
+    path: str = Field(description="folder `mmbatch ingest` wrote (local path or s3://, gs://)")
+    modalities: Optional[list[Modality]] = Field(None, description="modalities to use (null: every one present)")
+    label_column: Optional[str] = Field(None, description="derive labels from this column (index of its sorted "
+                                        "unique values), e.g. speaker")
+    splits: Optional[list[str]] = Field(None, description="keep only these splits (null: all)")
+    complete: list[CompletionConfig] = Field(default_factory=list,
+                                             description="conversions that fill missing modalities")
 
 
 class ImageFeatures(Strict):
-    extractor: Literal["hog", "cnn"] = "hog"
-    size: int = Field(64, ge=16, le=1024)             # square input side after resize/center-crop
-    arch: Literal["resnet18", "resnet34", "resnet50"] = "resnet18"
-    weights: Optional[str] = None                    # local path or URI of a torchvision state_dict
-    batch_size: int = Field(64, ge=1)
-    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
-    num_gpus: Optional[float] = Field(None, ge=0)    # per actor; null = auto (fraction when GPUs exist)
+    extractor: Literal["hog", "cnn"] = Field("hog", description="hog: gradient + colour histograms on CPU; "
+                                             "cnn: a torchvision ResNet embedding")
+    size: int = Field(64, ge=16, le=1024, description="square input side after resize and center crop")
+    arch: Literal["resnet18", "resnet34", "resnet50"] = Field("resnet18", description="cnn network")
+    weights: Optional[str] = Field(None, description="cnn: local path or URI of a torchvision state_dict "
+                                   "(null: random weights)")
+    batch_size: int = Field(64, ge=1, description="images per model call")
+    precision: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="cnn precision on GPU")
+    num_gpus: Optional[float] = Field(None, ge=0, description="GPU per actor (null: a fraction when GPUs exist)")
 
 
 class AudioFeatures(Strict):
-    extractor: Literal["logmel_stats", "cnn"] = "logmel_stats"
-    backend: Literal["librosa", "torch"] = "librosa"
-    sample_rate: int = Field(16000, ge=1000)
-    win_ms: float = Field(25.0, gt=0)
-    hop_ms: float = Field(10.0, gt=0)
-    n_mels: int = Field(80, ge=1)
-    n_mfcc: int = Field(13, ge=0)
-    fmin: float = 0.0
-    fmax: Optional[float] = None
-    max_seconds: Optional[float] = Field(30.0, gt=0)  # clip longer audio (recorded in metadata)
-    embedding_dim: int = Field(128, ge=8)             # cnn encoder output size
-    weights: Optional[str] = None
-    batch_size: int = Field(32, ge=1)
-    num_gpus: Optional[float] = Field(None, ge=0)
+    extractor: Literal["logmel_stats", "cnn"] = Field("logmel_stats", description="logmel_stats: log-mel and "
+                                                      "MFCC statistics; cnn: a small convolutional encoder")
+    backend: Literal["librosa", "torch"] = Field("librosa", description="STFT implementation")
+    sample_rate: int = Field(16000, ge=1000, description="resample to this rate (Hz)")
+    win_ms: float = Field(25.0, gt=0, description="frame length (ms)")
+    hop_ms: float = Field(10.0, gt=0, description="frame shift (ms)")
+    n_mels: int = Field(80, ge=1, description="mel bands")
+    n_mfcc: int = Field(13, ge=0, description="MFCC coefficients (0: none)")
+    fmin: float = Field(0.0, description="lowest mel frequency (Hz)")
+    fmax: Optional[float] = Field(None, description="highest mel frequency (Hz; null: Nyquist)")
+    max_seconds: Optional[float] = Field(30.0, gt=0, description="clip longer audio (recorded in the metadata)")
+    embedding_dim: int = Field(128, ge=8, description="cnn encoder output size")
+    weights: Optional[str] = Field(None, description="cnn: encoder weights (null: random)")
+    batch_size: int = Field(32, ge=1, description="clips per model call")
+    num_gpus: Optional[float] = Field(None, ge=0, description="GPU per actor (null: a fraction when GPUs exist)")
 
 
 class TextFeatures(Strict):
-    extractor: Literal["hashing", "sentence"] = "hashing"
-    dim: int = Field(256, ge=8)                      # hashing embedding size
-    ngram_range: tuple[int, int] = (1, 2)
-    model_path: Optional[str] = None                 # local dir of a sentence-transformers model
-    batch_size: int = Field(64, ge=1)
-    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
-    num_gpus: Optional[float] = Field(None, ge=0)
+    extractor: Literal["hashing", "sentence"] = Field("hashing", description="hashing: hashed word n-grams; "
+                                                      "sentence: a sentence-transformers model")
+    dim: int = Field(256, ge=8, description="hashing embedding size")
+    ngram_range: tuple[int, int] = Field((1, 2), description="hashing word n-gram lengths")
+    model_path: Optional[str] = Field(None, description="sentence: local folder of a sentence-transformers model")
+    batch_size: int = Field(64, ge=1, description="texts per model call")
+    precision: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="sentence model precision on GPU")
+    num_gpus: Optional[float] = Field(None, ge=0, description="GPU per actor (null: a fraction when GPUs exist)")
 
 
 class FeaturesConfig(Strict):
+    """Per-modality feature extractors."""
     image: ImageFeatures = ImageFeatures()
     audio: AudioFeatures = AudioFeatures()
     text: TextFeatures = TextFeatures()
-    batch_size: int = Field(64, ge=1)                # rows per batch in CPU stages
+    batch_size: int = Field(64, ge=1, description="rows per batch in CPU stages")
 
 
 class PairingConfig(Strict):
     """How rows of several datasets become one multimodal sample."""
-    by: Literal["none", "key", "label"] = "none"
-    key: str = "sample_id"
-    seed: int = 0
-    primary: Optional[str] = None                    # dataset whose rows define the samples
+    by: Literal["none", "key", "label"] = Field("none", description="none: one sample per row; key: join on "
+                                                "`key`; label: pair rows of the same label (AV-MNIST style)")
+    key: str = Field("sample_id", description="join column for by: key")
+    seed: int = Field(0, description="seed of the label pairing")
+    primary: Optional[str] = Field(None, description="dataset whose rows define the samples (null: the first)")
 
 
 class FusionConfig(Strict):
-    method: Literal["concat", "weighted"] = "concat"
-    dim: int = Field(256, ge=1)                      # common size for `weighted`
-    weights: dict[Modality, float] = Field(default_factory=lambda: {m: 1.0 for m in MODALITIES})
-    seed: int = 0
+    """How per-modality features become the `fused` column."""
+    method: Literal["concat", "weighted"] = Field("concat", description="concat: concatenate; weighted: project "
+                                                  "each modality to `dim` and sum with `weights`")
+    dim: int = Field(256, ge=1, description="common size for weighted")
+    weights: dict[Modality, float] = Field(default_factory=lambda: {m: 1.0 for m in MODALITIES},
+                                           description="per-modality weights for weighted")
+    seed: int = Field(0, description="seed of the weighted projections")
 
 
 class OutputConfig(Strict):
-    path: str = "out/features"
-    row_group_size: int = Field(4096, ge=1)
+    """Where preprocess writes the fused feature Parquet."""
+    path: str = Field("out/features", description="fused feature folder (local path or s3://, gs://)")
+    row_group_size: int = Field(4096, ge=1, description="Parquet rows per row group")
 
 
 class TrainConfig(Strict):
-    data: Optional[str] = None                       # fused Parquet; default output.path
-    out: str = "out/train"                           # storage path for checkpoints and report
-    name: str = "fusion"
-    model: Literal["early", "weighted", "late", "gated"] = "early"
-    modalities: Optional[list[Modality]] = None      # default: every modality in the data
-    baselines: bool = False                          # also train each modality alone
-    hidden: int = Field(128, ge=1)
-    dropout: float = Field(0.1, ge=0, lt=1)
-    modality_dropout: float = Field(0.2, ge=0, lt=1)
-    epochs: int = Field(10, ge=1)
-    batch_size: int = Field(64, ge=1)
-    optimizer: Literal["adam", "adamw", "sgd"] = "adamw"
-    lr: float = Field(3e-3, gt=0)
-    weight_decay: float = Field(1e-4, ge=0)
-    schedule: Literal["none", "cosine", "step"] = "cosine"
-    early_stopping_patience: Optional[int] = Field(None, ge=1)
-    metric: Literal["accuracy", "macro_f1", "loss"] = "accuracy"
-    num_workers: int = Field(2, ge=1)
-    use_gpu: Literal["auto", True, False] = "auto"
-    cpus_per_worker: float = Field(0.5, gt=0)
-    max_failures: int = Field(2, ge=0)
-    seed: int = 0
-    val_fraction: float = Field(0.15, ge=0, lt=1)    # used when the data has no split column values
-    test_fraction: float = Field(0.15, ge=0, lt=1)
+    """`mmbatch train`: the fusion model, its baselines and the Ray Train run."""
+    data: Optional[str] = Field(None, description="fused Parquet to train on (null: output.path)")
+    out: Optional[str] = Field(None, description="checkpoints, model and report go to <out>/<name> (null: a "
+                               "`train` folder next to the training data, e.g. out/features -> out/train)")
+    name: str = Field("fusion", description="run name: the run folder under out, and the prefix of the baselines' "
+                      "runs (<name>-only-<modality>)")
+    model: Literal["early", "weighted", "late", "gated"] = Field("early", description="fusion architecture")
+    modalities: Optional[list[Modality]] = Field(None, description="modalities to train on (null: all in the data)")
+    baselines: bool = Field(False, description="also train each modality alone and compare (same as --baselines)")
+    hidden: int = Field(128, ge=1, description="hidden layer size")
+    dropout: float = Field(0.1, ge=0, lt=1, description="dropout")
+    modality_dropout: float = Field(0.2, ge=0, lt=1, description="chance of hiding each modality in a training row")
+    epochs: int = Field(10, ge=1, description="epochs")
+    batch_size: int = Field(64, ge=1, description="global batch size")
+    optimizer: Literal["adam", "adamw", "sgd"] = Field("adamw", description="optimizer")
+    lr: float = Field(3e-3, gt=0, description="learning rate")
+    weight_decay: float = Field(1e-4, ge=0, description="weight decay")
+    schedule: Literal["none", "cosine", "step"] = Field("cosine", description="learning-rate schedule")
+    early_stopping_patience: Optional[int] = Field(None, ge=1, description="stop after this many epochs without "
+                                                   "a better validation score (null: never)")
+    metric: Literal["accuracy", "macro_f1", "loss"] = Field("accuracy", description="validation metric that picks "
+                                                            "the best checkpoint")
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (data parallel)")
+    use_gpu: Literal["auto", True, False] = Field("auto", description="auto: when the cluster has GPUs")
+    cpus_per_worker: float = Field(0.5, gt=0, description="CPUs per worker (fractional leaves CPUs to Ray Data)")
+    max_failures: int = Field(2, ge=0, description="worker failures to recover from (from the last checkpoint)")
+    seed: int = Field(0, description="seed of the split, the initialisation and the batches")
+    val_fraction: float = Field(0.15, ge=0, lt=1, description="validation share, used when the data has no "
+                                "validation split")
+    test_fraction: float = Field(0.15, ge=0, lt=1, description="test share, used when the data has no test split")
 
 
 class RetrainConfig(Strict):
-    registry: str = "out/registry"
-    margin: float = 0.0                              # candidate must beat champion by this much
-    metric: Literal["accuracy", "macro_f1"] = "accuracy"
-    warm_start: bool = False
-    force_train: bool = False                        # train even when no data changed
+    """`mmbatch retrain`: one cycle of preprocess, train, compare, promote."""
+    registry: str = Field("out/registry", description="model registry folder (local path or s3://, gs://)")
+    margin: float = Field(0.0, description="a candidate must beat the champion by this much to be promoted")
+    metric: Literal["accuracy", "macro_f1"] = Field("accuracy", description="test metric of the comparison")
+    warm_start: bool = Field(False, description="start the candidate from the champion's weights")
+    force_train: bool = Field(False, description="train even when no data changed")
 
 
 class Workflow(Strict):
     """A complete mmbatch run."""
-    name: str = "mmbatch"
-    description: str = ""
+    name: str = Field("mmbatch", description="workflow name (recorded with outputs and models)")
+    description: str = Field("", description="free text")
     ray: RayConfig = RayConfig()
-    datasets: list[DatasetConfig] = Field(default_factory=list)
+    datasets: list[DatasetConfig] = Field(default_factory=list, description="ingested datasets to preprocess")
     features: FeaturesConfig = FeaturesConfig()
     pairing: PairingConfig = PairingConfig()
     fusion: FusionConfig = FusionConfig()
@@ -177,12 +200,50 @@ class Workflow(Strict):
 
 
 # --- loading -----------------------------------------------------------------------
+def _model_at(loc: tuple) -> Optional[type[BaseModel]]:
+    """The pydantic model that holds the key at ``loc`` (e.g. ('train', 'epochz') -> TrainConfig)."""
+    model: Any = Workflow
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue                                   # a list item: the model is the list's item type
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return None
+        model = _inner_model(field.annotation)
+        if model is None:
+            return None
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _inner_model(annotation: Any) -> Optional[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):                   # list[DatasetConfig], Optional[...]
+        found = _inner_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def unknown_key_message(loc: tuple) -> str:
+    key = ".".join(str(p) for p in loc)
+    model = _model_at(loc)
+    if model is None:
+        return f"unknown key '{key}'"
+    allowed = list(model.model_fields)
+    close = difflib.get_close_matches(str(loc[-1]), allowed, n=1, cutoff=0.6)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    section = ".".join(str(p) for p in loc[:-1] if not isinstance(p, int)) or "the top level"
+    return (f"unknown key '{key}': {hint}allowed keys in {section}: {', '.join(allowed)} "
+            "(README 'Workflow reference')")
+
+
 def _format_error(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
         if e["type"] == "extra_forbidden":
-            lines.append(f"unknown key '{key}' (check spelling; allowed keys are documented in README 'Workflow file')")
+            lines.append(unknown_key_message(tuple(e["loc"])))
             continue
         msg = e["msg"]
         got = e.get("input")
@@ -227,18 +288,30 @@ def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
 
 
 def workflow_from_dict(data: dict, overrides: list[str] | None = None, base_dir: Path | None = None) -> Workflow:
+    """Validate a workflow. With ``base_dir``, relative paths (except those given by ``overrides``,
+    which stay relative to the current folder, as typed) are made relative to ``base_dir``."""
     data = apply_overrides(data or {}, overrides)
     try:
         wf = Workflow.model_validate(data)
     except ValidationError as e:
         raise WorkflowError(_format_error(e)) from None
     if base_dir is not None:
-        _resolve_paths(wf, base_dir)
+        overridden = {".".join(parse_override(o)[0]) for o in overrides or []}
+        _resolve_paths(wf, Path(base_dir), skip=overridden)
+    if wf.train.out is None:
+        wf.train.out = default_train_out(wf.train_data())
     return wf
 
 
+def default_train_out(train_data: str) -> str:
+    """``train.out`` when not set: a ``train`` folder next to the training data."""
+    parent = train_data.rstrip("/").rsplit("/", 1)[0] if "/" in train_data.rstrip("/") else "."
+    return f"{parent}/train" if parent != "." else "train"
+
+
 def load_workflow(path: str | Path, overrides: list[str] | None = None) -> Workflow:
-    """Read, override and validate a workflow YAML (safe loader only)."""
+    """Read, override and validate a workflow YAML (safe loader only). Relative paths in the file
+    (and the default paths) are relative to the file's folder; paths given with --set stay as typed."""
     p = Path(path)
     if not p.is_file():
         raise WorkflowError(f"workflow file not found: {p}")
@@ -248,22 +321,109 @@ def load_workflow(path: str | Path, overrides: list[str] | None = None) -> Workf
         raise WorkflowError(f"{p}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise WorkflowError(f"{p}: top level must be a mapping of keys, got {type(data).__name__}")
-    return workflow_from_dict(data, overrides)
+    return workflow_from_dict(data, overrides, base_dir=p.resolve().parent)
 
 
-def _resolve_paths(wf: Workflow, base: Path) -> None:
-    """Make relative local paths relative to ``base`` (used by generated workflows)."""
-    def fix(p: str | None) -> str | None:
-        if p is None or "://" in p or Path(p).is_absolute():
+def _resolve_paths(wf: Workflow, base: Path, skip: set[str] = frozenset()) -> None:
+    """Make relative local paths relative to ``base`` (the workflow file's folder), except keys in ``skip``."""
+    def fix(key: str, p: str | None) -> str | None:
+        if p is None or key in skip or "://" in p or Path(p).is_absolute():
             return p
         return str(base / p)
-    for d in wf.datasets:
-        d.path = fix(d.path)
-    wf.output.path = fix(wf.output.path)
-    wf.train.out = fix(wf.train.out)
-    wf.train.data = fix(wf.train.data)
-    wf.retrain.registry = fix(wf.retrain.registry)
+    for i, d in enumerate(wf.datasets):
+        d.path = fix(f"datasets.{i}.path", d.path)
+    wf.output.path = fix("output.path", wf.output.path)
+    wf.train.out = fix("train.out", wf.train.out)
+    wf.train.data = fix("train.data", wf.train.data)
+    wf.retrain.registry = fix("retrain.registry", wf.retrain.registry)
+    for m in ("image", "audio"):
+        feats = getattr(wf.features, m)
+        feats.weights = fix(f"features.{m}.weights", feats.weights)
+    wf.features.text.model_path = fix("features.text.model_path", wf.features.text.model_path)
 
 
 def dump_workflow(wf: Workflow) -> str:
     return yaml.safe_dump(wf.model_dump(mode="json"), sort_keys=False)
+
+
+# --- the reference in README -----------------------------------------------------------------
+REFERENCE_START = "<!-- workflow-reference: generated by `python -m mmbatch.config --reference`; do not edit -->"
+REFERENCE_END = "<!-- end of workflow-reference -->"
+
+
+def _yaml_value(v: Any) -> str:
+    if isinstance(v, tuple):
+        v = list(v)
+    return yaml.safe_dump(v, default_flow_style=True, width=1000, sort_keys=False).strip().removesuffix("...").strip()
+
+
+def _allowed(field) -> str:
+    literal = [a for a in _literal_args(field.annotation)]
+    parts = []
+    if literal:
+        parts.append(" \\| ".join(_yaml_value(a) for a in literal))
+    for m in field.metadata:
+        for attr, sign in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+            if getattr(m, attr, None) is not None:
+                parts.append(f"{sign} {getattr(m, attr)}")
+    return ", ".join(parts)
+
+
+def _literal_args(annotation: Any) -> list:
+    if get_origin(annotation) is Literal:
+        return list(get_args(annotation))
+    out = []
+    for a in get_args(annotation):
+        if get_origin(a) is Literal:
+            out += list(get_args(a))
+    return out
+
+
+def _reference_rows(model: type[BaseModel], prefix: str) -> list[tuple[str, str, str, str]]:
+    rows = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        inner = _inner_model(field.annotation)
+        if inner is not None:
+            is_list = get_origin(field.annotation) is list
+            if is_list:
+                rows.append((key, "[]", "", field.description or ""))
+            rows += _reference_rows(inner, f"{key}[]." if is_list else f"{key}.")
+            continue
+        if field.is_required():
+            default = "(required)"
+        else:
+            default = _yaml_value(field.get_default(call_default_factory=True))
+        rows.append((key, default, _allowed(field), field.description or ""))
+    return rows
+
+
+def workflow_reference() -> str:
+    """README's workflow reference: every key with its default, from the models above."""
+    lines = [REFERENCE_START, "", "| key | default | allowed | meaning |", "|---|---|---|---|"]
+    for key, default, allowed, meaning in _reference_rows(Workflow, ""):
+        lines.append(f"| `{key}` | `{default}` | {allowed} | {meaning} |")
+    lines += ["", REFERENCE_END]
+    return "\n".join(lines)
+
+
+def update_readme(readme: Path) -> bool:
+    """Rewrite the generated reference in ``readme``; True when it changed."""
+    text = readme.read_text()
+    a, b = text.index(REFERENCE_START), text.index(REFERENCE_END) + len(REFERENCE_END)
+    new = text[:a] + workflow_reference() + text[b:]
+    if new != text:
+        readme.write_text(new)
+    return new != text
+
+
+if __name__ == "__main__":   # python -m mmbatch.config --reference [--update README.md]
+    import argparse
+    ap = argparse.ArgumentParser(prog="python -m mmbatch.config", description="print README's workflow reference")
+    ap.add_argument("--reference", action="store_true", help="print the workflow reference (Markdown)")
+    ap.add_argument("--update", metavar="README", help="rewrite the reference section of this README")
+    a = ap.parse_args()
+    if a.update:
+        print("updated" if update_readme(Path(a.update)) else "already up to date")
+    else:
+        print(workflow_reference())

@@ -7,6 +7,7 @@ EXIT_OK = 0            # done
 EXIT_FAIL = 1          # failed (a bug, a crash, a cluster error)
 EXIT_USAGE = 2         # bad input the user can fix (UsageError, a bad workflow file)
 EXIT_QUARANTINED = 3   # done, but some samples were quarantined
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for a command stopped by Ctrl-C
 
 
 class UsageError(ValueError):

@@ -4,8 +4,11 @@ Kept thin: the stages themselves never call ``ray.init``.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
+import threading
 from typing import Optional
 
 # One BLAS/torch thread per worker process: with N processes on N cores, the
@@ -19,6 +22,8 @@ THREAD_ENV = {
 }
 
 log = logging.getLogger("mmbatch")
+
+VERBOSE = False        # `mmbatch --verbose`: Ray's INFO logs, worker chatter and Ray Data's own progress
 
 
 def pin_threads() -> None:
@@ -53,8 +58,12 @@ def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None,
 
     if ray.is_initialized():
         return
+    quiet = quiet and not VERBOSE
+    if quiet:
+        _quiet_ray_logs()
     address = address or os.environ.get("RAY_ADDRESS") or None
-    kwargs = dict(logging_level=logging.WARNING if quiet else logging.INFO, log_to_driver=True)
+    kwargs = dict(logging_level=logging.WARNING if quiet else logging.INFO, log_to_driver=True,
+                  job_config=worker_path_job_config())
     if address in (None, "local"):
         # The embedded Ray's workers inherit this process's environment. A job-level
         # runtime_env would do the same job but makes Ray start a second set of worker
@@ -67,12 +76,147 @@ def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None,
         # "local", not None: ray.init(address=None) attaches to whatever cluster
         # /tmp/ray/ray_current_cluster names (the last `ray start` or test Cluster on this
         # machine, possibly dead), which hangs or fails instead of starting the embedded Ray.
-        ray.init(address="local", **kwargs)
+        with _children_ignore_sigint():
+            ray.init(address="local", **kwargs)
     else:
         ray.init(address=address, runtime_env={
             "env_vars": dict(THREAD_ENV), "worker_process_setup_hook": "mmbatch.runtime.quiet_worker_logs"},
             **kwargs)
-    _quiet_ray_data()
+    if _on_sigterm is not None:       # ray.init replaces the SIGTERM handler with its own sys.exit
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    _quiet_ray_data(quiet)
+    if quiet:
+        _filter_worker_logs()
+
+
+# --- interrupts ------------------------------------------------------------------------------
+_on_sigterm = None     # the CLI's SIGTERM handler, put back after ray.init replaced it
+
+
+def handle_sigterm_as_interrupt() -> None:
+    """SIGTERM raises KeyboardInterrupt in the main thread, like Ctrl-C (the CLI calls this)."""
+    global _on_sigterm
+
+    def on_sigterm(signum, frame):
+        raise KeyboardInterrupt
+    _on_sigterm = on_sigterm
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
+@contextlib.contextmanager
+def _children_ignore_sigint():
+    """Start Ray's processes with SIGINT ignored.
+
+    Ctrl-C in a terminal sends SIGINT to the whole foreground process group: the embedded Ray's
+    gcs_server, raylet, monitor and workers died at once while the driver still needed them,
+    and the driver then waited ~60 s for the GCS before giving up. An ignored signal stays
+    ignored across fork and exec (and Python keeps it ignored), so the daemons and the workers
+    the raylet starts later leave Ctrl-C to the driver, which shuts them down (shutdown_ray).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def shutdown_ray(grace_s: float = 2.0) -> None:
+    """Stop Ray now: ``ray.shutdown`` (which stops the embedded Ray's processes), then SIGKILL any
+    process this driver started that is still alive after ``grace_s`` seconds (raylet, gcs_server,
+    workers, monitor, log_monitor), so nothing outlives the command."""
+    import ray
+
+    children = _descendants(os.getpid())
+    done = threading.Event()
+
+    def stop():
+        try:
+            ray.shutdown()
+        except Exception:     # a half-dead Ray: the kill below finishes the job
+            pass
+        done.set()
+    threading.Thread(target=stop, daemon=True, name="ray-shutdown").start()
+    done.wait(grace_s)
+    children |= _descendants(os.getpid())
+    for pid in children:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every live process below ``pid`` (Linux /proc; empty elsewhere)."""
+    parents: dict[int, list[int]] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return set()
+    for e in entries:
+        if not e.isdigit():
+            continue
+        try:
+            with open(f"/proc/{e}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        parents.setdefault(ppid, []).append(int(e))
+    out, todo = set(), [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            if child not in out:
+                out.add(child)
+                todo.append(child)
+    return out
+
+
+class _WorkerCodePaths(list):
+    """The folders Ray adds to the front of every worker's ``sys.path`` (``JobConfig._py_driver_sys_path``).
+
+    At ``ray.init`` Ray extends this list with the driver's current folder and script folder
+    (ray/_private/worker.py, "Add the directory containing the script ... Also add the current
+    directory"); each worker then does ``sys.path.insert(0, p)`` for every entry, ahead of
+    PYTHONPATH and site-packages. A folder that holds something named ``mmbatch`` other than the
+    package this driver runs (a clone's top folder seen from its parent, a stale copy) would then
+    shadow the installed package in the workers only. Such folders are left out; every other
+    folder is kept, so Ray's behaviour is unchanged elsewhere.
+    """
+
+    def extend(self, paths) -> None:
+        super().extend(p for p in paths if not shadows_package(p))
+
+    def append(self, path) -> None:
+        self.extend([path])
+
+
+def shadows_package(folder: str) -> bool:
+    """True when ``import mmbatch`` from ``folder`` would not be the package this process runs."""
+    import mmbatch
+
+    ours = os.path.realpath(os.path.dirname(mmbatch.__file__))
+    for name in ("mmbatch", "mmbatch.py"):
+        candidate = os.path.join(folder, name)
+        if os.path.exists(candidate) and os.path.realpath(candidate) != ours:
+            return True
+    return False
+
+
+def worker_path_job_config():
+    """A ``JobConfig`` whose worker ``sys.path`` additions never shadow the installed package.
+
+    Ray offers no public switch for this: the current folder is skipped only for Ray Client jobs
+    or when ``runtime_env.working_dir`` is set, and a job-level runtime_env makes the embedded Ray
+    start a second set of workers (see init_ray). So the list Ray extends is a filtering one.
+    """
+    from ray.job_config import JobConfig
+
+    job_config = JobConfig()
+    job_config._py_driver_sys_path = _WorkerCodePaths()
+    return job_config
 
 
 def quiet_worker_logs() -> None:
@@ -85,11 +229,73 @@ def quiet_worker_logs() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def _quiet_ray_data() -> None:
+# Lines workers send to the driver's terminal that say nothing to a user (kept in Ray's log files):
+NOISE_ACTORS = ("PlacementGroupCleaner",)   # Ray Train's cleaner polls the State API, which needs the
+#                                            dashboard the embedded Ray does not start: a warning a second
+NOISE_LINES = ("has constructor arguments in the object store and max_restarts > 0",
+               "Set ray log level from environment variable",        # each process, once RAY_BACKEND_LOG_LEVEL is set
+               "Reporting training result ")                          # Ray Train: one per epoch per worker
+
+
+def _filter_worker_logs() -> None:
+    """Drop known noise from the worker output Ray forwards to the driver (log_to_driver); every
+    other line, warnings and errors included, is printed as before."""
+    try:
+        from ray._private import worker as ray_worker
+        dispatcher = ray_worker.global_worker_stdstream_dispatcher
+        print_logs = ray_worker.print_to_stdstream
+        ignore_prefix = ray_worker._should_ignore_worker_log_prefix(ray_worker.global_worker)
+    except (ImportError, AttributeError):       # another Ray version: leave its output alone
+        return
+
+    def print_without_noise(data):
+        if data.get("actor_name") in NOISE_ACTORS:
+            return
+        lines = [ln for ln in data.get("lines", []) if not any(n in ln for n in NOISE_LINES)]
+        if lines:
+            print_logs({**data, "lines": lines}, ignore_prefix=ignore_prefix)
+
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("ray_print_logs", print_without_noise)
+
+
+def _quiet_ray_data(quiet: bool = True) -> None:
+    """Ray Data's own progress (several bars per job on a terminal, a multi-line INFO block every few
+    seconds in a log) only with --verbose: mmbatch shows one bar per step (mmbatch.progress)."""
     import ray.data
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = True
+    ctx.enable_progress_bars = not quiet
     ctx.print_on_execution_start = False
+    if quiet:       # importing ray.data configures its loggers at INFO: set after the import
+        for name in ("ray.data", "ray.train", "ray.tune"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger("ray.data._internal.progress").addFilter(_DropMessages("Progress bars disabled"))
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, *starts: str):
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.starts)
+
+
+def _quiet_ray_logs() -> None:
+    """What Ray prints on the driver that is not a real warning, off unless --verbose.
+
+    - "Token authentication is enabled for this Ray cluster..." at every start of the embedded Ray
+      (token auth stays on; only the notice goes);
+    - Ray Data's INFO lines (execution plans, "Progress will be logged...");
+    Worker output forwarded to the driver is filtered in _filter_worker_logs. Not silenced: the
+    C++ notice "has constructor arguments in the object store and max_restarts > 0" that the
+    driver's own core worker logs once per actor pool (RAY_BACKEND_LOG_LEVEL would hide it, but
+    also every real C++ error of every Ray process, and each process then logs the level it set).
+    """
+    logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
+        _DropMessages("Token authentication is enabled for this Ray cluster"))
+    for name in ("ray.data", "ray.train", "ray.tune"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def cluster_gpus() -> float:

@@ -91,3 +91,45 @@ def test_inspect_json_reports_rows_columns_counts_and_metadata(tmp_path, capsys)
     assert main(["inspect", str(tmp_path)]) == 0
     assert "modality presence: audio 2/3" in capsys.readouterr().out
     assert main(["inspect", str(tmp_path / "missing")]) == 2
+
+
+def test_unknown_keys_get_a_suggestion_and_the_allowed_keys():
+    with pytest.raises(WorkflowError) as e:
+        workflow_from_dict({"train": {"epochz": 3}})
+    msg = str(e.value)
+    assert "did you mean 'epochs'?" in msg and "allowed keys in train:" in msg and "val_fraction" in msg
+    with pytest.raises(WorkflowError) as e:
+        workflow_from_dict({"datasets": [{"name": "a", "path": "p", "modalites": ["image"]}]})
+    assert "unknown key 'datasets.0.modalites': did you mean 'modalities'?" in str(e.value)
+    with pytest.raises(WorkflowError) as e:
+        workflow_from_dict({"outptu": {}})
+    assert "did you mean 'output'?" in str(e.value) and "allowed keys in the top level:" in str(e.value)
+    with pytest.raises(WorkflowError) as e:
+        workflow_from_dict({"features": {"image": {"zzz": 1}}})
+    assert "did you mean" not in str(e.value) and "allowed keys in features.image: extractor, size" in str(e.value)
+
+
+def test_paths_in_a_workflow_file_are_relative_to_the_file(tmp_path, monkeypatch):
+    wf_dir = tmp_path / "project" / "workflows"
+    wf_dir.mkdir(parents=True)
+    f = wf_dir / "wf.yaml"
+    f.write_text(yaml.safe_dump({"datasets": [{"name": "a", "path": "../data/canonical"}],
+                                 "output": {"path": "../data/features"}}))
+    monkeypatch.chdir(tmp_path)                   # somewhere else entirely
+    wf = load_workflow(f)
+    project = (tmp_path / "project").resolve()
+    assert wf.datasets[0].path == str(project / "workflows" / "../data/canonical")
+    assert wf.output.path == str(project / "workflows" / "../data/features")
+    # train.out defaults next to the features; retrain.registry's default is next to the file
+    assert wf.train.out == str(project / "workflows" / "../data/train")
+    assert wf.retrain.registry == str(project / "workflows" / "out/registry")
+    # defaults are relative to the file too; --set paths stay as typed (relative to the current folder)
+    f.write_text(yaml.safe_dump({"name": "x"}))
+    wf = load_workflow(f, ["train.out=runs", "output.path=s3://bucket/features"])
+    assert wf.train.out == "runs" and wf.output.path == "s3://bucket/features"
+    wf = load_workflow(f)
+    assert wf.output.path == str(project / "workflows" / "out/features")
+    assert wf.train.out == str(project / "workflows" / "out/train")
+    # without a file (a dict), train.out still defaults next to the training data
+    assert workflow_from_dict({"train": {"data": "s3://b/feats"}}).train.out == "s3://b/train"
+    assert workflow_from_dict({}).train.out == "out/train"

@@ -122,3 +122,32 @@ def test_foldered_val_and_bare_class_tree(ray_session, tmp_path):
     s2 = run_ingest("imagenet", str(base / "train"), str(out2), IngestOptions(split="train"), echo=False)
     assert s2.ingested == 8 and s2.splits == {"train": 8}
     assert {r["label"] for r in read_rows(out2).values()} == {0, 1, 2, 3}
+
+
+def test_val_only_download_with_the_devkit_takes_classes_from_meta_mat(ray_session, tmp_path):
+    """val/ILSVRC2012_val_*.JPEG + devkit ground truth + meta.mat, no train/ and no LOC_synset_mapping.txt:
+    the classes are meta.mat's leaf synsets in sorted-wnid order (torchvision's ImageNet), including a
+    class no val image has; ILSVRC2012_IDs (not in wnid order) map to wnids through meta.mat."""
+    from corpora_ingest import write
+
+    root = tmp_path / "imagenet-val"
+    ids = {1: "n03000002", 2: "n01000001", 3: "n02000003", 4: "n04000004"}      # devkit ID -> wnid
+    words = {**{w: NAMES[w] for w in WNIDS}, "n04000004": "tiger shark"}
+    gt = [3, 1, 2, 1, 3]                                                        # val_00000001 .. _05
+    for n in range(1, len(gt) + 1):
+        write(root / "val" / f"ILSVRC2012_val_{n:08d}.JPEG", jpeg(seed=900 + n))
+    data = root / "ILSVRC2012_devkit_t12" / "data"
+    write(data / "ILSVRC2012_validation_ground_truth.txt", "".join(f"{i}\n" for i in gt))
+    meta_mat(data / "meta.mat", ids, words)                       # plus a non-leaf synset, left out
+    out = tmp_path / "out"
+    s = run_ingest("imagenet", str(root), str(out), IngestOptions(), echo=False)
+    assert (s.rows_in, s.ingested, s.quarantined) == (5, 5, 0)
+    classes = sorted(ids.values())
+    assert storage.read_manifest(str(out))["info"]["classes"] == classes
+    rows = read_rows(out)
+    for n, i in enumerate(gt, start=1):
+        r = rows[f"ILSVRC2012_val_{n:08d}"]
+        assert r["wnid"] == ids[i] and r["split"] == "validation"
+        assert r["label"] == classes.index(ids[i])
+        assert r["label_name"] == words[ids[i]]
+    assert [rows[f"ILSVRC2012_val_{n:08d}"]["label"] for n in range(1, 6)] == [1, 2, 0, 2, 1]

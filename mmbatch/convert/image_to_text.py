@@ -36,7 +36,8 @@ def check_tesseract() -> str:
         import pytesseract  # noqa: F401
     except ImportError:
         raise MissingTool("the pytesseract package is not installed; "
-                          "`pip install 'mmbatch[convert]'` (and `apt-get install tesseract-ocr`)") from None
+                          "from a clone `pip install -e '.[convert]'` (an installed mmbatch: "
+                          "`pip install 'mmbatch[convert]'`), and `apt-get install tesseract-ocr`") from None
     cmd = tesseract_cmd()
     path = shutil.which(cmd)
     if path is None:

@@ -84,7 +84,8 @@ def run_demo(out: str, per_class: int = 48, epochs: int = 12, num_cpus: int | No
     init_ray(num_cpus=num_cpus)
     ingested = {}
     for kind, path in (("imagenet", corpus.imagenet), ("librispeech", corpus.librispeech), ("timit", corpus.timit)):
-        ingested[kind] = run_ingest(kind, str(path), str(root / "canonical" / kind))
+        s = ingested[kind] = run_ingest(kind, str(path), str(root / "canonical" / kind), echo=False)
+        print(f"  {kind}: {s.ingested} rows in {s.shards_total} shards, {s.quarantined} quarantined -> {s.out}")
     timings["ingest"] = time.time() - t
 
     t = _step("3/5 preprocessing: features, pairing by label, fusion")
@@ -92,9 +93,11 @@ def run_demo(out: str, per_class: int = 48, epochs: int = 12, num_cpus: int | No
     wf_dict["train"]["epochs"] = epochs
     (root / "workflow.yaml").write_text(yaml.safe_dump(_absolute(wf_dict, root), sort_keys=False))
     wf = workflow_from_dict(wf_dict, base_dir=root)
-    pre = run_preprocess(wf)
+    pre = run_preprocess(wf, progress=False)
+    _preprocessed(pre)
     timit_wf = workflow_from_dict(TIMIT_WORKFLOW, base_dir=root)
-    pre_timit = run_preprocess(timit_wf)
+    pre_timit = run_preprocess(timit_wf, progress=False)
+    _preprocessed(pre_timit)
     timings["preprocess"] = time.time() - t
 
     t = _step("4/5 training the fusion model and unimodal baselines with Ray Train")
@@ -107,13 +110,19 @@ def run_demo(out: str, per_class: int = 48, epochs: int = 12, num_cpus: int | No
         cwf_dict = json.loads(json.dumps(COMPLETION_WORKFLOW))
         cwf_dict["train"]["epochs"] = epochs
         cwf = workflow_from_dict(cwf_dict, base_dir=root)
-        run_preprocess(cwf)
+        _preprocessed(run_preprocess(cwf, progress=False))
         completion = run_training(cwf, baselines=False)
     except MissingTool as e:   # espeak-ng absent: the rest of the demo stands on its own
         print(f"  skipped: {e}")
     timings["completion"] = time.time() - t
     ok = _print_outputs(root, ingested, pre, pre_timit, result, completion, timings, time.time() - t_start)
     return EXIT_OK if ok else EXIT_FAIL
+
+
+def _preprocessed(s) -> None:
+    """One line per preprocess job (`mmbatch preprocess` prints the full per-stage table)."""
+    print(f"  {s.rows_out} fused rows ({s.features_rows} feature rows, {s.quarantined} quarantined) in "
+          f"{s.elapsed:.1f} s -> {s.out}")
 
 
 def _absolute(wf_dict: dict, root: Path) -> dict:
@@ -128,6 +137,7 @@ def _absolute(wf_dict: dict, root: Path) -> dict:
 
 
 def _print_outputs(root, ingested, pre, pre_timit, result, completion, timings, total) -> bool:
+    """The demo's last screen: what it wrote, then the fused-vs-unimodal result, then what to open."""
     print("\n== mmbatch demo: outputs")
     rows = [
         ("corpus", root / "corpus"),
@@ -140,21 +150,24 @@ def _print_outputs(root, ingested, pre, pre_timit, result, completion, timings, 
     ]
     for name, path in rows:
         print(f"  {name:<34} {path}")
-    print("\n  ingest:      " + "; ".join(f"{k} {s.ingested} rows ({s.quarantined} quarantined)"
-                                         for k, s in ingested.items()))
+    print("  ingest:      " + "; ".join(f"{k} {s.ingested} rows ({s.quarantined} quarantined)"
+                                       for k, s in ingested.items()))
     print(f"  preprocess:  {pre.rows_out} fused rows, {pre.quarantined} quarantined")
-    print("\n  test accuracy (4 classes, chance 0.25)")
+    print("  seconds:     " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()) + f"; total {total:.1f}")
+    if completion is not None:
+        image_only = (result.baselines or {}).get("image", {}).get("accuracy")
+        if image_only is not None:
+            print(f"  modality completion (image rows + spoken class name): accuracy "
+                  f"{completion.metrics['accuracy']:.3f} vs image only {image_only:.3f}; the spoken clip says the\n"
+                  "    class name, so it carries the label like a caption: this shows the completion path works,\n"
+                  "    not that sonified labels are a modelling win.")
+    print("\n== result: test accuracy of the fused model and of each modality alone (4 classes, chance 0.25)")
     print(f"    {'model':<14}{'accuracy':>10}{'macro-F1':>10}")
     print(f"    {'fused':<14}{result.metrics['accuracy']:>10.3f}{result.metrics['macro_f1']:>10.3f}")
     for m, met in (result.baselines or {}).items():
         print(f"    {m + ' only':<14}{met['accuracy']:>10.3f}{met['macro_f1']:>10.3f}")
-    if completion is not None:
-        image_only = (result.baselines or {}).get("image", {}).get("accuracy")
-        print(f"\n  modality completion (image rows + spoken class name): accuracy "
-              f"{completion.metrics['accuracy']:.3f} vs image only {image_only:.3f}" if image_only is not None else "")
-        print("    note: the spoken clip says the class name, so it carries the label the way a caption would;\n"
-              "    the jump shows the completion path works end to end, not that sonified labels are a modelling win.")
-    print("\n  seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()) + f"; total {total:.1f}")
+    print(f"\nnext: open {result.report_path}\n"
+          f"      rerun a stage: mmbatch preprocess {root / 'workflow.yaml'} (committed shards are skipped)")
     checks = [Path(result.model_dir, "model.pt").exists(), Path(result.report_path).exists(),
               pre.rows_out > 0, pre.reconciles]
     return all(checks)

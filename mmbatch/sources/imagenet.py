@@ -12,8 +12,11 @@ Kaggle root holding ``ILSVRC/Data/CLS-LOC``, or a class-folder tree itself):
   ILSVRC2012_IDs are *not* sorted-wnid order: they are mapped to wnids first);
 - ``test/`` flat images are ingested unlabelled.
 
-``label_name`` comes from ``LOC_synset_mapping.txt`` (else meta.mat words,
-else the wnid). ``sample_id`` is the file stem; the image bytes are stored as-is.
+The class list (label = index in sorted-wnid order) comes from the train folders, else
+``LOC_synset_mapping.txt``, else the devkit ``meta.mat``'s leaf synsets (``num_children == 0``:
+the 1,000 ILSVRC2012 classes; a val-only download with the devkit, as torchvision's ``ImageNet``
+reads it), else foldered val. ``label_name`` comes from ``LOC_synset_mapping.txt`` (else meta.mat
+words, else the wnid). ``sample_id`` is the file stem; the image bytes are stored as-is.
 """
 from __future__ import annotations
 
@@ -155,31 +158,35 @@ def plan(uri: str, opts, exclude=()) -> Plan:
     mapping_rel = _find_named(files, SYNSET_MAPPING)
     names: dict[str, str] = parse_synset_mapping(read(mapping_rel).decode("utf-8", "replace")) if mapping_rel else {}
 
+    # flat validation images are labelled by Kaggle's LOC_val_solution.csv or the devkit's ground truth + meta.mat
+    flat_val = [(rel, rest) for rel, rest in by_split.get("validation", []) if len(rest) == 1]
+    sol_rel = _find_named(files, VAL_SOLUTION) if flat_val else None
+    gt_rel = _find_named(files, DEVKIT_GROUND_TRUTH) if flat_val else None
+    meta_rel = _find_named(files, DEVKIT_META) if flat_val else None
+    meta = parse_meta_mat(read(meta_rel)) if meta_rel else {}
+    meta_words = {w: words for w, words in meta.values()}
+
+    # the class list, in this order of preference: the train folders; Kaggle's synset mapping; the
+    # devkit's leaf synsets (what torchvision's ImageNet does for a val-only download); val folders
     train_wnids = sorted({rest[0] for rel, rest in by_split.get("train", []) if len(rest) >= 2})
     if train_wnids:
         classes = train_wnids
     elif names:
         classes = sorted(names)
+    elif meta:
+        classes = sorted(meta_words)
     else:
         classes = sorted({rest[0] for items in by_split.values() for _, rest in items if len(rest) >= 2})
     index = {w: i for i, w in enumerate(classes)}
 
-    # flat validation labels
-    flat_val = [(rel, rest) for rel, rest in by_split.get("validation", []) if len(rest) == 1]
     val_labels: dict[str, str] = {}
     val_label_source = None
-    meta_words: dict[str, str] = {}
     if flat_val:
-        sol_rel = _find_named(files, VAL_SOLUTION)
-        gt_rel = _find_named(files, DEVKIT_GROUND_TRUTH)
-        meta_rel = _find_named(files, DEVKIT_META)
         if sol_rel:
             val_labels = parse_val_solution(read(sol_rel).decode("utf-8-sig", "replace"))
             val_label_source = sol_rel
         elif gt_rel and meta_rel:
             ids = parse_ground_truth(read(gt_rel).decode("ascii", "replace"))
-            meta = parse_meta_mat(read(meta_rel))
-            meta_words = {w: words for w, words in meta.values()}
             ordered = sorted(flat_val, key=lambda x: x[0])
             for pos, (rel, _) in enumerate(ordered, start=1):
                 n = val_index(stem(rel)) or pos
@@ -212,7 +219,7 @@ def plan(uri: str, opts, exclude=()) -> Plan:
                 continue
             if wnid is not None and wnid not in index:
                 problems.append(Problem(common.UNKNOWN_LABEL, f"class {wnid!r} is not among the "
-                                        f"{len(classes)} training classes", path=rel, sample_id=sid))
+                                        f"{len(classes)} known classes", path=rel, sample_id=sid))
                 continue
             samples.append(Sample(
                 key=rel, sample_id=sid, split=split,

@@ -28,7 +28,7 @@ from typing import Optional, Sequence
 import torch
 
 import mmbatch
-from mmbatch import schema, storage
+from mmbatch import progress, runtime, schema, storage
 from mmbatch.config import Workflow
 from mmbatch.errors import UsageError
 from mmbatch.runtime import cluster_gpus, init_ray
@@ -185,11 +185,14 @@ def train_one(wf: Workflow, data: FusedData, mods: list[str], name: str,
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS,
                                                          checkpoint_score_attribute="val_score",
-                                                         checkpoint_score_order="max")),
+                                                         checkpoint_score_order="max"),
+            # Ray Train's per-report and worker-group INFO lines only with --verbose
+            logging_config=ray.train.LoggingConfig(log_level="INFO" if runtime.VERBOSE else "WARNING")),
         datasets=datasets,
     )
     try:
-        result = trainer.fit()
+        with progress.watch_epochs(run_dir, f"train {name}", epochs=t.epochs, metric=t.metric):
+            result = trainer.fit()
     except ray.train.TrainingFailedError as e:
         raise RuntimeError(f"training run '{name}' failed ({e.__class__.__name__}); its checkpoints are kept in "
                            f"{run_dir}: run the same command again to resume from the latest one") from e

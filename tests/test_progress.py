@@ -1,0 +1,56 @@
+"""mmbatch.progress: plain lines when the output is not a terminal, and the committed-shard counter."""
+from __future__ import annotations
+
+import io
+import json
+
+from mmbatch import progress
+
+
+def test_plain_lines_are_periodic_and_end_with_done(monkeypatch):
+    out = io.StringIO()                       # not a TTY: no tqdm bar, plain lines
+    monkeypatch.setattr(progress, "PLAIN_INTERVAL_S", 3600.0)
+    with progress.bar("extract features", total=200, unit="rows", stream=out) as b:
+        for _ in range(20):
+            b.update(10)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("  extract features: 200/200 rows (100%), done")
+    out = io.StringIO()
+    monkeypatch.setattr(progress, "PLAIN_INTERVAL_S", 0.0)
+    with progress.bar("train fusion", total=3, unit="epochs", stream=out) as b:
+        b.update(1, val_accuracy=0.5)
+    assert "train fusion: 1/3 epochs (33%), 0 s, val accuracy 0.500" in out.getvalue()
+
+
+def test_an_interrupted_step_prints_no_done_line():
+    out = io.StringIO()
+    try:
+        with progress.bar("preprocess", total=10, stream=out) as b:
+            b.update(3)
+            raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        pass
+    assert "done" not in out.getvalue()
+
+
+def test_committed_shard_counter():
+    progress.reset()
+    progress.shard_committed()
+    progress.shard_committed(2)
+    assert progress.committed_shards() == 3
+    progress.reset()
+    assert progress.committed_shards() == 0
+
+
+def test_epoch_watcher_reads_checkpoint_meta(tmp_path, monkeypatch):
+    monkeypatch.setattr(progress, "PLAIN_INTERVAL_S", 0.0)
+    out = io.StringIO()
+    monkeypatch.setattr("sys.stderr", out)
+    run = tmp_path / "fusion"
+    with progress.watch_epochs(str(run), "train fusion", epochs=4, metric="accuracy", poll_s=0.05):
+        for epoch, best in ((0, 0.5), (1, 0.75)):
+            d = run / f"checkpoint_epoch_{epoch:04d}"
+            d.mkdir(parents=True)
+            (d / "meta.json").write_text(json.dumps({"epoch": epoch, "best_score": best}))
+    text = out.getvalue()
+    assert "train fusion: 2/4 epochs (50%), done" in text and "best val accuracy 0.750" in text
