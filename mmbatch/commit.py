@@ -23,7 +23,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable, TypeVar
 
-from mmbatch import storage
+from mmbatch import progress, storage
 
 T = TypeVar("T")
 
@@ -92,6 +92,7 @@ class Committer:
     def on_write_complete(self, rec: CommitRecord) -> None:
         storage.write_marker(self.fs, self.out_dir, rec.unit, rec.to_marker())
         self.committed += 1
+        progress.shard_committed()
 
     def remove_leftovers(self, keep_units: Iterable[str], data_dirs: Iterable[str] = ("",)) -> list[str]:
         """Drop committed units not in ``keep_units`` (stale: their input or plan changed), then any

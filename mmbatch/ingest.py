@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 import pyarrow as pa
 
 import mmbatch
-from mmbatch import schema, storage
+from mmbatch import progress, schema, storage
 from mmbatch.commit import CommitRecord, Committer, write_table
 from mmbatch.errors import UsageError
 from mmbatch.sources import KINDS, common, source_module
@@ -280,11 +280,13 @@ def run_ingest(kind: str, input: str, out: str, opts: IngestOptions | None = Non
                "options": opts.content_options(), "info": plan.info}
         log.info("ingest %s: %d shards to read (%d already committed)", kind, len(pending), skipped)
 
-        def on_result(task: ShardTask, rec: CommitRecord) -> None:
-            committer.on_write_complete(rec)
-            records[task.shard_id] = rec
+        with progress.bar(f"ingest {kind}", total=sum(len(t.samples) for t in pending), unit="samples") as bar:
+            def on_result(task: ShardTask, rec: CommitRecord) -> None:
+                committer.on_write_complete(rec)
+                records[task.shard_id] = rec
+                bar.update(rec.rows_in)
 
-        _run_shards(pending, ctx, on_result)
+            _run_shards(pending, ctx, on_result)
     storage.clean_tmp(fs, out_path)
 
     splits: Counter = Counter()

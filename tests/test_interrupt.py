@@ -107,6 +107,8 @@ def test_ctrl_c_during_preprocess_stops_fast_and_a_rerun_resumes(workflow_env):
     assert "Traceback" not in stderr, stderr[-3000:]
     n_committed = len(committed_markers(out))
     assert n_committed >= 1
+    # the count in the line is what the driver committed: every marker on disk, no more
+    assert int(INTERRUPTED_LINE.search(lines[0]).group(1)) == n_committed, (lines[0], n_committed)
 
     time.sleep(5)
     left = ray_processes(proc.pid, ray_tmp)
@@ -116,7 +118,7 @@ def test_ctrl_c_during_preprocess_stops_fast_and_a_rerun_resumes(workflow_env):
     rerun = start(["preprocess", str(wf)], ray_tmp)
     r_out, r_err = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, r_err[-3000:]
-    assert re.search(r"shards: \d+ processed, [1-9]\d* already committed", r_out), r_out[-2000:]
+    assert re.search(r"units: \d+ processed, [1-9]\d* already committed", r_out), r_out[-2000:]
     reference_out = base / "reference"
     ref = start(["preprocess", str(workflow(reference_out))], ray_tmp)
     ref_out, ref_err = ref.communicate(timeout=300)

@@ -20,6 +20,7 @@ import time
 import pyarrow as pa
 
 from mmbatch import __version__, storage
+from mmbatch.progress import bar as progress_bar
 from mmbatch.commit import CommitRecord, Committer
 from mmbatch.config import Workflow
 from mmbatch.errors import UsageError
@@ -82,36 +83,17 @@ class _Runner:
                 self.summary.placement.setdefault(m, {}).update(
                     stage="unit worker", device=job.devices.get(m, "cpu"), num_gpus=resources.num_gpus,
                     workers=workers)
-            bar = _Progress(plan.cfg.name, sum(u.rows for u in pending), len(pending), self.progress)
+            what = "fuse" if fused else "features"
+            with progress_bar(f"{plan.cfg.name}: extract + {what}", total=sum(u.rows for u in pending),
+                              unit="rows") as bar:
+                def on_result(unit, rec: CommitRecord) -> None:
+                    committer.on_write_complete(rec)
+                    records[unit.id] = rec
+                    self.summary.add(rec, fused, processed=True)
+                    bar.update(rec.rows_in)
 
-            def on_result(unit, rec: CommitRecord) -> None:
-                committer.on_write_complete(rec)
-                records[unit.id] = rec
-                self.summary.add(rec, fused, processed=True)
-                bar.update(rec.rows_in)
-
-            run_units(make_worker, job, pending, on_result, num_workers=workers, resources=resources)
-            bar.close()
+                run_units(make_worker, job, pending, on_result, num_workers=workers, resources=resources)
         return [records[u.id] for u in units]
-
-
-class _Progress:
-    """Rows per dataset; periodic lines (the front door's progress bar replaces this)."""
-
-    def __init__(self, name: str, rows: int, units: int, enabled: bool):
-        self.name, self.total, self.units, self.enabled = name, rows, units, enabled
-        self.done, self.t0, self.last = 0, time.time(), 0.0
-
-    def update(self, rows: int) -> None:
-        self.done += rows
-        now = time.time()
-        if self.enabled and (now - self.last > 10 or self.done >= self.total):
-            self.last = now
-            rate = self.done / max(now - self.t0, 1e-9)
-            print(f"  {self.name}: {self.done}/{self.total} rows ({rate:.0f} rows/s)", flush=True)
-
-    def close(self) -> None:
-        pass
 
 
 def _placement(wf: Workflow, plan: DatasetPlan, job: UnitJob):
