@@ -15,7 +15,7 @@ import logging
 import sys
 import textwrap
 
-from mmbatch.errors import EXIT_FAIL, EXIT_INTERRUPTED, EXIT_OK, EXIT_QUARANTINED, EXIT_USAGE
+from mmbatch.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_QUARANTINED, EXIT_USAGE
 
 
 def _fmt(text: str) -> str:

@@ -1,12 +1,6 @@
 """Pairing rows across datasets and fusing per-modality embeddings (pure functions).
 
-Pairing (how samples of different corpora become one multimodal sample):
-- ``key``: exact match on a key column (default ``sample_id``).
-- ``label``: the AV-MNIST construction -- every primary row gets, from each
-  partner dataset, a row with the same label (and the same normalised split
-  when the partner has rows of that split). The choice is a hash of
-  (seed, partner dataset, primary sample_id), so it is reproducible for a given
-  seed, independent of row order and of how the work is parallelised.
+Pairing (which partner row joins which sample) lives in mmbatch/preprocess/fuse.py.
 
 Fusion (the ``fused`` column):
 - ``concat``: modality embeddings side by side (image, audio, text order),
@@ -19,12 +13,12 @@ Fusion (the ``fused`` column):
 from __future__ import annotations
 
 import hashlib
-from typing import Mapping, Sequence
+from typing import Mapping
 
 import numpy as np
 import pyarrow as pa
 
-from mmbatch.schema import MODALITIES, emb_column, has_column, normalize_split
+from mmbatch.schema import MODALITIES
 
 
 def stable_u64(*parts: object) -> int:
@@ -69,48 +63,6 @@ def fuse(embs: Mapping[str, np.ndarray], present: Mapping[str, np.ndarray], dims
             out += float(weights.get(m, 1.0)) * np.where(present[m][:, None], contrib, 0.0).astype(np.float32)
         return out
     raise ValueError(f"fusion.method must be 'concat' or 'weighted', got {method!r}")
-
-
-# --- pairing -----------------------------------------------------------------------
-class LabelIndex:
-    """Partner rows grouped by (label, normalised split) for label pairing."""
-
-    def __init__(self, name: str, sample_ids: Sequence[str], labels: Sequence, splits: Sequence):
-        self.name = name
-        self.by_label_split: dict[tuple, list[int]] = {}
-        self.by_label: dict = {}
-        order = np.argsort(np.asarray(sample_ids, dtype=object), kind="stable")  # order-independent
-        for i in order:
-            lab = labels[i]
-            if lab is None:
-                continue
-            self.by_label_split.setdefault((lab, normalize_split(splits[i])), []).append(int(i))
-            self.by_label.setdefault(lab, []).append(int(i))
-
-    def choose(self, sample_id: str, label, split, seed: int) -> int | None:
-        if label is None:
-            return None
-        cands = self.by_label_split.get((label, normalize_split(split))) or self.by_label.get(label)
-        if not cands:
-            return None
-        return cands[stable_u64("pair", seed, self.name, sample_id) % len(cands)]
-
-
-def take_embeddings(table: pa.Table, rows: Sequence[int | None], modality: str, dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """Embeddings [n, dim] and presence mask from ``table`` at ``rows`` (None -> absent)."""
-    n = len(rows)
-    out = np.zeros((n, dim), np.float32)
-    mask = np.zeros(n, bool)
-    col, hcol = emb_column(modality), has_column(modality)
-    if col not in table.column_names:
-        return out, mask
-    idx = np.array([r if r is not None else -1 for r in rows], dtype=np.int64)
-    ok = idx >= 0
-    if ok.any():
-        sub = table.take(pa.array(idx[ok]))
-        out[ok] = embeddings_to_numpy(sub.column(col), dim)
-        mask[ok] = np.asarray(sub.column(hcol).to_numpy(zero_copy_only=False), dtype=bool)
-    return out, mask
 
 
 def embeddings_to_numpy(col: pa.ChunkedArray | pa.Array, dim: int) -> np.ndarray:

@@ -22,7 +22,6 @@ writes nothing.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time

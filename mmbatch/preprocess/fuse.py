@@ -1,11 +1,21 @@
 """Pairing without the driver holding embeddings, and the fused table of one unit (pure).
 
-Pairing (``pairing.by``: ``label`` or ``key``) is decided on light columns:
+Pairing (``pairing.by``), how samples of different corpora become one multimodal sample:
+
+- ``key``: exact match on a key column (default ``sample_id``).
+- ``label``: the AV-MNIST construction -- every primary row gets, from each
+  partner dataset, a row with the same label (and the same normalised split
+  when the partner has rows of that split). The choice is a hash of
+  (seed, partner dataset, primary sample_id) over the candidates in sample_id
+  order, so it is reproducible for a given seed, independent of row order and
+  of how the work is parallelised.
+
+It is decided on light columns:
 the driver reads ``sample_id``/``label``/``split`` (and the key) of a partner
 dataset's committed feature files into a :class:`PartnerIndex` (a few bytes
 per partner row: positions, never embeddings), which travels to the workers
 once. Each worker picks its rows' partners from the index
-(:meth:`PartnerIndex.choose`, the same choice as :class:`mmbatch.fusion.LabelIndex`)
+(:meth:`PartnerIndex.choose`)
 and reads the partner embeddings it needs from the partner files
 (:class:`PartnerRows`, a bounded per-worker cache), so driver memory does not
 grow with the partner's embeddings.

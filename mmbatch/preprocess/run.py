@@ -170,7 +170,7 @@ def run_preprocess(wf: Workflow, progress: bool = True) -> PreprocessSummary:
                        out_rel=out_rel, role=role, columns=p.columns, specs={m: specs[m] for m in p.modalities},
                        modalities=p.modalities, dims=dims, label_map=p.label_map,
                        completions=[c.model_dump(mode="json") for c in p.cfg.complete],
-                       row_group_size=wf.output.row_group_size, **kw)
+                       row_group_size=wf.output.row_group_size, batch_size=wf.features.batch_size, **kw)
 
     base_fp = {"label_map": None, "complete": None}
     partner_indexes, partner_fps = [], {}

@@ -56,6 +56,7 @@ class UnitJob:
     pairing: dict = field(default_factory=dict)
     partners: list[PartnerIndex] = field(default_factory=list)
     row_group_size: int = 4096
+    batch_size: int = 64             # rows per extractor call (features.batch_size)
     devices: dict = field(default_factory=dict)   # modality -> "gpu"/"cpu" placement asked for
 
 
@@ -132,11 +133,11 @@ class UnitWorker:
             has = np.fromiter((x is not None and len(x) > 0 for x in items), bool, count=n)
             idx = np.flatnonzero(has)
             emb = np.zeros((n, job.dims[m]), np.float32)
-            if len(idx):
-                got, errors = self.extractors[m].extract([items[i] for i in idx])
-                emb[idx] = got
-                for j, err in enumerate(errors):
-                    i = idx[j]
+            for start in range(0, len(idx), job.batch_size):      # bounded memory for big decoded items
+                part = idx[start:start + job.batch_size]
+                got, errors = self.extractors[m].extract([items[i] for i in part])
+                emb[part] = got
+                for i, err in zip(part, errors):
                     if err is not None and reason[i] is None:
                         reason[i], detail[i] = f"{m}:{err[0]}", err[1]
                         where[i] = paths[i] if paths else None
