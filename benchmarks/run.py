@@ -379,6 +379,7 @@ def child(name: str, data: Path, cores: int, probe: int, partner: str | None = N
         t0 = time.perf_counter()
         init_ray(num_cpus=cores)
         res["ray_startup_s"] = round(time.perf_counter() - t0, 2)
+    io0 = psutil.Process().io_counters().read_chars
     with Monitor() as mon:
         if name == "mmbatch":
             res.update(run_mmbatch(canon, target / "fused", partner))
@@ -396,7 +397,8 @@ def child(name: str, data: Path, cores: int, probe: int, partner: str | None = N
             "cpu_seconds": round(mon.cpu_seconds, 1), "steal_pct": mon.steal.pct,
             "cpu_by_process": mon.cpu_by_process(),
             "peak_mem_mb": round(mon.peak / 2**20, 1),
-            "driver_peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+            "driver_peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "driver_read_mb": round((psutil.Process().io_counters().read_chars - io0) / 2**20, 1)}
 
 
 def spawn_child(name: str, args, n: int) -> dict:
@@ -512,19 +514,20 @@ def write_results(results: dict, out: Path) -> None:
     startup = [r["ray_startup_s"] for r in runs.get("mmbatch", [])]
     lines = [f"Machine: {results['machine']['cores']} cores, {results['machine']['ram_gb']} GiB RAM, "
              f"Python {results['machine']['python']}. {results['samples']} samples "
-             f"(JPEG ~{results['mean_jpeg_kb']} KB + {results['audio_seconds'] / results['samples']:.1f} s FLAC + text). "
+             f"(image ~{results['mean_jpeg_kb']} KB + {results['audio_seconds'] / results['samples']:.1f} s FLAC + text). "
              f"Command: `{results['command']}`; each contender in a fresh process, medians of {results['repeat']} "
              f"interleaved run(s)" + (f"; Ray start-up {np.median(startup):.1f} s, not included in samples/s "
                                       "(the last column includes it)." if startup else "."),
              "", "| contender | samples/s (range) | audio s / wall s | CPU util % | CPU s / 1k samples "
-                 "| driver CPU s / 1k samples | CPU steal % | peak memory (PSS) MB | % of ideal | samples/s incl. start-up |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+                 "| driver CPU s / 1k samples | driver read MB | CPU steal % | peak memory (PSS) MB | % of ideal "
+                 "| samples/s incl. start-up |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     if ideal:
         ranked = sorted(runs["ideal"], key=lambda r: r["single_process_samples_per_s"])
         per = ranked[len(ranked) // 2]["per_sample_ms"]                   # the median run's
         lines.append(f"| ideal ({results['machine']['cores']} x single process; ms/sample: " +
                      ", ".join(f"{k} {v}" for k, v in per.items()) + f") | {ideal} | | | | "
-                     f"{sum(per.values()):.1f} | | {_median(runs['ideal'], 'steal_pct'):.0f} | | 100 | |")
+                     f"{sum(per.values()):.1f} | | | {_median(runs['ideal'], 'steal_pct'):.0f} | | 100 | |")
     for name, rs in runs.items():
         if name == "ideal":
             continue
@@ -534,7 +537,7 @@ def write_results(results: dict, out: Path) -> None:
         driver = float(np.median([r["cpu_by_process"].get("driver", 0.0) for r in rs]))
         lines.append(f"| {name} | {sps:.1f}{rng} | {_median(rs, 'audio_x_realtime'):.0f} | "
                      f"{_median(rs, 'cpu_util_pct'):.0f} | {1000 * _median(rs, 'cpu_seconds') / results['samples']:.1f} | "
-                     f"{1000 * driver / results['samples']:.2f} | "
+                     f"{1000 * driver / results['samples']:.2f} | {_median(rs, 'driver_read_mb'):.0f} | "
                      f"{_median(rs, 'steal_pct'):.0f} | {_median(rs, 'peak_mem_mb'):.0f} | {pct} | "
                      f"{_median(rs, 'samples_per_s_with_startup'):.1f} |")
     stem = "preprocess" + ("-small" if results.get("shape") == "small" else "") + \

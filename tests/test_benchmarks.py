@@ -22,20 +22,36 @@ def _run(args: list[str]) -> subprocess.CompletedProcess:
 
 def test_preprocess_benchmark_runs_every_contender(tmp_path):
     _run(["benchmarks.run", "--samples", "24", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "out")])
-    res = json.loads((tmp_path / "out" / "preprocess.json").read_text())
+    res = json.loads((tmp_path / "out" / "preprocess-24.json").read_text())
     assert res["samples"] == 24
     cores = os.cpu_count()
-    assert set(res["runs"]) == {"ideal", "mmbatch", f"multiprocessing.Pool({cores})", f"datasets.map(num_proc={cores})"}
+    assert set(res["runs"]) == {"ideal", "mmbatch preprocess", f"multiprocessing.Pool({cores})",
+                                f"datasets.map(num_proc={cores})", "plain Ray Data map_batches",
+                                "mmbatch ingest (manifest)"}
     assert res["ideal_samples_per_s"] > 0
-    (mm,) = res["runs"]["mmbatch"]
+    (mm,) = res["runs"]["mmbatch preprocess"]
     assert mm["rows_out"] == 24                                   # every sample fused
     assert mm["ray_startup_s"] > 0
-    assert any(k.startswith("ray::MapWorker") for k in mm["cpu_by_process"])   # the extract actors were measured
+    assert any(k.startswith("ray::_PoolActor") for k in mm["cpu_by_process"])   # the unit workers were measured
+    assert res["runs"]["mmbatch ingest (manifest)"][0]["rows_out"] == 24
     for name, (run,) in res["runs"].items():
         if name != "ideal":
             assert run["cpu_seconds"] > 0 and run["peak_mem_mb"] > 0 and run["samples_per_s"] > 0, name
-    table = (tmp_path / "out" / "preprocess.md").read_text()
-    assert "% of ideal" in table and table.count("\n| ") == 5      # header + ideal + 3 contenders
+    table = (tmp_path / "out" / "preprocess-24.md").read_text()
+    assert "% of ideal" in table and table.count("\n| ") == 7      # header + ideal + 5 contenders
+
+
+def test_small_item_corpus_and_paired_memory_mode(tmp_path):
+    """--small builds the AV-MNIST-shaped corpus (28x28 PNG + 1 s FLAC); --memory --pairing pairs it by
+    label with a text-only partner dataset and measures N and 4N samples."""
+    _run(["benchmarks.run", "--small", "--samples", "12", "--memory", "--pairing", "40", "--data",
+          str(tmp_path / "data"), "--out", str(tmp_path / "out")])
+    res = json.loads((tmp_path / "out" / "memory-small-paired.json").read_text())
+    assert [r["samples"] for r in res["runs"]] == [12, 48] and res["pairing_partner_rows"] == 40
+    assert all(r["peak_mem_mb"] > 0 and r["driver_peak_mb"] > 0 for r in res["runs"])
+    img = next((tmp_path / "data" / "small-n12" / "corpus" / "img").glob("*.png"))
+    import cv2
+    assert cv2.imread(str(img)).shape == (28, 28, 3)
 
 
 def test_training_benchmark_runs_plain_ddp_and_ray_train(tmp_path):
