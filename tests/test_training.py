@@ -18,9 +18,12 @@ from mmbatch import schema
 from mmbatch.config import Workflow
 from mmbatch.errors import UsageError
 from mmbatch.training import run as run_mod
-from mmbatch.training.data import FusedData, assign_splits, class_balance, split_plan, to_arrays
-from mmbatch.training.evaluate import check_features, compute_metrics, evaluate_cli, evaluate_model
+from mmbatch.splits import assign_splits, split_plan
+from mmbatch.training.data import FusedData, class_balance, to_arrays
+from mmbatch.training.evaluate import check_features, compute_metrics, evaluate_arrays, evaluate_cli, evaluate_model
+from mmbatch.training.loop import fit_in_memory
 from mmbatch.training.models import FUSIONS, FusionModel, drop_modalities, load_model
+from mmbatch.training.report import fusion_gain
 from mmbatch.training.run import run_training
 
 DIMS = {"image": 8, "audio": 8, "text": 8}
@@ -280,22 +283,92 @@ def test_two_workers_match_one_worker(trained, monkeypatch):
         (two.metrics["accuracy"], one.metrics["accuracy"])
 
 
-@pytest.fixture(scope="module")
-def gappy_data(tmp_path_factory):
+# --- every fusion in a plain torch loop (the same loop code as Ray Train, without Ray) ------------
+def _split_arrays(tmp_path, name, **kw):
+    data = FusedData.open(write_fused(str(tmp_path / name), **kw))
+    return data, {s: data.arrays(s, list(data.dims)) for s in ("train", "validation", "test")}
+
+
+def _spec(data, fusion, hidden=32):
+    return {"arch": {"version": 2, "fusion": fusion, "dims": dict(data.dims), "num_classes": len(data.classes),
+                     "hidden": hidden, "dropout": 0.1}, "classes": data.classes}
+
+
+def _cfg(**kw):
+    from mmbatch.config import TrainConfig
+    return TrainConfig(**{"epochs": 8, "batch_size": 64, "seed": 0, **kw}).model_dump()
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_every_fusion_trains_with_missing_modalities(tmp_path, fusion):
     """25 % of rows miss one modality (a few miss two): has_<m> false, null embedding."""
-    return write_fused(str(tmp_path_factory.mktemp("gappy") / "fused"), n=400, seed=5, missing=0.25)
-
-
-@pytest.mark.parametrize("fusion", ["weighted", "late", "gated"])   # early: see `trained`
-def test_every_fusion_trains_with_missing_modalities(ray_session, gappy_data, tmp_path, fusion):
-    wf = _wf(gappy_data, tmp_path, f"gappy-{fusion}", model=fusion, epochs=4, modality_dropout=0.3)
-    res = run_training(wf, baselines=False)
-    assert res.metrics["accuracy"] > CHANCE + 0.35, res.metrics["accuracy"]
-    assert all(v > 0 for v in res.metrics["missing_rate"].values())
+    data, arr = _split_arrays(tmp_path, "gappy", n=400, seed=5, missing=0.25)
+    model, history = fit_in_memory(_spec(data, fusion), arr["train"], arr["validation"], _cfg(modality_dropout=0.3))
+    assert len(history) == 8
+    res = evaluate_arrays(model, arr["test"], [c["name"] for c in data.classes])
+    assert res["accuracy"] > CHANCE + 0.35, res["accuracy"]
+    assert all(v > 0 for v in res["missing_rate"].values())
     if fusion in ("weighted", "gated"):
-        w = res.metrics["modality_weights"]
+        w = res["modality_weights"]
         assert set(w) == set(DIMS) and sum(w.values()) == pytest.approx(1.0, abs=1e-4)
-        assert "Learned modality weights" in open(res.report_path).read()
+
+
+def _strong_and_weak(n, seed, scale):
+    """4 classes; image tells the class with little noise, audio with a lot, text is noise; every
+    modality at a very different scale and offset, like HOG / log-mel dB / hashing values."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 4, n)
+    centres = {m: np.random.default_rng(10 + j).normal(size=(4, 16)) for j, m in enumerate(DIMS)}
+    x = {"image": centres["image"][y] + 1.2 * rng.normal(size=(n, 16)),
+         "audio": centres["audio"][y] + 2.6 * rng.normal(size=(n, 16)),
+         "text": rng.normal(size=(n, 16))}
+    offsets = {"image": 0.0, "audio": -50.0, "text": 0.0}
+    arrays = {"y": y}
+    for m in DIMS:
+        arrays[schema.emb_column(m)] = ((x[m] + offsets[m]) * scale[m]).astype(np.float32)
+        arrays[schema.has_column(m)] = np.ones(n, bool)
+    return arrays
+
+
+def test_gated_fusion_keeps_the_strong_modality_whatever_the_input_scale():
+    """The issue-16 collapse: with modalities at scales 0.01 / 30 / 1 (and a -50 offset) the gate
+    used to starve one modality. Standardised inputs, auxiliary losses and uniform-start gates
+    keep every informative modality in play, and fusion beats the best single modality."""
+    scale = {"image": 0.01, "audio": 30.0, "text": 1.0}
+    tr, va, te = (_strong_and_weak(n, s, scale) for n, s in ((1200, 1), (300, 2), (600, 3)))
+    classes = [{"id": i, "name": f"c{i}"} for i in range(4)]
+    names = [c["name"] for c in classes]
+
+    def fit(fusion, mods):
+        spec = {"arch": {"version": 2, "fusion": fusion, "dims": {m: 16 for m in mods}, "num_classes": 4,
+                         "hidden": 32, "dropout": 0.1}, "classes": classes}
+        keep = lambda a: {k: v for k, v in a.items() if k == "y" or k.split("_")[-1] in mods  # noqa: E731
+                          or k.split("_")[0] in mods}
+        model, _ = fit_in_memory(spec, keep(tr), keep(va), _cfg(epochs=10))
+        return evaluate_arrays(model, keep(te), names)
+
+    single = {m: fit("early", [m])["accuracy"] for m in DIMS}
+    gated = fit("gated", list(DIMS))
+    assert single["image"] > 0.8 > single["audio"] > 0.45 and single["text"] < 0.35, single
+    assert gated["accuracy"] >= single["image"] + 0.01, (gated["accuracy"], single)
+    assert gated["modality_weights"]["image"] >= 0.05 and gated["modality_weights"]["audio"] >= 0.05, \
+        gated["modality_weights"]
+
+
+def test_fusion_gain_warns_when_fused_does_not_win():
+    summary = {"model": {"arch": {"fusion": "gated"}}, "metrics": {"accuracy": 0.83},
+               "baselines": {"image": {"accuracy": 0.80}, "audio": {"accuracy": 0.94}}}
+    g = fusion_gain(summary)
+    assert g["best_baseline"] == "audio" and g["gain"] == pytest.approx(-0.11) and not g["fusion_wins"]
+    assert "does not beat the best single modality (audio only" in g["warning"]
+    summary["metrics"]["accuracy"] = 0.94                       # a tie is not a win either
+    assert fusion_gain(summary)["warning"]
+    summary["metrics"]["accuracy"] = 0.97
+    assert fusion_gain(summary)["warning"] is None and fusion_gain(summary)["gain"] == pytest.approx(0.03)
+    summary["metrics"]["unscorable"] = "the test split has only 2 row(s)"
+    g = fusion_gain(summary)
+    assert g["gain"] is None and "not made" in g["warning"]
+    assert fusion_gain({"metrics": {"accuracy": 0.9}, "baselines": {}}) is None
 
 
 def test_modalities_argument_is_checked_against_the_data(tmp_path):

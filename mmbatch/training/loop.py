@@ -204,7 +204,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     seed_everything(cfg["seed"])          # same init on every rank (DDP also broadcasts rank 0's)
 
     # -- model, optimizer, schedule
-    model = build_model(spec).to(device)
+    model = build_model(spec)
+    model.set_input_stats(config["input_stats"])      # train-split feature statistics (driver)
+    model = model.to(device)
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg)
     state = {"epoch": -1, "best_score": None, "best_epoch": -1, "bad_epochs": 0,

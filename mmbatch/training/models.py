@@ -243,6 +243,11 @@ def drop_modalities(mask: torch.Tensor, p: float, generator: Optional[torch.Gene
 def arch_args(spec: Mapping) -> dict:
     """Constructor arguments of :class:`FusionModel` from a model spec."""
     a = spec["arch"]
+    if int(a.get("version", 1)) != ARCH_VERSION:
+        from mmbatch.errors import UsageError
+        raise UsageError(f"model {spec.get('name', '')!r} has architecture version {a.get('version', 1)}; this "
+                         f"mmbatch builds version {ARCH_VERSION} (standardised inputs, auxiliary heads, "
+                         "per-unit gates): retrain it")
     return {"dims": {m: int(d) for m, d in a["dims"].items()}, "num_classes": int(a["num_classes"]),
             "fusion": a["fusion"], "hidden": int(a["hidden"]), "dropout": float(a["dropout"])}
 
