@@ -192,6 +192,10 @@ def test_report_and_metrics_json(trained):
     summary = json.load(open(os.path.join(res.run_dir, "metrics.json")))
     assert summary["metrics"]["accuracy"] == pytest.approx(res.metrics["accuracy"])
     assert set(summary["baselines"]) == {"image", "audio", "text"}
+    best = max(v["accuracy"] for v in summary["baselines"].values())
+    assert summary["gain"]["gain"] == pytest.approx(res.metrics["accuracy"] - best)
+    assert summary["gain"]["fusion_wins"] is True and summary["gain"]["warning"] is None
+    assert "Gain over the best unimodal model" in html and 'class="warning"' not in html
     cb = summary["data"]["class_balance"]
     assert set(cb["counts"]) == set(CLASS_NAMES) and cb["max_min_ratio"] >= 1.0
     assert len(summary["history"]) == 3 and summary["history"][0]["epoch"] == 0
@@ -404,3 +408,76 @@ print(evaluate_arrays(FusionModel(dims, 2, "early", 8, 0.0), arrays, ["a", "b"])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "not writable" not in proc.stderr
     assert 0.0 <= float(proc.stdout.strip()) <= 1.0
+
+
+# --- splits decided once (data with "splits_final": true) ----------------------------------------
+def _final_data(path, split_col, n=None, seed=0):
+    """Fused XOR rows whose split column is final (as preprocess writes it)."""
+    n = n or len(split_col)
+    meta = {**extractor_meta(DIMS), "splits_final": True}
+    write_fused(path, n=n, seed=seed, meta=meta, splits=None)
+    for f in sorted(os.listdir(path)):                      # put the given split values in
+        import pyarrow.parquet as pq
+        t = pq.read_table(os.path.join(path, f))
+        ids = t.column("sample_id").to_pylist()
+        col = pa.array([split_col[int(i.split("-")[1])] for i in ids], pa.string())
+        t = t.set_column(t.schema.get_field_index("split"), t.schema.field("split"), col)
+        pq.write_table(t, os.path.join(path, f))
+    return path
+
+
+def test_final_splits_are_read_as_they_are(tmp_path):
+    rng = np.random.default_rng(0)
+    col = list(rng.choice(np.array(["train", "dev", "test"], dtype=object), 300, p=[0.5, 0.2, 0.3]))
+    data = FusedData.open(_final_data(str(tmp_path / "final"), col), seed=3, val_fraction=0.4, test_fraction=0.4)
+    assert data.plan["mode"] == "final"
+    assert data.split_sizes() == {"train": col.count("train"), "validation": col.count("dev"), "test": col.count("test")}
+    arr = data.arrays("test", list(DIMS))
+    assert len(arr["y"]) == col.count("test")
+    # the same split values without the marker: old data, so train rows are not carved but the
+    # missing-split rules apply (a train-only column gets validation/test carved from it)
+    only_train = FusedData.open(_final_data(str(tmp_path / "train-only"), ["train"] * 200), seed=0)
+    assert only_train.split_sizes()["test"] == 0 and only_train.split_sizes()["validation"] == 0
+    old = FusedData.open(write_fused(str(tmp_path / "old"), n=200, splits=("train",), split_probs=(1.0,)))
+    assert old.plan["mode"] == "column" and old.split_sizes()["validation"] > 0 and old.split_sizes()["test"] > 0
+
+
+def test_a_final_split_too_small_to_score_is_reported(trained, tmp_path, caplog):
+    _, res = trained
+    col = ["train"] * 150 + ["validation"] * 48 + ["test"] * 2
+    path = _final_data(str(tmp_path / "tiny-test"), col)
+    data = FusedData.open(path)
+    assert data.unscorable() == {"test": "only 2 row(s) (fewer than 10)"}
+    m = evaluate_model(res.model_dir, path, "test")
+    assert m["n"] == 2 and "only 2 row(s)" in m["unscorable"]
+    labels = xor_rows(200, seed=0, splits=None)["label"]     # validation: rows of class 0 only
+    one_class = ["validation" if lab == 0 and i % 2 == 0 else ("test" if i % 5 == 0 else "train")
+                 for i, lab in enumerate(labels)]
+    assert FusedData.open(_final_data(str(tmp_path / "one-class"), one_class)).unscorable() == \
+        {"validation": "only one class"}
+
+
+# --- the warning when fusion does not win, end to end ---------------------------------------------
+def test_training_warns_when_fusion_cannot_beat_the_best_modality(ray_session, tmp_path, capsys):
+    """image alone tells the class perfectly, audio is noise: no fusion can beat image only, so
+    the run must say so in the console, metrics.json and report.html."""
+    dims = {"image": 8, "audio": 8}
+    path = write_fused(str(tmp_path / "perfect-image"), n=240, seed=4, dims=dims, noise=0.05,
+                       meta=extractor_meta(dims))
+    import pyarrow.parquet as pq
+    for f in os.listdir(path):                              # audio: noise, independent of the label
+        t = pq.read_table(os.path.join(path, f))
+        noise = np.random.default_rng(len(f)).normal(size=(t.num_rows, 8)).astype(np.float32)
+        col = pa.array(list(noise), schema.embedding_type(8))
+        t = t.set_column(t.schema.get_field_index("audio_emb"), t.schema.field("audio_emb"), col)
+        t = t.set_column(t.schema.get_field_index("label"), t.schema.field("label"),     # label = bit a
+                         pa.array([2 * (v // 2) for v in t.column("label").to_pylist()], pa.int64()))
+        pq.write_table(t, os.path.join(path, f))
+    res = run_training(_wf(path, tmp_path / "runs", "nowin", epochs=4), baselines=True)
+    assert res.baselines["image"]["accuracy"] == 1.0
+    assert res.gain["fusion_wins"] is False and res.gain["best_baseline"] == "image"
+    out = capsys.readouterr().out
+    assert "WARNING: the fused model (early" in out and "gain over the best unimodal model (image only)" in out
+    summary = json.load(open(os.path.join(res.run_dir, "metrics.json")))
+    assert summary["gain"]["fusion_wins"] is False and "does not beat" in summary["gain"]["warning"]
+    assert 'class="warning"' in open(res.report_path).read()
