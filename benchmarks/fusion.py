@@ -43,7 +43,7 @@ from mmbatch.config import TrainConfig, Workflow  # noqa: E402
 from mmbatch.features.registry import build_extractor  # noqa: E402
 from mmbatch.training.evaluate import evaluate_arrays  # noqa: E402
 from mmbatch.training.loop import fit_in_memory  # noqa: E402
-from mmbatch.training.models import FUSIONS  # noqa: E402
+from mmbatch.training.models import FUSIONS, arch_spec  # noqa: E402
 
 MODALITIES = ("image", "audio", "text")
 
@@ -73,8 +73,7 @@ def split_arrays(task: TaskData, emb: dict[str, np.ndarray], split: str, mods) -
 
 def train_and_score(task: TaskData, emb, mods, fusion: str, cfg: dict) -> dict:
     classes = [{"id": i, "name": n} for i, n in enumerate(task.class_names)]
-    spec = {"arch": {"fusion": fusion, "dims": {m: int(emb[m].shape[1]) for m in mods},
-                     "num_classes": len(classes), "hidden": cfg["hidden"], "dropout": cfg["dropout"]},
+    spec = {"arch": arch_spec(fusion, {m: emb[m].shape[1] for m in mods}, len(classes), cfg["hidden"], cfg["dropout"]),
             "classes": classes}
     t0 = time.process_time()
     model, history = fit_in_memory(spec, split_arrays(task, emb, "train", mods),

@@ -22,7 +22,7 @@ from mmbatch.splits import assign_splits, split_plan
 from mmbatch.training.data import FusedData, class_balance, to_arrays
 from mmbatch.training.evaluate import check_features, compute_metrics, evaluate_arrays, evaluate_cli, evaluate_model
 from mmbatch.training.loop import fit_in_memory
-from mmbatch.training.models import FUSIONS, FusionModel, drop_modalities, load_model
+from mmbatch.training.models import FUSIONS, FusionModel, arch_spec, drop_modalities, load_model
 from mmbatch.training.report import fusion_gain
 from mmbatch.training.run import run_training
 
@@ -294,8 +294,7 @@ def _split_arrays(tmp_path, name, **kw):
 
 
 def _spec(data, fusion, hidden=32):
-    return {"arch": {"version": 2, "fusion": fusion, "dims": dict(data.dims), "num_classes": len(data.classes),
-                     "hidden": hidden, "dropout": 0.1}, "classes": data.classes}
+    return {"arch": arch_spec(fusion, data.dims, len(data.classes), hidden, 0.1), "classes": data.classes}
 
 
 def _cfg(**kw):
@@ -344,8 +343,7 @@ def test_gated_fusion_keeps_the_strong_modality_whatever_the_input_scale():
     names = [c["name"] for c in classes]
 
     def fit(fusion, mods):
-        spec = {"arch": {"version": 2, "fusion": fusion, "dims": {m: 16 for m in mods}, "num_classes": 4,
-                         "hidden": 32, "dropout": 0.1}, "classes": classes}
+        spec = {"arch": arch_spec(fusion, {m: 16 for m in mods}, 4, 32, 0.1), "classes": classes}
         keep = lambda a: {k: v for k, v in a.items() if k == "y" or k.split("_")[-1] in mods  # noqa: E731
                           or k.split("_")[0] in mods}
         model, _ = fit_in_memory(spec, keep(tr), keep(va), _cfg(epochs=10))

@@ -240,6 +240,12 @@ def drop_modalities(mask: torch.Tensor, p: float, generator: Optional[torch.Gene
 
 
 # --- building, saving, loading --------------------------------------------------------------------
+def arch_spec(fusion: str, dims: Mapping[str, int], num_classes: int, hidden: int, dropout: float) -> dict:
+    """The ``arch`` entry of a model spec (what :func:`build_model` builds)."""
+    return {"version": ARCH_VERSION, "fusion": fusion, "dims": {m: int(d) for m, d in dims.items()},
+            "num_classes": int(num_classes), "hidden": int(hidden), "dropout": float(dropout)}
+
+
 def arch_args(spec: Mapping) -> dict:
     """Constructor arguments of :class:`FusionModel` from a model spec."""
     a = spec["arch"]

@@ -36,7 +36,7 @@ from mmbatch.training import report
 from mmbatch.training.data import FusedData
 from mmbatch.training.evaluate import evaluate_model
 from mmbatch.training.loop import META_FILE, STATE_FILE, checkpoint_staging_dir, train_loop_per_worker
-from mmbatch.training.models import ARCH_VERSION, MODEL_FILE, build_model, feature_stats, read_spec, save_model
+from mmbatch.training.models import MODEL_FILE, arch_spec, build_model, feature_stats, read_spec, save_model
 
 log = logging.getLogger("mmbatch.training")
 
@@ -109,8 +109,7 @@ def model_spec(wf: Workflow, data: FusedData, mods: list[str], name: str) -> dic
         "name": name,
         "mmbatch_version": mmbatch.__version__,
         "schema_version": schema.SCHEMA_VERSION,
-        "arch": {"version": ARCH_VERSION, "fusion": t.model, "dims": {m: int(data.dims[m]) for m in mods},
-                 "num_classes": len(data.classes), "hidden": t.hidden, "dropout": t.dropout},
+        "arch": arch_spec(t.model, {m: data.dims[m] for m in mods}, len(data.classes), t.hidden, t.dropout),
         "modalities": mods,
         "classes": data.classes,
         "features": data.features(mods),
