@@ -479,3 +479,13 @@ def test_training_warns_when_fusion_cannot_beat_the_best_modality(ray_session, t
     summary = json.load(open(os.path.join(res.run_dir, "metrics.json")))
     assert summary["gain"]["fusion_wins"] is False and "does not beat" in summary["gain"]["warning"]
     assert 'class="warning"' in open(res.report_path).read()
+
+
+def test_a_model_of_the_previous_architecture_is_refused_with_a_reason():
+    from mmbatch.training.models import build_model
+    spec = {"name": "old", "arch": {"fusion": "gated", "dims": {"image": 8}, "num_classes": 2, "hidden": 8,
+                                    "dropout": 0.1}}          # no "version": written before version 2
+    with pytest.raises(UsageError, match="architecture version 1.*retrain it"):
+        build_model(spec)
+    spec["arch"]["version"] = 2
+    assert isinstance(build_model(spec), FusionModel)

@@ -19,6 +19,10 @@ a plain PyTorch loop.
   The replicas are identical under DDP, so every rank computes the same
   metrics; rank 0's early-stopping decision is broadcast anyway, so all ranks
   always stop together.
+- Inputs: the model standardises each feature with the train split's mean/std, computed
+  once on the driver (``config["input_stats"]``) and saved with the weights.
+- The epoch pass (:func:`train_epoch`) is shared with :func:`fit_in_memory`, the same loop
+  in one process without Ray (the fusion benchmark and the model tests use it).
 - ``batch_size`` is the global batch: each of N workers takes batch_size / N.
 - ``fault`` (tests only) makes one rank SIGKILL itself once, at the start of a
   given epoch, while a flag file exists (the file is removed first).
