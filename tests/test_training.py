@@ -18,9 +18,12 @@ from mmbatch import schema
 from mmbatch.config import Workflow
 from mmbatch.errors import UsageError
 from mmbatch.training import run as run_mod
-from mmbatch.training.data import FusedData, assign_splits, class_balance, split_plan, to_arrays
-from mmbatch.training.evaluate import check_features, compute_metrics, evaluate_cli, evaluate_model
-from mmbatch.training.models import FUSIONS, FusionModel, drop_modalities, load_model
+from mmbatch.splits import assign_splits, split_plan
+from mmbatch.training.data import FusedData, class_balance, to_arrays
+from mmbatch.training.evaluate import check_features, compute_metrics, evaluate_arrays, evaluate_cli, evaluate_model
+from mmbatch.training.loop import fit_in_memory
+from mmbatch.training.models import FUSIONS, FusionModel, arch_spec, drop_modalities, load_model
+from mmbatch.training.report import fusion_gain
 from mmbatch.training.run import run_training
 
 DIMS = {"image": 8, "audio": 8, "text": 8}
@@ -189,6 +192,10 @@ def test_report_and_metrics_json(trained):
     summary = json.load(open(os.path.join(res.run_dir, "metrics.json")))
     assert summary["metrics"]["accuracy"] == pytest.approx(res.metrics["accuracy"])
     assert set(summary["baselines"]) == {"image", "audio", "text"}
+    best = max(v["accuracy"] for v in summary["baselines"].values())
+    assert summary["gain"]["gain"] == pytest.approx(res.metrics["accuracy"] - best)
+    assert summary["gain"]["fusion_wins"] is True and summary["gain"]["warning"] is None
+    assert "Gain over the best unimodal model" in html and 'class="warning"' not in html
     cb = summary["data"]["class_balance"]
     assert set(cb["counts"]) == set(CLASS_NAMES) and cb["max_min_ratio"] >= 1.0
     assert len(summary["history"]) == 3 and summary["history"][0]["epoch"] == 0
@@ -280,22 +287,90 @@ def test_two_workers_match_one_worker(trained, monkeypatch):
         (two.metrics["accuracy"], one.metrics["accuracy"])
 
 
-@pytest.fixture(scope="module")
-def gappy_data(tmp_path_factory):
+# --- every fusion in a plain torch loop (the same loop code as Ray Train, without Ray) ------------
+def _split_arrays(tmp_path, name, **kw):
+    data = FusedData.open(write_fused(str(tmp_path / name), **kw))
+    return data, {s: data.arrays(s, list(data.dims)) for s in ("train", "validation", "test")}
+
+
+def _spec(data, fusion, hidden=32):
+    return {"arch": arch_spec(fusion, data.dims, len(data.classes), hidden, 0.1), "classes": data.classes}
+
+
+def _cfg(**kw):
+    from mmbatch.config import TrainConfig
+    return TrainConfig(**{"epochs": 8, "batch_size": 64, "seed": 0, **kw}).model_dump()
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_every_fusion_trains_with_missing_modalities(tmp_path, fusion):
     """25 % of rows miss one modality (a few miss two): has_<m> false, null embedding."""
-    return write_fused(str(tmp_path_factory.mktemp("gappy") / "fused"), n=400, seed=5, missing=0.25)
-
-
-@pytest.mark.parametrize("fusion", ["weighted", "late", "gated"])   # early: see `trained`
-def test_every_fusion_trains_with_missing_modalities(ray_session, gappy_data, tmp_path, fusion):
-    wf = _wf(gappy_data, tmp_path, f"gappy-{fusion}", model=fusion, epochs=4, modality_dropout=0.3)
-    res = run_training(wf, baselines=False)
-    assert res.metrics["accuracy"] > CHANCE + 0.35, res.metrics["accuracy"]
-    assert all(v > 0 for v in res.metrics["missing_rate"].values())
+    data, arr = _split_arrays(tmp_path, "gappy", n=400, seed=5, missing=0.25)
+    model, history = fit_in_memory(_spec(data, fusion), arr["train"], arr["validation"], _cfg(modality_dropout=0.3))
+    assert len(history) == 8
+    res = evaluate_arrays(model, arr["test"], [c["name"] for c in data.classes])
+    assert res["accuracy"] > CHANCE + 0.35, res["accuracy"]
+    assert all(v > 0 for v in res["missing_rate"].values())
     if fusion in ("weighted", "gated"):
-        w = res.metrics["modality_weights"]
+        w = res["modality_weights"]
         assert set(w) == set(DIMS) and sum(w.values()) == pytest.approx(1.0, abs=1e-4)
-        assert "Learned modality weights" in open(res.report_path).read()
+
+
+def _strong_and_weak(n, seed, scale):
+    """4 classes; image tells the class with little noise, audio with a lot, text is noise; every
+    modality at a very different scale and offset, like HOG / log-mel dB / hashing values."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 4, n)
+    centres = {m: np.random.default_rng(10 + j).normal(size=(4, 16)) for j, m in enumerate(DIMS)}
+    x = {"image": centres["image"][y] + 1.2 * rng.normal(size=(n, 16)),
+         "audio": centres["audio"][y] + 2.6 * rng.normal(size=(n, 16)),
+         "text": rng.normal(size=(n, 16))}
+    offsets = {"image": 0.0, "audio": -50.0, "text": 0.0}
+    arrays = {"y": y}
+    for m in DIMS:
+        arrays[schema.emb_column(m)] = ((x[m] + offsets[m]) * scale[m]).astype(np.float32)
+        arrays[schema.has_column(m)] = np.ones(n, bool)
+    return arrays
+
+
+def test_gated_fusion_keeps_the_strong_modality_whatever_the_input_scale():
+    """The issue-16 collapse: with modalities at scales 0.01 / 30 / 1 (and a -50 offset) the gate
+    used to starve one modality. Standardised inputs, auxiliary losses and uniform-start gates
+    keep every informative modality in play, and fusion beats the best single modality."""
+    scale = {"image": 0.01, "audio": 30.0, "text": 1.0}
+    tr, va, te = (_strong_and_weak(n, s, scale) for n, s in ((1200, 1), (300, 2), (600, 3)))
+    classes = [{"id": i, "name": f"c{i}"} for i in range(4)]
+    names = [c["name"] for c in classes]
+
+    def fit(fusion, mods):
+        spec = {"arch": arch_spec(fusion, {m: 16 for m in mods}, 4, 32, 0.1), "classes": classes}
+        keep = lambda a: {k: v for k, v in a.items() if k == "y" or k.split("_")[-1] in mods  # noqa: E731
+                          or k.split("_")[0] in mods}
+        model, _ = fit_in_memory(spec, keep(tr), keep(va), _cfg(epochs=10))
+        return evaluate_arrays(model, keep(te), names)
+
+    single = {m: fit("early", [m])["accuracy"] for m in DIMS}
+    gated = fit("gated", list(DIMS))
+    assert single["image"] > 0.8 > single["audio"] > 0.45 and single["text"] < 0.35, single
+    assert gated["accuracy"] >= single["image"] + 0.01, (gated["accuracy"], single)
+    assert gated["modality_weights"]["image"] >= 0.05 and gated["modality_weights"]["audio"] >= 0.05, \
+        gated["modality_weights"]
+
+
+def test_fusion_gain_warns_when_fused_does_not_win():
+    summary = {"model": {"arch": {"fusion": "gated"}}, "metrics": {"accuracy": 0.83},
+               "baselines": {"image": {"accuracy": 0.80}, "audio": {"accuracy": 0.94}}}
+    g = fusion_gain(summary)
+    assert g["best_baseline"] == "audio" and g["gain"] == pytest.approx(-0.11) and not g["fusion_wins"]
+    assert "does not beat the best single modality (audio only" in g["warning"]
+    summary["metrics"]["accuracy"] = 0.94                       # a tie is not a win either
+    assert fusion_gain(summary)["warning"]
+    summary["metrics"]["accuracy"] = 0.97
+    assert fusion_gain(summary)["warning"] is None and fusion_gain(summary)["gain"] == pytest.approx(0.03)
+    summary["metrics"]["unscorable"] = "the test split has only 2 row(s)"
+    g = fusion_gain(summary)
+    assert g["gain"] is None and "not made" in g["warning"]
+    assert fusion_gain({"metrics": {"accuracy": 0.9}, "baselines": {}}) is None
 
 
 def test_modalities_argument_is_checked_against_the_data(tmp_path):
@@ -331,3 +406,86 @@ print(evaluate_arrays(FusionModel(dims, 2, "early", 8, 0.0), arrays, ["a", "b"])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "not writable" not in proc.stderr
     assert 0.0 <= float(proc.stdout.strip()) <= 1.0
+
+
+# --- splits decided once (data with "splits_final": true) ----------------------------------------
+def _final_data(path, split_col, n=None, seed=0):
+    """Fused XOR rows whose split column is final (as preprocess writes it)."""
+    n = n or len(split_col)
+    meta = {**extractor_meta(DIMS), "splits_final": True}
+    write_fused(path, n=n, seed=seed, meta=meta, splits=None)
+    for f in sorted(os.listdir(path)):                      # put the given split values in
+        import pyarrow.parquet as pq
+        t = pq.read_table(os.path.join(path, f))
+        ids = t.column("sample_id").to_pylist()
+        col = pa.array([split_col[int(i.split("-")[1])] for i in ids], pa.string())
+        t = t.set_column(t.schema.get_field_index("split"), t.schema.field("split"), col)
+        pq.write_table(t, os.path.join(path, f))
+    return path
+
+
+def test_final_splits_are_read_as_they_are(tmp_path):
+    rng = np.random.default_rng(0)
+    col = list(rng.choice(np.array(["train", "dev", "test"], dtype=object), 300, p=[0.5, 0.2, 0.3]))
+    data = FusedData.open(_final_data(str(tmp_path / "final"), col), seed=3, val_fraction=0.4, test_fraction=0.4)
+    assert data.plan["mode"] == "final"
+    assert data.split_sizes() == {"train": col.count("train"), "validation": col.count("dev"), "test": col.count("test")}
+    arr = data.arrays("test", list(DIMS))
+    assert len(arr["y"]) == col.count("test")
+    # the same split values without the marker: old data, so train rows are not carved but the
+    # missing-split rules apply (a train-only column gets validation/test carved from it)
+    only_train = FusedData.open(_final_data(str(tmp_path / "train-only"), ["train"] * 200), seed=0)
+    assert only_train.split_sizes()["test"] == 0 and only_train.split_sizes()["validation"] == 0
+    old = FusedData.open(write_fused(str(tmp_path / "old"), n=200, splits=("train",), split_probs=(1.0,)))
+    assert old.plan["mode"] == "column" and old.split_sizes()["validation"] > 0 and old.split_sizes()["test"] > 0
+
+
+def test_a_final_split_too_small_to_score_is_reported(trained, tmp_path, caplog):
+    _, res = trained
+    col = ["train"] * 150 + ["validation"] * 48 + ["test"] * 2
+    path = _final_data(str(tmp_path / "tiny-test"), col)
+    data = FusedData.open(path)
+    assert data.unscorable() == {"test": "only 2 row(s) (fewer than 10)"}
+    m = evaluate_model(res.model_dir, path, "test")
+    assert m["n"] == 2 and "only 2 row(s)" in m["unscorable"]
+    labels = xor_rows(200, seed=0, splits=None)["label"]     # validation: rows of class 0 only
+    one_class = ["validation" if lab == 0 and i % 2 == 0 else ("test" if i % 5 == 0 else "train")
+                 for i, lab in enumerate(labels)]
+    assert FusedData.open(_final_data(str(tmp_path / "one-class"), one_class)).unscorable() == \
+        {"validation": "only one class"}
+
+
+# --- the warning when fusion does not win, end to end ---------------------------------------------
+def test_training_warns_when_fusion_cannot_beat_the_best_modality(ray_session, tmp_path, capsys):
+    """image alone tells the class perfectly, audio is noise: no fusion can beat image only, so
+    the run must say so in the console, metrics.json and report.html."""
+    dims = {"image": 8, "audio": 8}
+    path = write_fused(str(tmp_path / "perfect-image"), n=240, seed=4, dims=dims, noise=0.05,
+                       meta=extractor_meta(dims))
+    import pyarrow.parquet as pq
+    for f in os.listdir(path):                              # audio: noise, independent of the label
+        t = pq.read_table(os.path.join(path, f))
+        noise = np.random.default_rng(len(f)).normal(size=(t.num_rows, 8)).astype(np.float32)
+        col = pa.array(list(noise), schema.embedding_type(8))
+        t = t.set_column(t.schema.get_field_index("audio_emb"), t.schema.field("audio_emb"), col)
+        t = t.set_column(t.schema.get_field_index("label"), t.schema.field("label"),     # label = bit a
+                         pa.array([2 * (v // 2) for v in t.column("label").to_pylist()], pa.int64()))
+        pq.write_table(t, os.path.join(path, f))
+    res = run_training(_wf(path, tmp_path / "runs", "nowin", epochs=4), baselines=True)
+    assert res.baselines["image"]["accuracy"] == 1.0
+    assert res.gain["fusion_wins"] is False and res.gain["best_baseline"] == "image"
+    out = capsys.readouterr().out
+    assert "WARNING: the fused model (early" in out and "gain over the best unimodal model (image only)" in out
+    summary = json.load(open(os.path.join(res.run_dir, "metrics.json")))
+    assert summary["gain"]["fusion_wins"] is False and "does not beat" in summary["gain"]["warning"]
+    assert 'class="warning"' in open(res.report_path).read()
+
+
+def test_a_model_of_the_previous_architecture_is_refused_with_a_reason():
+    from mmbatch.training.models import build_model
+    spec = {"name": "old", "arch": {"fusion": "gated", "dims": {"image": 8}, "num_classes": 2, "hidden": 8,
+                                    "dropout": 0.1}}          # no "version": written before version 2
+    with pytest.raises(UsageError, match="architecture version 1.*retrain it"):
+        build_model(spec)
+    spec["arch"]["version"] = 2
+    assert isinstance(build_model(spec), FusionModel)

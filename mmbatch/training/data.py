@@ -2,13 +2,10 @@
 
 Three layers, so tests and the scoring path can use them without Ray:
 
-- :func:`split_plan` / :func:`assign_splits` -- pure functions that decide the
-  split of every row. The ``split`` column is normalised
-  (``schema.normalize_split``); a missing test split is carved from validation,
-  a missing validation split from train, and rows without a usable split value
-  are spread over all three by ``val_fraction`` / ``test_fraction``. Carving
-  hashes ``seed:sample_id`` to a number in [0, 1): the same rows land in the
-  same split on every run, on every machine, in any file order.
+- :mod:`mmbatch.splits` -- which split each row belongs to. Data written with
+  ``"splits_final": true`` in its metadata carries its final split in the
+  ``split`` column, read as it is; older data gets its splits decided here by the
+  same pure functions (:func:`split_plan` / :func:`assign_splits`).
 - :func:`to_arrays` -- one Arrow batch -> model-ready NumPy columns
   (``<m>_emb`` float32 [n, dim], ``has_<m>`` bool, ``y`` class index).
 - :class:`FusedData` -- opens a fused Parquet folder (local path or fsspec
@@ -18,11 +15,10 @@ Three layers, so tests and the scoring path can use them without Ray:
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import posixpath
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -30,92 +26,14 @@ import pyarrow.parquet as pq
 
 from mmbatch import schema, storage
 from mmbatch.errors import UsageError
+from mmbatch.splits import (assign_splits, final_plan, normalized_splits, row_uniform, split_plan,  # noqa: F401
+                            splits_are_final)
 
 log = logging.getLogger("mmbatch.training")
 
 SPLITS = schema.SPLITS
+MIN_SCORABLE_ROWS = 10               # a validation/test split smaller than this is reported, not scored
 LIGHT_COLUMNS = ["sample_id", "split", "label", "label_name"]
-
-
-# --- split assignment (pure) ------------------------------------------------------------
-def split_plan(present: Iterable[Optional[str]], val_fraction: float, test_fraction: float) -> dict:
-    """How to turn the normalised split values found in the data into train/validation/test.
-
-    ``present`` holds the normalised split values of the data (``None`` for rows
-    without one). Returns a JSON-able plan used by :func:`assign_splits`.
-    """
-    present = set(present)
-    has = {s: s in present for s in SPLITS}
-    if not has["train"] and not has["validation"] and not has["test"]:
-        mode = "unsplit"          # no usable split values: spread every row
-    else:
-        mode = "column"
-    vf, tf = float(val_fraction), float(test_fraction)
-    return {
-        "mode": mode,
-        "seed_based": True,
-        "val_fraction": vf,
-        "test_fraction": tf,
-        # train rows give validation (and test) rows when those splits are missing
-        "carve_val_from_train": mode == "column" and not has["validation"],
-        "carve_test_from_train": mode == "column" and not has["validation"] and not has["test"],
-        # validation rows give test rows when test is missing
-        "carve_test_from_val": mode == "column" and has["validation"] and not has["test"],
-        "present": sorted(s for s in present if s is not None),
-    }
-
-
-def row_uniform(sample_ids: Sequence[str], seed: int) -> np.ndarray:
-    """A reproducible number in [0, 1) per sample id (blake2b of ``seed:sample_id``)."""
-    out = np.empty(len(sample_ids), dtype=np.float64)
-    prefix = f"{seed}:".encode()
-    for i, sid in enumerate(sample_ids):
-        h = hashlib.blake2b(prefix + str(sid).encode(), digest_size=8).digest()
-        out[i] = int.from_bytes(h, "big") / 2.0 ** 64
-    return out
-
-
-def assign_splits(sample_ids: Sequence[str], raw_splits: Sequence[Optional[str]],
-                  plan: Mapping, seed: int) -> np.ndarray:
-    """The final split (``train``/``validation``/``test``) of each row, as an object array."""
-    n = len(sample_ids)
-    norm = np.array([_norm(s) for s in raw_splits], dtype=object)
-    u = row_uniform(sample_ids, seed)
-    vf, tf = plan["val_fraction"], plan["test_fraction"]
-    out = norm.copy()
-
-    # rows without a usable split value (or the whole data set when it has none)
-    loose = np.array([s not in SPLITS for s in norm], dtype=bool) if n else np.zeros(0, bool)
-    out[loose] = _spread(u[loose], vf, tf)
-
-    if plan["carve_val_from_train"]:
-        tr = norm == "train"
-        test_share = tf if plan["carve_test_from_train"] else 0.0
-        out[tr] = _spread(u[tr], vf, test_share)
-    if plan["carve_test_from_val"]:
-        va = norm == "validation"
-        share = tf / (vf + tf) if (vf + tf) > 0 else 0.5
-        out[va] = np.where(u[va] < share, "test", "validation")
-    return out
-
-
-def normalized_splits(raw: Iterable[Optional[str]]) -> set:
-    """The set of normalised split values (None for rows without a usable one)."""
-    out = set()
-    for s in set(raw):
-        n = _norm(s)
-        out.add(n if n in SPLITS else None)
-    return out
-
-
-def _norm(s: Optional[str]) -> Optional[str]:
-    if s is None or (isinstance(s, float) and np.isnan(s)) or s == "":
-        return None
-    return schema.normalize_split(str(s))
-
-
-def _spread(u: np.ndarray, vf: float, tf: float) -> np.ndarray:
-    return np.where(u < vf, "validation", np.where(u < vf + tf, "test", "train")).astype(object)
 
 
 # --- Arrow -> NumPy (pure) ------------------------------------------------------------------
@@ -263,9 +181,10 @@ class FusedData:
         if not dims:
             raise UsageError(f"{uri}: no <modality>_emb columns: not fused feature data")
         meta = schema.read_mmbatch_meta(sch)
+        manifest = storage.read_manifest(uri) if not uri.endswith(".parquet") else None
         light = read_table(uri, LIGHT_COLUMNS)
         raw_splits = light.column("split").to_pylist()
-        plan = split_plan(normalized_splits(raw_splits), val_fraction, test_fraction)
+        plan = data_split_plan(meta, manifest, raw_splits, val_fraction, test_fraction)
         splits = assign_splits(light.column("sample_id").to_pylist(), raw_splits, plan, seed)
         labels = light.column("label").to_pylist()
         names = light.column("label_name").to_pylist()
@@ -277,15 +196,19 @@ class FusedData:
             raise UsageError(f"{uri}: found {len(id_to_name)} label value(s); training needs at least 2 classes")
         classes = [{"id": i, "name": id_to_name[i]} for i in sorted(id_to_name)]
         counts: dict[str, dict[str, int]] = {s: {c["name"]: 0 for c in classes} for s in SPLITS}
-        dropped = 0
+        dropped = unassigned = 0
         for s, lab in zip(splits, labels):
             if lab is None:
                 dropped += 1
-                continue
-            counts[s][id_to_name[int(lab)]] += 1
+            elif s is None:
+                unassigned += 1
+            else:
+                counts[s][id_to_name[int(lab)]] += 1
+        if unassigned:
+            log.warning("%s: %d labelled row(s) have no train/validation/test value in their final split "
+                        "column; they are left out", uri, unassigned)
         if sum(counts["train"].values()) == 0:
             raise UsageError(f"{uri}: no training rows after the split (plan: {plan})")
-        manifest = storage.read_manifest(uri) if not uri.endswith(".parquet") else None
         fs, files = parquet_files(uri)
         fp = storage.fingerprint({"manifest": manifest or [(f, fs.size(f)) for f in files],
                                   "meta": meta, "counts": counts})
@@ -313,6 +236,15 @@ class FusedData:
     def split_sizes(self) -> dict[str, int]:
         return {s: int(sum(c.values())) for s, c in self.counts.items()}
 
+    def unscorable(self) -> dict[str, str]:
+        """split -> why its accuracy would mean nothing (validation / test only; see :func:`unscorable_reason`)."""
+        out = {}
+        for split in ("validation", "test"):
+            why = unscorable_reason(self.counts.get(split, {}))
+            if why:
+                out[split] = why
+        return out
+
     # -- Ray Data
     def dataset(self, split: str, modalities: Sequence[str]):
         """Lazy Ray Dataset of model-ready columns for ``split`` (read with ``ray.data.read_parquet``)."""
@@ -332,22 +264,50 @@ class FusedData:
                                              class_ids=self.class_ids, split=split, plan=self.plan,
                                              seed=self.seed))
 
-    def arrays(self, split: str, modalities: Sequence[str]) -> dict[str, np.ndarray]:
+    def arrays(self, split: str, modalities: Sequence[str], max_rows: Optional[int] = None) -> dict[str, np.ndarray]:
         """The same columns as :meth:`dataset`, read in this process (validation, scoring)."""
-        return read_split_arrays(self.uri, split, modalities, self.dims, self.class_ids, self.plan, self.seed)
+        return read_split_arrays(self.uri, split, modalities, self.dims, self.class_ids, self.plan, self.seed,
+                                 max_rows=max_rows)
+
+
+def data_split_plan(meta: Optional[Mapping], manifest: Optional[Mapping], raw_splits: Sequence[Optional[str]],
+                    val_fraction: float, test_fraction: float) -> dict:
+    """The split plan of fused data: ``final`` (read the split column as is) when its Parquet
+    metadata or its manifest's ``metadata`` says ``"splits_final": true``, else decided from
+    the split values it has (:func:`split_plan`)."""
+    if splits_are_final(meta) or splits_are_final((manifest or {}).get("metadata")):
+        return final_plan()
+    return split_plan(normalized_splits(raw_splits), val_fraction, test_fraction)
+
+
+def unscorable_reason(class_counts: Mapping[str, int]) -> Optional[str]:
+    """Why a split with these rows per class cannot be scored meaningfully (None when it can):
+    fewer than MIN_SCORABLE_ROWS rows, or a single class."""
+    n = int(sum(class_counts.values()))
+    present = sum(1 for v in class_counts.values() if v > 0)
+    if n < MIN_SCORABLE_ROWS:
+        return f"only {n} row(s) (fewer than {MIN_SCORABLE_ROWS})"
+    if present < 2:
+        return "only one class"
+    return None
 
 
 def read_split_arrays(uri: str, split: str, modalities: Sequence[str], dims: Mapping[str, int],
-                      class_ids: Sequence[int], plan: Mapping, seed: int) -> dict[str, np.ndarray]:
-    """Model-ready arrays of one split, read row group by row group (memory bounded by the split)."""
+                      class_ids: Sequence[int], plan: Mapping, seed: int,
+                      max_rows: Optional[int] = None) -> dict[str, np.ndarray]:
+    """Model-ready arrays of one split, read row group by row group (memory bounded by the split);
+    with ``max_rows``, reading stops once that many rows are in (for statistics)."""
     fs, files = parquet_files(uri)
     wanted = LIGHT_COLUMNS + [schema.emb_column(m) for m in modalities] + [schema.has_column(m) for m in modalities]
-    parts = []
+    parts, rows = [], 0
     for f in files:
         pf = pq.ParquetFile(f, filesystem=fs)
         cols = [c for c in wanted if c in pf.schema_arrow.names]
         for rg in range(pf.num_row_groups):
+            if max_rows is not None and rows >= max_rows:
+                break
             parts.append(to_arrays(pf.read_row_group(rg, columns=cols), modalities, dims, class_ids, split, plan, seed))
+            rows += len(parts[-1]["y"])
     if not parts:
         parts = [to_arrays(pa.table({"sample_id": pa.array([], pa.string()), "label": pa.array([], pa.int64()),
                                      **{schema.emb_column(m): pa.array([], schema.embedding_type(dims[m]))

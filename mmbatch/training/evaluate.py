@@ -132,8 +132,8 @@ def evaluate_model(model_dir: str, data_path: str, split: str = "test") -> dict:
     ``split`` is train/validation/test (assigned exactly as in training: same
     normalisation, same seeded carving) or ``all``.
     """
-    from mmbatch.training.data import (SPLITS, class_balance, data_modalities, normalized_splits,
-                                       read_schema, read_split_arrays, read_table, split_plan)
+    from mmbatch.training.data import (SPLITS, class_balance, data_modalities, data_split_plan, read_schema,
+                                       read_split_arrays, read_table, unscorable_reason)
     from mmbatch.training.models import load_model
 
     model, spec = load_model(model_dir)
@@ -144,9 +144,12 @@ def evaluate_model(model_dir: str, data_path: str, split: str = "test") -> dict:
         raise UsageError(f"split must be train, validation, test or all, got {split!r}")
     mods = list(spec["arch"]["dims"])
     sp = spec.get("split", {})
-    # the split plan depends on which split values the data has: same rule, same seed as training
+    # final splits are read as they are; otherwise the plan depends on which split values the
+    # data has: same rule, same seed as training
     raw_splits = read_table(data_path, ["split"]).column("split").to_pylist()
-    plan = split_plan(normalized_splits(raw_splits), sp.get("val_fraction", 0.15), sp.get("test_fraction", 0.15))
+    manifest = storage.read_manifest(data_path) if not data_path.endswith(".parquet") else None
+    plan = data_split_plan(schema.read_mmbatch_meta(sch), manifest, raw_splits,
+                           sp.get("val_fraction", 0.15), sp.get("test_fraction", 0.15))
     class_ids = [c["id"] for c in spec["classes"]]
     names = [c["name"] for c in spec["classes"]]
     arrays = read_split_arrays(data_path, split, mods, dims, class_ids, plan, int(sp.get("seed", 0)))
@@ -154,6 +157,10 @@ def evaluate_model(model_dir: str, data_path: str, split: str = "test") -> dict:
         raise UsageError(f"no labelled rows of split '{split}' in {data_path} "
                          f"with the model's classes {names}")
     out = evaluate_arrays(model, arrays, names)
+    why = unscorable_reason({n: int(v["support"]) for n, v in out["per_class"].items()}) if split != "train" else None
+    if why:
+        out["unscorable"] = f"the {split} split has {why}: its accuracy means nothing"
+        log.warning("%s: %s", data_path, out["unscorable"])
     out["split"] = split
     out["data"] = data_path
     out["class_balance"] = class_balance({n: int(s["support"]) for n, s in out["per_class"].items()})

@@ -19,6 +19,10 @@ a plain PyTorch loop.
   The replicas are identical under DDP, so every rank computes the same
   metrics; rank 0's early-stopping decision is broadcast anyway, so all ranks
   always stop together.
+- Inputs: the model standardises each feature with the train split's mean/std, computed
+  once on the driver (``config["input_stats"]``) and saved with the weights.
+- The epoch pass (:func:`train_epoch`) is shared with :func:`fit_in_memory`, the same loop
+  in one process without Ray (the fusion benchmark and the model tests use it).
 - ``batch_size`` is the global batch: each of N workers takes batch_size / N.
 - ``fault`` (tests only) makes one rank SIGKILL itself once, at the start of a
   given epoch, while a flag file exists (the file is removed first).
@@ -130,6 +134,57 @@ def in_memory_batches(arrays: Mapping[str, np.ndarray], batch_size: int, seed: i
         yield {k: torch.from_numpy(v[idx]).to(device) for k, v in arrays.items()}
 
 
+def train_epoch(model: torch.nn.Module, raw_model, batches, optimizer: torch.optim.Optimizer,
+                modality_dropout: float, generator: torch.Generator, device="cpu") -> tuple[torch.Tensor, int]:
+    """One pass over ``batches``: (sum of the batch losses times their rows, rows). ``model`` is
+    what runs forward (the DDP wrapper under Ray Train), ``raw_model`` the FusionModel itself."""
+    loss_sum, n_rows = torch.zeros((), dtype=torch.float64, device=device), 0
+    for batch in batches:
+        y = batch.pop("y")
+        mask = drop_modalities(raw_model.presence(batch), modality_dropout, generator)
+        loss = raw_model.loss(model(batch, mask, with_aux=True), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.detach() * len(y)       # no per-step .item(): it would wait for the device
+        n_rows += len(y)
+    return loss_sum, n_rows
+
+
+def fit_in_memory(spec: Mapping, train: Mapping[str, np.ndarray], validation: Mapping[str, np.ndarray],
+                  cfg: Mapping) -> tuple[torch.nn.Module, list[dict]]:
+    """The training loop of `mmbatch train` in this process, without Ray: one worker, the train
+    split in memory, the same model, optimizer, schedule, modality dropout, epoch pass and
+    model selection (best validation ``cfg["metric"]``, early stopping). Returns the model at
+    its best epoch (eval mode) and one record per epoch. Used by the fusion benchmark and tests."""
+    class_names = [c["name"] for c in spec["classes"]]
+    seed_everything(cfg["seed"])
+    model = build_model(spec)
+    model.fit_input_stats(train)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = make_scheduler(optimizer, cfg)
+    best, best_score, bad, history = None, None, 0, []
+    for epoch in range(cfg["epochs"]):
+        model.train()
+        gen = torch.Generator().manual_seed(cfg["seed"] * 100003 + epoch * 1009)
+        batches = in_memory_batches(train, cfg["batch_size"], cfg["seed"], epoch, 0, 1)
+        loss_sum, n_rows = train_epoch(model, model, batches, optimizer, cfg["modality_dropout"], gen)
+        scheduler.step()
+        vm = evaluate_arrays(model, validation, class_names)
+        score = score_of(vm, cfg["metric"])
+        history.append({"epoch": epoch, "train_loss": float(loss_sum) / max(n_rows, 1), "val_loss": vm["loss"],
+                        "val_accuracy": vm["accuracy"], "val_macro_f1": vm["macro_f1"], "val_score": score})
+        if best_score is None or score > best_score:
+            best_score, bad = score, 0
+            best = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            bad += 1
+            if cfg.get("early_stopping_patience") and bad >= cfg["early_stopping_patience"]:
+                break
+    model.load_state_dict(best)
+    return model.eval(), history
+
+
 def checkpoint_staging_dir(config: Mapping) -> str:
     """The local folder where rank 0 writes each epoch's checkpoint until Ray Train has
     uploaded it to the run's storage and deleted it. One per run: a run SIGKILLed with
@@ -153,7 +208,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     seed_everything(cfg["seed"])          # same init on every rank (DDP also broadcasts rank 0's)
 
     # -- model, optimizer, schedule
-    model = build_model(spec).to(device)
+    model = build_model(spec)
+    model.set_input_stats(config["input_stats"])      # train-split feature statistics (driver)
+    model = model.to(device)
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg)
     state = {"epoch": -1, "best_score": None, "best_epoch": -1, "bad_epochs": 0,
@@ -201,17 +258,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         else:
             batches = train_shard.iter_torch_batches(batch_size=batch_size, local_shuffle_buffer_size=SHUFFLE_BUFFER,
                                                      local_shuffle_seed=cfg["seed"] + epoch * 7919 + rank)
-        loss_sum, n_rows = torch.zeros((), dtype=torch.float64, device=device), 0
-        for batch in batches:
-            y = batch.pop("y")
-            mask = drop_modalities(raw_model.presence(batch), cfg["modality_dropout"], gen)
-            logits = model(batch, mask)
-            loss = F.cross_entropy(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.detach() * len(y)       # no per-step .item(): it would wait for the device
-            n_rows += len(y)
+        loss_sum, n_rows = train_epoch(model, raw_model, batches, optimizer, cfg["modality_dropout"], gen, device)
         scheduler.step()
         train_time = time.time() - t0
         loss_sum, n_rows = _all_reduce_sum([float(loss_sum), n_rows])

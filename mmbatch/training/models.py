@@ -1,15 +1,32 @@
 """Fusion classifiers over per-modality embeddings.
 
-Every model first projects each modality to ``hidden`` (Linear -> LayerNorm ->
-GELU -> Dropout), then fuses:
+Every model first brings each modality to the same footing, then fuses:
+
+1. standardise each input feature with the train split's mean and standard deviation
+   (buffers set by :meth:`FusionModel.set_input_stats`, saved with the weights): raw
+   embeddings differ by orders of magnitude (HOG values ~0.1, log-mel statistics ~-50 dB
+   with large per-feature offsets, L2-normalised hashing vectors), and a modality whose
+   inputs are badly scaled learns slowly and gets ignored by the others;
+2. project each modality to ``hidden`` (Linear -> LayerNorm -> GELU -> Dropout);
+3. fuse:
 
 - ``early``    concatenate the projections -> MLP -> classes
-- ``weighted`` learned softmax weights over modalities: F = sum_m w_m * P_m(x_m) -> MLP
+- ``weighted`` one learned softmax weight per modality: F = sum_m w_m * P_m(x_m) -> MLP
 - ``late``     a classifier per modality; logits averaged over present modalities
-- ``gated``    per-sample attention over modalities (scores from the projections) -> MLP
+- ``gated``    a gated multimodal unit (Arevalo et al. 2017): per row and per hidden unit,
+               softmax gates over modalities computed from all projections;
+               F = sum_m z_m * P_m(x_m) -> MLP. The gate starts uniform (zero-initialised
+               output layer).
 
-A missing modality (``has_<m>`` false) is zeroed and excluded from weights,
-gates and averages. A model restricted to one modality is a unimodal baseline.
+Training adds an auxiliary classifier per modality on its projection (for ``late``: its
+own heads) and the loss ``CE(fused) + AUX_WEIGHT * mean_m CE(modality m alone)`` over the
+rows that have m (:meth:`FusionModel.loss`). Without it, a modality the others already
+explain gets little gradient, never learns, and a gate or weight learns to ignore it
+("modality laziness": the issue-16 collapse put 0.00 weight on the best modality; see
+also Wang et al. 2020, gradient blending, and MultiBench's unimodal auxiliary losses).
+
+A missing modality (``has_<m>`` false) is zeroed and excluded from weights, gates,
+averages and its auxiliary loss. A model restricted to one modality is a unimodal baseline.
 
 Input: a batch dict with ``<m>_emb`` float [B, dim] and ``has_<m>`` bool [B]
 (the columns :func:`mmbatch.training.data.to_arrays` produces); ``mask``
@@ -20,6 +37,7 @@ from __future__ import annotations
 import json
 from typing import Mapping, Optional
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -29,6 +47,9 @@ from mmbatch import schema, storage
 FUSIONS = ("early", "weighted", "late", "gated")
 MODEL_FILE = "model.pt"
 SPEC_FILE = "model.json"
+ARCH_VERSION = 2            # 2: input standardisation, auxiliary heads, per-unit gates
+AUX_WEIGHT = 0.5            # weight of the mean unimodal auxiliary loss
+STD_FLOOR = 0.1             # a feature's std is at least this share of the modality's median std
 
 
 def projection(dim: int, hidden: int, dropout: float) -> nn.Sequential:
@@ -37,6 +58,40 @@ def projection(dim: int, hidden: int, dropout: float) -> nn.Sequential:
 
 def mlp_head(d_in: int, hidden: int, num_classes: int, dropout: float) -> nn.Sequential:
     return nn.Sequential(nn.Linear(d_in, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, num_classes))
+
+
+class Standardize(nn.Module):
+    """(x - mean) / std per feature, with the statistics held as buffers (saved with the model)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("inv_std", torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) * self.inv_std
+
+
+def feature_stats(arrays: Mapping[str, np.ndarray], modalities) -> dict[str, dict[str, list[float]]]:
+    """Per-feature mean and std of each modality over the rows that have it (JSON-able).
+
+    A feature's std is floored at ``STD_FLOOR`` x the modality's median std, so a feature
+    that is (nearly) constant in the train split cannot blow up on other data."""
+    out = {}
+    for m in modalities:
+        x = np.asarray(arrays[schema.emb_column(m)], dtype=np.float64)
+        has = arrays.get(schema.has_column(m))
+        if has is not None:
+            x = x[np.asarray(has, bool)]
+        if len(x) == 0:
+            mean, std = np.zeros(x.shape[1]), np.ones(x.shape[1])
+        else:
+            mean, std = x.mean(0), x.std(0)
+            median = float(np.median(std))
+            std = np.maximum(std, STD_FLOOR * median if median > 0 else 1.0)
+            std[std <= 0] = 1.0
+        out[m] = {"mean": mean.astype(np.float32).tolist(), "std": std.astype(np.float32).tolist()}
+    return out
 
 
 class FusionModel(nn.Module):
@@ -49,6 +104,8 @@ class FusionModel(nn.Module):
         # from JSON (sorted keys) must rebuild the same concatenation / weight order
         self.modalities = [m for m in schema.MODALITIES if m in dims] + sorted(m for m in dims if m not in schema.MODALITIES)
         self.fusion = fusion
+        self.num_classes = int(num_classes)
+        self.norm = nn.ModuleDict({m: Standardize(int(dims[m])) for m in self.modalities})
         self.proj = nn.ModuleDict({m: projection(int(dims[m]), hidden, dropout) for m in self.modalities})
         n = len(self.modalities)
         if fusion == "early":
@@ -59,8 +116,24 @@ class FusionModel(nn.Module):
         elif fusion == "late":
             self.heads = nn.ModuleDict({m: mlp_head(hidden, hidden, num_classes, dropout) for m in self.modalities})
         elif fusion == "gated":
-            self.gate = nn.Sequential(nn.Linear(hidden * n, hidden), nn.Tanh(), nn.Linear(hidden, n))
+            self.gate = nn.Sequential(nn.Linear(hidden * n, hidden), nn.Tanh(), nn.Linear(hidden, n * hidden))
+            nn.init.zeros_(self.gate[-1].weight)       # uniform gates at the start: no modality
+            nn.init.zeros_(self.gate[-1].bias)         # is starved before it has learned anything
             self.head = mlp_head(hidden, hidden, num_classes, dropout)
+        # one linear classifier per modality on its projection (training only; ``late`` uses its heads)
+        self.aux = nn.ModuleDict({m: nn.Linear(hidden, num_classes) for m in self.modalities}) \
+            if n > 1 and fusion != "late" else None
+
+    # -- input statistics
+    def set_input_stats(self, stats: Mapping[str, Mapping[str, list]]) -> None:
+        """Set the per-feature mean/std of each modality (see :func:`feature_stats`)."""
+        for m in self.modalities:
+            st = self.norm[m]
+            st.mean.copy_(torch.as_tensor(stats[m]["mean"], dtype=torch.float32))
+            st.inv_std.copy_(1.0 / torch.as_tensor(stats[m]["std"], dtype=torch.float32))
+
+    def fit_input_stats(self, arrays: Mapping[str, np.ndarray]) -> None:
+        self.set_input_stats(feature_stats(arrays, self.modalities))
 
     # -- presence
     def presence(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -75,41 +148,69 @@ class FusionModel(nn.Module):
     def _projected(self, batch, mask):
         maskf = mask.float()
         # zero missing inputs *and* their projections: a missing modality contributes nothing
-        return torch.stack([self.proj[m](batch[schema.emb_column(m)].float() * maskf[:, i:i + 1]) * maskf[:, i:i + 1]
-                            for i, m in enumerate(self.modalities)], dim=1)  # [B, M, H]
+        return torch.stack([self.proj[m](self.norm[m](batch[schema.emb_column(m)].float()) * maskf[:, i:i + 1])
+                            * maskf[:, i:i + 1] for i, m in enumerate(self.modalities)], dim=1)  # [B, M, H]
 
     def _gates(self, p, mask):
+        """[B, M, H] gates: per row and hidden unit, a softmax over the present modalities."""
+        b, n, h = p.shape
+        scores = self.gate(p.flatten(1)).view(b, n, h)
         # a large finite negative (not -inf) keeps rows with nothing present finite in backward
-        scores = self.gate(p.flatten(1)).masked_fill(~mask, -1e9)
-        return torch.softmax(scores, dim=1) * mask.float()
+        scores = scores.masked_fill(~mask.unsqueeze(-1), -1e9)
+        return torch.softmax(scores, dim=1) * mask.float().unsqueeze(-1)
 
     def modality_weights(self, batch, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """[B, M] fusion weights per row (rows sum to 1 over present modalities, 0 when none present)."""
+        """[B, M] fusion weights per row (rows sum to 1 over present modalities, 0 when none present).
+        For ``gated``: the mean gate over hidden units."""
         mask = self.presence(batch) if mask is None else mask
         if self.fusion == "weighted":
             w = torch.softmax(self.weight_logits, 0).unsqueeze(0) * mask.float()
         elif self.fusion == "gated":
-            p = self._projected(batch, mask)
-            w = self._gates(p, mask)
+            w = self._gates(self._projected(batch, mask), mask).mean(-1)
         else:
             w = mask.float()
         return w / w.sum(1, keepdim=True).clamp_min(1e-12)
 
-    def forward(self, batch: Mapping[str, torch.Tensor], mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, batch: Mapping[str, torch.Tensor], mask: Optional[torch.Tensor] = None,
+                with_aux: bool = False):
+        """Logits [B, classes]; with ``with_aux``: (logits, unimodal logits [B, M, classes] or
+        None, mask), what :meth:`loss` takes."""
         mask = self.presence(batch) if mask is None else mask
         p = self._projected(batch, mask)                               # [B, M, H]
-        if self.fusion == "early":
-            return self.head(p.flatten(1))
+        aux = None
         if self.fusion == "late":
-            logits = torch.stack([self.heads[m](p[:, i]) for i, m in enumerate(self.modalities)], dim=1)
+            per = torch.stack([self.heads[m](p[:, i]) for i, m in enumerate(self.modalities)], dim=1)
             maskf = mask.float().unsqueeze(-1)
-            return (logits * maskf).sum(1) / maskf.sum(1).clamp_min(1.0)
-        if self.fusion == "weighted":
-            w = torch.softmax(self.weight_logits, 0).unsqueeze(0) * mask.float()
-            w = w / w.sum(1, keepdim=True).clamp_min(1e-12)
-        else:  # gated
-            w = self._gates(p, mask)
-        return self.head((w.unsqueeze(-1) * p).sum(1))
+            logits = (per * maskf).sum(1) / maskf.sum(1).clamp_min(1.0)
+            aux = per if len(self.modalities) > 1 else None
+        else:
+            if self.fusion == "early":
+                fused = p.flatten(1)
+            elif self.fusion == "weighted":
+                w = torch.softmax(self.weight_logits, 0).unsqueeze(0) * mask.float()
+                w = w / w.sum(1, keepdim=True).clamp_min(1e-12)
+                fused = (w.unsqueeze(-1) * p).sum(1)
+            else:  # gated
+                fused = (self._gates(p, mask) * p).sum(1)
+            logits = self.head(fused)
+            if with_aux and self.aux is not None:
+                aux = torch.stack([self.aux[m](p[:, i]) for i, m in enumerate(self.modalities)], dim=1)
+        return (logits, aux, mask) if with_aux else logits
+
+    def loss(self, output, y: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the fused logits plus ``AUX_WEIGHT`` x the mean over modalities of
+        each modality's own cross-entropy (over the rows that have it)."""
+        if not isinstance(output, tuple):
+            return F.cross_entropy(output, y)
+        logits, aux, mask = output
+        loss = F.cross_entropy(logits, y)
+        if aux is None:
+            return loss
+        b, n, c = aux.shape
+        per_row = F.cross_entropy(aux.reshape(b * n, c), y.repeat_interleave(n), reduction="none").view(b, n)
+        maskf = mask.float()
+        per_modality = (per_row * maskf).sum(0) / maskf.sum(0).clamp_min(1.0)
+        return loss + AUX_WEIGHT * per_modality.mean()
 
     def global_weights(self) -> Optional[dict[str, float]]:
         """The learned modality weights of a ``weighted`` model (None for other fusions)."""
@@ -139,9 +240,20 @@ def drop_modalities(mask: torch.Tensor, p: float, generator: Optional[torch.Gene
 
 
 # --- building, saving, loading --------------------------------------------------------------------
+def arch_spec(fusion: str, dims: Mapping[str, int], num_classes: int, hidden: int, dropout: float) -> dict:
+    """The ``arch`` entry of a model spec (what :func:`build_model` builds)."""
+    return {"version": ARCH_VERSION, "fusion": fusion, "dims": {m: int(d) for m, d in dims.items()},
+            "num_classes": int(num_classes), "hidden": int(hidden), "dropout": float(dropout)}
+
+
 def arch_args(spec: Mapping) -> dict:
     """Constructor arguments of :class:`FusionModel` from a model spec."""
     a = spec["arch"]
+    if int(a.get("version", 1)) != ARCH_VERSION:
+        from mmbatch.errors import UsageError
+        raise UsageError(f"model {spec.get('name', '')!r} has architecture version {a.get('version', 1)}; this "
+                         f"mmbatch builds version {ARCH_VERSION} (standardised inputs, auxiliary heads, "
+                         "per-unit gates): retrain it")
     return {"dims": {m: int(d) for m, d in a["dims"].items()}, "num_classes": int(a["num_classes"]),
             "fusion": a["fusion"], "hidden": int(a["hidden"]), "dropout": float(a["dropout"])}
 

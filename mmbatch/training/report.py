@@ -100,6 +100,30 @@ def _f(x) -> str:
     return str(x)
 
 
+def fusion_gain(summary: Mapping) -> dict | None:
+    """The fused model's test accuracy against the best unimodal baseline (None without baselines):
+    ``gain`` (fused - best, accuracy points / 100), ``fusion_wins`` and a ``warning`` when the
+    fused model does not beat the best baseline or the test split is too small to tell."""
+    base = {m: b.get("accuracy") for m, b in (summary.get("baselines") or {}).items()}
+    base = {m: a for m, a in base.items() if isinstance(a, (int, float)) and not math.isnan(a)}
+    m = summary.get("metrics") or {}
+    fused = m.get("accuracy")
+    if not base or not isinstance(fused, (int, float)):
+        return None
+    best = max(base, key=base.get)
+    fusion = ((summary.get("model") or {}).get("arch") or {}).get("fusion", "fused")
+    out = {"best_baseline": best, "best_baseline_accuracy": base[best], "fused_accuracy": fused,
+           "gain": fused - base[best], "fusion_wins": fused > base[best], "warning": None}
+    if m.get("unscorable"):
+        out.update(gain=None, fusion_wins=None,
+                   warning=f"{m['unscorable']}; the comparison with the unimodal baselines is not made")
+    elif fused <= base[best]:
+        out["warning"] = (f"the fused model ({fusion}, test accuracy {fused:.4f}) does not beat the best single "
+                          f"modality ({best} only, {base[best]:.4f}): fusion adds nothing here. Use the "
+                          f"{best}-only model, or try another train.model / more data")
+    return out
+
+
 def comparison_rows(summary: Mapping) -> list[tuple[str, str, str, str]]:
     """(model, accuracy, macro-F1, loss) for the fused model and each baseline."""
     m = summary.get("metrics") or {}
@@ -117,6 +141,13 @@ def summary_table(summary: Mapping) -> str:
     line = lambda r: "  ".join(c.ljust(w[i]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(r))  # noqa: E731
     out = [summary.get("title", "mmbatch"), line(rows[0]), "  ".join("-" * x for x in w)]
     out += [line(r) for r in rows[1:]]
+    g = summary.get("gain")
+    if g and g.get("gain") is not None:
+        out.append(f"gain over the best unimodal model ({g['best_baseline']} only): {100 * g['gain']:+.2f} accuracy points")
+    if g and g.get("warning"):
+        out.append(f"WARNING: {g['warning']}")
+    for split, why in (summary.get("unscorable_splits") or {}).items():
+        out.append(f"WARNING: the {split} split has {why}: its scores mean nothing")
     cb = (summary.get("data") or {}).get("class_balance") or (summary.get("metrics") or {}).get("class_balance")
     if cb:
         out.append(f"class balance (max/min rows per class): {_f(cb.get('max_min_ratio'))}")
@@ -147,6 +178,14 @@ def render_html(summary: Mapping, images: Mapping[str, bytes]) -> str:
     parts.append(_table(["", ""], facts))
     parts.append("<h2>Fused model vs unimodal baselines (test split)</h2>")
     parts.append(_table(["model", "accuracy", "macro-F1", "loss"], [list(r) for r in comparison_rows(summary)]))
+    g = summary.get("gain")
+    if g and g.get("gain") is not None:
+        parts.append(f"<p>Gain over the best unimodal model ({html.escape(g['best_baseline'])} only): "
+                     f"<b>{100 * g['gain']:+.2f}</b> accuracy points</p>")
+    warnings = ([g["warning"]] if g and g.get("warning") else []) + \
+        [f"the {s} split has {w}: its scores mean nothing" for s, w in (summary.get("unscorable_splits") or {}).items()]
+    for w in warnings:
+        parts.append(f'<p class="warning">Warning: {html.escape(w)}</p>')
     if m.get("modality_weights"):
         parts.append("<h2>Learned modality weights</h2>")
         parts.append(_table(["modality", "weight"], [[k, v] for k, v in m["modality_weights"].items()]))
@@ -174,7 +213,8 @@ def render_html(summary: Mapping, images: Mapping[str, bytes]) -> str:
                               h.get("lr"), h.get("epoch_time_s"), h.get("attempt")] for h in hist]))
     style = ("body{font-family:sans-serif;max-width:980px;margin:2em auto;color:#222}"
              "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
-             "td:first-child,th:first-child{text-align:left}figure{display:inline-block;margin:.5em}")
+             "td:first-child,th:first-child{text-align:left}figure{display:inline-block;margin:.5em}"
+             ".warning{background:#fde2e1;border:1px solid #c0392b;padding:.5em;font-weight:bold}")
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(summary.get('title', ''))}</title>"
             f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")
 
@@ -213,4 +253,4 @@ def _jsonable(obj):
     return obj
 
 
-__all__ = ["write_report", "summary_table", "render_html"]
+__all__ = ["write_report", "summary_table", "render_html", "fusion_gain"]

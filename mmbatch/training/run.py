@@ -36,13 +36,14 @@ from mmbatch.training import report
 from mmbatch.training.data import FusedData
 from mmbatch.training.evaluate import evaluate_model
 from mmbatch.training.loop import META_FILE, STATE_FILE, checkpoint_staging_dir, train_loop_per_worker
-from mmbatch.training.models import MODEL_FILE, build_model, read_spec, save_model
+from mmbatch.training.models import MODEL_FILE, arch_spec, build_model, feature_stats, read_spec, save_model
 
 log = logging.getLogger("mmbatch.training")
 
 POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"   # read by the Ray Train controller (propagated from here)
 FAULT_ENV = "MMBATCH_TEST_KILL"       # tests: "<flag file>:<rank>:<epoch>" (see loop.maybe_fault)
 MATERIALIZE_BYTES = 256 * 2 ** 20     # train splits smaller than this are held in memory (see _train_input)
+STATS_ROWS = 100_000                  # rows of a large train split the input statistics are taken from
 KEEP_CHECKPOINTS = 3                  # best by validation score; Ray always keeps the latest too
 # settings that do not change what is learned: a rerun that differs only in these resumes the run
 _NOT_FINGERPRINTED = {"out", "name", "data", "baselines", "num_workers", "use_gpu", "cpus_per_worker",
@@ -62,6 +63,7 @@ class TrainResult:
     starts: list = field(default_factory=list)          # epoch each attempt started at ([0] = no restart)
     status: str = "trained"            # trained | resumed | complete (nothing left to train)
     spec: dict = field(default_factory=dict)
+    gain: Optional[dict] = None        # fused vs best baseline (report.fusion_gain), with baselines
 
 
 # --- the entry point ---------------------------------------------------------------------------
@@ -82,6 +84,9 @@ def run_training(wf: Workflow, baselines: bool | None = None, warm_start: str | 
     fused.baselines = {m: r.metrics for m, r in base.items()}
 
     summary = make_summary(fused, data, base)
+    if summary["gain"] and summary["gain"]["warning"]:
+        log.warning("%s", summary["gain"]["warning"])
+    fused.gain = summary["gain"]
     fused.report_path = report.write_report(fused.run_dir, summary)
     print(report.summary_table(summary))
     print(f"report: {fused.report_path}")
@@ -104,8 +109,7 @@ def model_spec(wf: Workflow, data: FusedData, mods: list[str], name: str) -> dic
         "name": name,
         "mmbatch_version": mmbatch.__version__,
         "schema_version": schema.SCHEMA_VERSION,
-        "arch": {"fusion": t.model, "dims": {m: int(data.dims[m]) for m in mods},
-                 "num_classes": len(data.classes), "hidden": t.hidden, "dropout": t.dropout},
+        "arch": arch_spec(t.model, {m: data.dims[m] for m in mods}, len(data.classes), t.hidden, t.dropout),
         "modalities": mods,
         "classes": data.classes,
         "features": data.features(mods),
@@ -161,6 +165,9 @@ def train_one(wf: Workflow, data: FusedData, mods: list[str], name: str,
         if sizes[split] == 0:
             raise UsageError(f"{data.uri}: the {split} split is empty after splitting ({sizes}); add a "
                              f"{split} split or raise train.val_fraction / train.test_fraction")
+    for split, why in data.unscorable().items():
+        log.warning("%s: the %s split has %s: its scores (and model selection on it) mean nothing; "
+                    "give it more rows", data.uri, split, why)
 
     # -- Ray Train
     use_gpu = cluster_gpus() > 0 if t.use_gpu == "auto" else bool(t.use_gpu)
@@ -170,8 +177,8 @@ def train_one(wf: Workflow, data: FusedData, mods: list[str], name: str,
     # Ray Train V2 hands each report() to its controller when the controller next polls the
     # workers (a queue of one): at the default 2 s poll, an epoch of small data costs >= 2 s.
     os.environ.setdefault(POLL_ENV, "0.5")
-    train_arrays, datasets = _train_input(data, mods)
-    config = {"train": t.model_dump(mode="json"), "spec": spec, "fingerprint": fp,
+    train_arrays, datasets, input_stats = _train_input(data, mods)
+    config = {"train": t.model_dump(mode="json"), "spec": spec, "fingerprint": fp, "input_stats": input_stats,
               "workflow": wf.model_dump(mode="json"), "warm_start": blob, "fault": _fault_from_env(),
               # validation is small and scored whole on every worker: shipped as arrays with the config
               "validation": data.arrays("validation", mods), "train_arrays": train_arrays}
@@ -232,16 +239,20 @@ def train_one(wf: Workflow, data: FusedData, mods: list[str], name: str,
 
 
 def _train_input(data: FusedData, mods: list[str]):
-    """(train_arrays, datasets) for the trainer. A train split whose embeddings are small
-    (< MATERIALIZE_BYTES) is read once here and put in the object store as NumPy arrays
-    (``train_arrays``, an ObjectRef): every worker maps it zero-copy and draws its batches
-    from memory (loop.in_memory_batches), with no per-step Ray Data work. A larger split is
-    streamed from Parquet every epoch as the Ray Dataset ``datasets["train"]``."""
+    """(train_arrays, datasets, input_stats) for the trainer. A train split whose embeddings
+    are small (< MATERIALIZE_BYTES) is read once here and put in the object store as NumPy
+    arrays (``train_arrays``, an ObjectRef): every worker maps it zero-copy and draws its
+    batches from memory (loop.in_memory_batches), with no per-step Ray Data work. A larger
+    split is streamed from Parquet every epoch as the Ray Dataset ``datasets["train"]``.
+    ``input_stats``: the per-feature mean/std the model standardises its inputs with, from
+    the whole train split (small) or its first STATS_ROWS rows (large)."""
     import ray
     rows = data.split_sizes()["train"]
     if rows * sum(4 * data.dims[m] + 1 for m in mods) < MATERIALIZE_BYTES:
-        return ray.put(data.arrays("train", mods)), None
-    return None, {"train": _quiet(data.dataset("train", mods))}
+        arrays = data.arrays("train", mods)
+        return ray.put(arrays), None, feature_stats(arrays, mods)
+    stats = feature_stats(data.arrays("train", mods, max_rows=STATS_ROWS), mods)
+    return None, {"train": _quiet(data.dataset("train", mods))}, stats
 
 
 def _quiet(ds):
@@ -301,7 +312,7 @@ def _slim(m: dict) -> dict:
 # --- report ---------------------------------------------------------------------------------------
 def make_summary(fused: TrainResult, data: FusedData, base: dict[str, TrainResult]) -> dict:
     spec = fused.spec
-    return {
+    summary = {
         "title": f"mmbatch training report: {spec.get('name')}",
         "name": spec.get("name"),
         "run_dir": fused.run_dir,
@@ -318,8 +329,11 @@ def make_summary(fused: TrainResult, data: FusedData, base: dict[str, TrainResul
         "best_epoch": (spec.get("training") or {}).get("best_epoch"),
         "checkpoint": fused.checkpoint_path,
         "baselines": {m: _slim(r.metrics) for m, r in base.items()},
+        "unscorable_splits": data.unscorable(),
         "mmbatch_version": mmbatch.__version__,
     }
+    summary["gain"] = report.fusion_gain(summary)
+    return summary
 
 
 __all__ = ["TrainResult", "run_training", "train_one"]
