@@ -322,3 +322,31 @@ def test_modality_completion_speaks_class_names_for_image_rows(ingested, tmp_pat
     # same class name -> same spoken clip -> identical audio features; different names differ
     assert np.allclose(audio[labels == 0][0], audio[labels == 0][1])
     assert not np.allclose(audio[labels == 0][0], audio[labels == 1][0])
+
+
+def test_splits_are_decided_once_and_stored(ray_session, tmp_path):
+    """A dataset with a train split only: preprocess carves validation and test from it (by a hash of
+    seed:sample_id), writes the final split into the fused rows and marks the metadata final."""
+    from mmbatch.demo.corpus import encode_jpeg, make_image
+    from mmbatch.schema import CANONICAL, with_metadata
+    from mmbatch.splits import FINAL_KEY, assign_splits, split_plan
+
+    rng = np.random.default_rng(1)
+    rows = [{"sample_id": f"s{i:03d}", "source": "manifest", "split": "train", "label": i % 2,
+             "image": {"bytes": encode_jpeg(make_image(i % 4, rng)), "path": f"img/{i}.jpg"}} for i in range(60)]
+    canon = tmp_path / "canon"
+    canon.mkdir()
+    pq.write_table(pa.Table.from_pylist(rows, schema=with_metadata(CANONICAL)), canon / "part-00000.parquet")
+    (canon / "_manifest.json").write_text(json.dumps({"counts": {"splits": {"train": 60}}}))
+    wf = {"datasets": [{"name": "d", "path": str(canon)}], "features": {"image": {"size": 32}},
+          "train": {"val_fraction": 0.25, "test_fraction": 0.25, "seed": 3}, "output": {"path": str(tmp_path / "o")}}
+    run_preprocess(workflow_from_dict(wf), progress=False)
+    t = read_dir(tmp_path / "o")
+    got = t.column("split").to_pylist()
+    assert set(got) == {"train", "validation", "test"}
+    want = assign_splits(t.column("sample_id").to_pylist(), ["train"] * 60, split_plan({"train"}, 0.25, 0.25), 3)
+    assert got == want.tolist()
+    meta = read_mmbatch_meta(pq.read_schema(next((tmp_path / "o").glob("*.parquet"))))
+    assert meta[FINAL_KEY] is True and meta["split_plan"]["seed"] == 3
+    manifest = json.loads((tmp_path / "o" / "_manifest.json").read_text())
+    assert manifest["counts"]["split"] == {s: got.count(s) for s in set(got)}

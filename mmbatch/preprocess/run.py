@@ -146,7 +146,7 @@ def run_preprocess(wf: Workflow, progress: bool = True) -> PreprocessSummary:
     dims = {m: descriptions[m]["dim"] for m in used}
 
     from mmbatch.fusion import fused_dim
-    from mmbatch.splits import split_plan
+    from mmbatch.splits import FINAL_KEY, split_plan
 
     fdim = fused_dim(wf.fusion.method, dims, wf.fusion.dim)
     splits = split_plan(present_splits(primaries), wf.train.val_fraction, wf.train.test_fraction)
@@ -155,7 +155,7 @@ def run_preprocess(wf: Workflow, progress: bool = True) -> PreprocessSummary:
         "fusion": wf.fusion.model_dump(mode="json"), "pairing": wf.pairing.model_dump(mode="json"),
         "datasets": {p.cfg.name: {"path": p.cfg.path, "modalities": p.modalities, "label_map": p.label_map}
                      for p in plans},
-        "splits_final": True, "split_plan": {**splits, "seed": wf.train.seed},
+        FINAL_KEY: True, "split_plan": {**splits, "seed": wf.train.seed},
         "workflow_hash": storage.fingerprint(wf.model_dump(mode="json")),
     }
     schema = fused_schema(dims, fdim)
