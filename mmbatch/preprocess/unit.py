@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,45 +113,55 @@ class UnitWorker:
         return device
 
     def __call__(self, unit: Unit) -> CommitRecord:
-        job, sec = self.job, Counter()
-        t0 = time.perf_counter()
-        fs_in, _ = storage.url_to_fs(unit.path)
-        table = pq.ParquetFile(unit.path, filesystem=storage.arrow_fs(fs_in)).read_row_group(
-            unit.row_group, columns=[c for c in job.columns])
-        sec["read"] += time.perf_counter() - t0
+        sec: Counter = Counter()
+        with _timed(sec, "read"):
+            fs_in, _ = storage.url_to_fs(unit.path)
+            table = pq.ParquetFile(unit.path, filesystem=storage.arrow_fs(fs_in)).read_row_group(
+                unit.row_group, columns=self.job.columns)
         for c in self.completions:
-            t0 = time.perf_counter()
-            table = c(table)
-            sec["complete"] += time.perf_counter() - t0
+            with _timed(sec, "complete"):
+                table = c(table)
         n = table.num_rows
-        reason = np.full(n, None, object)
-        detail = np.full(n, None, object)
-        where = np.full(n, None, object)
+        failures = Failures(n)
         embs, present = {}, {}
-        for m in job.modalities:
-            t0 = time.perf_counter()
-            items, paths = raw_items(table, m)
-            has = np.fromiter((x is not None and len(x) > 0 for x in items), bool, count=n)
-            idx = np.flatnonzero(has)
-            emb = np.zeros((n, job.dims[m]), np.float32)
-            for start in range(0, len(idx), job.batch_size):      # bounded memory for big decoded items
-                part = idx[start:start + job.batch_size]
-                got, errors = self.extractors[m].extract([items[i] for i in part])
-                emb[part] = got
-                for i, err in zip(part, errors):
-                    if err is not None and reason[i] is None:
-                        reason[i], detail[i] = f"{m}:{err[0]}", err[1]
-                        where[i] = paths[i] if paths else None
-            embs[m], present[m] = emb, has
-            sec[m] += time.perf_counter() - t0
+        for m in self.job.modalities:
+            with _timed(sec, m):
+                embs[m], present[m] = self._embed(m, table, failures)
+        with _timed(sec, "fuse"):
+            quarantine = self._quarantine(table, failures)
+            ok = np.flatnonzero(~failures.bad)
+            if len(ok) < n:
+                table = table.take(pa.array(ok))
+                embs = {m: e[ok] for m, e in embs.items()}
+                present = {m: p[ok] for m, p in present.items()}
+            out = self._output(table, embs, present)
+        with _timed(sec, "write"):
+            qfile = self._write(unit.id, out, quarantine)
+        return CommitRecord(
+            unit=unit.id, fingerprint=unit.fingerprint, input=f"{unit.path}#rg{unit.row_group}",
+            files=[f"{unit.id}.parquet"], rows_in=n, rows=out.num_rows, quarantined=quarantine.num_rows,
+            dropped=n - quarantine.num_rows - out.num_rows, quarantine_file=qfile,
+            reasons=dict(Counter(quarantine.column("reason").to_pylist())), counts=_counts(out),
+            seconds={k: round(v, 6) for k, v in sec.items()}, devices=dict(self.device))
 
-        t0 = time.perf_counter()
-        bad = np.array([r is not None for r in reason], bool)
-        quarantine = self._quarantine(table, bad, reason, detail, where)
-        good = np.flatnonzero(~bad)
-        table = table.take(pa.array(good)) if len(good) < n else table
-        embs = {m: e[good] for m, e in embs.items()}
-        present = {m: p[good] for m, p in present.items()}
+    def _embed(self, m: str, table: pa.Table, failures: "Failures") -> tuple[np.ndarray, np.ndarray]:
+        """([n, dim] embeddings, presence) of modality ``m``, in batches of ``batch_size`` rows (bounded
+        memory for big decoded items); rows that fail are recorded in ``failures``."""
+        items, paths = raw_items(table, m)
+        has = np.fromiter((x is not None and len(x) > 0 for x in items), bool, count=table.num_rows)
+        idx = np.flatnonzero(has)
+        emb = np.zeros((table.num_rows, self.job.dims[m]), np.float32)
+        for start in range(0, len(idx), self.job.batch_size):
+            part = idx[start:start + self.job.batch_size]
+            emb[part], errors = self.extractors[m].extract([items[i] for i in part])
+            for i, err in zip(part, errors):
+                if err is not None:
+                    failures.add(i, m, err, paths[i] if paths else None)
+        return emb, has
+
+    def _output(self, table: pa.Table, embs: dict, present: dict) -> pa.Table:
+        """The table this unit writes: fused rows, or a pairing partner's per-modality features."""
+        job = self.job
         meta = self._meta(table)
         keep = self._split_filter(meta["split"]) if job.role == "fused" else None
         paired_with = None
@@ -168,33 +179,25 @@ class UnitWorker:
             if paired_with is not None:
                 paired_with = {k: [v for v, ok in zip(vals, keep) if ok] for k, vals in paired_with.items()}
         if job.role == "fused":
-            out = fused_table(meta, embs, present, job.dims, job.fusion, job.schema, paired_with)
-        else:
-            cols = dict(meta)
-            for m in job.modalities:
-                cols[emb_column(m)] = embeddings_to_arrow(embs[m], present[m])
-                cols[has_column(m)] = pa.array(present[m])
-            out = pa.table(cols, schema=job.schema)
-        sec["fuse"] += time.perf_counter() - t0
+            return fused_table(meta, embs, present, job.dims, job.fusion, job.schema, paired_with)
+        cols = dict(meta)
+        for m in job.modalities:
+            cols[emb_column(m)] = embeddings_to_arrow(embs[m], present[m])
+            cols[has_column(m)] = pa.array(present[m])
+        return pa.table(cols, schema=job.schema)
 
-        t0 = time.perf_counter()
-        name = f"{unit.id}.parquet"
-        write_table(self.fs, storage.join(self.out_dir, name), out, row_group_size=job.row_group_size)
-        qfile = None
+    def _write(self, unit_id: str, out: pa.Table, quarantine: pa.Table) -> str | None:
+        """Write the unit's file (and its quarantine file, or remove a stale one); the quarantine file's
+        path relative to the output dir, or None."""
+        name = f"{unit_id}.parquet"
+        write_table(self.fs, storage.join(self.out_dir, name), out, row_group_size=self.job.row_group_size)
         qpath = storage.join(self.out_dir, QUARANTINE_DIR, name)
         if quarantine.num_rows:
             write_table(self.fs, qpath, quarantine)
-            qfile = f"{QUARANTINE_DIR}/{name}"
-        elif self.fs.exists(qpath):
+            return f"{QUARANTINE_DIR}/{name}"
+        if self.fs.exists(qpath):
             self.fs.rm(qpath)
-        sec["write"] += time.perf_counter() - t0
-        return CommitRecord(
-            unit=unit.id, fingerprint=unit.fingerprint, input=f"{unit.path}#rg{unit.row_group}", files=[name],
-            rows_in=n, rows=out.num_rows, quarantined=quarantine.num_rows,
-            dropped=n - quarantine.num_rows - out.num_rows, quarantine_file=qfile,
-            reasons=dict(Counter(quarantine.column("reason").to_pylist())), counts=_counts(out),
-            seconds={k: round(v, 6) for k, v in sec.items()},
-            devices={m: d for m, d in self.device.items()})
+        return None
 
     # --- parts ---------------------------------------------------------------------------------
     def _meta(self, table: pa.Table) -> dict[str, pa.Array]:
@@ -236,14 +239,37 @@ class UnitWorker:
             paired_with[index.name] = p_ids
         return keep, paired_with
 
-    def _quarantine(self, table, bad, reason, detail, where) -> pa.Table:
-        if not bad.any():
+    def _quarantine(self, table: pa.Table, failures: "Failures") -> pa.Table:
+        if not failures.bad.any():
             return QUARANTINE.empty_table()
-        idx = np.flatnonzero(bad)
+        idx = np.flatnonzero(failures.bad)
         ids = table.column("sample_id").take(pa.array(idx)).to_pylist()
         return pa.Table.from_pylist(
-            [quarantine_row(reason[i], detail[i] or "", path=where[i], sample_id=sid, source=self.job.dataset,
-                            stage="preprocess") for i, sid in zip(idx, ids)], schema=QUARANTINE)
+            [quarantine_row(failures.reason[i], failures.detail[i] or "", path=failures.path[i], sample_id=sid,
+                            source=self.job.dataset, stage="preprocess") for i, sid in zip(idx, ids)],
+            schema=QUARANTINE)
+
+
+class Failures:
+    """The first failure of each row of a unit: reason ``<modality>:<code>``, detail, media path."""
+
+    def __init__(self, n: int):
+        self.bad = np.zeros(n, bool)
+        self.reason, self.detail, self.path = [None] * n, [None] * n, [None] * n
+
+    def add(self, i: int, modality: str, err: tuple[str, str], path: str | None) -> None:
+        if not self.bad[i]:
+            self.bad[i] = True
+            self.reason[i], self.detail[i], self.path[i] = f"{modality}:{err[0]}", err[1], path
+
+
+@contextmanager
+def _timed(seconds: Counter, stage: str):
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[stage] += time.perf_counter() - t0
 
 
 def _value_counts(col) -> dict:
