@@ -80,6 +80,19 @@ def nvidia_smi(query: str) -> Optional[list[list[str]]]:
     return [[c.strip() for c in line.split(",")] for line in out.stdout.strip().splitlines() if line.strip()]
 
 
+def package_versions() -> dict:
+    """Versions of the packages the benchmark leans on (None: not importable)."""
+    import importlib
+
+    out = {}
+    for name in ("numpy", "cv2", "pyarrow", "ray", "pydantic", "soundfile", "pynvml"):
+        try:
+            out[name] = getattr(importlib.import_module(name), "__version__", "?")
+        except Exception:  # noqa: BLE001 - missing or broken: reported, the sections say what failed
+            out[name] = None
+    return out
+
+
 def environment(asked: str) -> dict:
     """What torch and the machine offer, and the device the benchmark will use (``asked``: auto|cpu|cuda).
 
@@ -97,6 +110,7 @@ def environment(asked: str) -> dict:
         "driver": smi[0][1] if smi else None, "nvidia_smi_gpus": [r[0] for r in smi] if smi else [],
         "warnings": [],
     }
+    env["packages"] = package_versions()
     if asked == "cpu":
         device = "cpu"
     elif cuda_ok:
@@ -127,6 +141,7 @@ def print_environment(env: dict) -> None:
           f"torch.cuda.is_available(): {env['cuda_available']}", flush=True)
     print(f"nvidia-smi: {', '.join(env['nvidia_smi_gpus']) or 'not found / no GPU'}"
           + (f" (driver {env['driver']})" if env["driver"] else ""), flush=True)
+    print("packages: " + ", ".join(f"{k} {v or 'MISSING'}" for k, v in env["packages"].items()), flush=True)
     for w in env["warnings"]:
         print(f"WARNING: {w}", file=sys.stderr, flush=True)
     print(f"benchmark device: {env['device']}" + (f" ({env['gpu']})" if env["gpu"] else ""), flush=True)
@@ -506,14 +521,18 @@ def main(argv: Optional[list[str]] = None) -> int:
            "environment": env, "tiny": args.tiny, "sizes": sizes.__dict__, "sections": {}}
     sections = {"resnet50": lambda: bench_resnet(env, sizes), "logmel": lambda: bench_logmel(env, sizes),
                 "preprocess": lambda: bench_preprocess(env, sizes, samples, Path(args.data))}
-    for name, fn in sections.items():
-        res["sections"][name] = run_section(name, fn) if name in only else {"ok": True, "skipped": True, "runs": []}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = "gpu-tiny" if args.tiny else "gpu"
+    for name, fn in sections.items():
+        res["sections"][name] = run_section(name, fn) if name in only else {"ok": True, "skipped": True, "runs": []}
+        pending = {n: {"ok": False, "error": "not run yet (the run stopped before it)"}
+                   for n in sections if n not in res["sections"]}
+        partial = {**res, "sections": {**res["sections"], **pending}}
+        # written after every section: a run stopped by a time limit keeps what it measured
+        (out / f"{stem}.md").write_text(render(partial))
+        (out / f"{stem}.json").write_text(json.dumps(partial, indent=2, default=str))
     table = render(res)
-    (out / f"{stem}.md").write_text(table)
-    (out / f"{stem}.json").write_text(json.dumps(res, indent=2, default=str))
     print(table)
     print(f"wrote {out / (stem + '.md')} and {out / (stem + '.json')}")
     failed = [n for n, s in res["sections"].items() if not s["ok"]]
