@@ -254,30 +254,41 @@ def make_jpegs(n: int, seed: int = 0, size: tuple[int, int] = (500, 375)) -> lis
     for _ in range(n):
         img = cv2.add(np.roll(base, int(rng.integers(0, w)), axis=1),
                       rng.integers(0, 60, size=base.shape, dtype=np.uint8))
-        ok, enc = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 92])
+        _, enc = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 92])
         out.append(enc.tobytes())
     return out
 
 
-def _decode_chunk(jpegs: list[bytes]) -> int:
+_POOL_JPEGS: list[bytes] = []
+
+
+def _pool_init(jpegs: list[bytes]) -> None:
     from mmbatch.features.image import decode_image
     from mmbatch.runtime import pin_threads
 
     pin_threads()
-    for b in jpegs:
-        decode_image(b, 224)
-    return len(jpegs)
+    _POOL_JPEGS[:] = jpegs
+    decode_image(jpegs[0], 224)                  # imports and first call, before the timed part
+
+
+def _decode_range(start_count: tuple[int, int]) -> int:
+    from mmbatch.features.image import decode_image
+
+    start, count = start_count
+    for i in range(start, start + count):
+        decode_image(_POOL_JPEGS[i % len(_POOL_JPEGS)], 224)
+    return count
 
 
 def decode_pool(jpegs: list[bytes], total: int, processes: int) -> dict:
-    """Decode + resize + crop ``total`` images with one process per core (warm: imports excluded)."""
-    items = [jpegs[i % len(jpegs)] for i in range(total)]
+    """Decode + resize + crop ``total`` images with one process per core. Each process holds the
+    JPEGs from its start (sent once), so the timed part is decoding, not shipping bytes."""
     per = max(1, total // (processes * 4))
-    chunks = [items[i:i + per] for i in range(0, total, per)]
-    with mp.get_context("spawn").Pool(processes) as pool:
-        pool.map(_decode_chunk, [jpegs[:1]] * processes, chunksize=1)        # start-up and imports
+    chunks = [(i, min(per, total - i)) for i in range(0, total, per)]
+    with mp.get_context("spawn").Pool(processes, initializer=_pool_init, initargs=(jpegs[:64],)) as pool:
+        pool.map(time.sleep, [0.25] * (2 * processes), chunksize=1)    # let every process start up first
         t0 = time.perf_counter()
-        done = sum(pool.map(_decode_chunk, chunks, chunksize=1))
+        done = sum(pool.map(_decode_range, chunks, chunksize=1))
         seconds = time.perf_counter() - t0
     return {"images": done, "seconds": round(seconds, 4), "processes": processes}
 
@@ -286,23 +297,27 @@ def bench_resnet(env: dict, sizes: Sizes) -> dict:
     import torch
 
     from mmbatch.features.image import ResNetExtractor, decode_image
+    from mmbatch.features.resnet import build_resnet
 
     device = env["device"]
     sync = device_sync(device)
     B = sizes.resnet_batch
-    ex = ResNetExtractor(arch="resnet50", size=224, batch_size=B, precision="fp32", device=device)
-    model = ex._get_model()                      # seeded random weights: speed does not depend on them
-    runs = []
-    rng = np.random.default_rng(0)
-    host = rng.integers(0, 256, size=(B, 224, 224, 3), dtype=np.uint8)
+    # seeded random weights: the speed does not depend on them
+    ex = ResNetExtractor(arch="resnet50", size=224, batch_size=B, precision="fp32").to(device)
+    # the model alone, placed as the extractor places it (channels-last on CUDA)
+    torch.manual_seed(0)
+    model = build_resnet("resnet50").eval().to(device)
     x = torch.randn(B, 3, 224, 224, device=device)
     if device == "cuda":
+        model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
+    host = np.random.default_rng(0).integers(0, 256, size=(B, 224, 224, 3), dtype=np.uint8)
+    runs = []
     for precision in ("fp32", "bf16"):
-        ex.precision = precision                  # ResNetExtractor reads it per call (autocast)
+        ex.precision = precision                  # the extractor reads it at each call (autocast)
 
-        def forward() -> None:
-            with torch.inference_mode(), ex._autocast():
+        def forward(bf16: bool = precision == "bf16") -> None:
+            with torch.inference_mode(), torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
                 model.features(x)
         r = timed(forward, sync, sizes, device)
         runs.append({"name": "model only, synthetic batch on the device", "precision": precision, "batch": B,
@@ -368,12 +383,12 @@ def bench_logmel(env: dict, sizes: Sizes) -> dict:
         X, _ = front.pad_batch(clips)
         audio_s = clip_s * batch
 
-        def on_device() -> None:
+        def on_device(X=X) -> None:
             with torch.inference_mode():
                 front.logmel_tm(X)
         for name, step in (("log-mel, clips already on the device", on_device),
                            ("log-mel + MFCC statistics from host clips (logmel_stats path)",
-                            lambda: front.stats(clips))):
+                            lambda clips=clips: front.stats(clips))):
             r = timed(step, sync, sizes, device)
             runs.append({"name": name, "clip_seconds": clip_s, "batch": batch, "precision": "fp32",
                          "audio_seconds": audio_s * r["steps"], "seconds": r["seconds"],
@@ -395,6 +410,10 @@ def bench_preprocess(env: dict, sizes: Sizes, samples: int, data_root: Path) -> 
 
     device = env["device"]
     gpus = env["gpu_count"] if device == "cuda" else 0
+    if device == "cuda":
+        import torch
+
+        torch.cuda.empty_cache()          # this process's cached blocks from the other sections
     data = data_root / f"large-n{samples}"
     t0 = time.perf_counter()
     manifest = make_corpus(data / "corpus", samples, shape="large")
@@ -471,11 +490,13 @@ def render(res: dict) -> str:
                          f"{r['x_realtime']:,.0f}x real time | {_gpu_cells(r['gpu'])} |")
     p = sec["preprocess"]
     if p["ok"] and not p.get("skipped"):
-        place = "; ".join(f"{m}: {', '.join(v.get('devices', [])) or v.get('device')}"
-                          + (f" (GPU {v['num_gpus']:.3g}/worker, {v['workers']} workers)" if v.get("num_gpus") else "")
+        first = next(iter(p["placement"].values()), {})
+        place = ", ".join(f"{m} on {'/'.join(v.get('devices', [])) or v.get('device')}"
                           for m, v in p["placement"].items())
+        workers = f"{first.get('workers')} workers x (1 CPU" + \
+            (f" + {first['num_gpus']:.3g} GPU)" if first.get("num_gpus") else ")")
         lines.append(f"| mmbatch preprocess, {p['samples']} samples ({p['features']['image']}, "
-                     f"{p['features']['audio']}); ran on: {place} | {p['features']['image'].split()[-1]} | | "
+                     f"{p['features']['audio']}); {workers}: {place} | {p['features']['image'].split()[-1]} | | "
                      f"{p['samples_per_s']:,.1f} samples/s | {_gpu_cells(p['gpu'])} |")
         lines.append(f"| mmbatch ingest (manifest of JPEG + FLAC + text), {p['samples']} samples | | | "
                      f"{p['ingest']['samples_per_s']:,.1f} samples/s | n/a | n/a |")
