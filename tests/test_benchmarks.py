@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow.parquet as pq
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -69,3 +71,44 @@ def test_training_benchmark_runs_plain_ddp_and_ray_train(tmp_path):
     for r in (plain, ddp, ray2):
         assert len(r["epoch_s"]) == 1 and r["epoch_s"][0] > 0     # epochs after the first, start to next start
     assert "| plain torch loop (1 process) |" in (tmp_path / "out" / "train.md").read_text()
+
+
+def test_gpu_benchmark_runs_every_section_on_cpu(tmp_path):
+    """`python -m benchmarks.gpu --tiny --device cpu`: the GPU benchmark's one command, at a tiny size."""
+    proc = _run(["benchmarks.gpu", "--tiny", "--device", "cpu", "--data", str(tmp_path / "data"),
+                 "--out", str(tmp_path / "out")])
+    assert "torch.cuda.is_available()" in proc.stdout and "benchmark device: cpu" in proc.stdout
+    res = json.loads((tmp_path / "out" / "gpu-tiny.json").read_text())
+    assert res["environment"]["device"] == "cpu" and res["environment"]["gpu"] is None
+    sections = res["sections"]
+    assert {n: s["ok"] for n, s in sections.items()} == {"resnet50": True, "logmel": True, "preprocess": True}, \
+        {n: s.get("error") for n, s in sections.items()}
+
+    resnet = sections["resnet50"]["runs"]
+    assert {(r["name"].split(",")[0], r["precision"]) for r in resnet} >= {
+        ("model only", "fp32"), ("model only", "bf16"), ("ResNetExtractor.encode", "fp32"),
+        ("ResNetExtractor.encode", "bf16")}
+    assert sum(r["name"].startswith("JPEG decode") for r in resnet) == 2           # 1 process and one per core
+    assert any(r["name"].startswith("JPEG -> embedding") for r in resnet)
+    for r in resnet:
+        assert r["img_per_s"] > 0 and r["images"] > 0 and r["seconds"] > 0, r
+    logmel = sections["logmel"]["runs"]
+    assert sorted({r["clip_seconds"] for r in logmel}) == [1.0, 10.0] and len(logmel) == 4
+    for r in logmel:
+        assert r["x_realtime"] > 0 and r["audio_seconds"] > 0, r
+
+    pre = sections["preprocess"]
+    n = res["sizes"]["samples"]
+    assert pre["samples"] == n and pre["ingest"]["rows"] == n
+    assert pre["rows_in"] == n and pre["rows_out"] == n and pre["quarantined"] == 0   # every row written
+    assert pre["units_processed"] > 0 and pre["units_skipped"] == 0                  # computed, not reused
+    assert pre["samples_per_s"] > 0 and pre["ingest"]["samples_per_s"] > 0
+    assert pre["placement"]["image"]["devices"] == ["cpu"]                           # the model ran on the CPU
+    fused = pq.read_table(tmp_path / "data" / f"large-n{n}" / "fused", columns=["sample_id", "image_emb"])
+    assert fused.num_rows == n and len(fused.column("image_emb")[0].as_py()) == 2048   # ResNet-50 features
+
+    # no GPU: utilisation is null everywhere, not zero
+    assert pre["gpu"] is None
+    assert all(r["gpu"] is None for r in resnet + logmel)
+    table = (tmp_path / "out" / "gpu-tiny.md").read_text()
+    assert "CPU only" in table and table.count("\n| ") == 14      # header + 7 ResNet + 4 log-mel + preprocess + ingest
