@@ -448,6 +448,8 @@ class LogMelStatsExtractor(AudioExtractor):
         super().__init__(FrameParams.from_ms(sample_rate, win_ms, hop_ms, n_mels, n_mfcc, fmin, fmax),
                          max_seconds)
         self.backend = backend
+        # the torch backend runs where a model would: on the worker's GPU when it has one
+        self.needs_model = backend == "torch"
         self.batch_size = int(batch_size)
         self.dim = stats_dim(self.p)
         self.device = str(device)
