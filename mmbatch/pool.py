@@ -95,7 +95,9 @@ def run_units(make_worker: Callable[[Any], Callable], job: Any, units: Iterable[
             for a in actors:
                 if queue:
                     submit(a)
-        while pending:
+        # readiness probes of restarted workers do not keep the job open: a worker whose node is gone
+        # may never come back
+        while any(u is not None for _, u in pending.values()):
             done, _ = ray.wait(list(pending), num_returns=1)
             ref = done[0]
             actor, unit = pending.pop(ref)
