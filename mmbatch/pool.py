@@ -95,9 +95,9 @@ def run_units(make_worker: Callable[[Any], Callable], job: Any, units: Iterable[
             for a in actors:
                 if queue:
                     submit(a)
-        # readiness probes of restarted workers do not keep the job open: a worker whose node is gone
-        # may never come back
-        while any(u is not None for _, u in pending.values()):
+        # readiness probes of restarted workers do not keep a finished job open: a worker whose node is
+        # gone may never come back
+        while queue or any(u is not None for _, u in pending.values()):
             done, _ = ray.wait(list(pending), num_returns=1)
             ref = done[0]
             actor, unit = pending.pop(ref)
@@ -108,7 +108,7 @@ def run_units(make_worker: Callable[[Any], Callable], job: Any, units: Iterable[
                         if queue:
                             submit(actor)
                 except RayActorError:
-                    pass
+                    pending[actor.ready.remote()] = (actor, None)     # still restarting: ask again
                 continue
             load[actor] -= 1
             try:
