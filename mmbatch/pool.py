@@ -84,6 +84,7 @@ def run_units(make_worker: Callable[[Any], Callable], job: Any, units: Iterable[
     pending: dict = {}              # ref -> (actor, unit or None for a readiness probe)
     load = {a: 0 for a in actors}   # units in flight per actor
     deaths: dict[int, int] = {}
+    restarting: set = set()         # workers that died and have not answered since
 
     def submit(actor, unit=None) -> None:
         unit = queue.popleft() if unit is None else unit
@@ -104,6 +105,7 @@ def run_units(make_worker: Callable[[Any], Callable], job: Any, units: Iterable[
             if unit is None:                                  # a restarted worker answers again
                 try:
                     ray.get(ref)
+                    restarting.discard(actor)
                     for _ in range(in_flight):
                         if queue:
                             submit(actor)
@@ -118,10 +120,14 @@ def run_units(make_worker: Callable[[Any], Callable], job: Any, units: Iterable[
                 deaths[id(unit)] = deaths.get(id(unit), 0) + int(died)
                 if deaths[id(unit)] >= max_deaths:
                     raise UnitFailed(f"unit {name(unit)}: its worker died {max_deaths} times") from None
-                others = [a for a in actors if a is not actor] or [actor]
-                submit(min(others, key=lambda a: load[a]), unit)
-                if not any(u is None and a is actor for a, u in pending.values()):
+                if actor not in restarting:
+                    restarting.add(actor)
                     pending[actor.ready.remote()] = (actor, None)
+                live = [a for a in actors if a not in restarting]
+                if live:
+                    submit(min(live, key=lambda a: load[a]), unit)
+                else:
+                    queue.appendleft(unit)          # every worker is restarting: the first one back takes it
                 continue
             except RayTaskError as e:
                 cause = e.cause if getattr(e, "cause", None) is not None else e
