@@ -293,9 +293,6 @@ def _unit(key: str) -> float:
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") / 2.0**64
 
 
-MIN_CUT_ROWS = 16     # no content-defined cut before a shard has this many rows (tiny inputs: few shards)
-
-
 def make_shards(samples: list[Sample], shard_bytes: float, shard_rows: int | None = None,
                 min_shards: int = 1) -> list[list[Sample]]:
     """Contiguous groups of the (sorted) samples of at most ``shard_bytes`` raw bytes (and ``shard_rows`` rows).
@@ -304,8 +301,8 @@ def make_shards(samples: list[Sample], shard_bytes: float, shard_rows: int | Non
     after a sample whose key hash falls under a byte-weighted threshold (or at
     the target). A file that changes size therefore moves only the boundaries
     near it, and its neighbours' fingerprints stay valid. When the input is
-    small the target drops to ``total / min_shards`` rounded down to a quarter
-    octave (stable while the total changes a little), so there are at least
+    small the target drops to ``total / min_shards`` rounded up to a power of
+    two (stable while the total changes a little), so there are at least
     ``min_shards`` groups and reads spread over the CPUs.
     """
     if not samples:
@@ -313,8 +310,9 @@ def make_shards(samples: list[Sample], shard_bytes: float, shard_rows: int | Non
     total = sum(max(s.nbytes, 1) for s in samples)
     target = float(max(shard_bytes, 1))
     if min_shards > 1 and total / min_shards < target:
-        # rounded down to a quarter octave (stable while the total changes a little, at most 16 % under)
-        target = float(2 ** (math.floor(4 * math.log2(max(total / min_shards, 1))) / 4))
+        # rounded up to a power of two (stable while the total changes a little; shards end between
+        # half and all of it, so this gives about min_shards shards, not up to twice as many)
+        target = float(2 ** math.ceil(math.log2(max(total / min_shards, 1))))
     half = target / 2
     shards: list[list[Sample]] = []
     cur: list[Sample] = []
@@ -327,7 +325,7 @@ def make_shards(samples: list[Sample], shard_bytes: float, shard_rows: int | Non
         cur.append(s)
         cur_bytes += b
         if (shard_rows and len(cur) >= shard_rows) or \
-                (cur_bytes >= half and len(cur) >= MIN_CUT_ROWS and _unit(s.key) < min(1.0, 2.0 * b / target)):
+                (cur_bytes >= half and _unit(s.key) < min(1.0, 2.0 * b / target)):
             shards.append(cur)
             cur, cur_bytes = [], 0
     if cur:
