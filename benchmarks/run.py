@@ -347,7 +347,9 @@ def run_raydata(files: list[str], cores: int, out: Path) -> None:
     import ray
 
     ds = ray.data.read_parquet(files, columns=["sample_id", "image", "audio", "text"])
-    ds = ds.map_batches(_RayDataExtract, batch_format="pyarrow", batch_size=64, concurrency=cores)
+    # actors at half a CPU: with one whole CPU each, two actors would hold both cores and the read
+    # tasks would wait forever
+    ds = ds.map_batches(_RayDataExtract, batch_format="pyarrow", batch_size=64, concurrency=cores, num_cpus=0.5)
     ds.write_parquet(str(out / "raydata"))
 
 
