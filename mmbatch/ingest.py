@@ -149,7 +149,7 @@ def shard_plan(plan: common.Plan, samples: list[common.Sample], opts: IngestOpti
     shards = []
     for i, g in enumerate(groups):
         fp = storage.fingerprint({**base, "samples": [s.to_dict() for s in g]})
-        shards.append(ShardTask(common.shard_id(i), fp, g, sum(s.nbytes for s in g)))
+        shards.append(ShardTask(common.shard_name(i), fp, g, sum(s.nbytes for s in g)))
     return shards
 
 

@@ -12,7 +12,8 @@ import threading
 from typing import Optional
 
 # One BLAS/torch thread per worker process: with N processes on N cores, the
-# default (N threads each) oversubscribes the CPU (REFERENCE.md §5: 6x loss).
+# default (N threads each) oversubscribes the CPU (measured on 2 cores: a 2-process
+# pool of log-mel + image features ran about 6x slower with the default threads).
 THREAD_ENV = {
     "OMP_NUM_THREADS": "1",
     "OPENBLAS_NUM_THREADS": "1",

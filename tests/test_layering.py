@@ -125,3 +125,13 @@ def test_low_layers_import_only_lower_layers(layer):
         assert mod in graph, f"{mod} is listed in LOW_LAYERS but does not exist"
         upward = sorted(graph[mod] - allowed)
         assert not upward, f"{mod} (layer {layer}) imports {upward}; it may import only {sorted(allowed) or 'nothing'}"
+
+
+def test_no_test_hooks_in_shipped_code():
+    """Fault injection and other test hooks live in tests/ (fault_hooks.py, loaded into Ray workers
+    as a job's setup hook); no shipped module reads a test environment variable or names them."""
+    hooks = [f"{p.relative_to(PACKAGE.parent)}:{n}: {line.strip()}"
+             for p in sorted(PACKAGE.rglob("*.py"))
+             for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+             if "MMBATCH_TEST" in line or "fault_hooks" in line]
+    assert not hooks, "test hooks in mmbatch/:\n" + "\n".join(hooks)

@@ -333,7 +333,8 @@ def make_shards(samples: list[Sample], shard_bytes: float, shard_rows: int | Non
     return shards
 
 
-def shard_id(i: int) -> str:
+def shard_name(i: int) -> str:
+    """The file stem of the ``i``-th ingested shard: ``part-00000``, ``part-00001``, ..."""
     return f"part-{i:05d}"
 
 

@@ -1,4 +1,4 @@
-"""ImageNet (ILSVRC2012) and any class-folder image tree (REFERENCE.md §1).
+"""ImageNet (ILSVRC2012) and any class-folder image tree.
 
 Layouts understood (``INPUT`` is the folder holding ``train``/``val``, the
 Kaggle root holding ``ILSVRC/Data/CLS-LOC``, or a class-folder tree itself):

@@ -67,7 +67,7 @@ def to_arrays(table: pa.Table, modalities: Sequence[str], dims: Mapping[str, int
                                _column_or_none(table, "split"), plan, seed)
         table = table.filter(pa.array(splits == split))
     labels = table.column("label").to_numpy(zero_copy_only=False) if table.num_rows else np.zeros(0)
-    labels = np.asarray(pd_fill(labels), dtype=np.float64)
+    labels = np.asarray(nulls_to_nan(labels), dtype=np.float64)
     ids = np.asarray(sorted(class_ids), dtype=np.int64)
     y = np.full(len(labels), -1, dtype=np.int64)
     ok = ~np.isnan(labels)
@@ -94,8 +94,9 @@ def to_arrays(table: pa.Table, modalities: Sequence[str], dims: Mapping[str, int
     return out
 
 
-def pd_fill(a: np.ndarray) -> np.ndarray:
-    """Object array with None -> float array with nan."""
+def nulls_to_nan(a: np.ndarray) -> np.ndarray:
+    """Labels as read from Arrow: an object array with None (a nullable column) becomes a float
+    array with nan in their place; any other array is returned as it is."""
     if a.dtype == object:
         return np.array([np.nan if v is None else v for v in a], dtype=np.float64)
     return a
@@ -259,7 +260,7 @@ class FusedData:
         else:
             from pyarrow.fs import FSSpecHandler, PyFileSystem
             ds = ray.data.read_parquet(files, filesystem=PyFileSystem(FSSpecHandler(fs)))
-        return ds.select_columns(columns).map_batches(_SplitArrays, batch_format="pyarrow", batch_size=1024, zero_copy_batch=True,
+        return ds.select_columns(columns).map_batches(batch_to_arrays, batch_format="pyarrow", batch_size=1024, zero_copy_batch=True,
                               fn_kwargs=dict(modalities=list(modalities), dims=dict(self.dims),
                                              class_ids=self.class_ids, split=split, plan=self.plan,
                                              seed=self.seed))
@@ -315,7 +316,8 @@ def read_split_arrays(uri: str, split: str, modalities: Sequence[str], dims: Map
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def _SplitArrays(batch: pa.Table, **kw) -> dict[str, np.ndarray]:  # noqa: N802 - used as a map_batches fn
+def batch_to_arrays(batch: pa.Table, **kw) -> dict[str, np.ndarray]:
+    """:func:`to_arrays` of one Ray Data batch (the ``map_batches`` function of :meth:`FusedData.dataset`)."""
     return to_arrays(batch, **kw)
 
 

@@ -24,8 +24,9 @@ a plain PyTorch loop.
 - The epoch pass (:func:`train_epoch`) is shared with :func:`fit_in_memory`, the same loop
   in one process without Ray (the fusion benchmark and the model tests use it).
 - ``batch_size`` is the global batch: each of N workers takes batch_size / N.
-- ``fault`` (tests only) makes one rank SIGKILL itself once, at the start of a
-  given epoch, while a flag file exists (the file is removed first).
+- Each epoch starts with :func:`epoch_batches` (this rank's batches of the epoch),
+  a module-level function called by name, after the previous epoch's report: the
+  place to wrap to observe or act at the start of every epoch of every worker.
 - Ray Train V2 registers a reported checkpoint when its controller next polls
   the workers (every ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, set to 0.5 s by
   run.py); reports are handed over in the background, so the next epoch does
@@ -38,14 +39,12 @@ import io
 import json
 import os
 import shutil
-import signal
 import tempfile
 import time
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from mmbatch.runtime import pin_threads, quiet_worker_logs
 from mmbatch.storage import fingerprint
@@ -92,20 +91,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def maybe_fault(fault: Optional[Mapping], rank: int, epoch: int) -> None:
-    if not fault or rank != fault["rank"] or epoch != fault["epoch"]:
-        return
-    if os.path.exists(fault["file"]):
-        # Ray Train V2 registers a report when its controller next polls the workers (every
-        # 2 s): wait until the previous epoch's checkpoint is committed, so the test knows
-        # which checkpoint the restart must come from.
-        import ray.train
-        from ray.train import CheckpointConsistencyMode
-        ray.train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED, timeout_s=60)
-        os.remove(fault["file"])
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 def _all_reduce_sum(values: list[float]) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -132,6 +117,18 @@ def in_memory_batches(arrays: Mapping[str, np.ndarray], batch_size: int, seed: i
     for s in range(0, len(mine), batch_size):
         idx = mine[s:s + batch_size]
         yield {k: torch.from_numpy(v[idx]).to(device) for k, v in arrays.items()}
+
+
+def epoch_batches(train_arrays, train_shard, batch_size: int, seed: int, epoch: int, rank: int, world: int,
+                  device="cpu"):
+    """This rank's batches of epoch ``epoch`` in a Ray Train worker: from the train split held in
+    memory (``train_arrays``, see :func:`in_memory_batches`) or, when there is none, streamed from
+    this worker's Ray Data shard (``train_shard``) with a local shuffle. Called once at the start of
+    every epoch, after the previous epoch's report."""
+    if train_arrays is not None:
+        return in_memory_batches(train_arrays, batch_size, seed, epoch, rank, world, device)
+    return train_shard.iter_torch_batches(batch_size=batch_size, local_shuffle_buffer_size=SHUFFLE_BUFFER,
+                                          local_shuffle_seed=seed + epoch * 7919 + rank)
 
 
 def train_epoch(model: torch.nn.Module, raw_model, batches, optimizer: torch.optim.Optimizer,
@@ -247,17 +244,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     for epoch in range(start_epoch, cfg["epochs"]):
         if state["stopped_early"]:
             break
-        maybe_fault(config.get("fault"), rank, epoch)
         t0 = time.time()
 
         # -- one pass over this worker's shard of the train split
+        batches = epoch_batches(train_arrays, train_shard, batch_size, cfg["seed"], epoch, rank, world, device)
         model.train()
         gen = torch.Generator().manual_seed(cfg["seed"] * 100003 + epoch * 1009 + rank)
-        if train_arrays is not None:
-            batches = in_memory_batches(train_arrays, batch_size, cfg["seed"], epoch, rank, world, device)
-        else:
-            batches = train_shard.iter_torch_batches(batch_size=batch_size, local_shuffle_buffer_size=SHUFFLE_BUFFER,
-                                                     local_shuffle_seed=cfg["seed"] + epoch * 7919 + rank)
         loss_sum, n_rows = train_epoch(model, raw_model, batches, optimizer, cfg["modality_dropout"], gen, device)
         scheduler.step()
         train_time = time.time() - t0

@@ -234,23 +234,12 @@ def write_report(out_dir: str, summary: Mapping) -> str:
         images.update(plot_bars("learned modality weights", m["modality_weights"], "modality_weights.png", "weight"))
     fs, path = storage.url_to_fs(out_dir)
     fs.makedirs(path, exist_ok=True)
-    storage.write_json(fs, storage.join(path, METRICS_FILE), _jsonable(summary))
+    storage.write_json(fs, storage.join(path, METRICS_FILE), storage.jsonable(summary))   # strict JSON: inf/nan as strings
     for name, blob in images.items():
         storage.atomic_write_bytes(fs, storage.join(path, name), blob)
     storage.atomic_write_bytes(fs, storage.join(path, REPORT_FILE), render_html(summary, images).encode())
     storage.clean_tmp(fs, path)
     return storage.join(out_dir.rstrip("/"), REPORT_FILE)
-
-
-def _jsonable(obj):
-    """inf/nan -> strings so metrics.json stays strict JSON."""
-    if isinstance(obj, float) and (math.isinf(obj) or math.isnan(obj)):
-        return str(obj)
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    return obj
 
 
 __all__ = ["write_report", "summary_table", "render_html", "fusion_gain"]

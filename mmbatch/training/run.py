@@ -41,7 +41,6 @@ from mmbatch.training.models import MODEL_FILE, arch_spec, build_model, feature_
 log = logging.getLogger("mmbatch.training")
 
 POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"   # read by the Ray Train controller (propagated from here)
-FAULT_ENV = "MMBATCH_TEST_KILL"       # tests: "<flag file>:<rank>:<epoch>" (see loop.maybe_fault)
 MATERIALIZE_BYTES = 256 * 2 ** 20     # train splits smaller than this are held in memory (see _train_input)
 STATS_ROWS = 100_000                  # rows of a large train split the input statistics are taken from
 KEEP_CHECKPOINTS = 3                  # best by validation score; Ray always keeps the latest too
@@ -179,7 +178,7 @@ def train_one(wf: Workflow, data: FusedData, mods: list[str], name: str,
     os.environ.setdefault(POLL_ENV, "0.5")
     train_arrays, datasets, input_stats = _train_input(data, mods)
     config = {"train": t.model_dump(mode="json"), "spec": spec, "fingerprint": fp, "input_stats": input_stats,
-              "workflow": wf.model_dump(mode="json"), "warm_start": blob, "fault": _fault_from_env(),
+              "workflow": wf.model_dump(mode="json"), "warm_start": blob,
               # validation is small and scored whole on every worker: shipped as arrays with the config
               "validation": data.arrays("validation", mods), "train_arrays": train_arrays}
     trainer = TorchTrainer(
@@ -295,14 +294,6 @@ def _read_bytes(uri: str) -> bytes:
         raise UsageError(f"warm start: {uri} not found (expected an exported model folder)")
     with fs.open(p, "rb") as f:
         return f.read()
-
-
-def _fault_from_env() -> Optional[dict]:
-    raw = os.environ.get(FAULT_ENV)
-    if not raw:
-        return None
-    path, rank, epoch = raw.rsplit(":", 2)
-    return {"file": os.path.abspath(path), "rank": int(rank), "epoch": int(epoch)}
 
 
 def _slim(m: dict) -> dict:
