@@ -115,7 +115,6 @@ def plain_loop(data_uri: str, args, rank: int = 0, world: int = 1, port: int = 0
     """The plain torch loop: one process (``world`` 1), or rank ``rank`` of a torch DDP group
     over gloo without Ray (the reference for what DDP alone costs per step)."""
     import torch
-    import torch.nn.functional as F
 
     from mmbatch.runtime import pin_threads
     from mmbatch.training.data import FusedData
@@ -135,6 +134,7 @@ def plain_loop(data_uri: str, args, rank: int = 0, world: int = 1, port: int = 0
     train, val = data.arrays("train", mods), data.arrays("validation", mods)
     seed_everything(cfg["seed"])
     model = raw = build_model(spec)
+    raw.fit_input_stats(train)                   # as loop.fit_in_memory does (the driver, under Ray Train)
     if world > 1:
         torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
         model = torch.nn.parallel.DistributedDataParallel(raw)
@@ -152,7 +152,7 @@ def plain_loop(data_uri: str, args, rank: int = 0, world: int = 1, port: int = 0
             y = batch.pop("y")
             mask = drop_modalities(raw.presence(batch), cfg["modality_dropout"], gen)
             t0 = time.perf_counter()
-            loss = F.cross_entropy(model(batch, mask), y)
+            loss = raw.loss(model(batch, mask, with_aux=True), y)     # as loop.train_epoch does
             optimizer.zero_grad(set_to_none=True)
             t1 = time.perf_counter()
             loss.backward()                    # under DDP: + waiting for the gradient all-reduce
