@@ -301,7 +301,7 @@ def make_shards(samples: list[Sample], shard_bytes: float, shard_rows: int | Non
     after a sample whose key hash falls under a byte-weighted threshold (or at
     the target). A file that changes size therefore moves only the boundaries
     near it, and its neighbours' fingerprints stay valid. When the input is
-    small the target drops to ``total / min_shards`` rounded up to a power of
+    small the target drops to ``total / min_shards`` rounded down to a power of
     two (stable while the total changes a little), so there are at least
     ``min_shards`` groups and reads spread over the CPUs.
     """
@@ -310,9 +310,7 @@ def make_shards(samples: list[Sample], shard_bytes: float, shard_rows: int | Non
     total = sum(max(s.nbytes, 1) for s in samples)
     target = float(max(shard_bytes, 1))
     if min_shards > 1 and total / min_shards < target:
-        # rounded up to a power of two (stable while the total changes a little; shards end between
-        # half and all of it, so this gives about min_shards shards, not up to twice as many)
-        target = float(2 ** math.ceil(math.log2(max(total / min_shards, 1))))
+        target = float(2 ** math.floor(math.log2(max(total / min_shards, 1))))
     half = target / 2
     shards: list[list[Sample]] = []
     cur: list[Sample] = []
