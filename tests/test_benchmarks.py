@@ -12,6 +12,9 @@ import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
+
+pytestmark = pytest.mark.slow          # the fast tier (`pytest -m "not slow"`) skips this module
 
 ROOT = Path(__file__).resolve().parents[1]
 

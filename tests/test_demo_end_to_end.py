@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow          # the fast tier (`pytest -m "not slow"`) skips this module
 
 def mmbatch(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     exe = shutil.which("mmbatch") or str(Path(sys.executable).parent / "mmbatch")

@@ -28,8 +28,18 @@ import pyarrow.parquet as pq
 import pytest
 
 from mmbatch.ops import submit as sub
-from mmbatch.ops.submit import (AuthToken, SubmitError, build_entrypoint, build_runtime_env, exit_code_for,
-                                local_paths_not_uploaded, redact, resolve_address, resolve_token, submit_cli)
+from mmbatch.ops.submit import (
+    AuthToken,
+    SubmitError,
+    build_entrypoint,
+    build_runtime_env,
+    exit_code_for,
+    local_paths_not_uploaded,
+    redact,
+    resolve_address,
+    resolve_token,
+    submit_cli,
+)
 
 AUTH_VARS = ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")
 
@@ -217,6 +227,7 @@ def _cli_env(home: Path, **extra) -> dict:
     return env
 
 
+@pytest.mark.slow
 def test_submission_without_token_is_refused_clearly(ray_head, tmp_path):
     """A laptop with no token anywhere: refused, told what to do, and no token in sight."""
     empty_home = tmp_path / "home"
@@ -243,6 +254,7 @@ def test_submission_with_wrong_token_is_refused_without_echoing_it(ray_head, mon
     assert wrong not in out + err and ray_head.token not in out + err
 
 
+@pytest.mark.slow
 def test_submit_uploads_working_dir_and_streams_logs(with_token, tmp_path, capsys, caplog):
     import logging
     caplog.set_level(logging.DEBUG)                            # Ray's client logs too: no token there
@@ -274,6 +286,7 @@ def test_submit_without_wait_prints_id_and_follow_command(with_token, capsys):
     assert info.metadata["tool"] == "mmbatch"
 
 
+@pytest.mark.slow
 def test_failed_job_keeps_mmbatchs_exit_code(with_token, capsys):
     rc = submit_cli(["inspect", "/nonexistent/mmbatch-nothing-here"], address=with_token.address, wait=True)
     out, err = capsys.readouterr()
@@ -281,6 +294,7 @@ def test_failed_job_keeps_mmbatchs_exit_code(with_token, capsys):
     assert "does not exist" in out and "FAILED (exit code 2)" in err
 
 
+@pytest.mark.slow
 def test_submit_ingest_imagenet_runs_on_the_cluster(ray_head, tmp_path):
     """The real path: `mmbatch submit --wait -- ingest imagenet ...` as a user runs it, token from a file."""
     from mmbatch.demo.corpus import write_imagenet

@@ -135,6 +135,7 @@ def test_units_are_row_groups_largest_first_with_deterministic_names(tmp_path):
     assert not {u.fingerprint for u in plan.units({"specs": 2})} & {u.fingerprint for u in units}
 
 
+@pytest.mark.slow
 def test_workers_are_pinned_and_model_free_extractors_skip_torch(tmp_path):
     """In a fresh process with no thread settings: the embedded Ray's workers run with one BLAS
     thread, and HOG / log-mel / hashing extraction never imports torch (2 s per worker)."""
@@ -290,6 +291,7 @@ print("RESULT", json.dumps({"placement": {m: {k: (sorted(v) if isinstance(v, set
 """
 
 
+@pytest.mark.slow
 def test_model_extractor_scheduled_on_gpu_falls_back_to_cpu_inside_actor(ingested, tmp_path):
     """With GPUs advertised, the CNN stage asks for a GPU fraction; inside the actor CUDA is absent -> CPU."""
     import subprocess

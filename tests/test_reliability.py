@@ -25,17 +25,30 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import yaml
-
 from corpora_ingest import flac, jpeg, png_bomb, write
 from faults import (
-    ReadableWatcher, assert_same_output, cmyk_jpeg, kill_when, mmbatch_exe, png_bytes, png_header_only, private_ray_tmpdir,
-    read_tables, run_cmd, summary_counts, visible_parquet, wav_bytes,
+    ReadableWatcher,
+    assert_same_output,
+    cmyk_jpeg,
+    kill_when,
+    mmbatch_exe,
+    png_bytes,
+    png_header_only,
+    private_ray_tmpdir,
+    read_tables,
+    run_cmd,
+    summary_counts,
+    visible_parquet,
+    wav_bytes,
 )
+
 from mmbatch import storage
 from mmbatch.config import workflow_from_dict
 from mmbatch.fusion import embeddings_to_numpy
 from mmbatch.ingest import IngestOptions, run_ingest
 from mmbatch.preprocess import run_preprocess
+
+pytestmark = pytest.mark.slow          # the fast tier (`pytest -m "not slow"`) skips this module
 
 SHARD_ROWS = 4          # canonical shards of 4 rows: 12 per 48-row dataset, so kills land between commits
 # a killed driver's embedded Ray gets the shared test Ray's 2 CPUs on any machine (ingest shard plans
@@ -463,8 +476,9 @@ def test_hostile_input_end_to_end(ray_session, tmp_path):
     assert fused["txt_only"]["has_text"] and not fused["txt_only"]["has_image"]
 
     # "handled correctly": the odd images decode to PIL's RGB rendering of the same file ...
-    from PIL import Image
     import io
+
+    from PIL import Image
     media = mdir / "media"
     for f in ("png_named.JPEG", "cmyk.jpg", "png16.png", "alpha.png"):
         data = (media / f).read_bytes()

@@ -173,6 +173,7 @@ def trained(ray_session, xor_data, tmp_path_factory):
     return wf, run_training(wf, baselines=True)
 
 
+@pytest.mark.slow
 def test_fusion_beats_every_unimodal_baseline(trained):
     _, res = trained
     fused = res.metrics["accuracy"]
@@ -271,6 +272,7 @@ def test_a_changed_run_under_the_same_name_is_refused(trained):
         run_training(changed, baselines=False)
 
 
+@pytest.mark.slow
 def test_two_workers_match_one_worker(trained, monkeypatch):
     """Same data, seed and global batch: 2 DDP workers land within 0.05 accuracy of 1 worker.
     This run streams the train split from Parquet every epoch (no materialisation)."""
@@ -456,6 +458,7 @@ def test_a_final_split_too_small_to_score_is_reported(trained, tmp_path, caplog)
 
 
 # --- the warning when fusion does not win, end to end ---------------------------------------------
+@pytest.mark.slow
 def test_training_warns_when_fusion_cannot_beat_the_best_modality(ray_session, tmp_path, capsys):
     """image alone tells the class perfectly, audio is noise: no fusion can beat image only, so
     the run must say so in the console, metrics.json and report.html."""

@@ -11,15 +11,17 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from fault_hooks import KILL_EPOCH_ENV
 from faults import run_cmd
 from fused_data import write_fused
+
 from mmbatch.config import Workflow
 from mmbatch.training.run import run_training
 
 # A driver of its own Ray job on the shared Ray: its workers (the Ray Train controller and
 # workers included) run the setup hook fault_hooks.kill_at_epoch, with tests/ on their path.
+pytestmark = pytest.mark.slow          # the fast tier (`pytest -m "not slow"`) skips this module
+
 TRAIN_SCRIPT = r"""
 import json, os, sys
 import ray
@@ -106,7 +108,6 @@ def test_killed_train_driver_resumes_when_run_again(ray_session, data, tmp_path)
     import time
 
     import yaml
-
     from faults import kill_when, mmbatch_exe, private_ray_tmpdir
 
     epochs = 40

@@ -18,6 +18,8 @@ import pytest
 import mmbatch
 from mmbatch.demo.corpus import write_imagenet
 
+pytestmark = pytest.mark.slow          # the fast tier (`pytest -m "not slow"`) skips this module
+
 PACKAGE_ROOT = Path(mmbatch.__file__).resolve().parents[1]      # the folder holding the package under test
 MMBATCH_SCRIPT = Path(sys.executable).parent / "mmbatch"
 
