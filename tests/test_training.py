@@ -492,3 +492,14 @@ def test_a_model_of_the_previous_architecture_is_refused_with_a_reason():
         build_model(spec)
     spec["arch"]["version"] = 2
     assert isinstance(build_model(spec), FusionModel)
+
+
+def test_best_epoch_breaks_score_ties_by_validation_loss():
+    """On a small validation split accuracy ties across epochs: the lower validation loss wins the tie,
+    not the first (least trained) epoch."""
+    from mmbatch.training.loop import improves
+
+    assert improves(0.5, 1.0, None, None)                      # the first epoch
+    assert improves(0.6, 2.0, 0.5, 1.0)                        # a better score, whatever the loss
+    assert improves(0.5, 0.9, 0.5, 1.0)                        # the same score, a lower loss
+    assert not improves(0.5, 1.1, 0.5, 1.0) and not improves(0.4, 0.1, 0.5, 1.0)

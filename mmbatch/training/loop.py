@@ -41,7 +41,7 @@ import os
 import shutil
 import tempfile
 import time
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import numpy as np
 import torch
@@ -77,6 +77,14 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: Mapping):
     if cfg["schedule"] == "step":
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, cfg["epochs"] // 3), gamma=0.1)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+
+def improves(score: float, loss: float, best_score: Optional[float], best_loss: Optional[float]) -> bool:
+    """A better validation score, or the same score at a lower validation loss (on a small validation
+    split accuracy ties across epochs, and the first epoch is the least trained)."""
+    if best_score is None or score > best_score:
+        return True
+    return score == best_score and best_loss is not None and loss < best_loss
 
 
 def score_of(metrics: Mapping, metric: str) -> float:
@@ -160,7 +168,7 @@ def fit_in_memory(spec: Mapping, train: Mapping[str, np.ndarray], validation: Ma
     model.fit_input_stats(train)
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg)
-    best, best_score, bad, history = None, None, 0, []
+    best, best_score, best_loss, bad, history = None, None, None, 0, []
     for epoch in range(cfg["epochs"]):
         model.train()
         gen = torch.Generator().manual_seed(cfg["seed"] * 100003 + epoch * 1009)
@@ -171,8 +179,8 @@ def fit_in_memory(spec: Mapping, train: Mapping[str, np.ndarray], validation: Ma
         score = score_of(vm, cfg["metric"])
         history.append({"epoch": epoch, "train_loss": float(loss_sum) / max(n_rows, 1), "val_loss": vm["loss"],
                         "val_accuracy": vm["accuracy"], "val_macro_f1": vm["macro_f1"], "val_score": score})
-        if best_score is None or score > best_score:
-            best_score, bad = score, 0
+        if improves(score, vm["loss"], best_score, best_loss):
+            best_score, best_loss, bad = score, vm["loss"], 0
             best = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
             bad += 1
@@ -210,7 +218,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = model.to(device)
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg)
-    state = {"epoch": -1, "best_score": None, "best_epoch": -1, "bad_epochs": 0,
+    state = {"epoch": -1, "best_score": None, "best_loss": None, "best_epoch": -1, "bad_epochs": 0,
              "stopped_early": False, "history": [], "starts": []}
 
     staging = checkpoint_staging_dir(config)
@@ -259,9 +267,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # -- validation (the whole split, on every rank)
         vm = evaluate_arrays(raw_model, val, class_names, device=device)
         score = score_of(vm, cfg["metric"])
-        improved = state["best_score"] is None or score > state["best_score"]
+        improved = improves(score, vm["loss"], state["best_score"], state.get("best_loss"))
         if improved:
-            state.update(best_score=score, best_epoch=epoch, bad_epochs=0)
+            state.update(best_score=score, best_loss=vm["loss"], best_epoch=epoch, bad_epochs=0)
         else:
             state["bad_epochs"] += 1
         patience = cfg.get("early_stopping_patience")
