@@ -111,6 +111,65 @@ def cnn_reference(canon, tmp_path_factory):
     return out
 
 
+# --- 1. node fault (runs first: run after the worker-fault tests, its subprocess Cluster hung; cause not found yet) ---------------------------------------------------------------------------------
+NODE_SCRIPT = r"""
+import glob, json, os, sys, threading, time
+sys.path.insert(0, sys.argv[3])
+from faults import child_pids, cmdline
+from ray.cluster_utils import Cluster
+from ray._private import ray_constants
+
+# head (driver only, no CPUs) + two 2-CPU worker nodes: all the work runs on the workers
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+workers = [cluster.add_node(num_cpus=2) for _ in range(2)]
+cluster.wait_for_nodes()
+from mmbatch.runtime import init_ray
+init_ray(address=cluster.address)
+import ray
+assert ray.cluster_resources()["CPU"] == 4
+from mmbatch.config import workflow_from_dict
+from mmbatch.preprocess import run_preprocess
+
+wf, out = json.loads(sys.argv[1]), sys.argv[2]
+state = {}
+
+def actors_on(node):
+    raylet = node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
+    return sum("_PoolActor" in cmdline(p) for p in child_pids(raylet))
+
+def remove_a_node():
+    while not glob.glob(out + "/_shards/*.json"):                  # mid-job: a unit is committed
+        time.sleep(0.01)
+    state["markers_before"] = len(glob.glob(out + "/_shards/*.json"))
+    state["done_before"] = os.path.exists(out + "/_manifest.json")
+    hosts = [actors_on(n) for n in workers]
+    victim = max(range(2), key=lambda i: hosts[i])                  # the node hosting the model actor(s)
+    state["actors_on_victim"] = hosts[victim]
+    cluster.remove_node(workers[victim], allow_graceful=False)
+    state["removed"] = True
+
+threading.Thread(target=remove_a_node, daemon=True).start()
+s = run_preprocess(workflow_from_dict(wf), progress=False)
+print("RESULT", json.dumps({**state, "rows_out": s.rows_out, "processed": s.shards_processed,
+                            "quarantined": s.quarantined, "reconciles": s.reconciles}), flush=True)
+ray.shutdown()          # explicitly: left to atexit, a cluster that lost a node exits with status 1
+cluster.shutdown()
+"""
+
+
+def test_lost_worker_node_mid_job_gives_the_exact_output(canon, cnn_reference, tmp_path, ray_tmp):
+    out = tmp_path / "out"
+    proc = run_cmd([sys.executable, "-c", NODE_SCRIPT, json.dumps(cnn_workflow(canon, out)), str(out),
+                    str(Path(__file__).parent)], RAY_TMPDIR=ray_tmp)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    res = result_line(proc.stdout)
+    assert res.get("removed"), res
+    assert res["done_before"] is False and 1 <= res["markers_before"] < 12       # the node died mid-job
+    assert res["actors_on_victim"] >= 1                                           # ... with a model actor on it
+    assert (res["rows_out"], res["processed"], res["quarantined"], res["reconciles"]) == (48, 12, 0, True)
+    assert_same_output(out, cnn_reference)
+
+
 # --- 1. worker fault -------------------------------------------------------------------------------
 WORKER_SCRIPT = r"""
 import json, sys
@@ -168,65 +227,6 @@ def test_killed_extract_actor_is_restarted_and_output_is_unchanged(canon, tmp_pa
     res = result_line(proc.stdout)
     assert res == {"rows_out": 48, "processed": 12, "skipped": 0, "quarantined": 0, "reconciles": True}
     assert_same_output(out, ref)
-
-
-# --- 2. node fault ---------------------------------------------------------------------------------
-NODE_SCRIPT = r"""
-import glob, json, os, sys, threading, time
-sys.path.insert(0, sys.argv[3])
-from faults import child_pids, cmdline
-from ray.cluster_utils import Cluster
-from ray._private import ray_constants
-
-# head (driver only, no CPUs) + two 2-CPU worker nodes: all the work runs on the workers
-cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-workers = [cluster.add_node(num_cpus=2) for _ in range(2)]
-cluster.wait_for_nodes()
-from mmbatch.runtime import init_ray
-init_ray(address=cluster.address)
-import ray
-assert ray.cluster_resources()["CPU"] == 4
-from mmbatch.config import workflow_from_dict
-from mmbatch.preprocess import run_preprocess
-
-wf, out = json.loads(sys.argv[1]), sys.argv[2]
-state = {}
-
-def actors_on(node):
-    raylet = node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
-    return sum("_PoolActor" in cmdline(p) for p in child_pids(raylet))
-
-def remove_a_node():
-    while not glob.glob(out + "/_shards/*.json"):                  # mid-job: a unit is committed
-        time.sleep(0.01)
-    state["markers_before"] = len(glob.glob(out + "/_shards/*.json"))
-    state["done_before"] = os.path.exists(out + "/_manifest.json")
-    hosts = [actors_on(n) for n in workers]
-    victim = max(range(2), key=lambda i: hosts[i])                  # the node hosting the model actor(s)
-    state["actors_on_victim"] = hosts[victim]
-    cluster.remove_node(workers[victim], allow_graceful=False)
-    state["removed"] = True
-
-threading.Thread(target=remove_a_node, daemon=True).start()
-s = run_preprocess(workflow_from_dict(wf), progress=False)
-print("RESULT", json.dumps({**state, "rows_out": s.rows_out, "processed": s.shards_processed,
-                            "quarantined": s.quarantined, "reconciles": s.reconciles}), flush=True)
-ray.shutdown()          # explicitly: left to atexit, a cluster that lost a node exits with status 1
-cluster.shutdown()
-"""
-
-
-def test_lost_worker_node_mid_job_gives_the_exact_output(canon, cnn_reference, tmp_path, ray_tmp):
-    out = tmp_path / "out"
-    proc = run_cmd([sys.executable, "-c", NODE_SCRIPT, json.dumps(cnn_workflow(canon, out)), str(out),
-                    str(Path(__file__).parent)], RAY_TMPDIR=ray_tmp)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    res = result_line(proc.stdout)
-    assert res.get("removed"), res
-    assert res["done_before"] is False and 1 <= res["markers_before"] < 12       # the node died mid-job
-    assert res["actors_on_victim"] >= 1                                           # ... with a model actor on it
-    assert (res["rows_out"], res["processed"], res["quarantined"], res["reconciles"]) == (48, 12, 0, True)
-    assert_same_output(out, cnn_reference)
 
 
 # --- 3. driver fault: preprocess -----------------------------------------------------------------
