@@ -111,7 +111,7 @@ def cnn_reference(canon, tmp_path_factory):
     return out
 
 
-# --- 1. node fault (runs first: run after the worker-fault tests, its subprocess Cluster hung; cause not found yet) ---------------------------------------------------------------------------------
+# --- 1. node fault (runs first: after the worker-fault tests its subprocess Cluster hung; cause not found) ---
 NODE_SCRIPT = r"""
 import glob, json, os, sys, threading, time
 sys.path.insert(0, sys.argv[3])
