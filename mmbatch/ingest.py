@@ -323,10 +323,7 @@ def run_ingest(kind: str, input: str, out: str, opts: IngestOptions | None = Non
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "elapsed_s": round(summary.elapsed, 3),
     }
     storage.write_json(fs, manifest_path, manifest)
-    for d in ("", storage.SHARDS_DIR, storage.QUARANTINE_DIR):  # the (now empty) temp dirs of atomic writes
-        tmp = storage.join(out_path, d, storage.TMP_DIR) if d else storage.join(out_path, storage.TMP_DIR)
-        if fs.exists(tmp) and not fs.ls(tmp, detail=False):
-            fs.rm(tmp, recursive=True)
+    storage.clean_tmp(fs, out_path)          # the temp dirs of the manifest's and markers' atomic writes
     if echo:
         print(summary.render())
     return summary

@@ -58,8 +58,8 @@ def _features_schema(dims: dict, modalities: list[str]) -> pa.Schema:
 class _Runner:
     """Runs the units of one output directory and commits them; counts into the summary."""
 
-    def __init__(self, wf: Workflow, out_fs, out_root: str, summary: PreprocessSummary, progress: bool):
-        self.wf, self.fs, self.out_root, self.summary, self.progress = wf, out_fs, out_root, summary, progress
+    def __init__(self, wf: Workflow, out_fs, out_root: str, summary: PreprocessSummary):
+        self.wf, self.fs, self.out_root, self.summary = wf, out_fs, out_root, summary
 
     def run(self, plan: DatasetPlan, job: UnitJob, fp_extra: dict, fused: bool) -> list[CommitRecord]:
         units = plan.units(fp_extra)
@@ -163,7 +163,7 @@ def run_preprocess(wf: Workflow, progress: bool = True) -> PreprocessSummary:
         schema = schema.append(pa.field("paired_with", pa.string()))
     schema = with_metadata(schema, meta)
     summary = PreprocessSummary(out=out_uri)
-    runner = _Runner(wf, out_fs, out_root, summary, progress)
+    runner = _Runner(wf, out_fs, out_root, summary)
 
     def job_for(p: DatasetPlan, role: str, out_rel: str, **kw) -> UnitJob:
         return UnitJob(dataset=p.cfg.name, out_uri=storage.join(out_uri, out_rel) if out_rel else out_uri,
@@ -172,12 +172,11 @@ def run_preprocess(wf: Workflow, progress: bool = True) -> PreprocessSummary:
                        completions=[c.model_dump(mode="json") for c in p.cfg.complete],
                        row_group_size=wf.output.row_group_size, batch_size=wf.features.batch_size, **kw)
 
-    base_fp = {"label_map": None, "complete": None}
     partner_indexes, partner_fps = [], {}
     for p in partners:
         out_rel = storage.join(FEATURES_DIR, p.cfg.name)
         job = job_for(p, "features", out_rel, schema=_features_schema(dims, p.modalities))
-        fp = {**base_fp, "specs": job.specs, "label_map": p.label_map, "complete": job.completions}
+        fp = {"specs": job.specs, "label_map": p.label_map, "complete": job.completions}
         recs = runner.run(p, job, fp, fused=False)
         files = [storage.join(out_root, out_rel, f) for r in recs for f in r.files]
         partner_indexes.append(PartnerIndex.build(out_fs, p.cfg.name, p.modalities, files, wf.pairing.by,
@@ -193,7 +192,7 @@ def run_preprocess(wf: Workflow, progress: bool = True) -> PreprocessSummary:
         job = job_for(p, "fused", "", schema=schema, keep_splits=p.cfg.splits, split_plan=splits,
                       split_seed=wf.train.seed, fusion=wf.fusion.model_dump(mode="json"),
                       pairing=wf.pairing.model_dump(mode="json"), partners=partner_indexes)
-        fp = {**base_fp, "specs": job.specs, "label_map": p.label_map, "complete": job.completions,
+        fp = {"specs": job.specs, "label_map": p.label_map, "complete": job.completions,
               "fusion": job.fusion, "pairing": job.pairing, "partners": partner_fps, "splits": p.cfg.splits,
               "split_plan": meta["split_plan"], "dims": dims, "schema": storage.fingerprint(str(schema))}
         fused_records += runner.run(p, job, fp, fused=True)
