@@ -12,10 +12,12 @@ a 2-core machine Ray Data's executor, its service actors and its imports cost
 several CPU seconds per job (benchmarks/README figures), which this pool does
 not pay.
 
-Faults: an actor whose process dies (SIGKILL, OOM, a lost node) is restarted
-by Ray (``max_restarts=-1``) and the units it held go to live actors (a
-restarted actor may have nowhere to run, e.g. when its node is gone); a unit
-that kills ``max_deaths`` workers fails the job with the unit named.
+Faults: an actor whose process dies (SIGKILL, OOM, a lost node) is not restarted in place
+(``max_restarts=0``): the units it held go to live actors at once and a fresh actor replaces it,
+getting work only once it answers. Ray's in-place restart is not used because a unit handed to a
+restarting actor waits for that restart, which never comes when the actor's node is gone and no
+other node has room (a lost node hung the job that way). A unit that kills ``max_deaths`` workers
+fails the job with the unit named; workers that keep dying before they answer fail it too.
 """
 from __future__ import annotations
 
@@ -32,13 +34,9 @@ class _PoolActor:
     """The actor class (``ray.remote`` is applied in :func:`run_units`, so importing this module
     does not import Ray)."""
 
-    def __init__(self, make_worker: Callable[[Any], Callable], job_ref: list):
-        import ray
-
-        job = ray.get(job_ref[0])   # the job travels once through the object store (a nested ref, so a
-        #                             restarted actor fetches it again rather than pinning its arguments)
+    def __init__(self, make_worker: Callable[[Any], Callable], job: Any):
         # A worker that cannot be built (a missing tool, a bad model path) fails each unit with
-        # its own error instead of dying: a dead actor would be restarted and fail again, silently.
+        # its own error instead of dying: a dead actor would be replaced and fail again, silently.
         try:
             self.worker, self.error = make_worker(job), None
         except Exception as e:  # noqa: BLE001 - re-raised by run()
@@ -67,8 +65,9 @@ def run_units(make_worker: Callable[[Any], Callable], job: Any, units: Iterable[
 
     ``on_result(unit, result)`` runs on the driver as each unit finishes, in completion order.
     Units are handed out in the given order (put the largest first). A unit whose worker died
-    (SIGKILL, OOM, a lost node) is handed to a live worker; the dead one is restarted by Ray and
-    gets work again once it answers. A unit that killed ``max_deaths`` workers fails the job.
+    (SIGKILL, OOM, a lost node) is handed to a live worker; a new worker replaces the dead one
+    and gets work once it answers. A unit that killed ``max_deaths`` workers fails the job, and
+    so do ``max_deaths`` workers in a row that die before they answer.
     """
     import ray
     from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
@@ -78,39 +77,63 @@ def run_units(make_worker: Callable[[Any], Callable], job: Any, units: Iterable[
         return
     res = resources or Resources()
     actor_cls = ray.remote(_PoolActor).options(
-        num_cpus=res.num_cpus, num_gpus=res.num_gpus or None, max_restarts=-1, max_task_retries=0)
-    job_ref = ray.put(job)
-    actors = [actor_cls.remote(make_worker, [job_ref]) for _ in range(max(1, min(num_workers, len(queue))))]
+        num_cpus=res.num_cpus, num_gpus=res.num_gpus or None, max_restarts=0, max_task_retries=0)
+    job_ref = ray.put(job)          # the job travels once through the object store
+    live = [actor_cls.remote(make_worker, job_ref) for _ in range(max(1, min(num_workers, len(queue))))]
+    started = list(live)            # every actor made, for the final kill
+    load = {a: 0 for a in live}     # units in flight per actor
     pending: dict = {}              # ref -> (actor, unit or None for a readiness probe)
-    load = {a: 0 for a in actors}   # units in flight per actor
-    deaths: dict[int, int] = {}
-    restarting: set = set()         # workers that died and have not answered since
+    deaths: dict[int, int] = {}     # id(unit) -> workers that died holding it
+    dead: set = set()
+    start_deaths = 0                # replacements in a row that died before answering
 
     def submit(actor, unit=None) -> None:
         unit = queue.popleft() if unit is None else unit
         pending[actor.run.remote(unit)] = (actor, unit)
         load[actor] += 1
 
+    def probe(actor) -> None:
+        pending[actor.ready.remote()] = (actor, None)
+
+    def replace(actor) -> None:
+        """``actor`` is dead for good: start a new one, which gets work once it answers."""
+        if actor in live:
+            live.remove(actor)
+        if actor not in dead:
+            dead.add(actor)
+            new = actor_cls.remote(make_worker, job_ref)
+            started.append(new)
+            load[new] = 0
+            probe(new)
+
     try:
         for _ in range(in_flight):
-            for a in actors:
+            for a in live:
                 if queue:
                     submit(a)
-        # readiness probes of restarted workers do not keep a finished job open: a worker whose node is
-        # gone may never come back
+        # readiness probes do not keep a finished job open: a replacement may have nowhere to run
+        # (its node is gone) and never answer
         while queue or any(u is not None for _, u in pending.values()):
             done, _ = ray.wait(list(pending), num_returns=1)
             ref = done[0]
             actor, unit = pending.pop(ref)
-            if unit is None:                                  # a restarted worker answers again
+            if unit is None:                                  # a readiness probe
                 try:
                     ray.get(ref)
-                    restarting.discard(actor)
-                    for _ in range(in_flight):
-                        if queue:
-                            submit(actor)
-                except RayActorError:
-                    pending[actor.ready.remote()] = (actor, None)     # still restarting: ask again
+                except ActorDiedError:
+                    start_deaths += 1
+                    if start_deaths >= max_deaths:
+                        raise UnitFailed(f"{max_deaths} workers in a row died while starting "
+                                         "(see the Ray worker logs)") from None
+                    replace(actor)
+                except RayActorError:                         # unreachable for now: ask again
+                    probe(actor)
+                else:
+                    start_deaths = 0
+                    if actor not in live:
+                        live.append(actor)
+                    while queue and load[actor] < in_flight:
+                        submit(actor)
                 continue
             load[actor] -= 1
             try:
@@ -120,21 +143,22 @@ def run_units(make_worker: Callable[[Any], Callable], job: Any, units: Iterable[
                 deaths[id(unit)] = deaths.get(id(unit), 0) + int(died)
                 if deaths[id(unit)] >= max_deaths:
                     raise UnitFailed(f"unit {name(unit)}: its worker died {max_deaths} times") from None
-                if actor not in restarting:
-                    restarting.add(actor)
-                    pending[actor.ready.remote()] = (actor, None)
-                live = [a for a in actors if a not in restarting]
+                if died:
+                    replace(actor)
+                elif actor in live:                           # unreachable, maybe not dead: ask it
+                    live.remove(actor)
+                    probe(actor)
                 if live:
                     submit(min(live, key=lambda a: load[a]), unit)
                 else:
-                    queue.appendleft(unit)          # every worker is restarting: the first one back takes it
+                    queue.appendleft(unit)          # no live worker: the first one to answer takes it
                 continue
             except RayTaskError as e:
                 cause = e.cause if getattr(e, "cause", None) is not None else e
                 raise UnitFailed(f"unit {name(unit)}: {type(cause).__name__}: {cause}") from cause
             on_result(unit, result)
-            if queue:
+            if queue and actor in live:
                 submit(actor)
     finally:
-        for a in actors:
+        for a in started:
             ray.kill(a, no_restart=True)

@@ -288,10 +288,7 @@ def _quiet_ray_logs() -> None:
     - "Token authentication is enabled for this Ray cluster..." at every start of the embedded Ray
       (token auth stays on; only the notice goes);
     - Ray Data's INFO lines (execution plans, "Progress will be logged...");
-    Worker output forwarded to the driver is filtered in _filter_worker_logs. Not silenced: the
-    C++ notice "has constructor arguments in the object store and max_restarts > 0" that the
-    driver's own core worker logs once per actor pool (RAY_BACKEND_LOG_LEVEL would hide it, but
-    also every real C++ error of every Ray process, and each process then logs the level it set).
+    Worker output forwarded to the driver is filtered in _filter_worker_logs.
     """
     logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
         _DropMessages("Token authentication is enabled for this Ray cluster"))

@@ -111,9 +111,10 @@ def cnn_reference(canon, tmp_path_factory):
     return out
 
 
-# --- 1. node fault (runs first: after the worker-fault tests its subprocess Cluster hung; cause not found) ---
+# --- 1. node fault ---------------------------------------------------------------------------------
 NODE_SCRIPT = r"""
-import glob, json, os, sys, threading, time
+import faulthandler, glob, json, os, sys, threading, time
+faulthandler.dump_traceback_later(300, exit=True)   # a hang shows its stacks in the test's failure
 sys.path.insert(0, sys.argv[3])
 from faults import child_pids, cmdline
 from ray.cluster_utils import Cluster
@@ -170,7 +171,7 @@ def test_lost_worker_node_mid_job_gives_the_exact_output(canon, cnn_reference, t
     assert_same_output(out, cnn_reference)
 
 
-# --- 1. worker fault -------------------------------------------------------------------------------
+# --- 2. worker fault -------------------------------------------------------------------------------
 WORKER_SCRIPT = r"""
 import json, sys
 import ray
@@ -192,9 +193,9 @@ def with_fault_hooks(**env) -> dict:
     return {"PYTHONPATH": path, **env}
 
 
-def test_killed_model_actor_is_restarted_and_output_is_unchanged(canon, cnn_reference, tmp_path, ray_tmp):
+def test_killed_model_actor_is_replaced_and_output_is_unchanged(canon, cnn_reference, tmp_path, ray_tmp):
     """A unit worker holding the CNN SIGKILLs itself at its 3rd unit (test hook, tests/fault_hooks.py);
-    Ray restarts the actor (max_restarts=-1) and retries the unit; the output equals the undisturbed run."""
+    the pool hands the unit to a live worker and replaces the dead one; the output equals the undisturbed run."""
     from fault_hooks import KILL_UNIT_ENV
 
     flag = tmp_path / "kill-actor"
@@ -209,8 +210,8 @@ def test_killed_model_actor_is_restarted_and_output_is_unchanged(canon, cnn_refe
     assert_same_output(out, cnn_reference)
 
 
-def test_killed_extract_actor_is_restarted_and_output_is_unchanged(canon, tmp_path, ray_tmp):
-    """Model-free extractors: a unit worker SIGKILLs itself at its 2nd unit; Ray restarts it and
+def test_killed_extract_actor_is_replaced_and_output_is_unchanged(canon, tmp_path, ray_tmp):
+    """Model-free extractors: a unit worker SIGKILLs itself at its 2nd unit; a new worker replaces it and
     retries the unit; same output, no duplicate rows, no partial file."""
     from fault_hooks import KILL_UNIT_ENV
 
