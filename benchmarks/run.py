@@ -153,6 +153,10 @@ class Monitor:
     ``cpu_by_process`` splits the process tree's CPU seconds by kind of process (the driver, each
     kind of Ray actor or daemon, pool workers), sampled every 0.2 s; a process's last fraction
     of a sampling interval before it exits is missed.
+
+    The monitor's own polling (a thread of the driver process, reading /proc for every process of
+    the tree: more for a Ray job's dozen processes than for a Pool's three) is measured with
+    ``thread_time`` and taken out of the driver's CPU and the machine's CPU seconds.
     """
 
     def __init__(self, interval: float = 0.2, memory_every: int = 5):
@@ -161,6 +165,7 @@ class Monitor:
         # store), so memory is sampled every ``memory_every`` ticks (1 s); CPU times every tick
         self.memory_every = memory_every
         self._cpu_seen: dict[int, tuple[str, float, float]] = {}      # pid -> (kind, cpu at start, cpu now)
+        self.own_cpu = 0.0                                              # CPU seconds of the polling thread
 
     @staticmethod
     def _kind(p: psutil.Process, me: int) -> str:
@@ -170,7 +175,7 @@ class Monitor:
         if not cmd:
             return p.name()
         if cmd[0].startswith("ray::"):
-            return cmd[0].split()[0]                                # Ray actors and workers set their title
+            return cmd[0].split()[0].split(".")[0]      # Ray actors and workers set their title (ray::Actor.method)
         script = next((a for a in cmd[1:] if a.endswith(".py")), None)
         return os.path.basename(script or cmd[0])
 
@@ -182,8 +187,12 @@ class Monitor:
                 if memory:
                     total += p.memory_full_info().pss
                 t = p.cpu_times()
-                cpu, kind = t.user + t.system, self._kind(p, me.pid)
-                old_kind, start, _ = self._cpu_seen.get(p.pid) or (kind, cpu if first else 0.0, 0.0)
+                seen = self._cpu_seen.get(p.pid)
+                # a process's kind is read once (a /proc read per process per tick is the monitor's
+                # main cost), except while it is an idle Ray worker that may become an actor
+                kind = seen[0] if seen and seen[0] != "ray::IDLE" else self._kind(p, me.pid)
+                cpu = t.user + t.system
+                old_kind, start, _ = seen or (kind, cpu if first else 0.0, 0.0)
                 # a prestarted Ray worker is ray::IDLE until it becomes an actor: keep the actor's name
                 self._cpu_seen[p.pid] = (old_kind if kind == "ray::IDLE" else kind, start, cpu)
             except psutil.Error:
@@ -194,15 +203,18 @@ class Monitor:
         out: dict[str, float] = {}
         for kind, start, now in self._cpu_seen.values():
             out[kind] = out.get(kind, 0.0) + now - start
+        out["driver"] = out.get("driver", 0.0) - self.own_cpu
         return {k: round(v, 2) for k, v in sorted(out.items(), key=lambda kv: -kv[1]) if v >= 0.05}
 
     def _run(self):
+        c0 = time.thread_time()
         psutil.cpu_percent(None)
         tick = 0
         while not self._stop.wait(self.interval):
             tick += 1
             self.peak = max(self.peak, self._poll_tree(memory=tick % self.memory_every == 0))
             self.samples.append(psutil.cpu_percent(None))
+            self.own_cpu = time.thread_time() - c0
 
     def __enter__(self):
         self._poll_tree(first=True, memory=False)
@@ -215,11 +227,12 @@ class Monitor:
 
     def __exit__(self, *exc):
         self.seconds = time.perf_counter() - self.t0
-        self.cpu_seconds = machine_cpu()[0] - self.busy0
+        busy = machine_cpu()[0] - self.busy0
         self.steal.__exit__()
         self._stop.set()
         self.thread.join()
-        self.peak = max(self.peak, self._poll_tree())
+        self.cpu_seconds = busy - self.own_cpu
+        self.peak = max(self.peak, self._poll_tree(memory=True))
 
 
 
