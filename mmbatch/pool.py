@@ -121,6 +121,8 @@ def run_units(make_worker: Callable[[Any], Callable], job: Any, units: Iterable[
                 try:
                     ray.get(ref)
                 except ActorDiedError:
+                    if actor in dead:                         # already replaced (a unit saw it die)
+                        continue
                     start_deaths += 1
                     if start_deaths >= max_deaths:
                         raise UnitFailed(f"{max_deaths} workers in a row died while starting "

@@ -1,5 +1,5 @@
 """mmbatch.pool.run_units on the shared real Ray (2 CPUs): every unit once, dead workers replaced,
-failing units named. The worker factories are defined inside the tests so Ray ships them by value."""
+failing units named. The worker factories are defined inside functions so Ray ships them by value."""
 from __future__ import annotations
 
 import os
@@ -10,14 +10,20 @@ import pytest
 from mmbatch.pool import Resources, UnitFailed, run_units
 
 
-def run_in_thread(deadline_s: float = 120, **kwargs) -> dict:
-    """run_units with a deadline: a hung pool fails the test instead of hanging it."""
+def run_in_thread(deadline_s: float = 120, then=None, **kwargs) -> dict:
+    """run_units with a deadline: a hung pool fails the test instead of hanging it. Returns unit ->
+    results received for it; ``then(unit, result)`` runs after each one is recorded."""
     results: dict = {}
     box: dict = {}
 
+    def on_result(unit, result):
+        results.setdefault(unit, []).append(result)
+        if then is not None:
+            then(unit, result)
+
     def target():
         try:
-            run_units(on_result=lambda u, r: results.setdefault(u, []).append(r), **kwargs)
+            run_units(on_result=on_result, **kwargs)
         except BaseException as e:  # noqa: BLE001 - re-raised in the test's thread
             box["error"] = e
 
@@ -28,6 +34,21 @@ def run_in_thread(deadline_s: float = 120, **kwargs) -> dict:
     if "error" in box:
         raise box["error"]
     return results
+
+
+def dies_once(flag: str, at_unit, after_s: float | None = None):
+    """A worker factory whose worker returns its pid, and whose process exits at ``at_unit`` while
+    ``flag`` exists (removing it): at once, holding the unit, or ``after_s`` after answering it."""
+    def make_worker(job):
+        def work(unit):
+            if unit == at_unit and os.path.exists(flag):
+                os.remove(flag)
+                if after_s is None:
+                    os._exit(1)
+                threading.Timer(after_s, os._exit, (1,)).start()
+            return os.getpid()
+        return work
+    return make_worker
 
 
 def test_every_unit_runs_once_and_results_reach_the_driver(ray_session):
@@ -44,17 +65,8 @@ def test_every_unit_runs_once_and_results_reach_the_driver(ray_session):
 def test_unit_of_a_killed_worker_goes_to_another_worker(ray_session, tmp_path):
     flag = str(tmp_path / "kill-once")
     open(flag, "w").close()
-
-    def make_worker(job):
-        def work(unit):
-            if unit == 5 and os.path.exists(flag):
-                os.remove(flag)
-                os._exit(1)                                       # the process dies holding unit 5
-            return os.getpid()
-        return work
-
-    results = run_in_thread(make_worker=make_worker, job=None, units=range(12), num_workers=2,
-                            resources=Resources(num_cpus=1))
+    results = run_in_thread(make_worker=dies_once(flag, 5), job=None, units=range(12), num_workers=2,
+                            resources=Resources(num_cpus=1))          # the process dies holding unit 5
     assert not os.path.exists(flag), "the fault never fired"
     assert sorted(results) == list(range(12)) and all(len(r) == 1 for r in results.values())
 
@@ -69,43 +81,21 @@ def test_dead_worker_whose_replacement_cannot_start_does_not_hang_the_job(ray_se
     flag = str(tmp_path / "die-after-answering")
     open(flag, "w").close()
 
-    def make_worker(job):
-        def work(unit):
-            if unit == 0 and os.path.exists(flag):
-                os.remove(flag)
-                threading.Timer(0.2, os._exit, (1,)).start()     # dies just after this answer
-            return os.getpid()
-        return work
-
     @ray.remote(num_cpus=1)
     class Blocker:
         def ready(self) -> bool:
             return True
 
     blockers = []
-    results: dict = {}
 
-    def on_result(unit, pid):
-        results.setdefault(unit, []).append(pid)
+    def take_the_cpu(unit, pid):
         if unit == 0 and not blockers:
             blockers.append(Blocker.remote())                     # waits for a free CPU: A's, once A dies
             ray.get(blockers[0].ready.remote(), timeout=60)       # A is dead and its CPU taken
 
-    box: dict = {}
-
-    def target():
-        try:
-            run_units(make_worker, None, range(6), on_result, num_workers=2, in_flight=1,
-                      resources=Resources(num_cpus=1))
-        except BaseException as e:  # noqa: BLE001
-            box["error"] = e
-
-    t = threading.Thread(target=target, daemon=True)
-    t.start()
-    t.join(120)
     try:
-        assert not t.is_alive(), "the job waited for a worker that cannot start"
-        assert "error" not in box, box
+        results = run_in_thread(make_worker=dies_once(flag, 0, after_s=0.2), job=None, units=range(6),
+                                num_workers=2, in_flight=1, resources=Resources(num_cpus=1), then=take_the_cpu)
         assert not os.path.exists(flag), "the fault never fired"
         assert sorted(results) == list(range(6)) and all(len(r) == 1 for r in results.values())
         assert len({results[u][0] for u in range(1, 6)} - {results[0][0]}) == 1   # the rest ran on B
