@@ -76,8 +76,8 @@ def probe_image(data: bytes | None) -> ImageInfo:
 SPHERE_MAGIC = b"NIST_1A\n"
 
 
-def is_sphere(data: bytes) -> bool:
-    return data[:8] == SPHERE_MAGIC
+def is_sphere(data: bytes | memoryview) -> bool:
+    return bytes(data[:8]) == SPHERE_MAGIC
 
 
 def sphere_header(data: bytes) -> dict[str, str]:
@@ -86,13 +86,13 @@ def sphere_header(data: bytes) -> dict[str, str]:
     Raises ``bad_header`` when the header size is not a number or exceeds the file.
     """
     try:
-        header_size = int(data[8:16].strip())
+        header_size = int(bytes(data[8:16]).strip())
     except ValueError:
         raise MediaError("bad_header", "SPHERE header size is not a number") from None
     if header_size < 16 or header_size > len(data):
         raise MediaError("truncated", f"SPHERE header declares {header_size} bytes, file has {len(data)}")
     fields: dict[str, str] = {}
-    for raw in data[16:header_size].split(b"\n"):
+    for raw in bytes(data[16:header_size]).split(b"\n"):
         line = raw.decode("ascii", "replace").strip()
         if line == "end_head":
             break
@@ -120,6 +120,15 @@ def _check_count(declared: int | None, frames: int) -> None:
         raise MediaError("truncated", f"SPHERE header declares {declared} samples, file holds {frames}")
 
 
+def _reader(data: bytes | memoryview):
+    """A seekable file object over ``data`` that does not copy it (``io.BytesIO`` copies a memoryview)."""
+    if isinstance(data, bytes):
+        return io.BytesIO(data)       # shares the bytes object
+    import pyarrow as pa
+
+    return pa.BufferReader(data)
+
+
 def probe_audio(data: bytes | None) -> AudioInfo:
     """Read the audio header only (FLAC/WAV/OGG/NIST SPHERE via libsndfile)."""
     if not data:
@@ -136,15 +145,18 @@ def probe_audio(data: bytes | None) -> AudioInfo:
     return AudioInfo(int(info.samplerate), int(info.frames), int(info.channels), fmt)
 
 
-def decode_audio(data: bytes | None) -> tuple[np.ndarray, int]:
-    """Decode to float32 mono samples in [-1, 1] and the file's sample rate."""
+def decode_audio(data: bytes | memoryview | None) -> tuple[np.ndarray, int]:
+    """Decode to float32 mono samples in [-1, 1] and the file's sample rate.
+
+    ``data`` may be a memoryview into a Parquet column's buffer: libsndfile reads it in place
+    (through ``pyarrow.BufferReader``), without a copy of the file."""
     if not data:
         raise MediaError("empty_file", "zero-byte audio")
     declared = _check_sphere(data) if is_sphere(data) else None
     import soundfile as sf
 
     try:
-        x, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=False)
+        x, sr = sf.read(_reader(data), dtype="float32", always_2d=False)
     except Exception as e:
         raise MediaError("corrupt_audio", f"{type(e).__name__}: {e}") from None
     _check_count(declared, len(x))

@@ -298,3 +298,28 @@ def test_logmel_stats_imports_neither_librosa_nor_scipy_nor_torch():
         "print(sorted(m for m in ('librosa', 'scipy', 'torch', 'cv2') if m in sys.modules))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_zero_copy_column_views_decode_like_bytes():
+    """The preprocess unit hands extractors memoryviews into the Parquet column's buffer
+    (``raw_items``), which libsndfile reads in place: same features and same row errors as the
+    bytes themselves, SPHERE (both byte orders, shorten refused) included."""
+    import pyarrow as pa
+
+    from mmbatch.preprocess.unit import raw_items
+
+    x = _speechlike(0.5)
+    flac = _encode(_speechlike(2.0), SR, "FLAC")
+    values = list(_real_clips().values()) + [
+        sphere.encode(x, SR, byte_format="10"), sphere.encode(x, SR, byte_format="01"),
+        sphere.encode(x, SR, sample_coding="pcm,embedded-shorten-v2.00"), flac[: len(flac) // 2], b"", None]
+    col = pa.array([None if v is None else {"bytes": v, "path": f"wav/{i}"} for i, v in enumerate(values)],
+                   pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+    items, _ = raw_items(pa.table({"audio": col}), "audio")
+    assert all(isinstance(v, memoryview) for v in items[:-1]) and items[-1] is None
+    ex = LogMelStatsExtractor()
+    f_bytes, e_bytes = ex.extract(values)
+    f_view, e_view = ex.extract(items)
+    assert e_view == e_bytes
+    assert [e[0] if e else None for e in e_view[-4:]] == ["sphere_shorten", "corrupt_audio", "empty_file", "empty_file"]
+    assert np.array_equal(f_view, f_bytes) and f_view[:-4].any(axis=1).all()

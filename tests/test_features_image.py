@@ -436,3 +436,25 @@ def test_hog_agrees_with_skimage(bins):
         if bins > 1 and ours[i].any():      # and that tolerance tells a wrong bin apart
             wrong = np.roll(ours[i].reshape(-1, bins), 1, axis=1).ravel()
             assert np.abs(wrong - linear).max() > 20 * HOG_ANGLE_TOL, name
+
+
+def test_zero_copy_column_views_decode_like_bytes():
+    """The preprocess unit hands extractors memoryviews into the Parquet column's buffer
+    (``raw_items``): same features and same row errors as the bytes themselves."""
+    import pyarrow as pa
+
+    from mmbatch.preprocess.unit import raw_items
+
+    good = list(_real_image_files().values())
+    jpeg = _jpeg(_smooth_rgb(300, 200))
+    values = good + [jpeg[:1000], b"this is not an image at all" * 10, b"", None]
+    col = pa.array([None if v is None else {"bytes": v, "path": f"img/{i}"} for i, v in enumerate(values)],
+                   pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+    items, paths = raw_items(pa.table({"image": col}), "image")
+    assert all(isinstance(x, memoryview) for x in items[:-1]) and items[-1] is None
+    assert paths[0] == "img/0" and paths[-1] is None
+    ex = HogColorExtractor()
+    f_bytes, e_bytes = ex.extract(values)
+    f_view, e_view = ex.extract(items)
+    assert e_view == e_bytes and [e[0] for e in e_view[len(good):-2]] == ["corrupt_image", "not_an_image"]
+    assert np.array_equal(f_view, f_bytes)

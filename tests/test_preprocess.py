@@ -211,6 +211,13 @@ def test_output_readable_by_common_tools(paired):
     assert duckdb.sql(f"select count(*) from read_parquet('{out}/*.parquet')").fetchall()[0][0] == s.rows_out
     assert pl.read_parquet(files).height == s.rows_out
     assert ray.data.read_parquet(str(out)).count() == s.rows_out
+    # the float columns' encoding (byte-stream-split + LZ4) decodes to the same values everywhere
+    first = pq.read_table(files[0]).slice(0, 1)
+    want = first.column("fused").to_pylist()[0]
+    assert duckdb.sql(f"select fused from read_parquet('{files[0]}') limit 1").fetchall()[0][0] == \
+        pytest.approx(want, abs=0)
+    assert pl.read_parquet(files[0]).get_column("fused")[0].to_list() == pytest.approx(want, abs=0)
+    assert pd.read_parquet(files[0]).iloc[0]["fused"].tolist() == pytest.approx(want, abs=0)
     from datasets import load_dataset
     hf = load_dataset("parquet", data_files=files, split="train")
     assert len(hf) == s.rows_out and len(hf[0]["fused"]) == len(hf[0]["image_emb"]) + len(hf[0]["audio_emb"]) + \
@@ -219,15 +226,18 @@ def test_output_readable_by_common_tools(paired):
 
 def test_embeddings_are_written_without_dictionary_encoding(paired):
     """Float embedding columns skip Parquet's dictionary attempt (all values distinct: wasted
-    work, bigger files); label-like string columns keep it."""
+    work, bigger files) and are byte-stream-split + LZ4; label-like string columns keep the
+    dictionary and zstd."""
     import pyarrow.parquet as pq
 
     out, _ = paired
     meta = pq.ParquetFile(sorted(Path(out).glob("*.parquet"))[0]).metadata
-    enc = {meta.schema.column(i).path.split(".")[0]: meta.row_group(0).column(i).encodings
-           for i in range(meta.num_columns)}
+    cols = {meta.schema.column(i).path.split(".")[0]: meta.row_group(0).column(i) for i in range(meta.num_columns)}
+    enc = {c: m.encodings for c, m in cols.items()}
     for col in ("fused", "image_emb", "audio_emb"):
         assert "RLE_DICTIONARY" not in enc[col] and "PLAIN_DICTIONARY" not in enc[col], (col, enc[col])
+        assert "BYTE_STREAM_SPLIT" in enc[col] and cols[col].compression in ("LZ4", "LZ4_RAW"), (col, enc[col])
+    assert cols["split"].compression == "ZSTD"
     assert "RLE_DICTIONARY" in enc["split"] or "PLAIN_DICTIONARY" in enc["split"], enc["split"]
 
 

@@ -361,14 +361,16 @@ class TorchFrontend:
 
 
 # --- decode -----------------------------------------------------------------------------
-def _audio_bytes(item: Any) -> Optional[bytes]:
+def _audio_bytes(item: Any) -> Optional[bytes | memoryview]:
     if item is None:
         return None
     if isinstance(item, dict):
         item = item.get("bytes")
         if item is None:
             return None
-    if isinstance(item, (bytes, bytearray, memoryview)):
+    if isinstance(item, (bytes, memoryview)):
+        return item               # a memoryview is decoded in place (media.decode_audio)
+    if isinstance(item, bytearray):
         return bytes(item)
     raise media.MediaError("not_audio", f"expected audio bytes, got {type(item).__name__}")
 

@@ -62,15 +62,19 @@ DECODE_PARAMS = {
 }
 
 
-def media_bytes(item: Any) -> Optional[bytes]:
-    """Raw bytes from a column value: bytes-like, or a ``{"bytes", "path"}`` struct (dict)."""
+def media_bytes(item: Any) -> Optional[bytes | memoryview]:
+    """Raw bytes from a column value: bytes-like, or a ``{"bytes", "path"}`` struct (dict). A
+    memoryview (a zero-copy view into a Parquet column, see ``preprocess.unit.raw_items``) is
+    passed on as is."""
     if item is None:
         return None
     if isinstance(item, dict):
         item = item.get("bytes")
         if item is None:
             return None
-    if isinstance(item, (bytes, bytearray, memoryview)):
+    if isinstance(item, (bytes, memoryview)):
+        return item
+    if isinstance(item, bytearray):
         return bytes(item)
     if isinstance(item, np.ndarray) and item.dtype == np.uint8:
         return item.tobytes()
@@ -111,7 +115,7 @@ def _pil_decode(data: bytes) -> np.ndarray:
         raise media.MediaError("corrupt_image", f"{type(e).__name__}: {e}") from None
 
 
-def decode_full(data: bytes, scale: int = 1, info: Optional[media.ImageInfo] = None) -> np.ndarray:
+def decode_full(data: bytes | memoryview, scale: int = 1, info: Optional[media.ImageInfo] = None) -> np.ndarray:
     """Bytes -> RGB uint8 [h, w, 3] (``scale`` > 1: JPEG DCT-scaled decode). Probes first."""
     info = info or media.probe_image(data)
     if info.format not in _JPEG_FORMATS:
