@@ -504,7 +504,9 @@ def main() -> None:
              "datasets": f"datasets.map(num_proc={cores})", "ideal": "ideal",
              "raydata": "plain Ray Data map_batches", "ingest": "mmbatch ingest (manifest)"}
     for r in range(args.repeat):
-        for name in names:
+        # the order flips every round (A B, B A, ...): on a VM whose speed drifts within minutes,
+        # a fixed order would hand one contender the same phase of every drift
+        for name in (names if r % 2 == 0 else names[::-1]):
             res = spawn_child(name, args, args.samples)
             if name != "ideal":
                 res.update(samples_per_s=round(n / res["seconds"], 1),
@@ -520,6 +522,11 @@ def _median(runs: list[dict], key: str) -> float:
     return float(np.median([r[key] for r in runs]))
 
 
+def paired_ratios(mine: list[dict], theirs: list[dict]) -> list[float]:
+    """Per round, mmbatch's samples/s over the other contender's (rounds where both ran)."""
+    return [round(a["samples_per_s"] / b["samples_per_s"], 3) for a, b in zip(mine, theirs)]
+
+
 def write_results(results: dict, out: Path) -> None:
     runs = results["runs"]
     ideal = None
@@ -533,16 +540,18 @@ def write_results(results: dict, out: Path) -> None:
              f"Command: `{results['command']}`; each contender in a fresh process, medians of {results['repeat']} "
              f"interleaved run(s)" + (f"; Ray start-up {np.median(startup):.1f} s, not included in samples/s "
                                       "(the last column includes it)." if startup else "."),
-             "", "| contender | samples/s (range) | audio s / wall s | CPU util % | CPU s / 1k samples "
-                 "| driver CPU s / 1k samples | driver read MB | CPU steal % | peak memory (PSS) MB | % of ideal "
-                 "| samples/s incl. start-up |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "", "| contender | samples/s (range) | mmbatch vs this, paired (range) | audio s / wall s | CPU util % "
+                 "| CPU s / 1k samples | driver CPU s / 1k samples | driver read MB | CPU steal % | peak memory (PSS) MB "
+                 "| % of ideal | samples/s incl. start-up |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     if ideal:
         ranked = sorted(runs["ideal"], key=lambda r: r["single_process_samples_per_s"])
         per = ranked[len(ranked) // 2]["per_sample_ms"]                   # the median run's
         lines.append(f"| ideal ({results['machine']['cores']} x single process; ms/sample: " +
                      ", ".join(f"{k} {v}" for k, v in per.items()) + f") | {ideal} | | | | "
                      f"{sum(per.values()):.1f} | | | {_median(runs['ideal'], 'steal_pct'):.0f} | | 100 | |")
+    mine = runs.get("mmbatch preprocess")
+    results["paired_ratio"] = {}
     for name, rs in runs.items():
         if name == "ideal":
             continue
@@ -550,7 +559,14 @@ def write_results(results: dict, out: Path) -> None:
         rng = f" ({min(r['samples_per_s'] for r in rs)}-{max(r['samples_per_s'] for r in rs)})" if len(rs) > 1 else ""
         pct = f"{100 * sps / ideal:.0f}" if ideal else ""
         driver = float(np.median([r["cpu_by_process"].get("driver", 0.0) for r in rs]))
-        lines.append(f"| {name} | {sps:.1f}{rng} | {_median(rs, 'audio_x_realtime'):.0f} | "
+        paired = ""
+        if mine and not name.startswith("mmbatch"):          # not against itself or ingest
+            # mmbatch's speed over this contender's within each round (the two ran back to back):
+            # less exposed to the VM's drift between rounds than a ratio of medians
+            ratios = paired_ratios(mine, rs)
+            results["paired_ratio"][name] = ratios
+            paired = f"{np.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
+        lines.append(f"| {name} | {sps:.1f}{rng} | {paired} | {_median(rs, 'audio_x_realtime'):.0f} | "
                      f"{_median(rs, 'cpu_util_pct'):.0f} | {1000 * _median(rs, 'cpu_seconds') / results['samples']:.1f} | "
                      f"{1000 * driver / results['samples']:.2f} | {_median(rs, 'driver_read_mb'):.0f} | "
                      f"{_median(rs, 'steal_pct'):.0f} | {_median(rs, 'peak_mem_mb'):.0f} | {pct} | "

@@ -44,6 +44,11 @@ def test_preprocess_benchmark_runs_every_contender(tmp_path):
             assert run["cpu_seconds"] > 0 and run["peak_mem_mb"] > 0 and run["samples_per_s"] > 0, name
     table = (tmp_path / "out" / "preprocess-24.md").read_text()
     assert "% of ideal" in table and table.count("\n| ") == 7      # header + ideal + 5 contenders
+    # mmbatch against each alternative within the round, not against itself or ingest
+    assert set(res["paired_ratio"]) == {f"multiprocessing.Pool({cores})", f"datasets.map(num_proc={cores})",
+                                        "plain Ray Data map_batches"}
+    pool = res["runs"][f"multiprocessing.Pool({cores})"][0]
+    assert res["paired_ratio"][f"multiprocessing.Pool({cores})"] == [round(mm["samples_per_s"] / pool["samples_per_s"], 3)]
 
 
 def test_small_item_corpus_and_paired_memory_mode(tmp_path):
