@@ -9,6 +9,8 @@ Corpus: ImageNet-like JPEGs (about 500x375, ~110 KB) and LibriSpeech-like 16 kHz
 utterances of 10-15 s with transcripts, joined per sample by a manifest (image + audio + text).
 Every contender runs the same extractors with the same parameters (the workflow's defaults:
 hog_color at 64 px, log-mel/MFCC statistics, hashing text) on the same canonical Parquet.
+``raychunk`` is a diagnostic: the Pool script with its process pool swapped for mmbatch's Ray
+actor pool, which splits mmbatch's distance to the Pool into Ray's hosting cost and its own.
 
 Fairness: each contender runs in a fresh Python process (``--child``), so each pays its own
 imports and extractor warm-up inside its timed section (datasets.map warms its parent once and
@@ -279,6 +281,32 @@ def run_pool(files: list[str], cores: int, out: Path) -> None:
     pq.write_table(table, out / "pool.parquet")
 
 
+def _chunk_worker(_job) -> object:
+    """An actor's worker for the ``raychunk`` contender: the Pool script's own function."""
+    _extractors()
+    return _pool_chunk
+
+
+def run_raychunk(files: list[str], cores: int, out: Path) -> None:
+    """The Pool script with its pool swapped for mmbatch's Ray actor pool (``mmbatch.pool``): the
+    same function on the same chunks, results back to the driver, which writes them. Against
+    ``pool`` it measures what hosting the work on Ray costs; against ``mmbatch`` what mmbatch's
+    data path (read, fuse and write in the worker) costs."""
+    from mmbatch.pool import run_units
+
+    chunks = [(f, rg) for f in files for rg in range(pq.ParquetFile(f).metadata.num_row_groups)]
+    ids, embs = [], {"image": [], "audio": [], "text": []}
+
+    def on_result(_chunk, result) -> None:
+        sid, res = result
+        ids.extend(sid)
+        for m in embs:
+            embs[m].append(res[m])
+    run_units(_chunk_worker, None, chunks, on_result, num_workers=cores)
+    table = pa.table({"sample_id": ids, **{f"{m}_emb": list(np.concatenate(v)) for m, v in embs.items()}})
+    pq.write_table(table, out / "raychunk.parquet")
+
+
 def _hf_map(batch):
     res = extract_rows([r["bytes"] for r in batch["image"]], [r["bytes"] for r in batch["audio"]], batch["text"])
     return {f"{m}_emb": list(v) for m, v in res.items()}
@@ -374,7 +402,7 @@ def run_ingest_job(data: Path, out: Path) -> dict:
 
 
 # --- one contender, in a fresh process ------------------------------------------------------------
-CONTENDERS = ("ideal", "mmbatch", "pool", "datasets", "raydata", "ingest")
+CONTENDERS = ("ideal", "mmbatch", "pool", "raychunk", "datasets", "raydata", "ingest")
 
 
 def child(name: str, data: Path, cores: int, probe: int, partner: str | None = None) -> dict:
@@ -388,7 +416,7 @@ def child(name: str, data: Path, cores: int, probe: int, partner: str | None = N
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir(parents=True)
     res: dict = {}
-    if name in ("mmbatch", "raydata", "ingest"):
+    if name in ("mmbatch", "raychunk", "raydata", "ingest"):
         from mmbatch.runtime import init_ray
 
         t0 = time.perf_counter()
@@ -402,6 +430,8 @@ def child(name: str, data: Path, cores: int, probe: int, partner: str | None = N
             run_pool(files, cores, target)
         elif name == "datasets":
             run_datasets(files, cores, target)
+        elif name == "raychunk":
+            run_raychunk(files, cores, target)
         elif name == "raydata":
             run_raydata(files, cores, target)
         elif name == "ingest":
@@ -502,6 +532,7 @@ def main() -> None:
     names = [c for c in CONTENDERS if c in args.only.split(",")]
     label = {"mmbatch": "mmbatch preprocess", "pool": f"multiprocessing.Pool({cores})",
              "datasets": f"datasets.map(num_proc={cores})", "ideal": "ideal",
+             "raychunk": "Pool script on mmbatch's Ray actor pool",
              "raydata": "plain Ray Data map_batches", "ingest": "mmbatch ingest (manifest)"}
     for r in range(args.repeat):
         # the order flips every round (A B, B A, ...): on a VM whose speed drifts within minutes,

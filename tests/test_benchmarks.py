@@ -31,8 +31,8 @@ def test_preprocess_benchmark_runs_every_contender(tmp_path):
     assert res["samples"] == 24
     cores = os.cpu_count()
     assert set(res["runs"]) == {"ideal", "mmbatch preprocess", f"multiprocessing.Pool({cores})",
-                                f"datasets.map(num_proc={cores})", "plain Ray Data map_batches",
-                                "mmbatch ingest (manifest)"}
+                                "Pool script on mmbatch's Ray actor pool", f"datasets.map(num_proc={cores})",
+                                "plain Ray Data map_batches", "mmbatch ingest (manifest)"}
     assert res["ideal_samples_per_s"] > 0
     (mm,) = res["runs"]["mmbatch preprocess"]
     assert mm["rows_out"] == 24                                   # every sample fused
@@ -43,10 +43,14 @@ def test_preprocess_benchmark_runs_every_contender(tmp_path):
         if name != "ideal":
             assert run["cpu_seconds"] > 0 and run["peak_mem_mb"] > 0 and run["samples_per_s"] > 0, name
     table = (tmp_path / "out" / "preprocess-24.md").read_text()
-    assert "% of ideal" in table and table.count("\n| ") == 7      # header + ideal + 5 contenders
+    assert "% of ideal" in table and table.count("\n| ") == 8      # header + ideal + 6 contenders
+    chunked = pq.read_table(tmp_path / "data" / "n24" / "out-raychunk" / "raychunk.parquet")
+    pooled = pq.read_table(tmp_path / "data" / "n24" / "out-pool" / "pool.parquet")
+    assert chunked.num_rows == 24                           # the same function, hosted on Ray: same rows
+    assert chunked.sort_by("sample_id").equals(pooled.sort_by("sample_id"))
     # mmbatch against each alternative within the round, not against itself or ingest
     assert set(res["paired_ratio"]) == {f"multiprocessing.Pool({cores})", f"datasets.map(num_proc={cores})",
-                                        "plain Ray Data map_batches"}
+                                        "plain Ray Data map_batches", "Pool script on mmbatch's Ray actor pool"}
     pool = res["runs"][f"multiprocessing.Pool({cores})"][0]
     assert res["paired_ratio"][f"multiprocessing.Pool({cores})"] == [round(mm["samples_per_s"] / pool["samples_per_s"], 3)]
 
