@@ -68,6 +68,19 @@ def test_small_item_corpus_and_paired_memory_mode(tmp_path):
     assert cv2.imread(str(img)).shape == (28, 28, 3)
 
 
+def test_unit_ab_runs_both_ways_on_every_row(tmp_path):
+    """benchmarks.unit_ab: mmbatch's unit and the Pool's chunk function, alternated in two actors,
+    each over every row of every round."""
+    _run(["benchmarks.unit_ab", "--small", "--samples", "16", "--rounds", "2", "--data", str(tmp_path / "data"),
+          "--out", str(tmp_path / "ab.json")])
+    res = json.loads((tmp_path / "ab.json").read_text())
+    assert res["rounds"] == 2 and res["units"] >= 1
+    for way in ("unit", "chunk"):
+        assert res["per_sample"][way]["process_ms"] > 0 and res["per_sample"][way]["thread_ms"] > 0, way
+    # the unit wrote its final files (the intercepted run_preprocess planned them, the actors wrote them)
+    assert list((tmp_path / "data" / "small-n16" / "out-unit-ab").glob("*.parquet"))
+
+
 def test_training_benchmark_runs_plain_ddp_and_ray_train(tmp_path):
     _run(["benchmarks.train", "--rows", "600", "--epochs", "3", "--dim", "8", "--only", "plain,ddp2,ray2",
           "--data", str(tmp_path / "data"), "--out", str(tmp_path / "out")])
