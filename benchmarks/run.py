@@ -269,16 +269,24 @@ def run_ideal(files: list[str], n_probe: int, passes: int = 3) -> dict:
             "steal_pct": steal.pct}
 
 
-def run_pool(files: list[str], cores: int, out: Path) -> None:
-    chunks = [(f, rg) for f in files for rg in range(pq.ParquetFile(f).metadata.num_row_groups)]
+def row_group_chunks(files: list[str]) -> list[tuple[str, int]]:
+    return [(f, rg) for f in files for rg in range(pq.ParquetFile(f).metadata.num_row_groups)]
+
+
+def write_chunk_results(results, path: Path) -> None:
+    """The Pool script's parent: gather each chunk's (ids, embeddings) and write one file."""
     ids, embs = [], {"image": [], "audio": [], "text": []}
-    with mp.get_context("spawn").Pool(cores) as pool:
-        for sid, res in pool.imap(_pool_chunk, chunks):
-            ids += sid
-            for m in embs:
-                embs[m].append(res[m])
+    for sid, res in results:
+        ids += sid
+        for m in embs:
+            embs[m].append(res[m])
     table = pa.table({"sample_id": ids, **{f"{m}_emb": list(np.concatenate(v)) for m, v in embs.items()}})
-    pq.write_table(table, out / "pool.parquet")
+    pq.write_table(table, path)
+
+
+def run_pool(files: list[str], cores: int, out: Path) -> None:
+    with mp.get_context("spawn").Pool(cores) as pool:
+        write_chunk_results(pool.imap(_pool_chunk, row_group_chunks(files)), out / "pool.parquet")
 
 
 def _chunk_worker(_job) -> object:
@@ -294,17 +302,9 @@ def run_raychunk(files: list[str], cores: int, out: Path) -> None:
     data path (read, fuse and write in the worker) costs."""
     from mmbatch.pool import run_units
 
-    chunks = [(f, rg) for f in files for rg in range(pq.ParquetFile(f).metadata.num_row_groups)]
-    ids, embs = [], {"image": [], "audio": [], "text": []}
-
-    def on_result(_chunk, result) -> None:
-        sid, res = result
-        ids.extend(sid)
-        for m in embs:
-            embs[m].append(res[m])
-    run_units(_chunk_worker, None, chunks, on_result, num_workers=cores)
-    table = pa.table({"sample_id": ids, **{f"{m}_emb": list(np.concatenate(v)) for m, v in embs.items()}})
-    pq.write_table(table, out / "raychunk.parquet")
+    results: list = []
+    run_units(_chunk_worker, None, row_group_chunks(files), lambda _chunk, r: results.append(r), num_workers=cores)
+    write_chunk_results(results, out / "raychunk.parquet")
 
 
 def _hf_map(batch):

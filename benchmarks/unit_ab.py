@@ -2,7 +2,7 @@
 
     python -m benchmarks.unit_ab --samples 2000 --rounds 4
 
-Two Ray actors, both busy the whole time (the load of a real job on two cores), each running the
+One Ray actor per core, all busy the whole time (the load of a real job), each running the
 same row groups alternately through mmbatch's ``UnitWorker`` (read, decode + embed, fuse, write
 the final file) and through ``benchmarks.run._pool_chunk`` (read, decode + embed, return the
 embeddings), unit by unit, the order flipping every pair. Both see the same load and the same
@@ -81,7 +81,7 @@ def main() -> None:
     ap.add_argument("--data", default="/tmp/mmbatch-bench")
     ap.add_argument("--out", help="write the final figures here as JSON")
     args = ap.parse_args()
-    cores = 2
+    cores = os.cpu_count() or 1
     data = prepare(args.samples, args.data, cores, "small" if args.small else "large")
     make_worker, job, units = capture_job(data / "canonical", data / "out-unit-ab")
     init_ray(num_cpus=cores)

@@ -87,8 +87,18 @@ def raw_items(table: pa.Table, modality: str) -> tuple[list, list | None]:
     col = table.column(modality).combine_chunks()
     if modality == "text":
         return col.to_pylist(), None
-    views = [None if b is None else memoryview(b) for b in (v.as_buffer() for v in pc.struct_field(col, "bytes"))]
-    return views, pc.struct_field(col, "path").to_pylist()
+    return binary_views(pc.struct_field(col, "bytes")), pc.struct_field(col, "path").to_pylist()
+
+
+def binary_views(arr: pa.Array) -> list[memoryview | None]:
+    """Each value of a binary array as a memoryview into its data buffer (None where null), sliced
+    by the offsets buffer: 0.2 us a row, against ~11 us for a scalar's ``as_buffer()``."""
+    width = 8 if pa.types.is_large_binary(arr.type) else 4
+    _, offsets, data = arr.buffers()
+    bounds = np.frombuffer(offsets, f"<i{width}", len(arr) + 1, arr.offset * width).tolist()
+    whole = memoryview(data) if data is not None else memoryview(b"")
+    valid = [True] * len(arr) if arr.null_count == 0 else arr.is_valid().to_pylist()
+    return [whole[bounds[i]:bounds[i + 1]] if valid[i] else None for i in range(len(arr))]
 
 
 def read_unit(unit: Unit, columns: list[str]) -> pa.Table:
