@@ -13,7 +13,10 @@ import io
 import json
 import logging
 import os
+import shutil
 import socket
+import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -220,3 +223,196 @@ def test_fused_rows_on_s3_are_bit_identical_to_a_local_run(s3, pipeline):
     # the partners' features (pairing) too
     assert_same_tables(s3_tables(s3, f"{S3}/run/features/_features/speech"),
                        local_tables(pipeline["local"] / "features" / "_features" / "speech"))
+
+
+def test_no_secret_in_any_output_object_log_or_message(s3, pipeline, ingested):
+    """The secrets (the workflow's storage key, AWS_SECRET_ACCESS_KEY) are in no object the commands wrote
+    (manifests, markers, Parquet metadata, model.json, registry records, reports), in nothing they printed,
+    and in no log of the Ray session that ran them."""
+    import ray
+
+    secrets = [WF_SECRET.encode(), ENV_SECRET.encode()]
+    keys = [k for k in ls_all(s3, S3) if not k.startswith("corpus/")]
+    assert any(k.endswith("model.json") for k in keys) and any("registry/history/" in k for k in keys)
+    assert any(k.endswith("_manifest.json") for k in keys) and any(k.endswith("workflow.yaml") for k in keys)
+    for key in keys:
+        blob = s3.cat_file(f"{BUCKET}/{key}")
+        assert not any(s in blob for s in secrets), key
+    out = pipeline["output"].encode()
+    assert b"wrote" in out and not any(s in out for s in secrets)
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    files = [p for p in logs.rglob("*") if p.is_file()]
+    assert files
+    for p in files:
+        assert not any(s in p.read_bytes() for s in secrets), p
+
+
+def test_convert_a_folder_on_s3(s3, tmp_path):
+    """`mmbatch convert` from an S3 folder into an S3 folder gives the objects a local conversion gives."""
+    from mmbatch.cli import main
+
+    src = tmp_path / "texts"
+    for i, words in enumerate(["red apple river", "blue ocean cloud", "snow window letter"]):
+        (src / ("sub" if i == 2 else "")).mkdir(parents=True, exist_ok=True)
+        (src / ("sub" if i == 2 else "") / f"t{i}.txt").write_text(words)
+    s3.put(str(src), f"{BUCKET}/convert/texts", recursive=True)
+    assert main(["convert", "text-to-image", f"{S3}/convert/texts", "--out", f"{S3}/convert/images"]) == 0
+    assert main(["convert", "text-to-image", str(src), "--out", str(tmp_path / "images")]) == 0
+    want = {p.relative_to(tmp_path / "images").as_posix(): p.read_bytes()
+            for p in (tmp_path / "images").rglob("*") if p.is_file()}
+    assert sorted(want) == ["sub/t2.png", "t0.png", "t1.png"]
+    assert ls_all(s3, f"{S3}/convert/images") == sorted(want)
+    for rel, blob in want.items():
+        assert s3.cat_file(f"{BUCKET}/convert/images/{rel}") == blob, rel
+    # one file to a named object
+    assert main(["convert", "text-to-image", f"{S3}/convert/texts/t0.txt", "--out", f"{S3}/convert/one.png"]) == 0
+    assert s3.cat_file(f"{BUCKET}/convert/one.png") == want["t0.png"]
+
+
+@pytest.mark.parametrize("args", [["inspect", f"{S3}/x"], ["ingest", "imagenet", f"{S3}/x", "--out", "x"],
+                                  ["registry", "list", "gs://bucket/registry"]])
+def test_a_missing_filesystem_package_is_one_line_naming_the_extra(args, tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['s3fs'] = sys.modules['gcsfs'] = None\n"
+            "from mmbatch.cli import main; sys.exit(main(sys.argv[1:]))")
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
+    extra = "gcs" if args[-1].startswith("gs://") else "s3"
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and f"pip install 'mmbatch[{extra}]'" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+# --- the commit protocol on S3: a killed driver, then a rerun ----------------------------------------
+class ObjectWatcher(threading.Thread):
+    """Lists ``prefix`` while a job runs: every Parquet object a reader may see (no ``_`` part in its key)
+    must parse whole; an object seen twice must not have changed (no partial object replaced later)."""
+
+    def __init__(self, prefix: str):
+        import s3fs
+
+        super().__init__(daemon=True)
+        self.fs = s3fs.S3FileSystem(endpoint_url=ENDPOINT, skip_instance_cache=True, use_listings_cache=False)
+        self.root = prefix.removeprefix("s3://").rstrip("/")
+        self.seen: dict[str, str] = {}
+        self.bad: list[str] = []
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            self.scan()
+            time.sleep(0.05)
+        self.scan()
+
+    def scan(self) -> None:
+        try:
+            objs = self.fs.find(self.root, detail=True)
+        except FileNotFoundError:
+            return
+        for key, info in objs.items():
+            rel = key[len(self.root) + 1:]
+            if not rel.endswith(".parquet") or any(part.startswith("_") for part in rel.split("/")):
+                continue
+            tag = info.get("ETag", "")
+            if key in self.seen:
+                continue
+            try:
+                pq.read_metadata(self.fs.open(key, "rb"))
+            except FileNotFoundError:
+                continue
+            except Exception as e:             # a partial object visible to readers
+                self.bad.append(f"{rel}: {e}")
+            self.seen[key] = tag
+
+    def stop(self) -> "ObjectWatcher":
+        self._halt.set()
+        self.join(timeout=60)
+        return self
+
+
+def kill_after_first_marker(s3, cmd: list[str], out: str, tmp: Path) -> list[str]:
+    """Run ``cmd`` with its own Ray; SIGKILL it once a unit's marker is on S3; the markers then."""
+    from faults import kill_when, private_ray_tmpdir
+
+    root = out.removeprefix("s3://")
+
+    def markers():
+        s3.invalidate_cache()
+        try:
+            return [k for k in s3.find(root) if "/_shards/" in k and k.endswith(".json")]
+        except FileNotFoundError:
+            return []
+
+    ray_tmp = private_ray_tmpdir()
+    try:
+        first = kill_when(cmd, markers, tmp / "first.log", RAY_TMPDIR=ray_tmp,
+                          RAY_OVERRIDE_RESOURCES=json.dumps({"CPU": 2}))
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert first["killed"], (tmp / "first.log").read_text()[-3000:]
+    assert first["leftover"] == [], "the killed driver's embedded Ray outlived it"
+    s3.invalidate_cache()
+    assert not s3.exists(f"{root}/_manifest.json")           # killed mid-job
+    return markers()
+
+
+@pytest.mark.slow
+def test_killed_ingest_and_preprocess_drivers_on_s3_resume_to_the_local_result(ray_session, s3, corpora, tmp_path,
+                                                                            capsys):
+    from faults import mmbatch_exe, summary_counts
+    from mmbatch.cli import main
+
+    # ingest: killed after its first shard's marker, rerun: the same rows as a local ingest, no duplicates
+    args = lambda src, out: ["ingest", "imagenet", src, "--out", out, "--shard-rows", "4"]  # noqa: E731
+    out = f"{S3}/kill/canon/imagenet"
+    watcher = ObjectWatcher(out)
+    watcher.start()
+    committed = kill_after_first_marker(s3, mmbatch_exe() + args(corpora["s3"]["imagenet"], out), out, tmp_path)
+    assert 1 <= len(committed) < 12
+    capsys.readouterr()
+    assert main(args(corpora["s3"]["imagenet"], out)) == 0
+    assert summary_counts(capsys.readouterr().out) == {"total": 12, "skipped": len(committed)}   # resumed
+    local = tmp_path / "canon"
+    assert main(args(corpora["local"]["imagenet"], str(local / "imagenet"))) == 0
+    assert main(["ingest", "librispeech", corpora["local"]["librispeech"], "--out", str(local / "librispeech"),
+                 "--shard-rows", "4"]) == 0
+    assert main(["ingest", "librispeech", corpora["s3"]["librispeech"], "--out", f"{S3}/kill/canon/librispeech",
+                 "--shard-rows", "4"]) == 0
+    assert watcher.stop().bad == [] and watcher.seen
+    got, want = s3_tables(s3, out), local_tables(local / "imagenet")
+    assert sorted(got) == sorted(want) and len(got) == 12
+    for name in want:
+        a, b = got[name], want[name]
+        assert a.drop_columns(["image"]).equals(b.drop_columns(["image"])), name
+        assert pa.compute.struct_field(a.column("image"), "bytes").equals(
+            pa.compute.struct_field(b.column("image"), "bytes")), name
+    assert not [k for k in ls_all(s3, out) if "_tmp" in k]
+
+    # preprocess (pairing partners): killed after its first unit's marker, rerun: bit-identical to local
+    def paired(canon: str, out: str) -> dict:
+        return {"datasets": [{"name": "images", "path": f"{canon}/imagenet", "modalities": ["image"]},
+                             {"name": "speech", "path": f"{canon}/librispeech", "modalities": ["audio", "text"],
+                              "label_column": "speaker"}],
+                "features": {"image": {"extractor": "hog", "size": 32, "batch_size": 4},
+                             "audio": {"batch_size": 4}, "text": {"dim": 64}},
+                "pairing": {"by": "label", "primary": "images", "seed": 0}, "output": {"path": out}}
+
+    out = f"{S3}/kill/features"
+    wf = write_workflow(tmp_path / "wf.yaml", paired(f"{S3}/kill/canon", out))
+    watcher = ObjectWatcher(out)
+    watcher.start()
+    committed = kill_after_first_marker(s3, mmbatch_exe() + ["preprocess", wf], out, tmp_path)
+    assert 1 <= len(committed) < 24
+    capsys.readouterr()
+    assert main(["preprocess", wf]) == 0
+    counts = summary_counts(capsys.readouterr().out)
+    assert counts["skipped"] == len(committed) and counts["processed"] + counts["skipped"] == 24   # resumed
+    assert watcher.stop().bad == [] and watcher.seen
+    assert main(["preprocess", write_workflow(tmp_path / "local.yaml", paired(str(local), str(tmp_path / "f")))]) == 0
+    got = s3_tables(s3, out)
+    assert_same_tables(got, local_tables(tmp_path / "f"))
+    ids = [s for t in got.values() for s in t.column("sample_id").to_pylist()]
+    assert len(ids) == len(set(ids)) == 48
+    assert not [k for k in ls_all(s3, out) if "_tmp" in k]

@@ -105,14 +105,15 @@ def binary_views(arr: pa.Array) -> list[memoryview | None]:
 def read_unit(unit: Unit, columns: list[str]) -> pa.Table:
     """The unit's row group. A local file is memory-mapped: its uncompressed media columns are
     decoded from the page cache without first being copied into a read buffer. An object is read
-    with ranged GETs of the footer and the row group's column chunks (:func:`storage.open_input`).
+    with ranged GETs of the footer and the row group's column chunks (:func:`storage.open_input`;
+    ``pre_buffer`` coalesces the chunks' ranges into a few concurrent requests).
     One thread: the worker holds one CPU, and its units already keep every core busy."""
     fs, path = storage.url_to_fs(unit.path)
     if storage.is_local(fs):
         pf = pq.ParquetFile(path, memory_map=True)
         return pf.read_row_group(unit.row_group, columns=columns, use_threads=False)
     with storage.open_input(fs, path) as f:
-        return pq.ParquetFile(f).read_row_group(unit.row_group, columns=columns, use_threads=False)
+        return pq.ParquetFile(f, pre_buffer=True).read_row_group(unit.row_group, columns=columns, use_threads=False)
 
 
 class UnitWorker:
