@@ -193,7 +193,7 @@ def pipeline(ray_session, s3, ingested, tmp_path_factory):
     out = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
         rc = run_all(main, wf_s3, wf_local)
-    return {"rc": rc, "local": tmp / "run", "output": out.getvalue()}
+    return {"rc": rc, "local": tmp / "run", "output": out.getvalue(), "workflow": wf_s3}
 
 
 def run_all(main, wf_s3: str, wf_local: str) -> dict:
@@ -416,3 +416,50 @@ def test_killed_ingest_and_preprocess_drivers_on_s3_resume_to_the_local_result(r
     ids = [s for t in got.values() for s in t.column("sample_id").to_pylist()]
     assert len(ids) == len(set(ids)) == 48
     assert not [k for k in ls_all(s3, out) if "_tmp" in k]
+
+
+# --- the registry lock on S3: a conditional write ------------------------------------------------------
+def test_the_server_honours_conditional_writes_and_the_registry_lock_excludes(s3):
+    from mmbatch.ops.registry import Registry, RegistryLocked
+
+    s3.pipe_file(f"{BUCKET}/lock-probe", b"1", mode="create")            # PUT with If-None-Match: *
+    with pytest.raises(FileExistsError):
+        s3.pipe_file(f"{BUCKET}/lock-probe", b"2", mode="create")        # 412 Precondition Failed
+    assert s3.cat_file(f"{BUCKET}/lock-probe") == b"1"
+
+    a, b = Registry(f"{S3}/lock/registry"), Registry(f"{S3}/lock/registry")
+    assert a.conditional_writes() and b.conditional_writes()
+    with a.lock():
+        with pytest.raises(RegistryLocked, match="is locked by"):
+            with b.lock(timeout=0.5):
+                pass
+    with b.lock(timeout=0):                                              # released: the next writer gets it
+        assert s3.exists(f"{BUCKET}/lock/registry/_lock.json")
+    s3.invalidate_cache()
+    assert not s3.exists(f"{BUCKET}/lock/registry/_lock.json")
+    assert not [k for k in ls_all(s3, f"{S3}/lock/registry") if "probe" in k]
+
+
+@pytest.mark.slow
+def test_two_retrains_at_once_on_an_s3_registry_exactly_one_promotes(ray_session, s3, pipeline, tmp_path):
+    """Two `mmbatch retrain` processes (drivers on the shared Ray) started together on a fresh S3
+    registry: one takes the lock and promotes, the other exits 2 with the lock message."""
+    import subprocess
+
+    from faults import mmbatch_exe
+
+    registry = f"{S3}/race/registry"
+    cmd = mmbatch_exe() + ["retrain", pipeline["workflow"], "--set", f"retrain.registry={registry}"]
+    env = dict(os.environ, RAY_ADDRESS=ray_session.get_runtime_context().gcs_address, PYTHONWARNINGS="ignore")
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    rcs = sorted(p.returncode for p in procs)
+    assert rcs == [0, 2], outs
+    winner, loser = (outs[0], outs[1]) if procs[0].returncode == 0 else (outs[1], outs[0])
+    assert "promoted" in winner and "is locked by" in loser, outs
+    assert loser.strip().count("\n") <= 2 and "Traceback" not in loser
+    from mmbatch.ops.registry import Registry
+    reg = Registry(registry)
+    assert [v.version for v in reg.list()] == ["v0001"]
+    assert reg.alias("champion")["version"] == "v0001"
