@@ -52,10 +52,35 @@ def s3():
     logging.getLogger("werkzeug").setLevel(logging.WARNING)     # one line per request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=PORT, verbose=False)
     server.start()
+    server._server.app = GETS.wrap(server._server.app)
     fs = s3fs.S3FileSystem(endpoint_url=ENDPOINT, skip_instance_cache=True)
     fs.mkdir(BUCKET)
     yield fs
     server.stop()
+
+
+class GetCounter:
+    """WSGI middleware on the moto server: the GET requests it answered per key, with their Range
+    header and the bytes of their response bodies (what a reader really downloaded)."""
+
+    def __init__(self):
+        self.gets: list[tuple[str, str | None, int]] = []
+
+    def wrap(self, app):
+        def counted(environ, start_response):
+            body = app(environ, start_response)
+            if environ["REQUEST_METHOD"] != "GET" or environ.get("QUERY_STRING"):
+                return body
+            chunks = list(body)
+            self.gets.append((environ["PATH_INFO"], environ.get("HTTP_RANGE"), sum(len(c) for c in chunks)))
+            return chunks
+        return counted
+
+    def of(self, key: str) -> list[tuple[str | None, int]]:
+        return [(r, n) for path, r, n in self.gets if path == f"/{BUCKET}/{key}"]
+
+
+GETS = GetCounter()
 
 
 def ls_all(fs, prefix: str) -> list[str]:
@@ -463,3 +488,26 @@ def test_two_retrains_at_once_on_an_s3_registry_exactly_one_promotes(ray_session
     reg = Registry(registry)
     assert [v.version for v in reg.list()] == ["v0001"]
     assert reg.alias("champion")["version"] == "v0001"
+
+
+# --- reads stream: ranged GETs of one row group, not whole-object downloads ---------------------------
+def test_a_unit_reads_its_row_group_with_range_requests(s3):
+    import numpy as np
+
+    from mmbatch import storage
+    from mmbatch.preprocess.plan import Unit
+    from mmbatch.preprocess.unit import read_unit
+
+    rng = np.random.default_rng(0)
+    t = pa.table({"sample_id": [f"s{i:05d}" for i in range(4000)],
+                  "blob": [rng.bytes(2000) for _ in range(4000)]})            # incompressible: ~8 MB
+    fs, path = storage.url_to_fs(f"{S3}/ranges/part-00000.parquet")
+    storage.atomic_write_table(fs, path, t, row_group_size=1000)
+    size = s3.info(f"{BUCKET}/ranges/part-00000.parquet")["size"]
+    n0 = len(GETS.gets)
+    got = read_unit(Unit("u", f"{S3}/ranges/part-00000.parquet", 2, 1000, "fp"), ["sample_id", "blob"])
+    assert got.equals(t.slice(2000, 1000))
+    gets = GETS.of("ranges/part-00000.parquet")
+    assert len(GETS.gets) > n0 and gets and all(r is not None and r.startswith("bytes=") for r, _ in gets), gets
+    fetched = sum(n for _, n in gets)
+    assert 0.2 * size < fetched < 0.3 * size, (fetched, size)   # the row group (a quarter) + footer, not the object
