@@ -187,13 +187,56 @@ def _put_once(fs, path: str, write_local) -> None:
 
 
 def open_input(fs, path: str):
-    """A read handle for Parquet: the local path itself (Arrow's native, memory-mappable I/O), or an
-    object-store file that reads only the byte ranges asked for (one ranged GET per read, no
-    read-ahead cache), so a worker reading one row group fetches that row group's column chunks and
-    the footer, not the whole object."""
+    """A read handle for Parquet that fetches only the byte ranges Arrow asks for (the footer, then
+    a row group's column chunks), never the whole object: the local path itself (Arrow's native,
+    memory-mappable I/O); for s3:// an Arrow S3 file (:func:`arrow_s3`: ranged GETs straight into
+    Arrow buffers); else an fsspec file with no read-ahead cache (one ranged GET per read)."""
     if is_local(fs):
         return path
+    native = arrow_s3(fs)
+    if native is not None:
+        return native.open_input_file(fs._strip_protocol(path))
     return fs.open(path, "rb", block_size=READ_BLOCK, cache_type="none")
+
+
+# s3fs options that Arrow's S3 client can take too; with any other (profile, session, SSE, requester
+# pays, ...) reads stay on s3fs
+_ARROW_S3_OPTIONS = {"endpoint_url", "key", "secret", "token", "anon", "client_kwargs", "use_ssl",
+                     "default_block_size", "default_cache_type", "default_fill_cache", "skip_instance_cache",
+                     "use_listings_cache", "listings_expiry_time", "max_paths"}
+
+
+def arrow_s3(fs):
+    """pyarrow's S3FileSystem with the settings of the s3fs filesystem ``fs`` (endpoint, keys, region;
+    the rest from the same standard environment and profiles botocore reads), or None where ``fs`` is
+    no s3fs or has options Arrow cannot take. Measured reading 28 MB row groups from moto: peak memory
+    1.1x a local memory-mapped read, against 1.5x through s3fs (whose response bytes are copied again
+    on their way to Arrow: docs/object-storage.md)."""
+    opts = dict(getattr(fs, "storage_options", {}) or {})
+    protos = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    client = opts.get("client_kwargs") or {}
+    if "s3" not in protos or set(opts) - _ARROW_S3_OPTIONS or set(client) - {"endpoint_url", "region_name"}:
+        return None
+    endpoint = (opts.get("endpoint_url") or client.get("endpoint_url") or os.environ.get("AWS_ENDPOINT_URL_S3")
+                or os.environ.get("AWS_ENDPOINT_URL"))
+    region = client.get("region_name") or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    key = (endpoint, region, opts.get("key"), opts.get("secret"), opts.get("token"), bool(opts.get("anon")))
+    if key not in _ARROW_S3:
+        try:
+            from pyarrow import fs as pafs
+        except ImportError:                                         # a pyarrow built without S3
+            return None
+        kw: dict = {"anonymous": bool(opts.get("anon")), "region": region}
+        if endpoint:
+            scheme, _, host = endpoint.rpartition("://")
+            kw.update(endpoint_override=host, scheme=scheme or "https")
+        if opts.get("key"):
+            kw.update(access_key=opts["key"], secret_key=opts.get("secret"), session_token=opts.get("token"))
+        _ARROW_S3[key] = pafs.S3FileSystem(**kw)
+    return _ARROW_S3[key]
+
+
+_ARROW_S3: dict[tuple, Any] = {}
 
 
 READ_BLOCK = 1 << 20

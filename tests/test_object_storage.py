@@ -61,10 +61,12 @@ def s3():
 
 class GetCounter:
     """WSGI middleware on the moto server: the GET requests it answered per key, with their Range
-    header and the bytes of their response bodies (what a reader really downloaded)."""
+    header, the bytes of their response bodies (what a reader really downloaded) and the access key
+    that signed them."""
 
     def __init__(self):
         self.gets: list[tuple[str, str | None, int]] = []
+        self.keys: list[tuple[str, str]] = []            # (path, access key id) of every GET
 
     def wrap(self, app):
         def counted(environ, start_response):
@@ -72,6 +74,8 @@ class GetCounter:
             if environ["REQUEST_METHOD"] != "GET" or environ.get("QUERY_STRING"):
                 return body
             chunks = list(body)
+            auth = environ.get("HTTP_AUTHORIZATION", "")
+            self.keys.append((environ["PATH_INFO"], auth.split("Credential=", 1)[-1].split("/", 1)[0]))
             self.gets.append((environ["PATH_INFO"], environ.get("HTTP_RANGE"), sum(len(c) for c in chunks)))
             return chunks
         return counted
@@ -204,10 +208,18 @@ def write_workflow(path: Path, wf: dict) -> str:
     return str(path)
 
 
+def captured(fn):
+    """(fn(), everything it printed)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        result = fn()
+    return result, out.getvalue()
+
+
 @pytest.fixture(scope="module")
 def pipeline(ray_session, s3, ingested, tmp_path_factory):
-    """preprocess (pairing partners + completions), train, evaluate, inspect and retrain on S3 (endpoint and
-    credentials in the workflow's storage key), and preprocess of the same data on disk."""
+    """preprocess (pairing partners + completions) and inspect on S3 (endpoint and credentials in the
+    workflow's storage key), and the same preprocess of the same data on disk."""
     from mmbatch.cli import main
 
     tmp = tmp_path_factory.mktemp("s3wf")
@@ -215,30 +227,64 @@ def pipeline(ray_session, s3, ingested, tmp_path_factory):
     wf_s3 = write_workflow(tmp / "s3.yaml", workflow(f"{S3}/canonical", f"{S3}/run", opts))
     wf_local = write_workflow(tmp / "local.yaml", workflow(str(Path(ingested["imagenet"][1]).parent),
                                                            str(tmp / "run")))
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-        rc = run_all(main, wf_s3, wf_local)
-    return {"rc": rc, "local": tmp / "run", "output": out.getvalue(), "workflow": wf_s3}
+    n0 = len(GETS.keys)
+    rc, output = captured(lambda: {"preprocess": main(["preprocess", wf_s3]),
+                                   "preprocess-local": main(["preprocess", wf_local]),
+                                   "inspect": main(["inspect", f"{S3}/run/features", "--json"])})
+    return {"rc": rc, "local": tmp / "run", "output": output, "workflow": wf_s3, "gets": GETS.keys[n0:]}
 
 
-def run_all(main, wf_s3: str, wf_local: str) -> dict:
-    return {"preprocess": main(["preprocess", wf_s3]), "preprocess-local": main(["preprocess", wf_local]),
-          "train": main(["train", wf_s3]),
-          "evaluate": main(["evaluate", f"{S3}/run/train/fusion/model", "--data", f"{S3}/run/features",
-                            "--out", f"{S3}/run/eval"]),
-          "inspect": main(["inspect", f"{S3}/run/features", "--json"]),
-          "retrain": main(["retrain", wf_s3, "--set", "retrain.force_train=true"]),
-          "retrain-again": main(["retrain", wf_s3, "--set", "retrain.force_train=true"]),
-          "list": main(["registry", "list", f"{S3}/run/registry"]),
-          "show": main(["registry", "show", f"{S3}/run/registry"]),
-          "promote": main(["registry", "promote", f"{S3}/run/registry", "v0002"]),
-          "rollback": main(["registry", "rollback", f"{S3}/run/registry"])}
+@pytest.fixture(scope="module")
+def trained(pipeline):
+    """train, evaluate, two retrain cycles and every registry action on S3."""
+    from mmbatch.cli import main
+
+    wf, reg = pipeline["workflow"], f"{S3}/run/registry"
+    steps = [("train", ["train", wf]),
+             ("evaluate", ["evaluate", f"{S3}/run/train/fusion/model", "--data", f"{S3}/run/features",
+                           "--out", f"{S3}/run/eval"]),
+             ("retrain", ["retrain", wf, "--set", "retrain.force_train=true"]),
+             ("retrain-again", ["retrain", wf, "--set", "retrain.force_train=true"]),
+             ("list", ["registry", "list", reg]), ("show", ["registry", "show", reg]),
+             ("promote", ["registry", "promote", reg, "v0002"]), ("rollback", ["registry", "rollback", reg])]
+    rc, output = captured(lambda: {name: main(args) for name, args in steps})
+    return {"rc": rc, "output": output}
 
 
-def test_every_command_runs_on_s3(pipeline):
-    assert pipeline["rc"] == {"preprocess": 0, "preprocess-local": 0, "train": 0, "evaluate": 0, "inspect": 0,
-                              "retrain": 0, "retrain-again": 0, "list": 0, "show": 0, "promote": 0,
-                              "rollback": 0}, pipeline["output"][-5000:]
+def test_preprocess_and_inspect_run_on_s3(pipeline):
+    assert pipeline["rc"] == {"preprocess": 0, "preprocess-local": 0, "inspect": 0}, pipeline["output"][-5000:]
+    info = json.loads(pipeline["output"][pipeline["output"].rindex("\n{"):])       # inspect --json, printed last
+    assert info["rows"] == 48 and info["metadata"]["kind"] == "fused"
+
+
+def test_the_workflow_storage_key_reaches_the_workers(pipeline):
+    """Every read of the canonical data, the workers' row-group reads included, was signed with the key
+    of the workflow's `storage` option, not the one in AWS_ACCESS_KEY_ID (the workers' environment)."""
+    keys = {key for path, key in pipeline["gets"] if path.startswith(f"/{BUCKET}/canonical/")
+            and path.endswith(".parquet")}
+    assert keys == {"wf-key"}
+
+
+@pytest.mark.slow
+def test_train_evaluate_retrain_and_registry_run_on_s3(s3, trained):
+    from mmbatch.ops.registry import Registry
+
+    assert trained["rc"] == {k: 0 for k in ("train", "evaluate", "retrain", "retrain-again", "list", "show",
+                                             "promote", "rollback")}, trained["output"][-5000:]
+    s3.invalidate_cache()
+    for key in ("train/fusion/model/model.pt", "train/fusion/model/model.json", "eval/metrics.json",
+                "eval/report.html"):
+        assert s3.exists(f"{BUCKET}/run/{key}"), key
+    # evaluate scores the rows training held out as test, with the model it exported: the same accuracy
+    evaluated = json.loads(s3.cat_file(f"{BUCKET}/run/eval/metrics.json"))["metrics"]["accuracy"]
+    trained_acc = json.loads(s3.cat_file(f"{BUCKET}/run/train/fusion/metrics.json"))["metrics"]["accuracy"]
+    assert evaluated == pytest.approx(trained_acc)
+    reg = Registry(f"{S3}/run/registry")
+    assert [v.version for v in reg.list()] == ["v0001", "v0002"]
+    assert reg.alias("champion")["version"] == "v0001"                 # promote v0002, then rolled back
+    events = [k.rsplit("-", 1)[-1] for k in ls_all(s3, f"{S3}/run/registry/history")]
+    assert "promote.json" in events and events[-1] == "rollback.json"
+    assert "v0001" in trained["output"] and "v0002" in trained["output"]       # list / show printed them
 
 
 def test_fused_rows_on_s3_are_bit_identical_to_a_local_run(s3, pipeline):
@@ -250,7 +296,8 @@ def test_fused_rows_on_s3_are_bit_identical_to_a_local_run(s3, pipeline):
                        local_tables(pipeline["local"] / "features" / "_features" / "speech"))
 
 
-def test_no_secret_in_any_output_object_log_or_message(s3, pipeline, ingested):
+@pytest.mark.slow
+def test_no_secret_in_any_output_object_log_or_message(s3, pipeline, trained, ingested):
     """The secrets (the workflow's storage key, AWS_SECRET_ACCESS_KEY) are in no object the commands wrote
     (manifests, markers, Parquet metadata, model.json, registry records, reports), in nothing they printed,
     and in no log of the Ray session that ran them."""
@@ -263,7 +310,7 @@ def test_no_secret_in_any_output_object_log_or_message(s3, pipeline, ingested):
     for key in keys:
         blob = s3.cat_file(f"{BUCKET}/{key}")
         assert not any(s in blob for s in secrets), key
-    out = pipeline["output"].encode()
+    out = (pipeline["output"] + trained["output"]).encode()
     assert b"wrote" in out and not any(s in out for s in secrets)
     logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
     files = [p for p in logs.rglob("*") if p.is_file()]
@@ -491,23 +538,53 @@ def test_two_retrains_at_once_on_an_s3_registry_exactly_one_promotes(ray_session
 
 
 # --- reads stream: ranged GETs of one row group, not whole-object downloads ---------------------------
-def test_a_unit_reads_its_row_group_with_range_requests(s3):
+@pytest.fixture(scope="module")
+def four_row_groups(s3):
+    """An ~8 MB object of incompressible rows in 4 row groups: (uri, table, object size)."""
     import numpy as np
 
+    from mmbatch import storage
+
+    rng = np.random.default_rng(0)
+    t = pa.table({"sample_id": [f"s{i:05d}" for i in range(4000)],
+                  "blob": [rng.bytes(2000) for _ in range(4000)]})
+    uri = f"{S3}/ranges/part-00000.parquet"
+    fs, path = storage.url_to_fs(uri)
+    storage.atomic_write_table(fs, path, t, row_group_size=1000)
+    return uri, t, s3.info(path)["size"]
+
+
+def assert_ranged(key: str, n0: int, size: int) -> None:
+    gets = [(r, n) for path, r, n in GETS.gets[n0:] if path == f"/{BUCKET}/{key}"]
+    assert gets and all(r is not None and r.startswith("bytes=") for r, _ in gets), gets
+    fetched = sum(n for _, n in gets)
+    assert 0.2 * size < fetched < 0.3 * size, (fetched, size)   # the row group (a quarter) + footer, not the object
+
+
+def test_a_unit_reads_its_row_group_with_range_requests_through_arrow_s3(s3, four_row_groups):
     from mmbatch import storage
     from mmbatch.preprocess.plan import Unit
     from mmbatch.preprocess.unit import read_unit
 
-    rng = np.random.default_rng(0)
-    t = pa.table({"sample_id": [f"s{i:05d}" for i in range(4000)],
-                  "blob": [rng.bytes(2000) for _ in range(4000)]})            # incompressible: ~8 MB
-    fs, path = storage.url_to_fs(f"{S3}/ranges/part-00000.parquet")
-    storage.atomic_write_table(fs, path, t, row_group_size=1000)
-    size = s3.info(f"{BUCKET}/ranges/part-00000.parquet")["size"]
+    uri, t, size = four_row_groups
+    assert storage.arrow_s3(storage.url_to_fs(uri)[0]) is not None        # Arrow's S3 client, not s3fs
     n0 = len(GETS.gets)
-    got = read_unit(Unit("u", f"{S3}/ranges/part-00000.parquet", 2, 1000, "fp"), ["sample_id", "blob"])
+    got = read_unit(Unit("u", uri, 2, 1000, "fp"), ["sample_id", "blob"])
     assert got.equals(t.slice(2000, 1000))
-    gets = GETS.of("ranges/part-00000.parquet")
-    assert len(GETS.gets) > n0 and gets and all(r is not None and r.startswith("bytes=") for r, _ in gets), gets
-    fetched = sum(n for _, n in gets)
-    assert 0.2 * size < fetched < 0.3 * size, (fetched, size)   # the row group (a quarter) + footer, not the object
+    assert_ranged("ranges/part-00000.parquet", n0, size)
+
+
+def test_s3fs_reads_are_range_requests_too(s3, four_row_groups):
+    """With an s3fs option Arrow's client cannot take, reads stay on s3fs, still ranged."""
+    import s3fs
+
+    from mmbatch import storage
+
+    uri, t, size = four_row_groups
+    fs = s3fs.S3FileSystem(endpoint_url=ENDPOINT, requester_pays=False, skip_instance_cache=True)
+    assert storage.arrow_s3(fs) is None
+    n0 = len(GETS.gets)
+    with storage.open_input(fs, uri) as f:
+        got = pq.ParquetFile(f, pre_buffer=True).read_row_group(2)
+    assert got.equals(t.slice(2000, 1000))
+    assert_ranged("ranges/part-00000.parquet", n0, size)
