@@ -59,6 +59,7 @@ class UnitJob:
     row_group_size: int = 4096
     batch_size: int = 64             # rows per extractor call (features.batch_size)
     devices: dict = field(default_factory=dict)   # modality -> "gpu"/"cpu" placement asked for
+    storage: dict = field(default_factory=storage.options, repr=False)   # fsspec options (may hold secrets)
 
 
 def extractor(modality: str, spec: dict):
@@ -103,19 +104,22 @@ def binary_views(arr: pa.Array) -> list[memoryview | None]:
 
 def read_unit(unit: Unit, columns: list[str]) -> pa.Table:
     """The unit's row group. A local file is memory-mapped: its uncompressed media columns are
-    decoded from the page cache without first being copied into a read buffer. One thread: the
-    worker holds one CPU, and its units already keep every core busy."""
+    decoded from the page cache without first being copied into a read buffer. An object is read
+    with ranged GETs of the footer and the row group's column chunks (:func:`storage.open_input`;
+    ``pre_buffer`` coalesces the chunks' ranges into a few concurrent requests).
+    One thread: the worker holds one CPU, and its units already keep every core busy."""
     fs, path = storage.url_to_fs(unit.path)
     if storage.is_local(fs):
         pf = pq.ParquetFile(path, memory_map=True)
-    else:
-        pf = pq.ParquetFile(unit.path, filesystem=fs)
-    return pf.read_row_group(unit.row_group, columns=columns, use_threads=False)
+        return pf.read_row_group(unit.row_group, columns=columns, use_threads=False)
+    with storage.open_input(fs, path) as f:
+        return pq.ParquetFile(f, pre_buffer=True).read_row_group(unit.row_group, columns=columns, use_threads=False)
 
 
 class UnitWorker:
     def __init__(self, job: UnitJob):
         self.job = job
+        storage.configure(job.storage)
         self.extractors = {m: extractor(m, job.specs[m]) for m in job.modalities}
         self.device = {m: self._place(m, ex) for m, ex in self.extractors.items()}
         self.completions = []
