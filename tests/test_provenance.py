@@ -1,0 +1,155 @@
+"""Outputs you can trust: fingerprints from the whole job, no stale manifest, readers refuse mixed data.
+
+On a real local Ray and real files: an image dataset (ResNet-18 with a weights file, the primary)
+paired with a speech dataset (log-mel audio + hashed text, the partner). Each test changes one thing
+and checks, from the units' commit markers, exactly which units were computed again.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from mmbatch import storage
+from mmbatch.config import workflow_from_dict
+from mmbatch.errors import UsageError
+from mmbatch.ingest import IngestOptions, run_ingest
+from mmbatch.preprocess import run_preprocess
+from mmbatch.provenance import check_fused, content_digest
+
+SHARD_ROWS = 4
+
+
+@pytest.fixture(scope="module")
+def corpus(ray_session, tmp_path_factory):
+    """(source folders, canonical folders): 16 images and 16 utterances, 4-row shards."""
+    from mmbatch.demo.corpus import write_imagenet, write_librispeech
+
+    root = tmp_path_factory.mktemp("provenance")
+    src = {"imagenet": write_imagenet(root / "corpus", per_class=4),
+           "librispeech": write_librispeech(root / "corpus", per_class=4)}
+    canon = root / "canon"
+    for kind, path in src.items():
+        run_ingest(kind, str(path), str(canon / kind), IngestOptions(shard_rows=SHARD_ROWS), echo=False)
+    return src, canon
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    import torch
+
+    from mmbatch.features.resnet import build_resnet
+
+    path = tmp_path_factory.mktemp("weights") / "r18.pth"
+    torch.manual_seed(0)
+    torch.save(build_resnet("resnet18").state_dict(), path)
+    return path
+
+
+def workflow(canon: Path, out: Path, weights: Path, **features) -> dict:
+    feats = {"image": {"extractor": "cnn", "size": 32, "weights": str(weights), "batch_size": SHARD_ROWS},
+             "text": {"dim": 64}, "batch_size": SHARD_ROWS}
+    for k, v in features.items():
+        feats[k] = {**feats[k], **v} if isinstance(v, dict) else v
+    return {"datasets": [{"name": "images", "path": str(canon / "imagenet"), "modalities": ["image"]},
+                         {"name": "speech", "path": str(canon / "librispeech"), "modalities": ["audio", "text"],
+                          "label_column": "speaker"}],
+            "features": feats, "pairing": {"by": "label", "primary": "images", "seed": 0},
+            "output": {"path": str(out)}}
+
+
+def markers(out: Path) -> dict[str, int]:
+    """{unit: its marker's mtime}: primary (fused) units and the partner's feature units."""
+    return {f"{p.parent.parent.relative_to(out)}/{p.stem}": p.stat().st_mtime_ns for p in out.rglob("_shards/*.json")}
+
+
+def redone(before: dict, after: dict) -> set[str]:
+    assert set(before) == set(after)
+    return {u for u in after if after[u] != before[u]}
+
+
+def run(wf: dict):
+    return run_preprocess(workflow_from_dict(wf), progress=False)
+
+
+def primary(units) -> set:
+    return {u for u in units if u.startswith("./")}
+
+
+def partner(units) -> set:
+    return {u for u in units if u.startswith("_features/")}
+
+
+def test_each_change_alone_redoes_exactly_the_units_it_affects(corpus, weights, tmp_path):
+    """One output folder, changed one thing at a time (each step against the run before it)."""
+    import os
+
+    import numpy as np
+    import torch
+
+    from mmbatch.demo.corpus import encode_jpeg, make_image
+
+    src, canon0 = corpus
+    canon = tmp_path / "canon"                  # private copies: this test rewrites them
+    shutil.copytree(canon0, canon)
+    w = tmp_path / "w.pth"
+    shutil.copy(weights, w)
+    out = tmp_path / "out"
+    wf = workflow(canon, out, w)
+    s = run(wf)
+    first = markers(out)
+    n_primary, n_partner = len(primary(first)), len(partner(first))
+    assert s.rows_out == 16 and s.shards_processed == n_primary + n_partner and n_primary >= 4 and n_partner >= 4
+
+    def step(wf) -> set:
+        before = markers(out)
+        s = run(wf)
+        got = redone(before, markers(out))
+        assert s.shards_processed == len(got) and s.shards_skipped == len(before) - len(got)
+        check_fused(*storage.url_to_fs(str(out)))          # every step leaves files and manifest agreeing
+        return got
+
+    # nothing changed -> nothing redone
+    assert step(wf) == set()
+
+    # weights rewritten at the same path -> the image (primary) units; the partner's audio/text kept
+    sd = torch.load(w, weights_only=True)
+    sd["conv1.weight"] = sd["conv1.weight"] * 0.5
+    old = content_digest(str(w))
+    torch.save(sd, w)
+    assert content_digest(str(w)) != old
+    assert step(wf) == primary(first)
+    meta = json.loads((out / "_manifest.json").read_text())["metadata"]
+    assert meta["features"]["image"]["params"]["weights_sha256"] == content_digest(str(w))
+
+    # the same bytes with a new mtime -> nothing
+    st = os.stat(w)
+    os.utime(w, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert step(wf) == set()
+
+    # features.batch_size (rows per extractor call) -> the CNN's units; log-mel + hashing have no model
+    wf = workflow(canon, out, w, batch_size=2)
+    assert step(wf) == primary(first)
+
+    # a partner's extractor description -> the partner's units, and every fused unit that pairs them
+    wf = workflow(canon, out, w, batch_size=2, text={"dim": 32})
+    assert step(wf) == set(first)
+
+    # a UnitJob field no fingerprint lists by hand (the output's row group size) -> both roles write it
+    wf["output"]["row_group_size"] = 2
+    assert step(wf) == set(first)
+
+    # one source image rewritten -> ingest redoes its shard -> preprocess redoes that shard's unit only
+    img = sorted(Path(src["imagenet"]).rglob("*.JPEG"))[0]
+    old_bytes = img.read_bytes()
+    try:
+        img.write_bytes(encode_jpeg(make_image(1, np.random.default_rng(7))))
+        ing = run_ingest("imagenet", str(src["imagenet"]), str(canon / "imagenet"),
+                         IngestOptions(shard_rows=SHARD_ROWS), echo=False)
+    finally:
+        img.write_bytes(old_bytes)
+    assert ing.shards_total - ing.shards_skipped == 1
+    got = step(wf)
+    assert len(got) == 1 and got <= primary(first)
