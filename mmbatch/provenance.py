@@ -145,25 +145,30 @@ def _settings(features: dict) -> dict:
     return out
 
 
-def _how_they_differ(files: dict[str, dict], want: dict) -> list[str]:
-    """'8 files were made with image size 224, 2 with 160' for each setting that differs."""
+def _differences(values: dict[str, dict], want: dict | None, label) -> list[str]:
+    """'8 files were made with image size 224, 2 with 160' for each key whose values differ between
+    the files (or, when ``want`` is given, from it)."""
     lines = []
-    settings = {f: _settings(m.get("features", {})) for f, m in files.items()}
-    want_s = _settings(want.get("features", {}))
-    keys = sorted({k for s in settings.values() for k in s} | set(want_s))
+    keys = sorted({k for v in values.values() for k in v} | set(want or {}))
     for k in keys:
-        got = Counter(json.dumps(s.get(k), default=str) for s in settings.values())
-        if len(got) > 1 or (got and next(iter(got)) != json.dumps(want_s.get(k), default=str)):
-            parts = [f"{n} file{'s' if n != 1 else ''} {'were' if n != 1 else 'was'} made with {k} {json.loads(v)}"
-                     if i == 0 else f"{n} with {json.loads(v)}" for i, (v, n) in enumerate(got.most_common())]
-            lines.append(", ".join(parts) + f" (the manifest says {want_s.get(k)})")
-    if not lines:
-        for key in sorted({k for m in files.values() for k in m} | set(want)):
-            got = Counter(json.dumps(m.get(key), sort_keys=True, default=str) for m in files.values())
-            if len(got) > 1 or (got and next(iter(got)) != json.dumps(want.get(key), sort_keys=True, default=str)):
-                lines.append(f"their '{key}' metadata differs between files or from the manifest "
-                             f"({len(got)} different values)")
+        got = Counter(json.dumps(v.get(k), sort_keys=True, default=str) for v in values.values())
+        expected = json.dumps((want or {}).get(k), sort_keys=True, default=str)
+        if len(got) > 1 or (want is not None and got and expected not in got):
+            parts = [f"{n} file{'s were' if n != 1 else ' was'} made with {label(k)} {_short(v)}" if i == 0
+                     else f"{n} with {_short(v)}" for i, (v, n) in enumerate(got.most_common())]
+            lines.append(", ".join(parts) + (f" (the manifest says {_short(expected)})" if want is not None else ""))
     return lines
+
+
+def _short(v: str, n: int = 80) -> str:
+    return v if len(v) <= n else v[:n] + "..."
+
+
+def _how_they_differ(files: dict[str, dict], want: dict | None) -> list[str]:
+    """How the files' metadata differs: extractor settings first, else the other metadata keys."""
+    lines = _differences({f: _settings(m.get("features", {})) for f, m in files.items()},
+                         _settings(want.get("features", {})) if want is not None else None, lambda k: k)
+    return lines or _differences(files, want, lambda k: f"'{k}' metadata")
 
 
 def check_fused(fs, root: str, allow_incomplete: bool = False) -> dict:
@@ -207,8 +212,7 @@ def check_fused(fs, root: str, allow_incomplete: bool = False) -> dict:
             problems.append(f"{len(bad_fp)} file(s) have another unit fingerprint than the manifest records "
                             f"(rewritten by a later, unfinished run): {_few(bad_fp)}; rerun preprocess")
     elif footers:
-        how = _how_they_differ({n: _comparable(m) for n, (m, _) in footers.items()},
-                               _comparable(next(iter(footers.values()))[0]))
+        how = _how_they_differ({n: _comparable(m) for n, (m, _) in footers.items()}, None)
         if how:
             problems.append("the files were made with different settings: " + "; ".join(how))
     if problems and not allow_incomplete:
@@ -219,12 +223,9 @@ def check_fused(fs, root: str, allow_incomplete: bool = False) -> dict:
     return {"complete": not problems, "files": files, "problems": problems}
 
 
-# metadata keys that may differ between files of one consistent output
-_VOLATILE = ("workflow_hash",)
-
-
 def _comparable(meta: dict) -> dict:
-    return {k: v for k, v in (meta or {}).items() if k not in _VOLATILE and k != "schema_version"}
+    """mmbatch metadata as the manifest records it (the files add the schema version)."""
+    return {k: v for k, v in (meta or {}).items() if k != "schema_version"}
 
 
 def _few(names: list[str], n: int = 5) -> str:

@@ -153,3 +153,66 @@ def test_each_change_alone_redoes_exactly_the_units_it_affects(corpus, weights, 
     assert ing.shards_total - ing.shards_skipped == 1
     got = step(wf)
     assert len(got) == 1 and got <= primary(first)
+
+
+# --- 2. a killed rerun leaves no manifest over mixed files ----------------------------------------
+@pytest.fixture(scope="module")
+def images48(ray_session, tmp_path_factory) -> Path:
+    """48 images in 4-row shards (12 units: a kill lands between commits)."""
+    from mmbatch.demo.corpus import write_imagenet
+
+    root = tmp_path_factory.mktemp("images48")
+    out = root / "canon"
+    run_ingest("imagenet", str(write_imagenet(root / "corpus", per_class=12)), str(out), IngestOptions(shard_rows=4),
+               echo=False)
+    return out
+
+
+def hog_workflow(canon: Path, out: Path, size: int = 32) -> dict:
+    return {"datasets": [{"name": "images", "path": str(canon), "modalities": ["image"]}],
+            "features": {"image": {"extractor": "hog", "size": size}}, "output": {"path": str(out)}}
+
+
+def unit_fps(out: Path) -> dict[str, str]:
+    return {p.stem: json.loads(p.read_text())["fingerprint"] for p in out.glob("_shards/*.json")}
+
+
+def test_killed_rerun_with_a_changed_setting_leaves_no_manifest_and_the_next_run_completes(images48, tmp_path):
+    import yaml
+    from faults import kill_when, mmbatch_exe, private_ray_tmpdir
+
+    out = tmp_path / "out"
+    run(hog_workflow(images48, out, size=32))
+    old = unit_fps(out)
+    assert (out / "_manifest.json").exists() and len(old) == 12
+
+    wf_file = tmp_path / "wf.yaml"
+    wf_file.write_text(yaml.safe_dump(hog_workflow(images48, out, size=24)))
+    changed = lambda: [u for u, fp in unit_fps(out).items() if fp != old.get(u)][2:]   # noqa: E731
+    ray_tmp = private_ray_tmpdir()
+    try:
+        first = kill_when(mmbatch_exe() + ["preprocess", str(wf_file)], changed, tmp_path / "first.log",
+                          RAY_TMPDIR=ray_tmp, RAY_OVERRIDE_RESOURCES=json.dumps({"CPU": 2}))
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert first["killed"], (tmp_path / "first.log").read_text()[-3000:]
+    assert not (out / "_manifest.json").exists()             # the old one went before the first new file
+    new = [u for u, fp in unit_fps(out).items() if fp != old[u]]
+    assert 3 <= len(new) < 12                                 # mixed: some units at size 24, the rest at 32
+
+    # a reader refuses the folder and says how it is mixed
+    with pytest.raises(UsageError) as e:
+        check_fused(*storage.url_to_fs(str(out)))
+    msg = str(e.value)
+    assert "_manifest.json" in msg and "rerun preprocess" in msg
+    assert f"files were made with image size" in msg and ("24" in msg and "32" in msg)
+    got = check_fused(*storage.url_to_fs(str(out)), allow_incomplete=True)
+    assert not got["complete"] and len(got["files"]) == 12
+
+    # the next rerun completes: only the units still at size 32 are computed
+    s = run(hog_workflow(images48, out, size=24))
+    assert s.shards_skipped == len(new) and s.shards_processed == 12 - len(new)
+    assert check_fused(*storage.url_to_fs(str(out)))["complete"]
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["metadata"]["features"]["image"]["params"]["size"] == 24
+    assert manifest["unit_fingerprints"] == {f"{u}.parquet": fp for u, fp in unit_fps(out).items()}
