@@ -216,3 +216,78 @@ def test_killed_rerun_with_a_changed_setting_leaves_no_manifest_and_the_next_run
     manifest = json.loads((out / "_manifest.json").read_text())
     assert manifest["metadata"]["features"]["image"]["params"]["size"] == 24
     assert manifest["unit_fingerprints"] == {f"{u}.parquet": fp for u, fp in unit_fps(out).items()}
+
+
+# --- 3. readers refuse mixed or incomplete data -----------------------------------------------------
+@pytest.fixture(scope="module")
+def mixed(images48, tmp_path_factory) -> Path:
+    """A fused folder at image size 32 in which 2 of 12 files were rewritten at size 24 (as by an
+    unfinished rerun), and the size-32 run's manifest still there."""
+    root = tmp_path_factory.mktemp("mixed")
+    run(hog_workflow(images48, root / "mixed", size=32))
+    run(hog_workflow(images48, root / "other", size=24))
+    for f in sorted((root / "other").glob("*.parquet"))[:2]:
+        shutil.copy(f, root / "mixed" / f.name)
+    return root / "mixed"
+
+
+def test_check_names_the_mixed_files_and_how(mixed):
+    with pytest.raises(UsageError) as e:
+        check_fused(*storage.url_to_fs(str(mixed)))
+    msg = str(e.value)
+    assert "2 of 12 files were made with other settings" in msg
+    assert "10 files were made with image size 32, 2 with 24" in msg and "rerun preprocess" in msg
+    assert "2 file(s) have another unit fingerprint" in msg
+    two = sorted(p.name for p in (mixed.parent / "other").glob("*.parquet"))[:2]
+    assert all(n in msg for n in two)
+
+
+def _train_wf(tmp_path: Path, data: Path) -> Path:
+    import yaml
+
+    f = tmp_path / "train.yaml"
+    f.write_text(yaml.safe_dump({"train": {"data": str(data), "out": str(tmp_path / "runs"), "name": "m",
+                                           "epochs": 1, "hidden": 8, "num_workers": 1, "schedule": "none"}}))
+    return f
+
+
+def test_commands_refuse_mixed_data_with_exit_2(mixed, tmp_path, capsys):
+    from mmbatch.cli import main
+
+    wf = _train_wf(tmp_path, mixed)
+    for args in (["inspect", str(mixed)], ["train", str(wf)],
+                 ["evaluate", str(tmp_path / "no-model"), "--data", str(mixed)]):
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        assert "10 files were made with image size 32, 2 with 24" in err and "--allow-incomplete" in err, args
+    assert not (tmp_path / "runs").exists()                  # refused before training started
+
+
+def test_allow_incomplete_reads_what_is_committed_and_says_so(mixed, tmp_path, capsys, caplog):
+    from mmbatch.cli import main
+
+    assert main(["inspect", str(mixed), "--allow-incomplete"]) == 0
+    out = capsys.readouterr().out
+    assert "NOT one complete preprocess output" in out and "image size 32, 2 with 24" in out
+    assert "48 rows in 12 file(s)" in out
+
+    caplog.clear()
+    assert main(["train", str(_train_wf(tmp_path, mixed)), "--allow-incomplete"]) == 0
+    assert any("--allow-incomplete" in r.getMessage() and "image size" in r.getMessage() for r in caplog.records)
+    assert list((tmp_path / "runs").rglob("model.pt"))
+
+
+def test_retrain_refuses_mixed_training_data(images48, mixed, tmp_path, capsys):
+    import yaml
+
+    from mmbatch.cli import main
+
+    wf = hog_workflow(images48, tmp_path / "features", size=32)
+    wf["train"] = {"data": str(mixed), "out": str(tmp_path / "runs"), "epochs": 1, "hidden": 8, "num_workers": 1}
+    wf["retrain"] = {"registry": str(tmp_path / "registry")}
+    f = tmp_path / "retrain.yaml"
+    f.write_text(yaml.safe_dump(wf))
+    assert main(["retrain", str(f)]) == 2
+    assert "2 with 24" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+

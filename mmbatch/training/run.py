@@ -67,9 +67,13 @@ class TrainResult:
 
 # --- the entry point ---------------------------------------------------------------------------
 def run_training(wf: Workflow, baselines: bool | None = None, warm_start: str | None = None,
-                 modalities: list[str] | None = None) -> TrainResult:
-    """Train the fusion model of ``wf.train`` (plus one baseline per modality when asked)."""
+                 modalities: list[str] | None = None, allow_incomplete: bool = False) -> TrainResult:
+    """Train the fusion model of ``wf.train`` (plus one baseline per modality when asked) on a complete,
+    consistent fused output (mmbatch.provenance.check_fused; ``allow_incomplete``: what is committed)."""
+    from mmbatch.provenance import check_fused_uri
+
     t = wf.train
+    check_fused_uri(wf.train_data(), allow_incomplete=allow_incomplete)
     init_ray(wf.ray.address, wf.ray.num_cpus, wf.ray.num_gpus, wf.ray.object_store_memory)
     data = FusedData.open(wf.train_data(), seed=t.seed, val_fraction=t.val_fraction, test_fraction=t.test_fraction)
     mods = resolve_modalities(modalities or t.modalities, data)
@@ -219,8 +223,8 @@ def train_one(wf: Workflow, data: FusedData, mods: list[str], name: str,
                 "best_val_score": best_metrics["val_score"], "stopped_early": state["stopped_early"],
                 "checkpoint": best_ckpt.path, "world_size": t.num_workers, "use_gpu": use_gpu}
     save_model(model, {**spec, "status": "evaluating", "training": training}, model_dir)
-    test = evaluate_model(model_dir, data.uri, "test")
-    val = evaluate_model(model_dir, data.uri, "validation")
+    test = evaluate_model(model_dir, data.uri, "test", check=False)          # run_training checked the data
+    val = evaluate_model(model_dir, data.uri, "validation", check=False)
     final = {**spec, "status": "complete", "training": training,
              "metrics": {"test": _slim(test), "validation": _slim(val)}}
     fs, p = storage.url_to_fs(model_dir)
