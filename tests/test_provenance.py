@@ -291,3 +291,23 @@ def test_retrain_refuses_mixed_training_data(images48, mixed, tmp_path, capsys):
     assert "2 with 24" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
 
+
+# --- 4. ingest's shard plan depends on the data and options only --------------------------------------
+def test_ingest_plan_is_the_same_whatever_the_cluster_size(ray_session, tmp_path):
+    """Ingested on the shared 2-CPU Ray, then rerun as a 1-CPU and a 16-CPU embedded Ray would plan it:
+    every shard is found committed (same ids, same fingerprints), nothing is read again."""
+    from faults import mmbatch_exe, run_cmd
+
+    from mmbatch.demo.corpus import write_imagenet
+
+    src = write_imagenet(tmp_path / "corpus", per_class=24)             # 96 small images
+    out = tmp_path / "canon"
+    first = run_ingest("imagenet", str(src), str(out), echo=False)
+    assert first.shards_total >= 8                                        # parallel work from the data alone
+    fps = unit_fps(out)
+    for cpus in (1, 16):
+        r = run_cmd(mmbatch_exe() + ["ingest", "imagenet", str(src), "--out", str(out)],
+                    RAY_OVERRIDE_RESOURCES=json.dumps({"CPU": cpus}))
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert f"shards {first.shards_total} ({first.shards_total} already committed, skipped)" in r.stdout, r.stdout
+        assert unit_fps(out) == fps
