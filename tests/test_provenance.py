@@ -311,3 +311,88 @@ def test_ingest_plan_is_the_same_whatever_the_cluster_size(ray_session, tmp_path
         assert r.returncode == 0, r.stderr[-2000:]
         assert f"shards {first.shards_total} ({first.shards_total} already committed, skipped)" in r.stdout, r.stdout
         assert unit_fps(out) == fps
+
+
+# --- 5. retries for transient errors only ---------------------------------------------------------------
+def _counting(fn):
+    calls = []
+
+    def wrapped():
+        calls.append(1)
+        return fn()
+    return wrapped, calls
+
+
+def _write_to_full_disk() -> None:
+    with open("/dev/full", "wb") as f:                 # every write: ENOSPC, no space left on device
+        f.write(b"x" * 2**20)
+
+
+def test_permanent_storage_errors_fail_at_once_naming_the_path(tmp_path):
+    import errno
+
+    import pyarrow as pa
+
+    from mmbatch.commit import call_with_retry, write_table
+
+    table = pa.table({"x": [1, 2, 3]})
+    fs, _ = storage.url_to_fs(str(tmp_path))
+    # a directory nobody may write into (sysfs refuses even root), a full disk, a missing file
+    cases = [(lambda: write_table(fs, "/sys/mmbatch-test/x.parquet", table), PermissionError, None,
+              "/sys/mmbatch-test/x.parquet"),
+             (_write_to_full_disk, OSError, errno.ENOSPC, "/dev/full"),
+             (lambda: open(tmp_path / "missing.parquet", "rb"), FileNotFoundError, errno.ENOENT, "missing.parquet")]
+    for fn, kind, code, path in cases:
+        counted, calls = _counting(fn)
+        with pytest.raises(kind) as e:
+            call_with_retry(counted, f"writing {path}", backoff_s=5.0)
+        assert len(calls) == 1, (path, e.value)                     # no retry (and no 5 s backoff)
+        assert path in str(e.value) and "failed" not in str(e.value)
+        assert code is None or e.value.errno == code
+
+
+def test_transient_errors_are_retried_until_they_pass(tmp_path):
+    import socket
+
+    from mmbatch.commit import call_with_retry
+
+    # a real refused connection (nothing listens yet), then the service comes up
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    tries = []
+
+    def connect():
+        tries.append(1)
+        if len(tries) == 3:
+            listener.listen(1)
+        with socket.create_connection(("127.0.0.1", port), timeout=2):
+            return "connected"
+    try:
+        assert call_with_retry(connect, "connecting", backoff_s=0.01) == "connected"
+    finally:
+        listener.close()
+    assert len(tries) == 3
+    # and a transient error that does not pass: the last one, after every attempt
+    tries.clear()
+    with pytest.raises(OSError, match="failed 4 times"):
+        call_with_retry(lambda: tries.append(1) or socket.create_connection(("127.0.0.1", port), timeout=2),
+                        "connecting", backoff_s=0.01)
+    assert len(tries) == 4
+
+
+def test_object_store_errors_are_classified_as_s3fs_reports_them():
+    from botocore.exceptions import ClientError
+    from s3fs.errors import translate_boto_error
+
+    from mmbatch.commit import is_transient
+
+    def s3(code: str, status: int):
+        return translate_boto_error(ClientError({"Error": {"Code": code, "Message": code},
+                                                 "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject"))
+    for code, status in (("SlowDown", 503), ("ServiceUnavailable", 503), ("InternalError", 500),
+                         ("RequestTimeout", 400)):
+        assert is_transient(s3(code, status)), code
+    for code, status in (("AccessDenied", 403), ("NoSuchKey", 404), ("NoSuchBucket", 404),
+                         ("InvalidArgument", 400)):
+        assert not is_transient(s3(code, status)), code
