@@ -396,3 +396,77 @@ def test_object_store_errors_are_classified_as_s3fs_reports_them():
     for code, status in (("AccessDenied", 403), ("NoSuchKey", 404), ("NoSuchBucket", 404),
                          ("InvalidArgument", 400)):
         assert not is_transient(s3(code, status)), code
+
+
+# --- 6. GPU training ranks never share a GPU --------------------------------------------------------------
+def test_each_gpu_rank_asks_for_a_whole_gpu():
+    from mmbatch.training.run import rank_placement
+
+    # auto, 2 ranks, 1 GPU: one rank on it (never two ranks on half a GPU each)
+    p = rank_placement("auto", 2, 0.5, gpus_now=1, gpus_max=None)
+    assert (p.num_workers, p.use_gpu, p.resources_per_worker) == (1, True, {"CPU": 0.5, "GPU": 1.0})
+    assert "1 rank(s), one GPU each" in p.note
+    # auto, enough GPUs: every rank a whole GPU
+    p = rank_placement("auto", 2, 0.5, gpus_now=4, gpus_max=None)
+    assert (p.num_workers, p.resources_per_worker["GPU"], p.note) == (2, 1.0, "")
+    assert p.where() == "2 rank(s) on GPUs (0.5 CPU, 1 GPU each)"
+    # auto on an autoscaling cluster with no GPU node yet: ask for GPUs, do not fall back to CPU
+    p = rank_placement("auto", 2, 0.5, gpus_now=0, gpus_max=8)
+    assert (p.num_workers, p.use_gpu, p.resources_per_worker["GPU"]) == (2, True, 1.0)
+    assert "autoscaler for 2 more GPU(s)" in p.note
+    # no GPU now or ever: CPU ranks, as many as asked
+    p = rank_placement("auto", 2, 0.5, gpus_now=0, gpus_max=None)
+    assert (p.num_workers, p.use_gpu, p.resources_per_worker) == (2, False, {"CPU": 0.5})
+    assert rank_placement("auto", 2, 0.5, gpus_now=0.5, gpus_max=None).use_gpu is False   # a GPU fraction
+    assert rank_placement(False, 2, 0.5, gpus_now=4, gpus_max=None).use_gpu is False
+    # use_gpu: true with fewer GPUs than ranks, now and at the autoscaler's limit: a clear error
+    for now, most in ((1, None), (0, 1)):
+        with pytest.raises(UsageError, match=r"train.use_gpu: true needs 2 whole GPUs"):
+            rank_placement(True, 2, 0.5, gpus_now=now, gpus_max=most)
+    assert rank_placement(True, 2, 0.5, gpus_now=0, gpus_max=2).num_workers == 2
+
+
+GPU_CLUSTER_SCRIPT = r"""
+import json, sys
+from ray.cluster_utils import Cluster
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+cluster.add_node(num_cpus=2, num_gpus=2)              # fake GPUs: the scheduler sees them, CUDA does not
+cluster.wait_for_nodes()
+import ray
+ray.init(address=cluster.address)
+from ray.util.placement_group import placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from mmbatch.training.run import cluster_gpu_capacity, rank_placement
+
+place = rank_placement("auto", 2, 0.5, *cluster_gpu_capacity())
+pg = placement_group([place.resources_per_worker] * place.num_workers)     # what Ray Train reserves
+ray.get(pg.ready())
+
+@ray.remote
+def rank():
+    return ray.get_gpu_ids()
+
+gpus = ray.get([rank.options(num_cpus=place.resources_per_worker["CPU"], num_gpus=place.resources_per_worker["GPU"],
+                             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i))
+                .remote() for i in range(place.num_workers)])
+print("RESULT " + json.dumps({"capacity": cluster_gpu_capacity(), "where": place.where(), "gpus": gpus}))
+ray.shutdown()
+cluster.shutdown()
+"""
+
+
+def test_ranks_get_distinct_gpus_on_a_cluster_with_fake_gpus(tmp_path):
+    from faults import private_ray_tmpdir, run_cmd
+
+    import sys
+
+    ray_tmp = private_ray_tmpdir()
+    try:
+        r = run_cmd([sys.executable, "-c", GPU_CLUSTER_SCRIPT], timeout=180, RAY_TMPDIR=ray_tmp)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads([ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")][-1][len("RESULT "):])
+    assert res["capacity"][0] == 2 and res["where"] == "2 rank(s) on GPUs (0.5 CPU, 1 GPU each)"
+    ids = [tuple(g) for g in res["gpus"]]
+    assert all(len(g) == 1 for g in ids) and len(set(ids)) == 2          # one whole GPU each, not shared
