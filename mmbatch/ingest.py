@@ -261,9 +261,7 @@ def run_ingest(kind: str, input: str, out: str, opts: IngestOptions | None = Non
     shards = shard_plan(plan, samples, opts)
 
     fs.makedirs(out_path, exist_ok=True)
-    manifest_path = storage.join(out_path, storage.MANIFEST)
-    if fs.exists(manifest_path):  # "complete" no longer holds while shards change
-        fs.rm(manifest_path)
+    storage.remove_manifest(fs, out_path)   # "complete" no longer holds while shards change
 
     committer = Committer(fs, out_path)
     records: dict[str, CommitRecord] = {}
@@ -332,7 +330,7 @@ def run_ingest(kind: str, input: str, out: str, opts: IngestOptions | None = Non
         "shards_total": len(shards), "shards_skipped": skipped,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "elapsed_s": round(summary.elapsed, 3),
     }
-    storage.write_json(fs, manifest_path, manifest)
+    storage.write_json(fs, storage.join(out_path, storage.MANIFEST), manifest)
     storage.clean_tmp(fs, out_path)          # the temp dirs of the manifest's and markers' atomic writes
     if echo:
         print(summary.render())
