@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pyarrow as pa
@@ -198,7 +199,8 @@ def check_fused(fs, root: str, allow_incomplete: bool = False) -> dict:
             problems.append(f"{len(missing)} file(s) the manifest lists are missing: {_few(missing)}; rerun preprocess")
         if extra:
             problems.append(f"{len(extra)} file(s) are not in the manifest: {_few(extra)}; rerun preprocess")
-    footers = {n: _footer(fs, f) for n, f in zip(names, files)}
+    with ThreadPoolExecutor(max_workers=16) as pool:         # footers only; object stores: in parallel
+        footers = dict(zip(names, pool.map(lambda f: _footer(fs, f), files)))
     if want_meta is not None:
         bad_meta = {n: m for n, (m, _) in footers.items() if _comparable(m) != _comparable(want_meta)}
         if bad_meta:

@@ -158,7 +158,7 @@ def test_each_change_alone_redoes_exactly_the_units_it_affects(corpus, weights, 
 # --- 2. a killed rerun leaves no manifest over mixed files ----------------------------------------
 @pytest.fixture(scope="module")
 def images48(ray_session, tmp_path_factory) -> Path:
-    """48 images in 4-row shards (12 units: a kill lands between commits)."""
+    """48 images in shards of at most 4 rows (12 or more units: a kill lands between commits)."""
     from mmbatch.demo.corpus import write_imagenet
 
     root = tmp_path_factory.mktemp("images48")
@@ -184,7 +184,8 @@ def test_killed_rerun_with_a_changed_setting_leaves_no_manifest_and_the_next_run
     out = tmp_path / "out"
     run(hog_workflow(images48, out, size=32))
     old = unit_fps(out)
-    assert (out / "_manifest.json").exists() and len(old) == 12
+    n = len(old)
+    assert (out / "_manifest.json").exists() and n >= 12
 
     wf_file = tmp_path / "wf.yaml"
     wf_file.write_text(yaml.safe_dump(hog_workflow(images48, out, size=24)))
@@ -198,7 +199,7 @@ def test_killed_rerun_with_a_changed_setting_leaves_no_manifest_and_the_next_run
     assert first["killed"], (tmp_path / "first.log").read_text()[-3000:]
     assert not (out / "_manifest.json").exists()             # the old one went before the first new file
     new = [u for u, fp in unit_fps(out).items() if fp != old[u]]
-    assert 3 <= len(new) < 12                                 # mixed: some units at size 24, the rest at 32
+    assert 3 <= len(new) < n                                  # mixed: some units at size 24, the rest at 32
 
     # a reader refuses the folder and says how it is mixed
     with pytest.raises(UsageError) as e:
@@ -207,11 +208,11 @@ def test_killed_rerun_with_a_changed_setting_leaves_no_manifest_and_the_next_run
     assert "_manifest.json" in msg and "rerun preprocess" in msg
     assert f"files were made with image size" in msg and ("24" in msg and "32" in msg)
     got = check_fused(*storage.url_to_fs(str(out)), allow_incomplete=True)
-    assert not got["complete"] and len(got["files"]) == 12
+    assert not got["complete"] and len(got["files"]) == n
 
     # the next rerun completes: only the units still at size 32 are computed
     s = run(hog_workflow(images48, out, size=24))
-    assert s.shards_skipped == len(new) and s.shards_processed == 12 - len(new)
+    assert s.shards_skipped == len(new) and s.shards_processed == n - len(new)
     assert check_fused(*storage.url_to_fs(str(out)))["complete"]
     manifest = json.loads((out / "_manifest.json").read_text())
     assert manifest["metadata"]["features"]["image"]["params"]["size"] == 24
@@ -235,8 +236,9 @@ def test_check_names_the_mixed_files_and_how(mixed):
     with pytest.raises(UsageError) as e:
         check_fused(*storage.url_to_fs(str(mixed)))
     msg = str(e.value)
-    assert "2 of 12 files were made with other settings" in msg
-    assert "10 files were made with image size 32, 2 with 24" in msg and "rerun preprocess" in msg
+    n = len(list(mixed.glob("*.parquet")))
+    assert f"2 of {n} files were made with other settings" in msg
+    assert f"{n - 2} files were made with image size 32, 2 with 24" in msg and "rerun preprocess" in msg
     assert "2 file(s) have another unit fingerprint" in msg
     two = sorted(p.name for p in (mixed.parent / "other").glob("*.parquet"))[:2]
     assert all(n in msg for n in two)
@@ -259,7 +261,7 @@ def test_commands_refuse_mixed_data_with_exit_2(mixed, tmp_path, capsys):
                  ["evaluate", str(tmp_path / "no-model"), "--data", str(mixed)]):
         assert main(args) == 2, args
         err = capsys.readouterr().err
-        assert "10 files were made with image size 32, 2 with 24" in err and "--allow-incomplete" in err, args
+        assert "files were made with image size 32, 2 with 24" in err and "--allow-incomplete" in err, args
     assert not (tmp_path / "runs").exists()                  # refused before training started
 
 
@@ -269,7 +271,7 @@ def test_allow_incomplete_reads_what_is_committed_and_says_so(mixed, tmp_path, c
     assert main(["inspect", str(mixed), "--allow-incomplete"]) == 0
     out = capsys.readouterr().out
     assert "NOT one complete preprocess output" in out and "image size 32, 2 with 24" in out
-    assert "48 rows in 12 file(s)" in out
+    assert f"48 rows in {len(list(mixed.glob('*.parquet')))} file(s)" in out
 
     caplog.clear()
     assert main(["train", str(_train_wf(tmp_path, mixed)), "--allow-incomplete"]) == 0
