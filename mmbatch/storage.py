@@ -340,6 +340,13 @@ def _ls(fs, d: str) -> list[str]:
         return []
 
 
+def remove_manifest(fs, out_dir: str) -> None:
+    """Remove ``<out_dir>/_manifest.json``: the folder is no longer known complete."""
+    path = join(out_dir, MANIFEST)
+    if fs.exists(path):
+        fs.rm(path)
+
+
 def read_manifest(uri: str) -> dict | None:
     fs, path = url_to_fs(uri)
     return read_json(fs, join(path, MANIFEST))

@@ -31,6 +31,7 @@ from mmbatch.commit import CommitRecord, write_table
 from mmbatch.fusion import embeddings_to_arrow
 from mmbatch.preprocess.fuse import PartnerIndex, PartnerRows, fused_table
 from mmbatch.preprocess.plan import META_COLS, Unit
+from mmbatch.provenance import UNIT_FP_KEY, weights_signature
 from mmbatch.schema import MODALITIES, QUARANTINE, emb_column, has_column, normalize_split, quarantine_row
 
 QUARANTINE_DIR = storage.QUARANTINE_DIR
@@ -38,9 +39,12 @@ QUARANTINE_DIR = storage.QUARANTINE_DIR
 
 @dataclass
 class UnitJob:
-    """What every worker of one dataset's units needs (shipped once per worker)."""
+    """What every worker of one dataset's units needs (shipped once per worker).
+
+    Every field is part of the units' fingerprint (mmbatch.provenance.job_fingerprint) unless its
+    metadata says otherwise: a new field that changes the output needs no other change."""
     dataset: str
-    out_uri: str                     # output directory of this dataset's units
+    out_uri: str = field(metadata={"fingerprint": False})   # output directory of this dataset's units
     out_rel: str                     # that directory relative to the run's output root ("" or _features/<ds>)
     role: str                        # "fused": final rows; "features": a pairing partner's embeddings
     columns: list[str]
@@ -57,14 +61,18 @@ class UnitJob:
     pairing: dict = field(default_factory=dict)
     partners: list[PartnerIndex] = field(default_factory=list)
     row_group_size: int = 4096
-    batch_size: int = 64             # rows per extractor call (features.batch_size)
-    devices: dict = field(default_factory=dict)   # modality -> "gpu"/"cpu" placement asked for
-    storage: dict = field(default_factory=storage.options, repr=False)   # fsspec options (may hold secrets)
+    # rows per extractor call (features.batch_size): changes a model's output bits, not a model-free one's
+    batch_size: int = field(default=64, metadata={"fingerprint": "model"})
+    features: dict = field(default_factory=dict)  # modality -> extractor describe() + weights content sha256
+    # modality -> "gpu"/"cpu" placement asked for (recorded per unit in its CommitRecord)
+    devices: dict = field(default_factory=dict, metadata={"fingerprint": False})
+    # fsspec options (may hold secrets): where the bytes are, not what they are
+    storage: dict = field(default_factory=storage.options, repr=False, metadata={"fingerprint": False})
 
 
 def extractor(modality: str, spec: dict):
     """One extractor per (modality, config) per worker process, pinned to one thread."""
-    key = storage.fingerprint([modality, spec])
+    key = storage.fingerprint([modality, spec, weights_signature(spec)])   # rewritten weights: a new one
     ex = _EXTRACTORS.get(key)
     if ex is None:
         from mmbatch import config as C
@@ -161,6 +169,7 @@ class UnitWorker:
                 embs = {m: e[ok] for m, e in embs.items()}
                 present = {m: p[ok] for m, p in present.items()}
             out = self._output(table, embs, present)
+        out = out.replace_schema_metadata({**(out.schema.metadata or {}), UNIT_FP_KEY: unit.fingerprint.encode()})
         with _timed(sec, "write"):
             qfile = self._write(unit.id, out, quarantine)
         return CommitRecord(
