@@ -32,7 +32,8 @@ import pyarrow.parquet as pq
 
 from mmbatch import storage
 from mmbatch.fusion import embeddings_to_arrow, embeddings_to_numpy, fuse, stable_u64
-from mmbatch.schema import MODALITIES, emb_column, has_column, normalize_split
+from mmbatch.features.sequence import sequence_columns
+from mmbatch.schema import LENGTH_COLUMNS, MODALITIES, emb_column, has_column, normalize_split, seq_column
 
 PARTNER_CACHE_BYTES = 256 * 2**20      # partner feature files kept per worker
 
@@ -149,15 +150,22 @@ def fused_table(meta: dict[str, pa.Array], embs: dict, present: dict, dims: dict
     n = len(meta["sample_id"])
     mods = [m for m in MODALITIES if m in dims]
     full_present = {m: present.get(m, np.zeros(n, bool)) for m in mods}
-    fused = fuse(embs, full_present, dims, fusion["method"], fusion["dim"], fusion["weights"], fusion["seed"])
+    seqs = [m for m in mods if emb_column(m) not in schema.names]       # sequence features (no `fused`)
     cols = dict(meta)
     for m in mods:
         e = embs.get(m)
+        if m in seqs:
+            fields = [f for f in schema if f.name in (seq_column(m), LENGTH_COLUMNS.get(m))]
+            cols.update(sequence_columns(m, e if e is not None else np.full(n, None, object), full_present[m],
+                                         fields))
+            continue
         cols[emb_column(m)] = embeddings_to_arrow(e if e is not None else np.zeros((n, dims[m]), np.float32),
                                                   full_present[m])
     for m in mods:
         cols[has_column(m)] = pa.array(full_present[m])
-    cols["fused"] = embeddings_to_arrow(fused)
+    if not seqs:
+        cols["fused"] = embeddings_to_arrow(fuse(embs, full_present, dims, fusion["method"], fusion["dim"],
+                                                 fusion["weights"], fusion["seed"]))
     if paired_with is not None:
         cols["paired_with"] = pa.array([json.dumps({k: v[i] for k, v in paired_with.items()}) for i in range(n)],
                                        pa.string())

@@ -142,14 +142,17 @@ def run_preprocess(wf: Workflow, progress: bool = True) -> PreprocessSummary:
     _check_completions(plans)
     primaries, partners = _roles(wf, plans)
     used = [m for m in MODALITIES if any(m in p.modalities for p in plans)]
-    descriptions = {m: extractor(m, specs[m]).describe() for m in used}
-    dims = {m: descriptions[m]["dim"] for m in used}
 
+    from mmbatch.features.sequence import check_sequence_run, with_vocabulary
     from mmbatch.fusion import fused_dim
     from mmbatch.splits import FINAL_KEY, split_plan
 
-    fdim = fused_dim(wf.fusion.method, dims, wf.fusion.dim)
     splits = split_plan(present_splits(primaries), wf.train.val_fraction, wf.train.test_fraction)
+    specs = with_vocabulary(specs, plans, splits, wf.train.seed)     # tokens: vocabulary of the train split
+    descriptions = {m: extractor(m, specs[m]).describe() for m in used}
+    dims = {m: descriptions[m]["dim"] for m in used}
+    sequences = check_sequence_run(wf, {m: extractor(m, specs[m]) for m in used}, partners)
+    fdim = fused_dim(wf.fusion.method, dims, wf.fusion.dim)
     meta = {
         "kind": "fused", "mmbatch_version": __version__, "features": descriptions, "dims": dims, "fused_dim": fdim,
         "fusion": wf.fusion.model_dump(mode="json"), "pairing": wf.pairing.model_dump(mode="json"),
@@ -158,7 +161,7 @@ def run_preprocess(wf: Workflow, progress: bool = True) -> PreprocessSummary:
         FINAL_KEY: True, "split_plan": {**splits, "seed": wf.train.seed},
         "workflow_hash": storage.fingerprint(wf.model_dump(mode="json")),
     }
-    schema = fused_schema(dims, fdim)
+    schema = fused_schema(dims, fdim, sequences)
     if partners:
         schema = schema.append(pa.field("paired_with", pa.string()))
     schema = with_metadata(schema, meta)

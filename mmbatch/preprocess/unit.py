@@ -172,7 +172,7 @@ class UnitWorker:
         items, paths = raw_items(table, m)
         has = np.fromiter((x is not None and len(x) > 0 for x in items), bool, count=table.num_rows)
         idx = np.flatnonzero(has)
-        emb = np.zeros((table.num_rows, self.job.dims[m]), np.float32)
+        emb = self.extractors[m].empty_rows(table.num_rows)     # [n, dim] floats, or per-row arrays
         for start in range(0, len(idx), self.job.batch_size):
             part = idx[start:start + self.job.batch_size]
             emb[part], errors = self.extractors[m].extract([items[i] for i in part])
