@@ -152,7 +152,7 @@ def run_preprocess(wf: Workflow, progress: bool = True) -> PreprocessSummary:
     descriptions = {m: extractor(m, specs[m]).describe() for m in used}
     dims = {m: descriptions[m]["dim"] for m in used}
     sequences = check_sequence_run(wf, {m: extractor(m, specs[m]) for m in used}, partners)
-    fdim = fused_dim(wf.fusion.method, dims, wf.fusion.dim)
+    fdim = 0 if sequences else fused_dim(wf.fusion.method, dims, wf.fusion.dim)      # no `fused` column
     meta = {
         "kind": "fused", "mmbatch_version": __version__, "features": descriptions, "dims": dims, "fused_dim": fdim,
         "fusion": wf.fusion.model_dump(mode="json"), "pairing": wf.pairing.model_dump(mode="json"),
