@@ -18,8 +18,8 @@ import numpy as np
 from benchmarks.fusion_tasks import DIGIT_WORDS, _labels, _splits, digit_image, sentence, tone_code
 
 # how informative each modality is (chosen so each is clearly imperfect alone)
-IMAGE_OCCLUDE, IMAGE_NOISE = 0.45, 0.25
-AUDIO_SNR_DB = (-24.0, -14.0)
+IMAGE_OCCLUDE, IMAGE_NOISE = 0.3, 0.15
+AUDIO_SNR_DB = (-26.0, -16.0)
 AUDIO_SECONDS = 1.0
 TEXT_INFORMATIVE = 0.35
 

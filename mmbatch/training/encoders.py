@@ -7,7 +7,7 @@ The seeds' model, with the fusion models of :mod:`mmbatch.training.models` on to
     text   [B, L] ids + lengths    -> TextLSTM  -> [B, hidden] ┘
 
 Padded positions never reach a result: the LSTMs run on ``pack_padded_sequence`` of the
-true lengths, and each batch is first cut to its longest row (the data path pads to
+true lengths and their outputs are averaged over the real steps only; each batch is first cut to its longest row (the data path pads to
 ``max_frames`` / ``max_tokens``; a batch of short rows costs only their length).
 A row whose modality is missing (length 0, or ``has_<m>`` false) is run with length 1 and
 its output is zeroed by the fusion model's presence mask.
@@ -21,7 +21,7 @@ from typing import Mapping, Optional
 
 import torch
 import torch.nn as nn
-from torch.nn.utils.rnn import pack_padded_sequence
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from mmbatch import schema
 
@@ -66,7 +66,8 @@ class ImageCNN(nn.Module):
 
 
 class _LSTMEncoder(nn.Module):
-    """Shared: cut the batch to its longest row, pack, run the LSTM, return the last hidden state."""
+    """Shared: cut the batch to its longest row, pack, run the LSTM, average its outputs over
+    each row's real steps (a masked mean: padded steps count for nothing)."""
 
     def __init__(self, in_dim: int, out_dim: int):
         super().__init__()
@@ -74,12 +75,13 @@ class _LSTMEncoder(nn.Module):
         self.lstm = nn.LSTM(in_dim, self.out_dim, batch_first=True)
 
     def run(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """x [B, T, in_dim], lengths [B] -> [B, out_dim] (the hidden state after each row's last step)."""
+        """x [B, T, in_dim], lengths [B] -> [B, out_dim]: the mean of the LSTM outputs over each
+        row's first ``length`` steps."""
         lengths = lengths.to("cpu", torch.int64).clamp(1, x.shape[1])          # missing rows: one step
         x = x[:, : int(lengths.max())]                                         # per-batch padding
         packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
-        _, (h, _) = self.lstm(packed)
-        return h[-1]
+        out, _ = pad_packed_sequence(self.lstm(packed)[0], batch_first=True)   # [B, T', H], zeros past length
+        return out.sum(1) / lengths.to(out.device, out.dtype).unsqueeze(1)
 
 
 class AudioLSTM(_LSTMEncoder):
