@@ -116,7 +116,8 @@ def check_features(model_features: Mapping[str, Mapping], data_meta: Mapping, da
             if f == "dim" and b is None:
                 continue
             if f == "params" and isinstance(a, Mapping) and isinstance(b, Mapping) and _canon(a) != _canon(b):
-                raise UsageError(f"modality '{m}': {data_name} was built with other feature settings: "
+                raise UsageError(f"modality '{m}': extractor field 'params' differs, {data_name} was built with "
+                                 "other feature settings: "
                                  + "; ".join(_setting_diff(m, k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
                                              if _canon(a.get(k)) != _canon(b.get(k)))
                                  + ". Re-extract the features with the model's settings or retrain.")
