@@ -340,7 +340,7 @@ def _brief(r: dict) -> dict:
             "val_accuracy": round(r["val_accuracy"], 3)}
 
 
-def write_results(results: dict, out: Path, name: str = "train") -> None:
+def write_results(results: dict, out: Path, stem: str = "train") -> None:
     runs = results["runs"]
     for r in runs.values():
         r["epoch_s_median"] = round(statistics.median(r["epoch_s"]), 3)
@@ -349,7 +349,7 @@ def write_results(results: dict, out: Path, name: str = "train") -> None:
     base = next((r["epoch_s_median"] for k, r in runs.items() if k.startswith("plain")), None)
     for r in runs.values():
         r["ratio_to_plain"] = round(r["epoch_s_median"] / base, 2) if base else None
-    (out / f"{name}.json").write_text(json.dumps(results, indent=2))
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=2))
     s = results["settings"]
     m = results["machine"]
     what = (f"{s['rows']} rows of the end-to-end task (sequence features, CNN + 2 LSTM encoders, 10 classes, "
@@ -383,7 +383,7 @@ def write_results(results: dict, out: Path, name: str = "train") -> None:
             lines += ["", f"{name}: one gloo all-reduce of the model's gradients, timed alone after training, takes "
                           f"{r['allreduce_ms']} ms (median of 200)."]
     lines += ["", "Measured on a shared, loaded 2-core VM (other engineers' jobs running)."] if s.get("e2e") else []
-    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

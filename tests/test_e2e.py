@@ -239,3 +239,42 @@ def test_encoders_ignore_padding_and_name_mismatched_columns():
         ImageCNN(28, 1, 16)(torch.zeros(2, 32 * 32, dtype=torch.uint8))
     with pytest.raises(InputMismatch, match="outside the model's vocabulary of 10"):
         TextLSTM(10, 16)(torch.tensor([[3, 12]]), torch.tensor([2]))
+
+
+@pytest.mark.parametrize("fusion", ["early", "weighted", "late", "gated"])
+def test_every_fusion_model_takes_learned_encoders(fusion):
+    """The fusion models of train.model run on the encoders' outputs; a missing modality
+    changes nothing in a row's logits whatever its (zeroed) input holds."""
+    from mmbatch.training.models import FusionModel
+
+    torch.manual_seed(0)
+    enc = {"image": {"kind": "cnn", "hidden": 8, "size": 16, "channels": 1},
+           "audio": {"kind": "lstm", "hidden": 8, "n_mels": 4, "max_frames": 6},
+           "text": {"kind": "lstm", "hidden": 8, "vocab_size": 12, "max_tokens": 5}}
+    model = FusionModel({"image": 256, "audio": 24, "text": 5}, 3, fusion, hidden=16, dropout=0.0, encoders=enc).eval()
+    batch = {"image_emb": torch.randint(0, 255, (4, 256), dtype=torch.uint8),
+             "audio_emb": torch.randn(4, 6, 4), "audio_len": torch.tensor([6, 3, 1, 0]),
+             "text_emb": torch.randint(1, 12, (4, 5)), "text_len": torch.tensor([5, 2, 4, 1]),
+             "has_image": torch.tensor([True, True, True, True]), "has_audio": torch.tensor([True, True, True, False]),
+             "has_text": torch.tensor([True, False, True, True])}
+    logits, aux, mask = model(batch, with_aux=True)
+    assert logits.shape == (4, 3) and torch.isfinite(model.loss((logits, aux, mask), torch.tensor([0, 1, 2, 0])))
+    other = {**batch, "audio_emb": torch.randn(4, 6, 4) * 50}           # row 3 has no audio
+    with torch.no_grad():
+        assert torch.allclose(model(other)[3], model(batch)[3], atol=1e-5)
+
+
+def test_e2e_benchmark_writes_its_table(tmp_path):
+    """`python -m benchmarks.e2e` on a tiny task: every model is trained, scored and tabled."""
+    from benchmarks import e2e
+
+    e2e.main(["--train", "60", "--val", "20", "--test", "30", "--epochs", "1", "--max-frames", "20",
+              "--out", str(tmp_path)])
+    res = json.loads((tmp_path / "e2e.json").read_text())
+    kinds = {f"{k}:{m}" for k in ("end_to_end", "frozen") for m in ("fusion", "image", "audio", "text")}
+    assert set(res["models"]) == kinds
+    assert all(0 <= r["errors"] <= 30 and r["params"] > 0 and r["epoch_s"] > 0 for r in res["models"].values())
+    v = res["verdict"]
+    assert v["fusion_errors"] == res["models"]["end_to_end:fusion"]["errors"]
+    assert v["passes"] == (v["error_cut"] >= 0.25)
+    assert "early fusion, all three" in (tmp_path / "e2e.md").read_text()
