@@ -26,9 +26,9 @@ import pyarrow.parquet as pq
 
 from mmbatch import schema, storage
 from mmbatch.errors import UsageError
-from mmbatch.training.sequences import sequence_column_names, sequence_dims, sequence_input
 from mmbatch.splits import (assign_splits, final_plan, normalized_splits, row_uniform, split_plan,  # noqa: F401
                             splits_are_final)
+from mmbatch.training.sequences import sequence_column_names, sequence_dims, sequence_input
 
 log = logging.getLogger("mmbatch.training")
 
