@@ -278,3 +278,34 @@ def test_e2e_benchmark_writes_its_table(tmp_path):
     assert v["fusion_errors"] == res["models"]["end_to_end:fusion"]["errors"]
     assert v["passes"] == (v["error_cut"] >= 0.25)
     assert "early fusion, all three" in (tmp_path / "e2e.md").read_text()
+
+
+def test_label_pairing_carries_sequence_features(ray_session, demo_corpus, tmp_path):
+    """AV-MNIST-style pairing (pairing.by: label): each image row gets a speech row of its label,
+    whose log-mel frames and token ids are copied from the partner's features unchanged."""
+    from mmbatch.ingest import run_ingest
+    from mmbatch.preprocess import run_preprocess
+
+    for kind, path in (("imagenet", demo_corpus.imagenet), ("librispeech", demo_corpus.librispeech)):
+        run_ingest(kind, str(path), str(tmp_path / kind), echo=False)
+    wf = workflow_from_dict({
+        "datasets": [{"name": "images", "path": str(tmp_path / "imagenet"), "modalities": ["image"]},
+                     {"name": "speech", "path": str(tmp_path / "librispeech"), "modalities": ["audio", "text"],
+                      "label_column": "speaker"}],
+        "features": sequence_features(max_frames=50, max_tokens=6), "pairing": {"by": "label", "primary": "images"},
+        "output": {"path": str(tmp_path / "fused")}})
+    summary = run_preprocess(wf, progress=False)
+    t = read_dir(tmp_path / "fused")
+    assert t.num_rows == summary.rows_out > 0 and "fused" not in t.column_names
+    partner = read_dir(tmp_path / "fused" / "_features" / "speech").to_pylist()
+    by_id = {r["sample_id"]: r for r in partner}
+    checked = 0
+    for r in t.to_pylist():
+        p = by_id.get(json.loads(r["paired_with"])["speech"])
+        if p is None:
+            continue
+        assert r["label"] == p["label"]
+        assert r["audio_frames"] == p["audio_frames"] and r["audio_len"] == p["audio_len"] == len(p["audio_frames"])
+        assert r["text_tokens"] == p["text_tokens"] and r["has_audio"] and len(r["image_pixels"]) == 784
+        checked += 1
+    assert checked == t.num_rows

@@ -219,14 +219,38 @@ def with_vocabulary(specs: dict, plans: list, split_plan: dict, seed: int) -> di
     return {**specs, "text": {**text, "vocabulary": vocab}}
 
 
-def check_sequence_run(wf, extractors: dict, partners: list) -> dict[str, list[pa.Field]]:
+def sequence_run_fields(extractors: dict) -> dict[str, list[pa.Field]]:
     """The columns of each modality whose extractor is a sequence extractor (for
-    :func:`mmbatch.schema.fused_schema`); refuses what the fused table cannot hold yet."""
-    from mmbatch.errors import UsageError
+    :func:`mmbatch.schema.fused_schema`)."""
+    return {m: ex.fields() for m, ex in extractors.items() if getattr(ex, "sequence", False)}
 
-    seq = {m: ex.fields() for m, ex in extractors.items() if getattr(ex, "sequence", False)}
-    if seq and partners:
-        raise UsageError(f"pairing.by: {wf.pairing.by} with sequence features ({', '.join(sorted(seq))}: "
-                         f"features.<modality>.extractor pixels / logmel_frames / tokens) is not supported: "
-                         "ingest the modalities as one dataset, or use frozen extractors")
-    return seq
+
+def columns_in_schema(modality: str, values: np.ndarray, present: np.ndarray, sch: pa.Schema) -> dict[str, pa.Array]:
+    """:func:`sequence_columns` for the modality's fields of the table schema ``sch``."""
+    names = (schema.seq_column(modality), schema.LENGTH_COLUMNS.get(modality))
+    return sequence_columns(modality, values, present, [f for f in sch if f.name in names])
+
+
+def row_arrays(col: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """The rows of a sequence column as an object array of NumPy arrays (None where null): what
+    a sequence extractor's ``extract`` returns, read back (pairing partners' rows)."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    n = len(arr)
+    out = np.full(n, None, dtype=object)
+    valid = np.flatnonzero(~np.asarray(arr.is_null().to_numpy(zero_copy_only=False), bool)) if n else []
+    if pa.types.is_fixed_size_list(arr.type):
+        width = arr.type.list_size
+        flat = arr.values.slice(arr.offset * width, n * width).to_numpy(zero_copy_only=False).reshape(n, width)
+        for i in valid:
+            out[i] = flat[i]
+        return out
+    offsets = arr.offsets.to_numpy(zero_copy_only=False)
+    inner = arr.values
+    if pa.types.is_fixed_size_list(inner.type):
+        k = inner.type.list_size
+        values = inner.values.slice(inner.offset * k, len(inner) * k).to_numpy(zero_copy_only=False).reshape(-1, k)
+    else:
+        values = inner.to_numpy(zero_copy_only=False)
+    for i in valid:
+        out[i] = values[offsets[i]:offsets[i + 1]]
+    return out

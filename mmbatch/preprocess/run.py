@@ -47,10 +47,10 @@ def _roles(wf: Workflow, plans: list[DatasetPlan]) -> tuple[list[DatasetPlan], l
     return [p for p in plans if p.cfg.name == primary], [p for p in plans if p.cfg.name != primary]
 
 
-def _features_schema(dims: dict, modalities: list[str]) -> pa.Schema:
+def _features_schema(dims: dict, modalities: list[str], sequences: dict | None = None) -> pa.Schema:
     base = fused_schema({}, 0)
     fields = [base.field(c) for c in META_COLS]
-    fields += [pa.field(emb_column(m), embedding_type(dims[m])) for m in modalities]
+    fields += [f for m in modalities for f in (sequences or {}).get(m, [pa.field(emb_column(m), embedding_type(dims[m]))])]
     fields += [pa.field(has_column(m), pa.bool_()) for m in modalities]
     return pa.schema(fields)
 
@@ -143,7 +143,7 @@ def run_preprocess(wf: Workflow, progress: bool = True) -> PreprocessSummary:
     primaries, partners = _roles(wf, plans)
     used = [m for m in MODALITIES if any(m in p.modalities for p in plans)]
 
-    from mmbatch.features.sequence import check_sequence_run, with_vocabulary
+    from mmbatch.features.sequence import sequence_run_fields, with_vocabulary
     from mmbatch.fusion import fused_dim
     from mmbatch.splits import FINAL_KEY, split_plan
 
@@ -151,7 +151,7 @@ def run_preprocess(wf: Workflow, progress: bool = True) -> PreprocessSummary:
     specs = with_vocabulary(specs, plans, splits, wf.train.seed)     # tokens: vocabulary of the train split
     descriptions = {m: extractor(m, specs[m]).describe() for m in used}
     dims = {m: descriptions[m]["dim"] for m in used}
-    sequences = check_sequence_run(wf, {m: extractor(m, specs[m]) for m in used}, partners)
+    sequences = sequence_run_fields({m: extractor(m, specs[m]) for m in used})
     fdim = 0 if sequences else fused_dim(wf.fusion.method, dims, wf.fusion.dim)      # no `fused` column
     meta = {
         "kind": "fused", "mmbatch_version": __version__, "features": descriptions, "dims": dims, "fused_dim": fdim,
@@ -178,7 +178,7 @@ def run_preprocess(wf: Workflow, progress: bool = True) -> PreprocessSummary:
     partner_indexes, partner_fps = [], {}
     for p in partners:
         out_rel = storage.join(FEATURES_DIR, p.cfg.name)
-        job = job_for(p, "features", out_rel, schema=_features_schema(dims, p.modalities))
+        job = job_for(p, "features", out_rel, schema=_features_schema(dims, p.modalities, sequences))
         fp = {"specs": job.specs, "label_map": p.label_map, "complete": job.completions}
         recs = runner.run(p, job, fp, fused=False)
         files = [storage.join(out_root, out_rel, f) for r in recs for f in r.files]

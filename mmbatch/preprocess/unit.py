@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 
 from mmbatch import storage
 from mmbatch.commit import CommitRecord, write_table
+from mmbatch.features.sequence import columns_in_schema
 from mmbatch.fusion import embeddings_to_arrow
 from mmbatch.preprocess.fuse import PartnerIndex, PartnerRows, fused_table
 from mmbatch.preprocess.plan import META_COLS, Unit
@@ -204,7 +205,10 @@ class UnitWorker:
             return fused_table(meta, embs, present, job.dims, job.fusion, job.schema, paired_with)
         cols = dict(meta)
         for m in job.modalities:
-            cols[emb_column(m)] = embeddings_to_arrow(embs[m], present[m])
+            if emb_column(m) in job.schema.names:
+                cols[emb_column(m)] = embeddings_to_arrow(embs[m], present[m])
+            else:                                       # sequence features (mmbatch.features.sequence)
+                cols.update(columns_in_schema(m, embs[m], present[m], job.schema))
             cols[has_column(m)] = pa.array(present[m])
         return pa.table(cols, schema=job.schema)
 
