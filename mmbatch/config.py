@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mmbatch.schema import MODALITIES
 
@@ -58,9 +58,12 @@ class DatasetConfig(Strict):
 
 
 class ImageFeatures(Strict):
-    extractor: Literal["hog", "cnn"] = Field("hog", description="hog: gradient + colour histograms on CPU; "
-                                             "cnn: a torchvision ResNet embedding")
-    size: int = Field(64, ge=16, le=1024, description="square input side after resize and center crop")
+    extractor: Literal["hog", "cnn", "pixels"] = Field("hog", description="hog: gradient + colour histograms on CPU; "
+                                                       "cnn: a torchvision ResNet embedding; pixels: the resized "
+                                                       "image itself (uint8), for train.encoders.image: cnn")
+    size: int = Field(64, ge=16, le=1024, description="square input side after resize and center crop "
+                      "(pixels: 28 unless set)")
+    channels: Literal[1, 3] = Field(1, description="pixels: 1 (grayscale) or 3 (RGB)")
     arch: Literal["resnet18", "resnet34", "resnet50"] = Field("resnet18", description="cnn network")
     weights: Optional[str] = Field(None, description="cnn: local path or URI of a torchvision state_dict "
                                    "(null: random weights)")
@@ -68,10 +71,23 @@ class ImageFeatures(Strict):
     precision: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="cnn precision on GPU")
     num_gpus: Optional[float] = Field(None, ge=0, description="GPU per actor (null: a fraction when GPUs exist)")
 
+    @model_validator(mode="after")
+    def _pixels_size(self):
+        if self.extractor == "pixels" and "size" not in self.model_fields_set:
+            self.__dict__["size"] = PIXELS_SIZE        # direct: no re-validation loop
+            self.model_fields_set.add("size")
+        return self
+
+
+PIXELS_SIZE = 28        # features.image.size of the pixels extractor when not set
+
 
 class AudioFeatures(Strict):
-    extractor: Literal["logmel_stats", "cnn"] = Field("logmel_stats", description="logmel_stats: log-mel and "
-                                                      "MFCC statistics; cnn: a small convolutional encoder")
+    extractor: Literal["logmel_stats", "cnn", "logmel_frames"] = Field(
+        "logmel_stats", description="logmel_stats: log-mel and MFCC statistics; cnn: a small convolutional "
+        "encoder; logmel_frames: the log-mel frames themselves, for train.encoders.audio: lstm")
+    max_frames: int = Field(100, ge=1, description="logmel_frames: frames kept per clip (longer clips are "
+                            "cropped, shorter ones padded in training; the true length is stored)")
     backend: Literal["librosa", "torch"] = Field("librosa", description="STFT implementation")
     sample_rate: int = Field(16000, ge=1000, description="resample to this rate (Hz)")
     win_ms: float = Field(25.0, gt=0, description="frame length (ms)")
@@ -88,8 +104,15 @@ class AudioFeatures(Strict):
 
 
 class TextFeatures(Strict):
-    extractor: Literal["hashing", "sentence"] = Field("hashing", description="hashing: hashed word n-grams; "
-                                                      "sentence: a sentence-transformers model")
+    extractor: Literal["hashing", "sentence", "tokens"] = Field(
+        "hashing", description="hashing: hashed word n-grams; sentence: a sentence-transformers model; tokens: "
+        "word ids from a vocabulary of the train split, for train.encoders.text: lstm")
+    max_tokens: int = Field(32, ge=1, description="tokens: ids kept per text (the true length is stored)")
+    vocab_size: int = Field(10000, ge=3, description="tokens: most frequent train-split words kept, plus "
+                            "<pad> and <unk>")
+    min_count: int = Field(1, ge=1, description="tokens: a word enters the vocabulary from this many train rows")
+    vocabulary: Optional[list[str]] = Field(None, description="tokens: the vocabulary (null: built by preprocess "
+                                            "from the train split and stored in the output metadata)")
     dim: int = Field(256, ge=8, description="hashing embedding size")
     ngram_range: tuple[int, int] = Field((1, 2), description="hashing word n-gram lengths")
     model_path: Optional[str] = Field(None, description="sentence: local folder of a sentence-transformers model")
@@ -131,6 +154,17 @@ class OutputConfig(Strict):
     row_group_size: int = Field(4096, ge=1, description="Parquet rows per row group")
 
 
+class EncodersConfig(Strict):
+    """Per-modality encoders of `mmbatch train`: frozen (the features as stored) or learned end to end."""
+    image: Literal["frozen", "cnn"] = Field("frozen", description="frozen: the image embedding as stored; "
+                                            "cnn: a small CNN trained end to end on features.image.extractor: pixels")
+    audio: Literal["frozen", "lstm"] = Field("frozen", description="lstm: an LSTM over "
+                                             "features.audio.extractor: logmel_frames, trained end to end")
+    text: Literal["frozen", "lstm"] = Field("frozen", description="lstm: word embeddings + an LSTM over "
+                                            "features.text.extractor: tokens, trained end to end")
+    hidden: int = Field(64, ge=1, description="LSTM size and CNN output size")
+
+
 class TrainConfig(Strict):
     """`mmbatch train`: the fusion model, its baselines and the Ray Train run."""
     data: Optional[str] = Field(None, description="fused Parquet to train on (null: output.path)")
@@ -162,6 +196,7 @@ class TrainConfig(Strict):
     val_fraction: float = Field(0.15, ge=0, lt=1, description="validation share, used when the data has no "
                                 "validation split")
     test_fraction: float = Field(0.15, ge=0, lt=1, description="test share, used when the data has no test split")
+    encoders: EncodersConfig = EncodersConfig()
 
 
 class RetrainConfig(Strict):

@@ -74,7 +74,27 @@ def describe(path: str, allow_incomplete: bool = False) -> dict:
         "metadata": read_mmbatch_meta(schema),
         "manifest": manifest,
         "problems": check["problems"] if check else [],
+        "sequences": sequence_summary(schema),
     }
+
+
+def sequence_summary(schema) -> dict:
+    """modality -> one line on its sequence-feature column (fused data with pixels /
+    logmel_frames / tokens extractors; these tables have no ``fused`` vector)."""
+    from mmbatch.schema import LENGTH_COLUMNS, SEQUENCE_COLUMNS
+
+    feats = (read_mmbatch_meta(schema).get("features") or {})
+    out = {}
+    for m, col in SEQUENCE_COLUMNS.items():
+        if col not in schema.names:
+            continue
+        p = (feats.get(m) or {}).get("params") or {}
+        what = {"image": lambda: f"pixels {p.get('size')}x{p.get('size')}x{p.get('channels')} uint8",
+                "audio": lambda: f"log-mel frames x {p.get('n_mels')} mels, at most {p.get('max_frames')}",
+                "text": lambda: f"token ids, at most {p.get('max_tokens')}, vocabulary of {p.get('vocab_size')} "
+                                "words from the train split"}[m]()
+        out[m] = f"{col}: {what}" + (f" (length in {LENGTH_COLUMNS[m]})" if m in LENGTH_COLUMNS else "")
+    return out
 
 
 def render_text(info: dict) -> str:
@@ -92,6 +112,9 @@ def render_text(info: dict) -> str:
     if info["quarantine"]:
         q = info["quarantine"]
         out.append(f"quarantined: {q['rows']} (" + ", ".join(f"{k} {v}" for k, v in q["reasons"].items()) + ")")
+    if info.get("sequences"):
+        out.append("fused vector: none -- sequence features (model inputs for train.encoders):")
+        out += [f"  {m}: {line}" for m, line in info["sequences"].items()]
     meta = info["metadata"]
     if meta:
         out.append("metadata:")

@@ -79,8 +79,52 @@ def embedding_type(dim: int) -> pa.DataType:
     return pa.list_(pa.float32(), dim)
 
 
-def fused_schema(dims: Mapping[str, int], fused_dim: int) -> pa.Schema:
-    """Schema of fused feature rows. ``dims`` maps modality -> embedding size."""
+# --- sequence features (features.<m>.extractor: pixels / logmel_frames / tokens) ---------------
+# Instead of an embedding column, a modality with a sequence extractor writes its model input:
+#   image_pixels  fixed_size_list<uint8>[size*size*channels]  the resized image, row-major H x W x C
+#   audio_frames  list<fixed_size_list<float32>[n_mels]>      log-mel frames (dB), at most max_frames
+#   audio_len     int32                                        frames stored (the true length, cropped)
+#   text_tokens   list<int32>                                  token ids (vocabulary in the metadata)
+#   text_len      int32                                        tokens stored (at most max_tokens)
+# and the fused table has no `fused` column.
+SEQUENCE_COLUMNS = {"image": "image_pixels", "audio": "audio_frames", "text": "text_tokens"}
+LENGTH_COLUMNS = {"audio": "audio_len", "text": "text_len"}
+
+
+def seq_column(modality: str) -> str:
+    return SEQUENCE_COLUMNS[modality]
+
+
+def len_column(modality: str) -> str:
+    return LENGTH_COLUMNS[modality]
+
+
+def pixels_type(size: int, channels: int) -> pa.DataType:
+    return pa.list_(pa.uint8(), int(size) * int(size) * int(channels))
+
+
+def frames_type(n_mels: int) -> pa.DataType:
+    return pa.list_(pa.list_(pa.float32(), int(n_mels)))
+
+
+TOKENS_TYPE = pa.list_(pa.int32())
+
+
+def sequence_fields(modality: str, params: Mapping) -> list[pa.Field]:
+    """The columns a sequence extractor writes for ``modality`` (``params``: its params())."""
+    if modality == "image":
+        return [pa.field(seq_column("image"), pixels_type(params["size"], params["channels"]))]
+    if modality == "audio":
+        return [pa.field(seq_column("audio"), frames_type(params["n_mels"])), pa.field(len_column("audio"), pa.int32())]
+    return [pa.field(seq_column("text"), TOKENS_TYPE), pa.field(len_column("text"), pa.int32())]
+
+
+def fused_schema(dims: Mapping[str, int], fused_dim: int,
+                 sequences: Mapping[str, list[pa.Field]] | None = None) -> pa.Schema:
+    """Schema of fused feature rows. ``dims`` maps modality -> embedding size; ``sequences`` maps a
+    modality with a sequence extractor to its columns (:func:`sequence_fields`): it gets those
+    instead of an embedding column, and the table then has no ``fused`` column."""
+    sequences = sequences or {}
     fields = [
         pa.field("sample_id", pa.string(), nullable=False),
         pa.field("source", pa.string()),
@@ -89,12 +133,15 @@ def fused_schema(dims: Mapping[str, int], fused_dim: int) -> pa.Schema:
         pa.field("label_name", pa.string()),
     ]
     for m in MODALITIES:
-        if m in dims:
+        if m in sequences:
+            fields += sequences[m]
+        elif m in dims:
             fields.append(pa.field(emb_column(m), embedding_type(dims[m])))
     for m in MODALITIES:
         if m in dims:
             fields.append(pa.field(has_column(m), pa.bool_()))
-    fields.append(pa.field("fused", embedding_type(fused_dim)))
+    if not sequences:
+        fields.append(pa.field("fused", embedding_type(fused_dim)))
     return pa.schema(fields)
 
 
@@ -118,6 +165,8 @@ def hf_features(schema: pa.Schema) -> dict:
             return {"dtype": "float32", "_type": "Value"}
         if t == pa.bool_():
             return {"dtype": "bool", "_type": "Value"}
+        if t == pa.uint8():
+            return {"dtype": "uint8", "_type": "Value"}
         if pa.types.is_fixed_size_list(t):
             return {"feature": feature(t.value_type), "length": t.list_size, "_type": "Sequence"}
         if pa.types.is_list(t):

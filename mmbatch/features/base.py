@@ -36,6 +36,7 @@ class Extractor(ABC):
     version: str = "1"
     dim: int = 0
     needs_model: bool = False   # True: encode() loads a model (actor pool, GPU-capable)
+    sequence: bool = False      # True: per-row arrays, not a [n, dim] embedding (mmbatch.features.sequence)
 
     @abstractmethod
     def params(self) -> dict:
@@ -53,10 +54,14 @@ class Extractor(ABC):
         return {"modality": self.modality, "name": self.name, "version": self.version,
                 "dim": self.dim, "params": self.params()}
 
+    def empty_rows(self, n: int) -> np.ndarray:
+        """What :meth:`extract` returns for ``n`` rows before any is filled in."""
+        return np.zeros((n, self.dim), dtype=np.float32)
+
     def extract(self, items: Sequence[Any]) -> tuple[np.ndarray, list[Error]]:
         """decode + encode in one call: ([n, dim] float32 with zero rows for errors, errors)."""
         dec = self.decode(items)
-        out = np.zeros((len(items), self.dim), dtype=np.float32)
+        out = self.empty_rows(len(items))
         ok = [i for i, e in enumerate(dec.errors) if e is None]
         if ok:
             out[ok] = self.encode([dec.values[i] for i in ok])

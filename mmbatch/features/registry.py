@@ -12,6 +12,12 @@ model (for the sentence extractor it reads the model directory's config files).
 | audio    | cnn            | AudioCNNExtractor      | embedding_dim (128)               |
 | text     | hashing        | HashingTextExtractor   | dim (256)                         |
 | text     | sentence       | SentenceExtractor      | from the model (384 for MiniLM-L6) |
+| image    | pixels         | PixelsExtractor        | size*size*channels (sequence)     |
+| audio    | logmel_frames  | LogMelFramesExtractor  | max_frames*n_mels (sequence)      |
+| text     | tokens         | TokensExtractor        | max_tokens (sequence)             |
+
+Sequence extractors (mmbatch.features.sequence) write model inputs for train.encoders, not
+embeddings; their ``dim`` is the size of the padded input.
 """
 from __future__ import annotations
 
@@ -21,9 +27,15 @@ from mmbatch.features.base import Extractor
 
 # cfg.extractor values (as in mmbatch.config) -> the extractor's name; "hog_color" is
 # accepted as an alias of "hog".
-IMAGE_EXTRACTORS = {"hog": "hog_color", "hog_color": "hog_color", "cnn": "cnn"}
-AUDIO_EXTRACTORS = {"logmel_stats": "logmel_stats", "cnn": "cnn"}
-TEXT_EXTRACTORS = {"hashing": "hashing", "sentence": "sentence"}
+IMAGE_EXTRACTORS = {"hog": "hog_color", "hog_color": "hog_color", "cnn": "cnn", "pixels": "pixels"}
+AUDIO_EXTRACTORS = {"logmel_stats": "logmel_stats", "cnn": "cnn", "logmel_frames": "logmel_frames"}
+TEXT_EXTRACTORS = {"hashing": "hashing", "sentence": "sentence", "tokens": "tokens"}
+SEQUENCE_EXTRACTORS = {"image": "pixels", "audio": "logmel_frames", "text": "tokens"}
+
+
+def is_sequence(modality: str, cfg: Any) -> bool:
+    """Whether ``cfg`` (a features.<modality> config) selects the modality's sequence extractor."""
+    return getattr(cfg, "extractor", None) == SEQUENCE_EXTRACTORS.get(modality)
 
 
 def _default_cfg(modality: str):
@@ -45,6 +57,8 @@ def build_extractor(modality: str, cfg: Any = None) -> Extractor:
     if modality not in ("image", "audio", "text"):
         raise ValueError(f"unknown modality {modality!r}; expected image, audio or text")
     cfg = cfg if cfg is not None else _default_cfg(modality)
+    if is_sequence(modality, cfg):
+        return _sequence_extractor(modality, cfg)
     if modality == "image":
         from mmbatch.features import image
 
@@ -67,11 +81,26 @@ def build_extractor(modality: str, cfg: Any = None) -> Extractor:
     return text.SentenceExtractor(model_path=cfg.model_path, batch_size=cfg.batch_size, precision=cfg.precision)
 
 
+def _sequence_extractor(modality: str, cfg: Any) -> Extractor:
+    from mmbatch.features import sequence
+
+    if modality == "image":
+        return sequence.PixelsExtractor(size=cfg.size, channels=cfg.channels)
+    if modality == "audio":
+        return sequence.LogMelFramesExtractor(sample_rate=cfg.sample_rate, win_ms=cfg.win_ms, hop_ms=cfg.hop_ms,
+                                              n_mels=cfg.n_mels, fmin=cfg.fmin, fmax=cfg.fmax,
+                                              max_seconds=cfg.max_seconds, max_frames=cfg.max_frames)
+    return sequence.TokensExtractor(vocabulary=cfg.vocabulary, max_tokens=cfg.max_tokens)
+
+
 def embedding_dim(modality: str, cfg: Any = None) -> int:
     """The embedding size ``build_extractor(modality, cfg)`` produces, without loading a model."""
     if modality not in ("image", "audio", "text"):
         raise ValueError(f"unknown modality {modality!r}; expected image, audio or text")
     cfg = cfg if cfg is not None else _default_cfg(modality)
+    if is_sequence(modality, cfg):
+        return {"image": lambda: cfg.size * cfg.size * cfg.channels, "audio": lambda: cfg.max_frames * cfg.n_mels,
+                "text": lambda: cfg.max_tokens}[modality]()
     if modality == "image":
         if _kind(IMAGE_EXTRACTORS, modality, cfg) == "hog_color":
             from mmbatch.features.image import HOG_DEFAULTS, hog_dim

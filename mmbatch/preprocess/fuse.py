@@ -32,7 +32,8 @@ import pyarrow.parquet as pq
 
 from mmbatch import storage
 from mmbatch.fusion import embeddings_to_arrow, embeddings_to_numpy, fuse, stable_u64
-from mmbatch.schema import MODALITIES, emb_column, has_column, normalize_split
+from mmbatch.features.sequence import columns_in_schema, row_arrays
+from mmbatch.schema import MODALITIES, emb_column, has_column, normalize_split, seq_column
 
 PARTNER_CACHE_BYTES = 256 * 2**20      # partner feature files kept per worker
 
@@ -49,6 +50,7 @@ class PartnerIndex:
     groups: dict                     # label pairing: (label, split) -> positions; label -> positions
     keys: dict                       # key pairing: key value -> position
     fingerprint: str = ""            # of the partner units it indexes (part of the primary units' fingerprint)
+    sequences: tuple = ()            # modalities stored as sequence features (mmbatch.features.sequence)
 
     @classmethod
     def build(cls, fs, name: str, modalities: list[str], files: list[str], by: str, key: str) -> "PartnerIndex":
@@ -80,7 +82,9 @@ class PartnerIndex:
         else:
             for pos, i in enumerate(order):
                 keys.setdefault(keyvals[i], pos)
-        return cls(name, modalities, files, fo, ro, by, groups, keys)
+        names = pq.read_schema(files[0], filesystem=storage.arrow_fs(fs)).names if files else []
+        seqs = tuple(m for m in modalities if emb_column(m) not in names and seq_column(m) in names)
+        return cls(name, modalities, files, fo, ro, by, groups, keys, seqs)
 
     def choose(self, sample_ids: list, labels: list, splits: list, keys: list | None, seed: int) -> np.ndarray:
         """Partner position per primary row (-1: no partner)."""
@@ -121,7 +125,8 @@ class PartnerRows:
         """(embeddings [n, dim] per partner modality, presence per modality, partner sample_id per row)."""
         n = len(positions)
         mods = [m for m in index.modalities if m in dims]
-        embs = {m: np.zeros((n, dims[m]), np.float32) for m in mods}
+        embs = {m: np.full(n, None, object) if m in index.sequences else np.zeros((n, dims[m]), np.float32)
+                for m in mods}
         present = {m: np.zeros(n, bool) for m in mods}
         ids: list = [None] * n
         ok = np.flatnonzero(positions >= 0)
@@ -129,7 +134,8 @@ class PartnerRows:
             return embs, present, ids
         files = index.file_of[positions[ok]]
         rows = index.row_of[positions[ok]]
-        columns = ["sample_id"] + [c for m in mods for c in (emb_column(m), has_column(m))]
+        columns = ["sample_id"] + [c for m in mods for c in (
+            seq_column(m) if m in index.sequences else emb_column(m), has_column(m))]
         for fi in np.unique(files):
             sel = files == fi
             t = self._table(index.files[int(fi)], columns).take(pa.array(rows[sel]))
@@ -138,7 +144,10 @@ class PartnerRows:
             for j, d in enumerate(dest):
                 ids[d] = got[j]
             for m in mods:
-                embs[m][dest] = embeddings_to_numpy(t.column(emb_column(m)), dims[m])
+                if m in index.sequences:
+                    embs[m][dest] = row_arrays(t.column(seq_column(m)))
+                else:
+                    embs[m][dest] = embeddings_to_numpy(t.column(emb_column(m)), dims[m])
                 present[m][dest] = np.asarray(t.column(has_column(m)).to_numpy(zero_copy_only=False), bool)
         return embs, present, ids
 
@@ -150,15 +159,21 @@ def fused_table(meta: dict[str, pa.Array], embs: dict, present: dict, dims: dict
     n = len(meta["sample_id"])
     mods = [m for m in MODALITIES if m in dims]
     full_present = {m: present.get(m, np.zeros(n, bool)) for m in mods}
-    fused = fuse(embs, full_present, dims, fusion["method"], fusion["dim"], fusion["weights"], fusion["seed"])
+    seqs = [m for m in mods if emb_column(m) not in schema.names]       # sequence features (no `fused`)
     cols = dict(meta)
     for m in mods:
         e = embs.get(m)
+        if m in seqs:
+            cols.update(columns_in_schema(m, e if e is not None else np.full(n, None, object), full_present[m],
+                                          schema))
+            continue
         cols[emb_column(m)] = embeddings_to_arrow(e if e is not None else np.zeros((n, dims[m]), np.float32),
                                                   full_present[m])
     for m in mods:
         cols[has_column(m)] = pa.array(full_present[m])
-    cols["fused"] = embeddings_to_arrow(fused)
+    if not seqs:
+        cols["fused"] = embeddings_to_arrow(fuse(embs, full_present, dims, fusion["method"], fusion["dim"],
+                                                 fusion["weights"], fusion["seed"]))
     if paired_with is not None:
         cols["paired_with"] = pa.array([json.dumps({k: v[i] for k, v in paired_with.items()}) for i in range(n)],
                                        pa.string())

@@ -48,10 +48,10 @@ def _roles(wf: Workflow, plans: list[DatasetPlan]) -> tuple[list[DatasetPlan], l
     return [p for p in plans if p.cfg.name == primary], [p for p in plans if p.cfg.name != primary]
 
 
-def _features_schema(dims: dict, modalities: list[str]) -> pa.Schema:
+def _features_schema(dims: dict, modalities: list[str], sequences: dict | None = None) -> pa.Schema:
     base = fused_schema({}, 0)
     fields = [base.field(c) for c in META_COLS]
-    fields += [pa.field(emb_column(m), embedding_type(dims[m])) for m in modalities]
+    fields += [f for m in modalities for f in (sequences or {}).get(m, [pa.field(emb_column(m), embedding_type(dims[m]))])]
     fields += [pa.field(has_column(m), pa.bool_()) for m in modalities]
     return pa.schema(fields)
 
@@ -144,14 +144,17 @@ def run_preprocess(wf: Workflow, progress: bool = True) -> PreprocessSummary:
     _check_completions(plans)
     primaries, partners = _roles(wf, plans)
     used = [m for m in MODALITIES if any(m in p.modalities for p in plans)]
-    descriptions = {m: extractor(m, specs[m]).describe() for m in used}
-    dims = {m: descriptions[m]["dim"] for m in used}
 
+    from mmbatch.features.sequence import sequence_run_fields, with_vocabulary
     from mmbatch.fusion import fused_dim
     from mmbatch.splits import FINAL_KEY, split_plan
 
-    fdim = fused_dim(wf.fusion.method, dims, wf.fusion.dim)
     splits = split_plan(present_splits(primaries), wf.train.val_fraction, wf.train.test_fraction)
+    specs = with_vocabulary(specs, plans, splits, wf.train.seed)     # tokens: vocabulary of the train split
+    descriptions = {m: extractor(m, specs[m]).describe() for m in used}
+    dims = {m: descriptions[m]["dim"] for m in used}
+    sequences = sequence_run_fields({m: extractor(m, specs[m]) for m in used})
+    fdim = 0 if sequences else fused_dim(wf.fusion.method, dims, wf.fusion.dim)      # no `fused` column
     meta = {
         "kind": "fused", "mmbatch_version": __version__, "features": descriptions, "dims": dims, "fused_dim": fdim,
         "fusion": wf.fusion.model_dump(mode="json"), "pairing": wf.pairing.model_dump(mode="json"),
@@ -159,7 +162,7 @@ def run_preprocess(wf: Workflow, progress: bool = True) -> PreprocessSummary:
                      for p in plans},
         FINAL_KEY: True, "split_plan": {**splits, "seed": wf.train.seed},
     }
-    schema = fused_schema(dims, fdim)
+    schema = fused_schema(dims, fdim, sequences)
     if partners:
         schema = schema.append(pa.field("paired_with", pa.string()))
     schema = with_metadata(schema, meta)
@@ -181,7 +184,7 @@ def run_preprocess(wf: Workflow, progress: bool = True) -> PreprocessSummary:
     partner_indexes: list[PartnerIndex] = []
     for p in partners:
         out_rel = storage.join(FEATURES_DIR, p.cfg.name)
-        job = job_for(p, "features", out_rel, schema=_features_schema(dims, p.modalities))
+        job = job_for(p, "features", out_rel, schema=_features_schema(dims, p.modalities, sequences))
         recs = runner.run(p, job, fused=False)
         files = [storage.join(out_root, out_rel, f) for r in recs for f in r.files]
         partner_indexes.append(PartnerIndex.build(out_fs, p.cfg.name, p.modalities, files, wf.pairing.by,

@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 
 from mmbatch import storage
 from mmbatch.commit import CommitRecord, write_table
+from mmbatch.features.sequence import columns_in_schema
 from mmbatch.fusion import embeddings_to_arrow
 from mmbatch.preprocess.fuse import PartnerIndex, PartnerRows, fused_table
 from mmbatch.preprocess.plan import META_COLS, Unit
@@ -185,7 +186,7 @@ class UnitWorker:
         items, paths = raw_items(table, m)
         has = np.fromiter((x is not None and len(x) > 0 for x in items), bool, count=table.num_rows)
         idx = np.flatnonzero(has)
-        emb = np.zeros((table.num_rows, self.job.dims[m]), np.float32)
+        emb = self.extractors[m].empty_rows(table.num_rows)     # [n, dim] floats, or per-row arrays
         for start in range(0, len(idx), self.job.batch_size):
             part = idx[start:start + self.job.batch_size]
             emb[part], errors = self.extractors[m].extract([items[i] for i in part])
@@ -217,7 +218,10 @@ class UnitWorker:
             return fused_table(meta, embs, present, job.dims, job.fusion, job.schema, paired_with)
         cols = dict(meta)
         for m in job.modalities:
-            cols[emb_column(m)] = embeddings_to_arrow(embs[m], present[m])
+            if emb_column(m) in job.schema.names:
+                cols[emb_column(m)] = embeddings_to_arrow(embs[m], present[m])
+            else:                                       # sequence features (mmbatch.features.sequence)
+                cols.update(columns_in_schema(m, embs[m], present[m], job.schema))
             cols[has_column(m)] = pa.array(present[m])
         return pa.table(cols, schema=job.schema)
 

@@ -28,6 +28,7 @@ from mmbatch import schema, storage
 from mmbatch.errors import UsageError
 from mmbatch.splits import (assign_splits, final_plan, normalized_splits, row_uniform, split_plan,  # noqa: F401
                             splits_are_final)
+from mmbatch.training.sequences import sequence_column_names, sequence_dims, sequence_input
 
 log = logging.getLogger("mmbatch.training")
 
@@ -79,7 +80,11 @@ def to_arrays(table: pa.Table, modalities: Sequence[str], dims: Mapping[str, int
     keep = y >= 0
     out: dict[str, np.ndarray] = {"y": y[keep]}
     for m in modalities:
-        mat, valid = embedding_matrix(table.column(schema.emb_column(m)), dims[m])
+        lengths = None
+        if schema.seq_column(m) in table.column_names:          # sequence features (training.sequences)
+            mat, valid, lengths = sequence_input(table, m, dims[m])
+        else:
+            mat, valid = embedding_matrix(table.column(schema.emb_column(m)), dims[m])
         flag_col = schema.has_column(m)
         if flag_col in table.column_names:
             flag = table.column(flag_col).to_numpy(zero_copy_only=False)
@@ -88,9 +93,11 @@ def to_arrays(table: pa.Table, modalities: Sequence[str], dims: Mapping[str, int
         else:
             flag = np.ones(len(valid), bool)
         present = valid & flag
-        mat[~present] = 0.0
+        mat[~present] = 0
         out[schema.emb_column(m)] = mat[keep]
         out[schema.has_column(m)] = present[keep]
+        if lengths is not None:
+            out[f"{m}_len"] = (lengths * present)[keep]
     return out
 
 
@@ -141,6 +148,7 @@ def data_modalities(sch: pa.Schema) -> dict[str, int]:
             if not pa.types.is_fixed_size_list(t):
                 raise UsageError(f"column {name} is {t}, expected fixed_size_list<float32> (fused features)")
             dims[m] = t.list_size
+    dims.update(sequence_dims(sch))
     return dims
 
 
@@ -252,7 +260,7 @@ class FusedData:
         import ray.data
         fs, files = parquet_files(self.uri)
         columns = LIGHT_COLUMNS + [schema.emb_column(m) for m in modalities] + \
-            [schema.has_column(m) for m in modalities]
+            [schema.has_column(m) for m in modalities] + sequence_column_names(modalities)
         sch = read_schema(self.uri)
         columns = [c for c in columns if c in sch.names]
         if storage.is_local(fs):
@@ -299,7 +307,8 @@ def read_split_arrays(uri: str, split: str, modalities: Sequence[str], dims: Map
     """Model-ready arrays of one split, read row group by row group (memory bounded by the split);
     with ``max_rows``, reading stops once that many rows are in (for statistics)."""
     fs, files = parquet_files(uri)
-    wanted = LIGHT_COLUMNS + [schema.emb_column(m) for m in modalities] + [schema.has_column(m) for m in modalities]
+    wanted = LIGHT_COLUMNS + [schema.emb_column(m) for m in modalities] + [schema.has_column(m) for m in modalities] \
+        + sequence_column_names(modalities)
     parts, rows = [], 0
     for f in files:
         pf = pq.ParquetFile(f, filesystem=fs)

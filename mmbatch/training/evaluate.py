@@ -115,10 +115,29 @@ def check_features(model_features: Mapping[str, Mapping], data_meta: Mapping, da
             a, b = want.get(f), got.get(f)
             if f == "dim" and b is None:
                 continue
+            if f == "params" and isinstance(a, Mapping) and isinstance(b, Mapping) and _canon(a) != _canon(b):
+                raise UsageError(f"modality '{m}': extractor field 'params' differs, {data_name} was built with "
+                                 "other feature settings: "
+                                 + "; ".join(_setting_diff(m, k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
+                                             if _canon(a.get(k)) != _canon(b.get(k)))
+                                 + ". Re-extract the features with the model's settings or retrain.")
             if _canon(a) != _canon(b):
                 raise UsageError(f"modality '{m}': extractor field '{f}' differs: model was trained with "
                                  f"{a!r}, {data_name} has {b!r}. Re-extract the features with the model's "
                                  "extractor settings or retrain.")
+
+
+def _setting_diff(m: str, key: str, model_value, data_value) -> str:
+    """``features.<m>.<key>``: model vs data, long lists (a vocabulary) summarised."""
+    def show(v):
+        if isinstance(v, list) and len(v) > 8:
+            return f"{len(v)} entries"
+        return repr(v)
+    extra = ""
+    if isinstance(model_value, list) and isinstance(data_value, list):
+        diff = sorted(set(map(str, data_value)) ^ set(map(str, model_value)))
+        extra = f" (differing entries, e.g. {diff[:5]})" if diff else " (same entries, another order)"
+    return f"features.{m}.{key}: model was trained with {show(model_value)}, data has {show(data_value)}{extra}"
 
 
 def _canon(v):

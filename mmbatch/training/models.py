@@ -31,6 +31,11 @@ averages and its auxiliary loss. A model restricted to one modality is a unimoda
 Input: a batch dict with ``<m>_emb`` float [B, dim] and ``has_<m>`` bool [B]
 (the columns :func:`mmbatch.training.data.to_arrays` produces); ``mask``
 [B, M] bool overrides the presence flags (modality dropout).
+
+Learned encoders (``encoders``, from ``train.encoders``; :mod:`mmbatch.training.encoders`)
+take the place of a modality's frozen embedding: ``<m>_emb`` is then the modality's sequence
+input (pixels [B, size*size*C], frames [B, T, n_mels], token ids [B, L]) with its lengths in
+``<m>_len``, and the encoder's output [B, hidden] goes through the same projection and fusion.
 """
 from __future__ import annotations
 
@@ -79,7 +84,13 @@ def feature_stats(arrays: Mapping[str, np.ndarray], modalities) -> dict[str, dic
     that is (nearly) constant in the train split cannot blow up on other data."""
     out = {}
     for m in modalities:
-        x = np.asarray(arrays[schema.emb_column(m)], dtype=np.float64)
+        raw = np.asarray(arrays[schema.emb_column(m)])
+        if raw.dtype.kind in "iu":
+            continue                          # pixels / token ids: the encoder scales them itself
+        if raw.ndim == 3:                     # frames [n, T, F]: per-F statistics over the real frames
+            out[m] = frame_stats(raw, arrays.get(f"{m}_len"), arrays.get(schema.has_column(m)))
+            continue
+        x = np.asarray(raw, dtype=np.float64)
         has = arrays.get(schema.has_column(m))
         if has is not None:
             x = x[np.asarray(has, bool)]
@@ -94,9 +105,23 @@ def feature_stats(arrays: Mapping[str, np.ndarray], modalities) -> dict[str, dic
     return out
 
 
+def frame_stats(frames: np.ndarray, lengths: Optional[np.ndarray], has: Optional[np.ndarray]) -> dict:
+    """Mean and std of each frame feature over the real (unpadded) frames of the present rows."""
+    n, t, f = frames.shape
+    valid = np.arange(t)[None, :] < (np.asarray(lengths)[:, None] if lengths is not None else t)
+    if has is not None:
+        valid &= np.asarray(has, bool)[:, None]
+    x = frames[valid].astype(np.float64)
+    if len(x) == 0:
+        return {"mean": [0.0] * f, "std": [1.0] * f}
+    std = x.std(0)
+    std[std <= 1e-6] = 1.0
+    return {"mean": x.mean(0).astype(np.float32).tolist(), "std": std.astype(np.float32).tolist()}
+
+
 class FusionModel(nn.Module):
     def __init__(self, dims: Mapping[str, int], num_classes: int, fusion: str = "early",
-                 hidden: int = 128, dropout: float = 0.1):
+                 hidden: int = 128, dropout: float = 0.1, encoders: Optional[Mapping[str, Mapping]] = None):
         super().__init__()
         if fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
@@ -105,8 +130,11 @@ class FusionModel(nn.Module):
         self.modalities = [m for m in schema.MODALITIES if m in dims] + sorted(m for m in dims if m not in schema.MODALITIES)
         self.fusion = fusion
         self.num_classes = int(num_classes)
-        self.norm = nn.ModuleDict({m: Standardize(int(dims[m])) for m in self.modalities})
-        self.proj = nn.ModuleDict({m: projection(int(dims[m]), hidden, dropout) for m in self.modalities})
+        from mmbatch.training.encoders import build_encoder
+        self.encoders = nn.ModuleDict({m: build_encoder(m, e) for m, e in (encoders or {}).items()})
+        in_dims = {m: self.encoders[m].out_dim if m in self.encoders else int(dims[m]) for m in self.modalities}
+        self.norm = nn.ModuleDict({m: Standardize(in_dims[m]) for m in self.modalities})
+        self.proj = nn.ModuleDict({m: projection(in_dims[m], hidden, dropout) for m in self.modalities})
         n = len(self.modalities)
         if fusion == "early":
             self.head = mlp_head(hidden * n, hidden, num_classes, dropout)
@@ -128,6 +156,11 @@ class FusionModel(nn.Module):
     def set_input_stats(self, stats: Mapping[str, Mapping[str, list]]) -> None:
         """Set the per-feature mean/std of each modality (see :func:`feature_stats`)."""
         for m in self.modalities:
+            if m not in stats:
+                continue                       # an encoder that takes raw pixels / ids
+            if m in self.encoders:
+                self.encoders[m].set_input_stats(stats[m])
+                continue
             st = self.norm[m]
             st.mean.copy_(torch.as_tensor(stats[m]["mean"], dtype=torch.float32))
             st.inv_std.copy_(1.0 / torch.as_tensor(stats[m]["std"], dtype=torch.float32))
@@ -148,8 +181,15 @@ class FusionModel(nn.Module):
     def _projected(self, batch, mask):
         maskf = mask.float()
         # zero missing inputs *and* their projections: a missing modality contributes nothing
-        return torch.stack([self.proj[m](self.norm[m](batch[schema.emb_column(m)].float()) * maskf[:, i:i + 1])
+        return torch.stack([self.proj[m](self.norm[m](self._input(batch, m)) * maskf[:, i:i + 1])
                             * maskf[:, i:i + 1] for i, m in enumerate(self.modalities)], dim=1)  # [B, M, H]
+
+    def _input(self, batch, m: str) -> torch.Tensor:
+        """[B, d]: modality ``m``'s embedding, or its learned encoder's output on its sequence input."""
+        x = batch[schema.emb_column(m)]
+        if m in self.encoders:
+            return self.encoders[m](x, batch.get(f"{m}_len"))
+        return x.float()
 
     def _gates(self, p, mask):
         """[B, M, H] gates: per row and hidden unit, a softmax over the present modalities."""
@@ -240,10 +280,15 @@ def drop_modalities(mask: torch.Tensor, p: float, generator: Optional[torch.Gene
 
 
 # --- building, saving, loading --------------------------------------------------------------------
-def arch_spec(fusion: str, dims: Mapping[str, int], num_classes: int, hidden: int, dropout: float) -> dict:
-    """The ``arch`` entry of a model spec (what :func:`build_model` builds)."""
-    return {"version": ARCH_VERSION, "fusion": fusion, "dims": {m: int(d) for m, d in dims.items()},
-            "num_classes": int(num_classes), "hidden": int(hidden), "dropout": float(dropout)}
+def arch_spec(fusion: str, dims: Mapping[str, int], num_classes: int, hidden: int, dropout: float,
+              encoders: Optional[Mapping[str, Mapping]] = None) -> dict:
+    """The ``arch`` entry of a model spec (what :func:`build_model` builds); ``encoders``:
+    modality -> learned encoder (:func:`mmbatch.training.encoders.encoder_spec`)."""
+    out = {"version": ARCH_VERSION, "fusion": fusion, "dims": {m: int(d) for m, d in dims.items()},
+           "num_classes": int(num_classes), "hidden": int(hidden), "dropout": float(dropout)}
+    if encoders:
+        out["encoders"] = {m: dict(e) for m, e in encoders.items()}
+    return out
 
 
 def arch_args(spec: Mapping) -> dict:
@@ -255,7 +300,8 @@ def arch_args(spec: Mapping) -> dict:
                          f"mmbatch builds version {ARCH_VERSION} (standardised inputs, auxiliary heads, "
                          "per-unit gates): retrain it")
     return {"dims": {m: int(d) for m, d in a["dims"].items()}, "num_classes": int(a["num_classes"]),
-            "fusion": a["fusion"], "hidden": int(a["hidden"]), "dropout": float(a["dropout"])}
+            "fusion": a["fusion"], "hidden": int(a["hidden"]), "dropout": float(a["dropout"]),
+            "encoders": a.get("encoders")}
 
 
 def build_model(spec: Mapping) -> FusionModel:

@@ -112,7 +112,8 @@ def model_spec(wf: Workflow, data: FusedData, mods: list[str], name: str) -> dic
         "name": name,
         "mmbatch_version": mmbatch.__version__,
         "schema_version": schema.SCHEMA_VERSION,
-        "arch": arch_spec(t.model, {m: data.dims[m] for m in mods}, len(data.classes), t.hidden, t.dropout),
+        "arch": arch_spec(t.model, {m: data.dims[m] for m in mods}, len(data.classes), t.hidden, t.dropout,
+                          encoders=learned_encoders(t, data, mods)),
         "modalities": mods,
         "classes": data.classes,
         "features": data.features(mods),
@@ -123,6 +124,16 @@ def model_spec(wf: Workflow, data: FusedData, mods: list[str], name: str) -> dic
                  "class_balance": data.imbalance("train")},
         "train": t.model_dump(mode="json"),
     }
+
+
+def learned_encoders(t, data: FusedData, mods: list[str]) -> dict:
+    """``arch.encoders`` of ``train.encoders`` (learned ones only), checked against the data's features."""
+    from mmbatch.training.encoders import encoder_spec
+    from mmbatch.training.sequences import check_encoders
+
+    feats = data.features(mods)
+    kinds = check_encoders(t.encoders.model_dump(), feats, data.uri)
+    return {m: encoder_spec(m, k, t.encoders.hidden, feats[m]) for m, k in kinds.items()}
 
 
 def run_fingerprint(spec: dict, warm_start_blob: Optional[bytes]) -> str:
