@@ -567,7 +567,7 @@ def test_a_unit_reads_its_row_group_with_range_requests_through_arrow_s3(s3, fou
     from mmbatch.preprocess.unit import read_unit
 
     uri, t, size = four_row_groups
-    assert storage.arrow_s3(storage.url_to_fs(uri)[0]) is not None        # Arrow's S3 client, not s3fs
+    assert storage.arrow_s3(*storage.url_to_fs(uri)) is not None        # Arrow's S3 client, not s3fs
     n0 = len(GETS.gets)
     got = read_unit(Unit("u", uri, 2, 1000, "fp"), ["sample_id", "blob"])
     assert got.equals(t.slice(2000, 1000))
@@ -582,7 +582,7 @@ def test_s3fs_reads_are_range_requests_too(s3, four_row_groups):
 
     uri, t, size = four_row_groups
     fs = s3fs.S3FileSystem(endpoint_url=ENDPOINT, requester_pays=False, skip_instance_cache=True)
-    assert storage.arrow_s3(fs) is None
+    assert storage.arrow_s3(fs, uri) is None
     n0 = len(GETS.gets)
     with storage.open_input(fs, uri) as f:
         got = pq.ParquetFile(f, pre_buffer=True).read_row_group(2)
