@@ -155,7 +155,8 @@ FLOAT_CODEC = "lz4"
 
 def atomic_write_table(fs, path: str, table: pa.Table, row_group_size: int | None = None,
                        compression: dict[str, str] | None = None) -> None:
-    """Write ``table`` as Parquet at ``path`` through a temp file + rename: float columns
+    """Write ``table`` as Parquet at ``path`` (a temp file + rename on a local disk, one upload of the
+    final object on an object store: :func:`_put_once`): float columns
     byte-stream-split + :data:`FLOAT_CODEC`, the others zstd, except the leaf columns
     ``compression`` maps to another codec (e.g. ``{"image.bytes": "none"}``)."""
     floats = float_leaves(table.schema)
@@ -193,9 +194,13 @@ def open_input(fs, path: str):
     Arrow buffers); else an fsspec file with no read-ahead cache (one ranged GET per read)."""
     if is_local(fs):
         return path
-    native = arrow_s3(fs)
+    path = fs._strip_protocol(path)
+    native = arrow_s3(fs, path)
     if native is not None:
-        return native.open_input_file(fs._strip_protocol(path))
+        try:
+            return native.open_input_file(path)
+        except OSError:         # e.g. credentials only botocore knows how to get: s3fs says what is wrong
+            pass
     return fs.open(path, "rb", block_size=READ_BLOCK, cache_type="none")
 
 
@@ -206,12 +211,12 @@ _ARROW_S3_OPTIONS = {"endpoint_url", "key", "secret", "token", "anon", "client_k
                      "use_listings_cache", "listings_expiry_time", "max_paths"}
 
 
-def arrow_s3(fs):
+def arrow_s3(fs, path: str):
     """pyarrow's S3FileSystem with the settings of the s3fs filesystem ``fs`` (endpoint, keys, region;
-    the rest from the same standard environment and profiles botocore reads), or None where ``fs`` is
-    no s3fs or has options Arrow cannot take. Measured reading 28 MB row groups from moto: peak memory
-    1.1x a local memory-mapped read, against 1.5x through s3fs (whose response bytes are copied again
-    on their way to Arrow: docs/object-storage.md)."""
+    the rest from the same standard environment and profiles botocore reads) for the bucket of ``path``,
+    or None where ``fs`` is no s3fs or has options Arrow cannot take. Measured reading 28 MB row groups
+    from moto: peak memory 1.1x a local memory-mapped read, against 1.5x through s3fs, whose response
+    bytes are copied again on their way to Arrow (docs/object-storage.md)."""
     opts = dict(getattr(fs, "storage_options", {}) or {})
     protos = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
     client = opts.get("client_kwargs") or {}
@@ -220,11 +225,14 @@ def arrow_s3(fs):
     endpoint = (opts.get("endpoint_url") or client.get("endpoint_url") or os.environ.get("AWS_ENDPOINT_URL_S3")
                 or os.environ.get("AWS_ENDPOINT_URL"))
     region = client.get("region_name") or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-    key = (endpoint, region, opts.get("key"), opts.get("secret"), opts.get("token"), bool(opts.get("anon")))
+    bucket = None if (region or endpoint) else path.split("/", 1)[0]     # AWS itself: the bucket's region
+    key = (endpoint, region, bucket, opts.get("key"), opts.get("secret"), opts.get("token"), bool(opts.get("anon")))
     if key not in _ARROW_S3:
         try:
             from pyarrow import fs as pafs
-        except ImportError:                                         # a pyarrow built without S3
+            if bucket:
+                region = pafs.resolve_s3_region(bucket)
+        except (ImportError, OSError):              # a pyarrow built without S3; a bucket it cannot see
             return None
         kw: dict = {"anonymous": bool(opts.get("anon")), "region": region}
         if endpoint:

@@ -572,7 +572,7 @@ def test_a_unit_reads_its_row_group_with_range_requests_through_arrow_s3(s3, fou
     from mmbatch.preprocess.unit import read_unit
 
     uri, t, size = four_row_groups
-    assert storage.arrow_s3(storage.url_to_fs(uri)[0]) is not None        # Arrow's S3 client, not s3fs
+    assert storage.arrow_s3(*storage.url_to_fs(uri)) is not None        # Arrow's S3 client, not s3fs
     n0 = len(GETS.gets)
     got = read_unit(Unit("u", uri, 2, 1000, "fp"), ["sample_id", "blob"])
     assert got.equals(t.slice(2000, 1000))
@@ -587,9 +587,50 @@ def test_s3fs_reads_are_range_requests_too(s3, four_row_groups):
 
     uri, t, size = four_row_groups
     fs = s3fs.S3FileSystem(endpoint_url=ENDPOINT, requester_pays=False, skip_instance_cache=True)
-    assert storage.arrow_s3(fs) is None
+    assert storage.arrow_s3(fs, uri) is None
     n0 = len(GETS.gets)
     with storage.open_input(fs, uri) as f:
         got = pq.ParquetFile(f, pre_buffer=True).read_row_group(2)
     assert got.equals(t.slice(2000, 1000))
     assert_ranged("ranges/part-00000.parquet", n0, size)
+
+
+# --- credentials from a profile ---------------------------------------------------------------------
+PROFILE_SCRIPT = r"""
+import json, sys
+from mmbatch import storage
+from mmbatch.config import workflow_from_dict
+from mmbatch.describe_output import describe
+from mmbatch.preprocess.plan import Unit
+from mmbatch.preprocess.unit import read_unit
+if sys.argv[1]:
+    workflow_from_dict({"storage": json.loads(sys.argv[1])})
+info = describe(sys.argv[2])                                  # s3fs: listing, footers
+t = read_unit(Unit("u", sys.argv[3], 1, 1000, "fp"), None)    # a worker's row-group read
+print("RESULT", json.dumps({"rows": info["rows"], "unit_rows": t.num_rows}))
+"""
+
+
+@pytest.mark.parametrize("how", ["AWS_PROFILE", "workflow storage key"])
+def test_credentials_from_a_named_profile(s3, ingested, four_row_groups, tmp_path, how):
+    """A profile in a shared credentials file signs every request, named by AWS_PROFILE (s3fs and Arrow's
+    S3 client both read it) or by the workflow's `storage: {s3: {profile: ...}}` (reads then stay on s3fs)."""
+    import subprocess
+    import sys
+
+    creds = tmp_path / "credentials"
+    creds.write_text("[mmbatch-test]\naws_access_key_id = profile-key\naws_secret_access_key = profile-secret\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    env.update(AWS_SHARED_CREDENTIALS_FILE=str(creds), AWS_CONFIG_FILE=str(tmp_path / "none"))
+    opts = ""
+    if how == "AWS_PROFILE":
+        env["AWS_PROFILE"] = "mmbatch-test"
+    else:
+        opts = json.dumps({"s3": {"profile": "mmbatch-test"}})
+    n0 = len(GETS.keys)
+    proc = subprocess.run([sys.executable, "-c", PROFILE_SCRIPT, opts, ingested["imagenet"][0], four_row_groups[0]],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.split("RESULT ", 1)[1]) == {"rows": 48, "unit_rows": 1000}
+    keys = {key for _, key in GETS.keys[n0:]}
+    assert keys == {"profile-key"}, keys
