@@ -84,7 +84,7 @@ class PartnerIndex:
                 keys.setdefault(keyvals[i], pos)
         names = pq.read_schema(files[0], filesystem=storage.arrow_fs(fs)).names if files else []
         seqs = tuple(m for m in modalities if emb_column(m) not in names and seq_column(m) in names)
-        return cls(name, modalities, files, fo, ro, by, groups, keys, seqs)
+        return cls(name, modalities, files, fo, ro, by, groups, keys, sequences=seqs)
 
     def choose(self, sample_ids: list, labels: list, splits: list, keys: list | None, seed: int) -> np.ndarray:
         """Partner position per primary row (-1: no partner)."""
