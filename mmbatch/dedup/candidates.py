@@ -1,0 +1,80 @@
+"""Candidate pairs without an all-pairs comparison: pure functions over signature arrays, no Ray.
+
+* exact: rows grouped by key (a sort, O(n log n));
+* images and audio: k nearest neighbours of each embedding in a faiss HNSW graph
+  (O(n log n) to build and query), kept when the cosine clears a loose bar;
+* text: datasketch's MinHash LSH (banded buckets, O(n)).
+
+Every candidate then goes to a verifier (signatures.*_similarity); these
+functions only have to keep true copies in, not look-alikes out.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+KNN = 10                  # neighbours per row: a copy is nearer than any look-alike, groups are small
+KNN_MIN_COSINE = 0.5      # loose: copies measured >= 0.9 on the candidate embeddings
+HNSW_M = 32
+HNSW_EF = 64
+MAX_GROUP_PAIRS = 64      # an exact group larger than this gives a star (each member with the first)
+
+
+def group_by_key(keys: list) -> list[np.ndarray]:
+    """Index arrays of the rows that share a key (None keys never group); only groups of >= 2."""
+    order: dict = {}
+    for i, k in enumerate(keys):
+        if k is not None:
+            order.setdefault(k, []).append(i)
+    return [np.asarray(v, np.int64) for v in order.values() if len(v) > 1]
+
+
+def group_pairs(group: np.ndarray) -> np.ndarray:
+    """Pairs (n x 2) inside one group of rows: all of them, or a star for very large groups."""
+    n = len(group)
+    if n * (n - 1) // 2 <= MAX_GROUP_PAIRS:
+        i, j = np.triu_indices(n, 1)
+        return np.stack([group[i], group[j]], axis=1)
+    return np.stack([np.full(n - 1, group[0]), group[1:]], axis=1)
+
+
+def knn_pairs(emb: np.ndarray, k: int = KNN, min_cosine: float = KNN_MIN_COSINE) -> np.ndarray:
+    """Unique (i < j) pairs where j is among i's k nearest neighbours by inner product (the
+    embeddings are unit vectors) and the cosine is >= ``min_cosine``."""
+    import faiss
+
+    emb = np.ascontiguousarray(emb, dtype=np.float32)
+    n = emb.shape[0]
+    if n < 2:
+        return np.empty((0, 2), np.int64)
+    index = faiss.IndexHNSWFlat(emb.shape[1], HNSW_M, faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efConstruction = HNSW_EF
+    index.hnsw.efSearch = max(HNSW_EF, 2 * k)
+    index.add(emb)
+    kk = min(k + 1, n)
+    sims, nbrs = index.search(emb, kk)
+    rows = np.repeat(np.arange(n), kk)
+    nbrs, sims = nbrs.ravel(), sims.ravel()
+    keep = (nbrs >= 0) & (nbrs != rows) & (sims >= min_cosine)
+    return unique_pairs(rows[keep], nbrs[keep])
+
+
+def minhash_pairs(minhashes: list, threshold: float, num_perm: int) -> np.ndarray:
+    """Unique (i < j) pairs that share a MinHash LSH bucket (None entries are skipped)."""
+    from datasketch import MinHashLSH
+
+    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+    a, b = [], []
+    for i, mh in enumerate(minhashes):
+        if mh is None:
+            continue
+        for j in lsh.query(mh):
+            a.append(i)
+            b.append(j)
+        lsh.insert(i, mh)
+    return unique_pairs(np.asarray(a, np.int64), np.asarray(b, np.int64))
+
+
+def unique_pairs(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    lo, hi = np.minimum(a, b), np.maximum(a, b)
+    pairs = np.stack([lo, hi], axis=1).astype(np.int64)
+    return np.unique(pairs, axis=0) if len(pairs) else pairs.reshape(0, 2)
