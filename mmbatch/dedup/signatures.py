@@ -37,6 +37,14 @@ def content_hash(data: bytes | None) -> str | None:
     return hashlib.blake2b(data, digest_size=HASH_BYTES).hexdigest()
 
 
+def add_content_hashes(rows: list[dict]) -> None:
+    """Fill the canonical ``image_hash``/``audio_hash`` columns of ingest rows in place."""
+    for r in rows:
+        for m in ("image", "audio"):
+            media = r.get(m)
+            r[f"{m}_hash"] = content_hash(media.get("bytes")) if isinstance(media, dict) else None
+
+
 _PUNCT = re.compile(r"[^\w\s]+", re.UNICODE)
 _SPACE = re.compile(r"\s+", re.UNICODE)
 
@@ -175,6 +183,8 @@ def audio_logmel(x: np.ndarray, sr: int) -> np.ndarray:
         x = soxr.resample(x, sr, AUDIO_SR)
     if x.size < AUDIO_NFFT:
         raise ValueError("audio shorter than one analysis frame")
+    if float(np.max(np.abs(x))) < 1e-4:
+        raise ValueError("audio is silent")
     x, _ = librosa.effects.trim(x, top_db=AUDIO_TRIM_DB, frame_length=AUDIO_NFFT, hop_length=AUDIO_HOP)
     if x.size < AUDIO_NFFT:
         raise ValueError("audio is silent")
