@@ -145,31 +145,43 @@ class DuplicatesResult:
 
 def run_duplicates(datasets: list[str], out: str, *, address: str | None = None,
                    report: bool = True) -> DuplicatesResult:
+    shards = list_shards(datasets)
+    pairs, summary = find_duplicates(shards, shard_signatures, address=address)
+    write_outputs(out, pairs, summary, shards if report else None)
+    return DuplicatesResult(out, pairs, summary)
+
+
+def find_duplicates(shards: list, signature_fn, *, address: str | None = None) -> tuple[pa.Table, dict]:
+    """(pairs, summary) of ``shards``; ``signature_fn(shard) -> (table, payloads)`` runs in one Ray
+    task per shard (benchmarks/duplicates.py passes a synthetic one)."""
     import ray
 
     from mmbatch.runtime import init_ray
 
     t0 = time.time()
-    shards = list_shards(datasets)
     init_ray(address)
-    sig_task = ray.remote(num_returns=2)(shard_signatures)
+    t_init = time.time()
+    sig_task = ray.remote(num_returns=2)(signature_fn)
     refs = [sig_task.remote(s) for s in shards]
-    light_refs, heavy_refs = [r[0] for r in refs], [r[1] for r in refs]
-    tables = ray.get(light_refs)
-    t_sig = time.time() - t0
+    heavy_refs = [r[1] for r in refs]
+    tables = ray.get([r[0] for r in refs])
+    t_sig = time.time()
     verify_task = ray.remote(verify_pairs)
+    seconds: dict = defaultdict(float)
     pairs = find_pairs(shards, tables, lambda m, chunk, so, sl, ids: verify_task.remote(
-        m, chunk, so, sl, ids, *[heavy_refs[i] for i in ids]), ray.get)
+        m, chunk, so, sl, ids, *[heavy_refs[i] for i in ids]), ray.get, seconds)
     summary = summarize(pairs, shards, tables)
-    summary["seconds"] = {"signatures": round(t_sig, 3), "total": round(time.time() - t0, 3)}
-    write_outputs(out, pairs, summary, shards if report else None)
-    return DuplicatesResult(out, pairs, summary)
+    summary["seconds"] = {"ray_init": round(t_init - t0, 3), "signatures": round(t_sig - t_init, 3),
+                          **{k: round(v, 3) for k, v in seconds.items()}, "total": round(time.time() - t0, 3)}
+    return pairs, summary
 
 
-def find_pairs(shards: list[Shard], tables: list[pa.Table], submit, get) -> pa.Table:
+def find_pairs(shards: list[Shard], tables: list[pa.Table], submit, get, seconds: dict | None = None) -> pa.Table:
     """All verified pairs from the signature tables: exact groups, then near candidates among one
     representative per group. ``submit(modality, pairs, shard_of, slot_of, shard_ids)`` starts a
-    verification (a Ray task, or a plain call) and ``get`` collects the results."""
+    verification (a Ray task, or a plain call) and ``get`` collects the results. ``seconds``
+    collects the time spent finding candidates and verifying them."""
+    seconds = defaultdict(float) if seconds is None else seconds
     if tables:
         sigs = pa.concat_tables([t.append_column("shard", pa.array(np.full(t.num_rows, k, np.int64)))
                                  .append_column("slot", pa.array(np.arange(t.num_rows, dtype=np.int64)))
@@ -180,11 +192,12 @@ def find_pairs(shards: list[Shard], tables: list[pa.Table], submit, get) -> pa.T
     for m in MODALITIES:
         rows = sigs.filter(pc.equal(sigs.column("modality"), m))
         if rows.num_rows:
-            parts.append(_modality_pairs(m, rows, shards, submit, get))
+            parts.append(_modality_pairs(m, rows, shards, submit, get, seconds))
     return pa.concat_tables(parts) if parts else PAIR_SCHEMA.empty_table()
 
 
-def _modality_pairs(m: str, rows: pa.Table, shards: list[Shard], submit, get) -> pa.Table:
+def _modality_pairs(m: str, rows: pa.Table, shards: list[Shard], submit, get, seconds: dict) -> pa.Table:
+    t0 = time.perf_counter()
     keys = rows.column("exact").to_pylist()
     groups = cand.group_by_key(keys)
     exact = [cand.group_pairs(g) for g in groups]
@@ -196,17 +209,15 @@ def _modality_pairs(m: str, rows: pa.Table, shards: list[Shard], submit, get) ->
         rep_of[g] = g[0]
         members[int(g[0])] = g
     is_rep = rep_of == np.arange(rows.num_rows)
-    col = "minhash" if m == "text" else "emb"
-    vec = rows.column(col).to_pylist()
-    reps = np.flatnonzero(is_rep & np.array([v is not None for v in vec], bool))
-    if m == "text":
-        mhs = [sig.lean_minhash(np.asarray(vec[i], np.uint32)) for i in reps]
-        cpairs = cand.minhash_pairs(mhs, sig.TEXT_THRESHOLD, sig.NUM_PERM)
-    else:
-        emb = np.asarray([vec[i] for i in reps], np.float32).reshape(len(reps), -1)
-        cpairs = cand.knn_pairs(emb)
+    valid, mat = _matrix(rows.column("minhash" if m == "text" else "emb"))
+    reps = np.flatnonzero(is_rep & valid)
+    vecs = mat[(np.cumsum(valid) - 1)[reps]]
+    cpairs = cand.minhash_pairs(vecs) if m == "text" else cand.knn_pairs(vecs)
     cpairs = reps[cpairs] if len(cpairs) else cpairs
+    t1 = time.perf_counter()
     sims = _verify(m, cpairs, rows, submit, get)
+    seconds["candidates"] += t1 - t0
+    seconds["verify"] += time.perf_counter() - t1
     near = cpairs[sims >= THRESHOLDS[m]]
     near_sims = sims[sims >= THRESHOLDS[m]]
     # expand representative pairs to the members of their exact groups
@@ -219,6 +230,15 @@ def _modality_pairs(m: str, rows: pa.Table, shards: list[Shard], submit, get) ->
     near_pairs = np.stack([np.concatenate(na), np.concatenate(nb)], 1) if na else np.empty((0, 2), np.int64)
     near_sims = np.concatenate(ns) if ns else np.empty(0)
     return _pair_table(m, rows, shards, exact_pairs, near_pairs, near_sims)
+
+
+def _matrix(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """(row has a value, the values of those rows as one n x width matrix) of a list column."""
+    arr = col.combine_chunks()
+    valid = arr.is_valid().to_numpy(zero_copy_only=False)
+    flat = arr.flatten().to_numpy()
+    width = len(flat) // max(1, int(valid.sum()))
+    return valid, flat.reshape(-1, width) if width else flat.reshape(0, 0)
 
 
 def _verify(m: str, cpairs: np.ndarray, rows: pa.Table, submit, get) -> np.ndarray:
@@ -283,10 +303,12 @@ def summarize(pairs: pa.Table, shards: list[Shard], tables: list[pa.Table]) -> d
     rows_by_mod: dict = defaultdict(int)
     no_near: dict = defaultdict(int)
     for t in tables:
-        for m, emb, mh in zip(t.column("modality").to_pylist(), t.column("emb").to_pylist(),
-                              t.column("minhash").to_pylist()):
-            rows_by_mod[m] += 1
-            no_near[m] += int(emb is None and mh is None)
+        mods = t.column("modality").to_numpy(zero_copy_only=False)
+        none = ~(t.column("emb").is_valid().to_numpy(zero_copy_only=False)
+                 | t.column("minhash").is_valid().to_numpy(zero_copy_only=False))
+        for m in MODALITIES:
+            rows_by_mod[m] += int((mods == m).sum())
+            no_near[m] += int(((mods == m) & none).sum())
     leaks = leaked_rows(pairs)
     per_mod = {}
     recs = pairs.to_pylist()

@@ -262,13 +262,6 @@ def text_minhash(hashes: np.ndarray):
     return LeanMinHash(mh)
 
 
-def lean_minhash(hashvalues):
-    """The LeanMinHash of stored hash values (the driver side of :func:`text_minhash`)."""
-    from datasketch import LeanMinHash
-
-    return LeanMinHash(seed=1, hashvalues=hashvalues, scheme=MINHASH_SCHEME)
-
-
 def text_similarity(a: np.ndarray, b: np.ndarray) -> float:
     """Exact Jaccard similarity of two shingle-hash arrays."""
     inter = np.intersect1d(a, b, assume_unique=True).size
