@@ -173,6 +173,13 @@ class RetrainConfig(Strict):
     force_train: bool = Field(False, description="train even when no data changed")
 
 
+class DedupConfig(Strict):
+    """Duplicates between splits, checked before preprocessing (docs/duplicates.md)."""
+    leakage: Literal["off", "report", "quarantine"] = Field(
+        "off", description="off; report: count validation/test rows that duplicate a train row (summary and "
+        "_manifest.json); quarantine: also quarantine them (reason duplicate_of_train:<modality>:<train id>)")
+
+
 class Workflow(Strict):
     """A complete mmbatch run."""
     name: str = Field("mmbatch", description="workflow name (recorded with outputs and models)")
@@ -185,6 +192,7 @@ class Workflow(Strict):
     output: OutputConfig = OutputConfig()
     train: TrainConfig = TrainConfig()
     retrain: RetrainConfig = RetrainConfig()
+    dedup: DedupConfig = DedupConfig()
 
     @field_validator("datasets")
     @classmethod

@@ -92,6 +92,9 @@ def render_text(info: dict) -> str:
         for k, v in meta.items():
             text = json.dumps(v, default=str)
             out.append(f"  {k}: {text if len(text) < 200 else text[:197] + '...'}")
+    if (info["manifest"] or {}).get("leakage"):
+        from mmbatch.dedup.leakage import leakage_line
+        out.append(leakage_line(info["manifest"]["leakage"]))
     if info["manifest"]:
         out.append(f"manifest: complete ({len(info['manifest'].get('files', []))} files listed)")
     else:

@@ -151,9 +151,11 @@ def run_duplicates(datasets: list[str], out: str, *, address: str | None = None,
     return DuplicatesResult(out, pairs, summary)
 
 
-def find_duplicates(shards: list, signature_fn, *, address: str | None = None) -> tuple[pa.Table, dict]:
+def find_duplicates(shards: list, signature_fn, *, address: str | None = None,
+                    final_splits=None) -> tuple[pa.Table, dict]:
     """(pairs, summary) of ``shards``; ``signature_fn(shard) -> (table, payloads)`` runs in one Ray
-    task per shard (benchmarks/duplicates.py passes a synthetic one)."""
+    task per shard (benchmarks/duplicates.py passes a synthetic one). ``final_splits(dataset,
+    sample_ids, splits) -> splits`` replaces the rows' split values (preprocess: the final split)."""
     import ray
 
     from mmbatch.runtime import init_ray
@@ -165,6 +167,10 @@ def find_duplicates(shards: list, signature_fn, *, address: str | None = None) -
     refs = [sig_task.remote(s) for s in shards]
     heavy_refs = [r[1] for r in refs]
     tables = ray.get([r[0] for r in refs])
+    if final_splits is not None:
+        tables = [t.set_column(t.schema.get_field_index("split"), "split", pa.array(
+            list(final_splits(sh.dataset, t.column("sample_id").to_pylist(), t.column("split").to_pylist())),
+            pa.string())) for sh, t in zip(shards, tables)]
     t_sig = time.time()
     verify_task = ray.remote(verify_pairs)
     seconds: dict = defaultdict(float)

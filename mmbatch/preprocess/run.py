@@ -158,6 +158,8 @@ def run_preprocess(wf: Workflow, progress: bool = True) -> PreprocessSummary:
         FINAL_KEY: True, "split_plan": {**splits, "seed": wf.train.seed},
         "workflow_hash": storage.fingerprint(wf.model_dump(mode="json")),
     }
+    from mmbatch.dedup.leakage import find_leakage
+    leak = find_leakage(wf.dedup.leakage, primaries, splits, wf.train.seed, out_fs, out_root, wf.ray)
     schema = fused_schema(dims, fdim)
     if partners:
         schema = schema.append(pa.field("paired_with", pa.string()))
@@ -191,11 +193,15 @@ def run_preprocess(wf: Workflow, progress: bool = True) -> PreprocessSummary:
     for p in primaries:
         job = job_for(p, "fused", "", schema=schema, keep_splits=p.cfg.splits, split_plan=splits,
                       split_seed=wf.train.seed, fusion=wf.fusion.model_dump(mode="json"),
-                      pairing=wf.pairing.model_dump(mode="json"), partners=partner_indexes)
+                      pairing=wf.pairing.model_dump(mode="json"), partners=partner_indexes,
+                      exclude=leak.for_dataset(p.cfg.name))
         fp = {"specs": job.specs, "label_map": p.label_map, "complete": job.completions,
               "fusion": job.fusion, "pairing": job.pairing, "partners": partner_fps, "splits": p.cfg.splits,
-              "split_plan": meta["split_plan"], "dims": dims, "schema": storage.fingerprint(str(schema))}
+              "split_plan": meta["split_plan"], "dims": dims, "schema": storage.fingerprint(str(schema)),
+              **leak.fingerprint(p.cfg.name)}
         fused_records += runner.run(p, job, fp, fused=True)
+    if wf.dedup.leakage != "off":
+        summary.leakage = leak.manifest()
     summary.dropped = summary.features_rows - summary.rows_out
     summary.fingerprint = storage.fingerprint(sorted(r.fingerprint for r in fused_records))
     summary.driver_cpu_s = time.process_time() - cpu0

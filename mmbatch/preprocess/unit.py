@@ -58,6 +58,7 @@ class UnitJob:
     partners: list[PartnerIndex] = field(default_factory=list)
     row_group_size: int = 4096
     batch_size: int = 64             # rows per extractor call (features.batch_size)
+    exclude: dict = field(default_factory=dict)   # sample_id -> quarantine reason (dedup.leakage: quarantine)
     devices: dict = field(default_factory=dict)   # modality -> "gpu"/"cpu" placement asked for
 
 
@@ -145,6 +146,11 @@ class UnitWorker:
                 table = c(table)
         n = table.num_rows
         failures = Failures(n)
+        if self.job.exclude:             # rows that duplicate a train row (mmbatch.dedup.leakage)
+            for i, sid in enumerate(table.column("sample_id").to_pylist()):
+                if sid in self.job.exclude:
+                    failures.bad[i], failures.reason[i] = True, self.job.exclude[sid]
+                    failures.detail[i] = "duplicates a train row (dedup.leakage: quarantine)"
         embs, present = {}, {}
         for m in self.job.modalities:
             with _timed(sec, m):
