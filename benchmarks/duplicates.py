@@ -2,6 +2,7 @@
 
     python -m benchmarks.duplicates                 # 50,000 and 200,000 rows (an image and a text each)
     python -m benchmarks.duplicates --rows 10000 40000 --out benchmarks/results/duplicates_small
+    python -m benchmarks.duplicates --accuracy      # recall and false pairs on the planted corpus (real media)
 
 The issue allows synthetic signatures for the scale figure (the accuracy figures
 use real media: tests/test_dedup_accuracy.py, docs/duplicates.md). Each Ray
@@ -137,13 +138,53 @@ def run_one(rows: int, num_cpus: int | None) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+def accuracy(images: int, audio: int, texts: int, out: Path) -> dict:
+    """Recall per modality and kind, and rows in false pairs, on mmbatch.dedup.testcorpus."""
+    import tempfile
+
+    from mmbatch.dedup import testcorpus as tc
+
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = tc.build_corpus(Path(tmp) / "corpus", images=images, audio=audio, texts=texts)
+        res = drun.run_duplicates(list(corpus.paths.values()), str(Path(tmp) / "dups"), report=False)
+        score = tc.score(corpus, res.pairs)
+    doc = {"benchmark": "duplicates-accuracy", "corpus": {"images": images, "audio": audio, "texts": texts,
+                                                          "rows": corpus.rows}, "score": score,
+           "seconds": res.summary["seconds"]}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(doc, indent=2))
+    lines = [f"Planted corpus: {corpus.rows} rows (mmbatch.dedup.testcorpus, images={images}, audio={audio}, "
+             f"texts={texts}).", "", "| modality | exact pairs | exact recall | near pairs | near recall | false pairs |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for m, r in score["modalities"].items():
+        lines.append(f"| {m} | {r['exact_pairs']} | {r['exact_recall']:.3f} | {r['near_pairs']} | "
+                     f"{r['near_recall']:.3f} | {r['false_pairs']} |")
+    lines.append(f"\nRows in false pairs: {score['rows_in_false_pairs']} of {score['rows']} "
+                 f"({100 * score['false_row_fraction']:.2f} %).")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return doc
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, nargs="+", default=[50_000, 200_000])
     p.add_argument("--out", default="benchmarks/results/duplicates")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs for the embedded Ray (default: all)")
     p.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)     # the child process
+    p.add_argument("--accuracy", action="store_true", help="score the planted corpus instead of timing")
+    p.add_argument("--corpus", type=int, nargs=3, default=[64, 24, 120], metavar=("IMAGES", "AUDIO", "TEXTS"),
+                   help="originals per modality of the planted corpus (--accuracy)")
     args = p.parse_args(argv)
+    if args.accuracy:
+        from mmbatch.runtime import init_ray, shutdown_ray
+
+        init_ray(num_cpus=args.num_cpus)
+        try:
+            accuracy(*args.corpus, Path(args.out + "_accuracy"))
+        finally:
+            shutdown_ray()
+        return 0
     if args.one:
         from mmbatch.runtime import init_ray, shutdown_ray
 

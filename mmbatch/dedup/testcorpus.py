@@ -44,6 +44,10 @@ SENTENCES = [
     "a rod is used to catch pink salmon", "the source of the huge river is the clear spring",
     "kick the ball straight and follow through", "help the woman get back to her feet",
     "a pot of tea helps to pass the evening", "smoky fires lack flame and heat",
+    "the soft cushion broke the man's fall", "the salt breeze came across from the sea",
+    "the girl at the booth sold fifty bonds", "the small pup gnawed a hole in the sock",
+    "the fish twisted and turned on the bent hook", "press the pants and sew a button on the vest",
+    "the swan dive was far short of perfect", "the beauty of the view stunned the young boy",
 ]
 WORDS = ("apple river stone garden window quiet silver morning engine bridge lantern forest market "
          "violet thunder harbor pencil candle meadow copper whisper valley castle ribbon falcon "
@@ -212,7 +216,11 @@ def transform_text(words: list[str], how: str, rng: np.random.Generator) -> str:
 
 # --- the corpus ----------------------------------------------------------------------------------------
 def build_corpus(root, *, images: int = 32, audio: int = 12, texts: int = 40, seed: int = 0) -> Corpus:
-    """Write alpha/ and beta/ (canonical Parquet, two shards each) under ``root``; return the truth."""
+    """Write alpha/ and beta/ (canonical Parquet, two shards each) under ``root``; return the truth.
+
+    At most 128 images (8 backgrounds x 4 kinds x 4 instances on a 9-cell grid) and 24 sentences."""
+    if images > 128 or audio > len(SENTENCES):
+        raise ValueError(f"at most 128 images and {len(SENTENCES)} audio originals")
     from pathlib import Path
 
     rng = np.random.default_rng(seed)
@@ -234,8 +242,9 @@ def build_corpus(root, *, images: int = 32, audio: int = 12, texts: int = 40, se
     # without repeats, so no two instances of a class overlap
     cells: dict[tuple[int, int], list[int]] = {}
     n = 0
+    backgrounds = 4 if images <= 64 else 8            # at most 4 instances of a class on the 9-cell grid
     for i in range(images):
-        bg, shape = i % 4, (i // 4) % 4
+        bg, shape = i % backgrounds, (i // backgrounds) % 4
         free = cells.setdefault((bg, shape), list(rng.permutation(len(GRID))))
         im = draw_object(bg, shape, free.pop(), rng)
         fmt = "png" if i % 2 == 0 else "jpg"
