@@ -85,6 +85,7 @@ def find_leakage(mode: str, plans: list, split_plan: dict, seed: int, fs, out_ro
     for ds, sid, split, dups in found:
         for m in sorted({d[0] for d in dups}):
             counts[split][m] = counts[split].get(m, 0) + 1
-        modality, _, train_id = min(dups)       # one reason per row: the first modality, then train id
+        # one reason per row: image before audio before text, then the smallest train id
+        modality, _, train_id = min(dups, key=lambda d: (("image", "audio", "text").index(d[0]), d[2]))
         exclude.setdefault(ds, {})[sid] = reason(modality, train_id)
     return Leakage(mode, counts, exclude)
