@@ -33,6 +33,7 @@ SHARD_ROWS = 10_000
 NEAR_EVERY = 33          # row i with i % 33 == 1 is a near copy of an earlier row
 EXACT_EVERY = 100        # row i with i % 100 == 2 is an exact copy of an earlier row
 PRIME = np.uint64((1 << 61) - 1)
+EMB_DIM = sig.IMAGE_DCT ** 2 - 1     # the real image embedding's size
 
 
 def origin(i: np.ndarray) -> np.ndarray:
@@ -45,9 +46,9 @@ def origin(i: np.ndarray) -> np.ndarray:
 
 def image_embedding(i: int) -> np.ndarray:
     o = int(origin(i))
-    v = np.random.default_rng(o).normal(size=63)
+    v = np.random.default_rng(o).normal(size=EMB_DIM)
     if o != i and i % EXACT_EVERY != 2:
-        v = v + 0.1 * np.random.default_rng(i).normal(size=63)
+        v = v + 0.1 * np.random.default_rng(i).normal(size=EMB_DIM)
     return v / np.linalg.norm(v)
 
 

@@ -31,7 +31,7 @@ def test_image_copies_verify_and_lookalikes_do_not(how):
     assert sig.image_similarity(thumb, thumb2) >= sig.IMAGE_THRESHOLD
     assert sig.image_similarity(thumb, thumb3) < sig.IMAGE_THRESHOLD
     assert float(emb @ emb2) >= cand.KNN_MIN_COSINE
-    assert emb.shape == (63,) and thumb.shape == (sig.THUMB, sig.THUMB)
+    assert emb.shape == (sig.IMAGE_DCT ** 2 - 1,) and thumb.shape == (sig.THUMB, sig.THUMB)
 
 
 def test_audio_copy_verifies_and_another_voice_does_not():
@@ -61,8 +61,8 @@ def test_text_shingles_and_minhash():
 
 def test_candidates_find_planted_neighbours_only():
     rng = np.random.default_rng(0)
-    base = rng.normal(size=(2000, 63)).astype(np.float32)
-    noisy = base[:50] + 0.05 * rng.normal(size=(50, 63)).astype(np.float32)
+    base = rng.normal(size=(2000, 24)).astype(np.float32)
+    noisy = base[:50] + 0.05 * rng.normal(size=(50, 24)).astype(np.float32)
     emb = np.concatenate([base, noisy])
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
     pairs = {tuple(p) for p in cand.knn_pairs(emb, min_cosine=0.9).tolist()}

@@ -10,6 +10,8 @@ functions only have to keep true copies in, not look-alikes out.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 KNN = 10                  # neighbours per row: a copy is nearer than any look-alike, groups are small
@@ -50,6 +52,8 @@ def knn_pairs(emb: np.ndarray, k: int = KNN, min_cosine: float = KNN_MIN_COSINE)
     n = emb.shape[0]
     if n < 2:
         return np.empty((0, 2), np.int64)
+    # the driver runs this while the workers wait for candidates: every core of this machine
+    faiss.omp_set_num_threads(os.cpu_count() or 1)
     index = faiss.IndexHNSWFlat(emb.shape[1], HNSW_M, faiss.METRIC_INNER_PRODUCT)
     index.hnsw.efConstruction = HNSW_EF
     index.hnsw.efSearch = max(HNSW_EF, 2 * k)

@@ -122,17 +122,60 @@ def shard_signatures(shard: Shard) -> tuple[pa.Table, list]:
 
 
 # --- 3. verification ---------------------------------------------------------------------------------
-def verify_pairs(modality: str, pairs: np.ndarray, shard_of: np.ndarray, slot_of: np.ndarray,
-                 shard_ids: list[int], *payload_lists) -> np.ndarray:
-    """Similarities of candidate pairs (global row indices) from the payloads of ``shard_ids``."""
-    by_shard = dict(zip(shard_ids, payload_lists))
+def verify_pairs(modality: str, sa: np.ndarray, la: np.ndarray, sb: np.ndarray, lb: np.ndarray,
+                 shard_ids: list[int], *payloads) -> np.ndarray:
+    """Similarities of candidate pairs, given as (shard, slot) of each side, from the payloads of
+    ``shard_ids`` (each indexable by slot: a shard's payload list, or a dict of the picked ones)."""
+    by_shard = dict(zip(shard_ids, payloads))
     score = {"image": sig.image_similarity, "audio": sig.audio_similarity, "text": sig.text_similarity}[modality]
-    out = np.empty(len(pairs), np.float64)
-    for n, (a, b) in enumerate(pairs):
-        pa_ = by_shard[int(shard_of[a])][int(slot_of[a])]
-        pb_ = by_shard[int(shard_of[b])][int(slot_of[b])]
-        out[n] = score(pa_, pb_) if pa_ is not None and pb_ is not None else 0.0
+    out = np.empty(len(sa), np.float64)
+    for n in range(len(sa)):
+        x, y = by_shard[int(sa[n])][int(la[n])], by_shard[int(sb[n])][int(lb[n])]
+        out[n] = score(x, y) if x is not None and y is not None else 0.0
     return out
+
+
+def pick_payloads(payloads, slots: list[int]) -> dict:
+    """The payloads of the rows of one shard that take part in candidate pairs."""
+    return {s: payloads[s] for s in slots}
+
+
+def local_verifier(payloads: list):
+    """Verification as plain calls, with every shard's payloads at hand (tests, benchmarks)."""
+    def verify(m, sa, la, sb, lb):
+        ids = sorted(set(sa.tolist()) | set(sb.tolist()))
+        return verify_pairs(m, sa, la, sb, lb, ids, *[payloads[i] for i in ids])
+    return verify
+
+
+class RayVerifier:
+    """Verification on Ray: one task per shard picks the payloads of its rows in candidate pairs
+    (few), then a few verify tasks, each with the picked payloads of the shards its pairs touch.
+    Neither the full payloads nor per-row arrays of every row travel to each task, so the cost
+    grows with the number of candidates, not with rows x tasks."""
+
+    def __init__(self, heavy_refs: list):
+        import ray
+
+        self.heavy = heavy_refs
+        self.pick = ray.remote(pick_payloads)
+        self.task = ray.remote(verify_pairs)
+        self.parallel = max(1, 2 * int(ray.cluster_resources().get("CPU", 1)))
+
+    def __call__(self, m, sa, la, sb, lb):
+        import ray
+
+        shards_all, slots_all = np.concatenate([sa, sb]), np.concatenate([la, lb])
+        picked = {}
+        for sh in np.unique(shards_all).tolist():
+            slots = np.unique(slots_all[shards_all == sh]).tolist()
+            picked[sh] = self.pick.remote(self.heavy[sh], slots)
+        n_tasks = max(1, min(self.parallel, -(-len(sa) // VERIFY_CHUNK)))
+        futures = []
+        for idx in np.array_split(np.arange(len(sa)), n_tasks):
+            ids = sorted(set(sa[idx].tolist()) | set(sb[idx].tolist()))
+            futures.append(self.task.remote(m, sa[idx], la[idx], sb[idx], lb[idx], ids, *[picked[i] for i in ids]))
+        return np.concatenate(ray.get(futures))
 
 
 # --- driver --------------------------------------------------------------------------------------------
@@ -172,21 +215,19 @@ def find_duplicates(shards: list, signature_fn, *, address: str | None = None,
             list(final_splits(sh.dataset, t.column("sample_id").to_pylist(), t.column("split").to_pylist())),
             pa.string())) for sh, t in zip(shards, tables)]
     t_sig = time.time()
-    verify_task = ray.remote(verify_pairs)
     seconds: dict = defaultdict(float)
-    pairs = find_pairs(shards, tables, lambda m, chunk, so, sl, ids: verify_task.remote(
-        m, chunk, so, sl, ids, *[heavy_refs[i] for i in ids]), ray.get, seconds)
+    pairs = find_pairs(shards, tables, RayVerifier(heavy_refs), seconds)
     summary = summarize(pairs, shards, tables)
     summary["seconds"] = {"ray_init": round(t_init - t0, 3), "signatures": round(t_sig - t_init, 3),
                           **{k: round(v, 3) for k, v in seconds.items()}, "total": round(time.time() - t0, 3)}
     return pairs, summary
 
 
-def find_pairs(shards: list[Shard], tables: list[pa.Table], submit, get, seconds: dict | None = None) -> pa.Table:
+def find_pairs(shards: list[Shard], tables: list[pa.Table], verify, seconds: dict | None = None) -> pa.Table:
     """All verified pairs from the signature tables: exact groups, then near candidates among one
-    representative per group. ``submit(modality, pairs, shard_of, slot_of, shard_ids)`` starts a
-    verification (a Ray task, or a plain call) and ``get`` collects the results. ``seconds``
-    collects the time spent finding candidates and verifying them."""
+    representative per group. ``verify(modality, shard_a, slot_a, shard_b, slot_b) -> similarities``
+    scores candidate pairs (:class:`RayVerifier`, or :func:`local_verifier`); ``seconds`` collects
+    the time spent finding candidates and verifying them."""
     seconds = defaultdict(float) if seconds is None else seconds
     if tables:
         sigs = pa.concat_tables([t.append_column("shard", pa.array(np.full(t.num_rows, k, np.int64)))
@@ -198,11 +239,11 @@ def find_pairs(shards: list[Shard], tables: list[pa.Table], submit, get, seconds
     for m in MODALITIES:
         rows = sigs.filter(pc.equal(sigs.column("modality"), m))
         if rows.num_rows:
-            parts.append(_modality_pairs(m, rows, shards, submit, get, seconds))
+            parts.append(_modality_pairs(m, rows, shards, verify, seconds))
     return pa.concat_tables(parts) if parts else PAIR_SCHEMA.empty_table()
 
 
-def _modality_pairs(m: str, rows: pa.Table, shards: list[Shard], submit, get, seconds: dict) -> pa.Table:
+def _modality_pairs(m: str, rows: pa.Table, shards: list[Shard], verify, seconds: dict) -> pa.Table:
     t0 = time.perf_counter()
     keys = rows.column("exact").to_pylist()
     groups = cand.group_by_key(keys)
@@ -221,7 +262,7 @@ def _modality_pairs(m: str, rows: pa.Table, shards: list[Shard], submit, get, se
     cpairs = cand.minhash_pairs(vecs) if m == "text" else cand.knn_pairs(vecs)
     cpairs = reps[cpairs] if len(cpairs) else cpairs
     t1 = time.perf_counter()
-    sims = _verify(m, cpairs, rows, submit, get)
+    sims = _verify(m, cpairs, rows, verify)
     seconds["candidates"] += t1 - t0
     seconds["verify"] += time.perf_counter() - t1
     near = cpairs[sims >= THRESHOLDS[m]]
@@ -247,21 +288,15 @@ def _matrix(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
     return valid, flat.reshape(-1, width) if width else flat.reshape(0, 0)
 
 
-def _verify(m: str, cpairs: np.ndarray, rows: pa.Table, submit, get) -> np.ndarray:
+def _verify(m: str, cpairs: np.ndarray, rows: pa.Table, verify) -> np.ndarray:
     if not len(cpairs):
         return np.empty(0)
     shard_of = rows.column("shard").to_numpy()
     slot_of = rows.column("slot").to_numpy()
-    order = np.lexsort((shard_of[cpairs[:, 1]], shard_of[cpairs[:, 0]]))
-    cpairs_sorted = cpairs[order]
-    futures = []
-    for start in range(0, len(cpairs_sorted), VERIFY_CHUNK):
-        chunk = cpairs_sorted[start:start + VERIFY_CHUNK]
-        ids = sorted(set(shard_of[chunk.ravel()].tolist()))
-        futures.append(submit(m, chunk, shard_of, slot_of, ids))
-    sims_sorted = np.concatenate(get(futures))
-    sims = np.empty_like(sims_sorted)
-    sims[order] = sims_sorted
+    order = np.lexsort((shard_of[cpairs[:, 1]], shard_of[cpairs[:, 0]]))     # neighbouring shards together
+    a, b = cpairs[order, 0], cpairs[order, 1]
+    sims = np.empty(len(cpairs))
+    sims[order] = verify(m, shard_of[a], slot_of[a], shard_of[b], slot_of[b])
     return sims
 
 

@@ -68,7 +68,7 @@ def text_key(text: str | None) -> str | None:
 # images
 # ---------------------------------------------------------------------------------------------
 THUMB = 32           # grey thumbnail side (the verify payload, float16: 2 KB an image)
-IMAGE_DCT = 8        # low-frequency DCT block -> 63-dim candidate embedding (DC dropped)
+IMAGE_DCT = 5        # low-frequency DCT block -> 24-dim candidate embedding (DC dropped)
 IMAGE_BLOCK = 4      # verify: local correlation in 4x4-pixel blocks of the thumbnail
 IMAGE_THRESHOLD = 0.955
 
@@ -84,10 +84,10 @@ def decode_grey(data: bytes) -> np.ndarray:
 
 
 def image_signature(data: bytes) -> tuple[np.ndarray, np.ndarray]:
-    """(candidate embedding float32[63], verify thumbnail float16[32, 32]) of one image.
+    """(candidate embedding float32[24], verify thumbnail float16[32, 32]) of one image.
 
     The embedding is pHash's first step (imagehash.phash: grey 32x32, 2-D DCT,
-    the 8x8 low frequencies) without its last one (thresholding at the median into
+    the low frequencies; we keep 5x5 of them) without its last one (thresholding at the median into
     64 bits). We keep the real values because the candidate index is a
     nearest-neighbour search (faiss), which ranks a re-encoded copy above a
     look-alike more reliably than Hamming distance on the binarised bits:
@@ -139,7 +139,7 @@ AUDIO_HOP = 80            # 10 ms frames
 AUDIO_MELS = 40
 AUDIO_FLOOR_DB = 50.0     # log-mel floored at max - 50 dB: noise at >= 25 dB SNR only lifts the floor
 AUDIO_TRIM_DB = 30.0      # leading/trailing frames quieter than peak - 30 dB are silence
-AUDIO_EMB = (16, 10)      # candidate embedding: the log-mel pooled to 16 time x 10 band cells
+AUDIO_EMB = (8, 6)         # candidate embedding: the log-mel pooled to 8 time x 6 band cells
 AUDIO_MAX_LAG = 8         # verify: frames of misalignment tried either way (trim jitter)
 AUDIO_THRESHOLD = 0.95
 AUDIO_MAX_SECONDS = 60.0  # longer clips: the first minute is fingerprinted
@@ -194,7 +194,7 @@ def audio_logmel(x: np.ndarray, sr: int) -> np.ndarray:
 
 
 def audio_signature(data: bytes) -> tuple[np.ndarray, np.ndarray]:
-    """(candidate embedding float32[160], verify log-mel float16[40, frames]) of one clip."""
+    """(candidate embedding float32[48], verify log-mel float16[40, frames]) of one clip."""
     import cv2
 
     m = audio_logmel(*decode_audio(data))
