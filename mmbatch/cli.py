@@ -28,6 +28,11 @@ def _add_workflow_args(p: argparse.ArgumentParser) -> None:
                    help="override a workflow field, e.g. --set train.epochs=3 --set train.modalities=[audio]")
 
 
+def _add_allow_incomplete(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-incomplete", action="store_true",
+                   help="read a fused folder that has no manifest or mixes settings (refused by default: exit 2)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mmbatch",
@@ -78,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
              "mmbatch train workflows/train_fusion.yaml --baselines")
     _add_workflow_args(sp)
     sp.add_argument("--baselines", action="store_true", help="also train each modality alone and compare")
+    _add_allow_incomplete(sp)
 
     sp = cmd("evaluate", "score a checkpoint on fused Parquet and write the report",
              "mmbatch evaluate out/train/fusion/model --data out/features --out out/eval")
@@ -85,10 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--data", required=True, help="fused feature Parquet folder")
     sp.add_argument("--split", default="test", help="split to score (default test; 'all' for every row)")
     sp.add_argument("--out", default=None, help="report folder (default: <checkpoint>/eval)")
+    _add_allow_incomplete(sp)
 
     sp = cmd("retrain", "one idempotent retraining cycle: preprocess new data, train, compare, promote",
              "mmbatch retrain workflows/retrain.yaml")
     _add_workflow_args(sp)
+    _add_allow_incomplete(sp)
 
     sp = cmd("registry", "list, show, promote or roll back model versions",
              "mmbatch registry list out/registry")
@@ -109,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
              "mmbatch inspect out/features --json")
     sp.add_argument("path")
     sp.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_allow_incomplete(sp)
 
     sp = cmd("convert", "convert between modalities (image/text to speech, OCR, text rendering)",
              "mmbatch convert image-to-speech photo.jpg --out photo.wav")
@@ -229,18 +238,18 @@ def _dispatch(args) -> int:
         return EXIT_QUARANTINED if summary.quarantined else EXIT_OK
     if c == "train":
         from mmbatch.training.run import run_training
-        result = run_training(_load(args), baselines=args.baselines or None)
+        result = run_training(_load(args), baselines=args.baselines or None, allow_incomplete=args.allow_incomplete)
         print_next_steps(f"wrote the model to {result.model_dir} (model.pt + model.json)", None, 0,
                          [f"open {result.report_path}" if result.report_path else f"see {result.run_dir}",
                           f"mmbatch evaluate {result.model_dir} --data FUSED_PARQUET_FOLDER"])
         return EXIT_OK
     if c == "evaluate":
         from mmbatch.training.evaluate import evaluate_cli
-        evaluate_cli(args.checkpoint, args.data, split=args.split, out=args.out)
+        evaluate_cli(args.checkpoint, args.data, split=args.split, out=args.out, allow_incomplete=args.allow_incomplete)
         return EXIT_OK
     if c == "retrain":
         from mmbatch.ops.retrain import run_retrain
-        run_retrain(_load(args))
+        run_retrain(_load(args), allow_incomplete=args.allow_incomplete)
         return EXIT_OK
     if c == "registry":
         from mmbatch.ops.registry import registry_cli
@@ -257,7 +266,7 @@ def _dispatch(args) -> int:
                           pip=args.pip, job_id=args.job_id)
     if c == "inspect":
         from mmbatch.describe_output import describe, render_text
-        info = describe(args.path)
+        info = describe(args.path, allow_incomplete=args.allow_incomplete)
         print(json.dumps(info, indent=2, default=str) if args.json else render_text(info))
         return EXIT_OK
     if c == "convert":

@@ -18,7 +18,9 @@ job-level checkpointing lacks:
 """
 from __future__ import annotations
 
+import errno
 import posixpath
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable, TypeVar
@@ -57,13 +59,59 @@ class CommitRecord:
         return cls(**known)
 
 
+# errnos of a storage error worth another try: timeouts, resets, a busy or throttling service (s3fs maps
+# 503/SlowDown/ServiceUnavailable to EBUSY and 500/InternalError to EREMOTEIO)
+TRANSIENT_ERRNOS = {errno.EAGAIN, errno.EBUSY, errno.EINTR, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNABORTED,
+                    errno.ECONNREFUSED, errno.EPIPE, errno.ENETDOWN, errno.ENETUNREACH, errno.ENETRESET,
+                    errno.EHOSTUNREACH, getattr(errno, "EREMOTEIO", 121)}
+# transport errors of the object-store clients (botocore, aiohttp) that are not OSErrors
+TRANSIENT_NAMES = ("Timeout", "EndpointConnectionError", "ConnectionClosedError", "ServerDisconnected",
+                   "ClientConnectorError", "ClientPayloadError", "ClientOSError")
+_TRANSIENT_TEXT = re.compile(r"\b(SlowDown|Throttl\w*|TooManyRequests|RequestTimeout|ServiceUnavailable|"
+                             r"InternalError|429|50[0234])\b")
+
+
+def is_transient(e: BaseException) -> bool:
+    """True for an error another try may not get: timeouts, connection resets, throttling, 5xx.
+    Permission denied, no space left, not found and the like are not (nor anything unrecognised)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
+                          FileExistsError)):
+            return False
+        if isinstance(e, (TimeoutError, ConnectionError)) or any(n in type(e).__name__ for n in TRANSIENT_NAMES):
+            return True
+        if isinstance(e, OSError) and e.errno is not None:
+            return e.errno in TRANSIENT_ERRNOS
+        if _TRANSIENT_TEXT.search(str(e)):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _naming(e: OSError, what: str) -> OSError:
+    """``e`` with ``what`` (the operation and its path) in its message, same type where possible."""
+    try:
+        if e.errno is not None:
+            return type(e)(e.errno, f"{what}: {e.strerror or e}", *([e.filename] if e.filename else []))
+        return type(e)(f"{what}: {e}")
+    except Exception:           # an OSError subclass with another constructor
+        return OSError(f"{what}: {type(e).__name__}: {e}")
+
+
 def call_with_retry(fn: Callable[[], T], what: str, attempts: int = WRITE_ATTEMPTS,
                     backoff_s: float = WRITE_BACKOFF_S) -> T:
-    """``fn()``, retried with exponential backoff on OSError (transient storage errors)."""
+    """``fn()``, retried with exponential backoff on transient storage errors (:func:`is_transient`).
+    Any other error fails at once, its message naming ``what`` (e.g. "writing s3://b/x.parquet")."""
     for attempt in range(1, attempts + 1):
         try:
             return fn()
-        except OSError as e:
+        except Exception as e:
+            if not is_transient(e):
+                if isinstance(e, OSError):
+                    raise _naming(e, what) from e
+                raise
             if attempt == attempts:
                 raise OSError(f"{what}: failed {attempts} times, last error: {e}") from e
             time.sleep(backoff_s * 2 ** (attempt - 1))

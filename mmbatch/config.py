@@ -193,6 +193,23 @@ class Workflow(Strict):
     train: TrainConfig = TrainConfig()
     retrain: RetrainConfig = RetrainConfig()
     dedup: DedupConfig = DedupConfig()
+    storage: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, exclude=True,
+        description="fsspec options per scheme, e.g. `{s3: {endpoint_url: http://host:9000, profile: x}}` "
+        "(null: the standard environment: AWS_* variables, AWS_ENDPOINT_URL, profiles, GOOGLE_APPLICATION_"
+        "CREDENTIALS); never written to outputs, models or the registry (docs/object-storage.md)")
+
+    @field_validator("storage")
+    @classmethod
+    def _known_schemes(cls, v):
+        import fsspec
+
+        from mmbatch import storage
+        bad = sorted(set(v) - set(fsspec.available_protocols()))
+        if bad:
+            raise ValueError(f"unknown storage scheme(s) {bad}: use fsspec protocol names such as s3, gs, gcs")
+        storage.configure(v)      # every filesystem this process makes from now on gets these options
+        return v
 
     @field_validator("datasets")
     @classmethod
@@ -255,6 +272,8 @@ def _format_error(err: ValidationError) -> str:
             continue
         msg = e["msg"]
         got = e.get("input")
+        if e["loc"] and e["loc"][0] == "storage":      # options may hold credentials: never echo them
+            got = sorted(got) if isinstance(got, dict) else "(not shown)"
         lines.append(f"key '{key}': {msg} (got {got!r})")
     return "invalid workflow:\n  " + "\n  ".join(lines)
 

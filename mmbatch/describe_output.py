@@ -17,8 +17,9 @@ from mmbatch.schema import MODALITIES, read_mmbatch_meta
 _COUNT_COLUMNS = ("split", "label", "label_name", "reason", "source")
 
 
-def describe(path: str) -> dict:
-    """Schema, row count, counts per split/label, modality presence and stored metadata."""
+def describe(path: str, allow_incomplete: bool = False) -> dict:
+    """Schema, row count, counts per split/label, modality presence and stored metadata. A fused
+    folder must be complete and consistent (mmbatch.provenance.check_fused) unless ``allow_incomplete``."""
     fs, root = storage.url_to_fs(path)
     if fs.isfile(root):
         files = [root]
@@ -31,6 +32,10 @@ def describe(path: str) -> dict:
     if not files:
         raise UsageError(f"{path}: no Parquet files (is it an mmbatch output folder?)")
     schema = pq.read_schema(files[0], filesystem=fs)
+    check = None
+    if not fs.isfile(root) and "fused" in ((manifest or {}).get("kind"), read_mmbatch_meta(schema).get("kind")):
+        from mmbatch.provenance import check_fused
+        check = check_fused(fs, root, allow_incomplete=allow_incomplete)
     names = schema.names
     counts = {c: Counter() for c in _COUNT_COLUMNS if c in names}
     presence = Counter()
@@ -68,6 +73,7 @@ def describe(path: str) -> dict:
         "quarantine": quarantine,
         "metadata": read_mmbatch_meta(schema),
         "manifest": manifest,
+        "problems": check["problems"] if check else [],
     }
 
 
@@ -95,7 +101,10 @@ def render_text(info: dict) -> str:
     if (info["manifest"] or {}).get("leakage"):
         from mmbatch.dedup.leakage import leakage_line
         out.append(leakage_line(info["manifest"]["leakage"]))
-    if info["manifest"]:
+    if info.get("problems"):
+        out.append("NOT one complete preprocess output (read anyway, --allow-incomplete):")
+        out += [f"  - {p}" for p in info["problems"]]
+    elif info["manifest"]:
         out.append(f"manifest: complete ({len(info['manifest'].get('files', []))} files listed)")
     else:
         out.append("manifest: none (incomplete output or a single file)")

@@ -140,11 +140,21 @@ def plan_ingest(kind: str, input: str, out: str,
     return plan, samples, problems
 
 
-def shard_plan(plan: common.Plan, samples: list[common.Sample], opts: IngestOptions,
-               num_cpus: float = 1) -> list[ShardTask]:
-    """Group the samples into shards (at least two per CPU) and fingerprint each."""
-    groups = common.make_shards(samples, opts.shard_mb * 2**20, opts.shard_rows,
-                                min_shards=max(1, int(2 * num_cpus)))
+# A small input is still cut into PARALLEL_SHARDS shards (enough to keep a 16-CPU cluster's ingest and
+# preprocess workers busy), but no shard is planned below MIN_SHARD_ROWS rows for that. The plan
+# depends on the data and the options only, never on the cluster's size when the run starts: a
+# rerun on an autoscaled cluster finds every shard it committed before.
+PARALLEL_SHARDS = 8
+MIN_SHARD_ROWS = 4
+
+
+def min_shards(n_samples: int) -> int:
+    return max(1, min(PARALLEL_SHARDS, n_samples // MIN_SHARD_ROWS))
+
+
+def shard_plan(plan: common.Plan, samples: list[common.Sample], opts: IngestOptions) -> list[ShardTask]:
+    """Group the samples into shards (see PARALLEL_SHARDS) and fingerprint each."""
+    groups = common.make_shards(samples, opts.shard_mb * 2**20, opts.shard_rows, min_shards=min_shards(len(samples)))
     base = {"kind": plan.kind, "root": plan.root, "options": opts.content_options(),
             "schema_version": schema.SCHEMA_VERSION}
     shards = []
@@ -243,19 +253,17 @@ def _run_shards(pending: list[ShardTask], ctx: dict, on_result) -> None:
 def run_ingest(kind: str, input: str, out: str, opts: IngestOptions | None = None,
                address: str | None = None, echo: bool = True) -> IngestSummary:
     """Ingest INPUT (a KIND corpus) into OUT; see the module docstring. Prints the summary when ``echo``."""
-    from mmbatch.runtime import init_ray, planned_cpus
+    from mmbatch.runtime import init_ray
 
     t0 = time.time()
     opts = opts or IngestOptions()
     opts.validate()
     fs, out_path = storage.url_to_fs(out)
     plan, samples, problems = plan_ingest(kind, input, out, opts)   # UsageError before Ray starts
-    shards = shard_plan(plan, samples, opts, num_cpus=planned_cpus(address))
+    shards = shard_plan(plan, samples, opts)
 
     fs.makedirs(out_path, exist_ok=True)
-    manifest_path = storage.join(out_path, storage.MANIFEST)
-    if fs.exists(manifest_path):  # "complete" no longer holds while shards change
-        fs.rm(manifest_path)
+    storage.remove_manifest(fs, out_path)   # "complete" no longer holds while shards change
 
     committer = Committer(fs, out_path)
     records: dict[str, CommitRecord] = {}
@@ -324,7 +332,7 @@ def run_ingest(kind: str, input: str, out: str, opts: IngestOptions | None = Non
         "shards_total": len(shards), "shards_skipped": skipped,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "elapsed_s": round(summary.elapsed, 3),
     }
-    storage.write_json(fs, manifest_path, manifest)
+    storage.write_json(fs, storage.join(out_path, storage.MANIFEST), manifest)
     storage.clean_tmp(fs, out_path)          # the temp dirs of the manifest's and markers' atomic writes
     if echo:
         print(summary.render())

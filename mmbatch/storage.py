@@ -1,8 +1,11 @@
 """File-system access (local paths and fsspec URIs) and atomic commits.
 
 Every output mmbatch writes follows one protocol:
-- data files are written under ``<dir>/_tmp/`` and renamed into place, so a
-  reader never sees a partial file (readers ignore ``_``-prefixed names);
+- a reader never sees a partial file. On a local disk a data file is written
+  under ``<dir>/_tmp/`` and renamed into place (readers ignore ``_``-prefixed
+  names). An object store has no atomic rename (fsspec's ``mv`` is a copy plus a
+  delete), so there each object is written once, to its final key, by a single
+  PUT or a multipart upload: S3 shows the object only once the upload completes;
 - each committed shard gets a marker ``<dir>/_shards/<shard_id>.json`` holding
   its fingerprint and counts: a rerun skips shards whose marker matches;
 - ``<dir>/_manifest.json`` is written last: its presence means "complete".
@@ -27,10 +30,48 @@ TMP_DIR = "_tmp"
 QUARANTINE_DIR = "quarantine"
 
 
+# The package each object-store scheme needs, and the extra of mmbatch that installs it.
+EXTRAS = {"s3": ("s3fs", "s3"), "s3a": ("s3fs", "s3"), "gs": ("gcsfs", "gcs"), "gcs": ("gcsfs", "gcs")}
+
+
+def configure(options: dict | None) -> None:
+    """Default fsspec options per scheme (the workflow's ``storage`` key, e.g. ``{"s3": {"endpoint_url":
+    ...}}``) for every filesystem made from now on in this process, mmbatch's and Ray Data's alike.
+    Credentials may sit there; they are never written anywhere (:func:`options` is shipped to workers
+    in memory only). Without it, s3fs/gcsfs read the standard environment (``AWS_*``, profiles, ...)."""
+    from fsspec.config import conf
+    for scheme, opts in (options or {}).items():
+        conf[scheme] = {**conf.get(scheme, {}), **opts}
+        _OPTIONS[scheme] = dict(conf[scheme])
+
+
+def options() -> dict:
+    """What :func:`configure` set in this process: workers get it with their job."""
+    return {k: dict(v) for k, v in _OPTIONS.items()}
+
+
+_OPTIONS: dict[str, dict] = {}
+
+
 def url_to_fs(uri: str):
-    """(filesystem, path) for a local path or any fsspec URI."""
-    fs, path = fsspec.core.url_to_fs(str(uri))
+    """(filesystem, path) for a local path or any fsspec URI. A scheme whose package is missing
+    is a :class:`~mmbatch.errors.UsageError` naming the extra to install."""
+    try:
+        fs, path = fsspec.core.url_to_fs(str(uri))
+    except ImportError as e:
+        from mmbatch.errors import UsageError
+        scheme = str(uri).split("://", 1)[0]
+        pkg, extra = EXTRAS.get(scheme, (None, None))
+        hint = f"pip install 'mmbatch[{extra}]' (or {pkg})" if extra else f"install the fsspec package for {scheme}://"
+        raise UsageError(f"{uri}: {scheme}:// needs a package that is not installed: {hint}") from e
     return fs, path
+
+
+def uri(fs, path: str) -> str:
+    """``path`` of ``fs`` with its scheme (``s3://bucket/key``); a local path as it is. A path handed
+    to another process (a unit's input, a partner's file) must carry its scheme: without it, the
+    other side would resolve ``bucket/key`` as a local path."""
+    return path if is_local(fs) else fs.unstrip_protocol(path)
 
 
 def join(*parts: str) -> str:
@@ -55,19 +96,17 @@ def fingerprint(obj: Any) -> str:
 
 
 def atomic_write_bytes(fs, path: str, data: bytes) -> None:
+    """``data`` at ``path``, never visible half-written: temp file + rename on a local disk, a single
+    PUT of the final object on an object store."""
+    if not is_local(fs):
+        fs.pipe_file(path, data)
+        return
     parent = posixpath.dirname(path)
     tmp = join(parent, TMP_DIR, f"{uuid.uuid4().hex}.{posixpath.basename(path)}")
     fs.makedirs(posixpath.dirname(tmp), exist_ok=True)
     with fs.open(tmp, "wb") as f:
         f.write(data)
-    _rename(fs, tmp, path)
-
-
-def _rename(fs, src: str, dst: str) -> None:
-    if is_local(fs):
-        os.replace(src, dst)  # atomic on POSIX
-    else:
-        fs.mv(src, dst)
+    os.replace(tmp, path)  # atomic on POSIX
 
 
 def _is_float(t: pa.DataType) -> bool:
@@ -119,17 +158,88 @@ def atomic_write_table(fs, path: str, table: pa.Table, row_group_size: int | Non
     """Write ``table`` as Parquet at ``path`` through a temp file + rename: float columns
     byte-stream-split + :data:`FLOAT_CODEC`, the others zstd, except the leaf columns
     ``compression`` maps to another codec (e.g. ``{"image.bytes": "none"}``)."""
-    parent = posixpath.dirname(path)
-    tmp = join(parent, TMP_DIR, f"{uuid.uuid4().hex}.{posixpath.basename(path)}")
-    fs.makedirs(posixpath.dirname(tmp), exist_ok=True)
     floats = float_leaves(table.schema)
     codec: str | dict = "zstd"
     if compression or floats:
         codec = {c: (compression or {}).get(c, FLOAT_CODEC if c in floats else "zstd")
                  for c in leaf_columns(table.schema)}
-    pq.write_table(table, tmp, filesystem=fs, row_group_size=row_group_size, compression=codec,
-                   use_dictionary=dictionary_columns(table.schema), use_byte_stream_split=floats or False)
-    _rename(fs, tmp, path)
+    kwargs = dict(row_group_size=row_group_size, compression=codec, use_dictionary=dictionary_columns(table.schema),
+                  use_byte_stream_split=floats or False)
+    if not is_local(fs):
+        _put_once(fs, path, lambda local: pq.write_table(table, local, **kwargs))
+        return
+    tmp = join(posixpath.dirname(path), TMP_DIR, f"{uuid.uuid4().hex}.{posixpath.basename(path)}")
+    fs.makedirs(posixpath.dirname(tmp), exist_ok=True)
+    pq.write_table(table, tmp, filesystem=fs, **kwargs)
+    os.replace(tmp, path)  # atomic on POSIX
+
+
+def _put_once(fs, path: str, write_local) -> None:
+    """Object stores: write the file to a local temp file, then upload it once to its final key
+    (``put_file``: one PUT, or a multipart upload that S3 shows only when complete). Writing through
+    an open remote file instead would commit a truncated object if the writer failed midway."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="mmbatch-put-") as d:
+        local = os.path.join(d, posixpath.basename(path))
+        write_local(local)
+        fs.put_file(local, path)
+
+
+def open_input(fs, path: str):
+    """A read handle for Parquet that fetches only the byte ranges Arrow asks for (the footer, then
+    a row group's column chunks), never the whole object: the local path itself (Arrow's native,
+    memory-mappable I/O); for s3:// an Arrow S3 file (:func:`arrow_s3`: ranged GETs straight into
+    Arrow buffers); else an fsspec file with no read-ahead cache (one ranged GET per read)."""
+    if is_local(fs):
+        return path
+    native = arrow_s3(fs)
+    if native is not None:
+        return native.open_input_file(fs._strip_protocol(path))
+    return fs.open(path, "rb", block_size=READ_BLOCK, cache_type="none")
+
+
+# s3fs options that Arrow's S3 client can take too; with any other (profile, session, SSE, requester
+# pays, ...) reads stay on s3fs
+_ARROW_S3_OPTIONS = {"endpoint_url", "key", "secret", "token", "anon", "client_kwargs", "use_ssl",
+                     "default_block_size", "default_cache_type", "default_fill_cache", "skip_instance_cache",
+                     "use_listings_cache", "listings_expiry_time", "max_paths"}
+
+
+def arrow_s3(fs):
+    """pyarrow's S3FileSystem with the settings of the s3fs filesystem ``fs`` (endpoint, keys, region;
+    the rest from the same standard environment and profiles botocore reads), or None where ``fs`` is
+    no s3fs or has options Arrow cannot take. Measured reading 28 MB row groups from moto: peak memory
+    1.1x a local memory-mapped read, against 1.5x through s3fs (whose response bytes are copied again
+    on their way to Arrow: docs/object-storage.md)."""
+    opts = dict(getattr(fs, "storage_options", {}) or {})
+    protos = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    client = opts.get("client_kwargs") or {}
+    if "s3" not in protos or set(opts) - _ARROW_S3_OPTIONS or set(client) - {"endpoint_url", "region_name"}:
+        return None
+    endpoint = (opts.get("endpoint_url") or client.get("endpoint_url") or os.environ.get("AWS_ENDPOINT_URL_S3")
+                or os.environ.get("AWS_ENDPOINT_URL"))
+    region = client.get("region_name") or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    key = (endpoint, region, opts.get("key"), opts.get("secret"), opts.get("token"), bool(opts.get("anon")))
+    if key not in _ARROW_S3:
+        try:
+            from pyarrow import fs as pafs
+        except ImportError:                                         # a pyarrow built without S3
+            return None
+        kw: dict = {"anonymous": bool(opts.get("anon")), "region": region}
+        if endpoint:
+            scheme, _, host = endpoint.rpartition("://")
+            kw.update(endpoint_override=host, scheme=scheme or "https")
+        if opts.get("key"):
+            kw.update(access_key=opts["key"], secret_key=opts.get("secret"), session_token=opts.get("token"))
+        _ARROW_S3[key] = pafs.S3FileSystem(**kw)
+    return _ARROW_S3[key]
+
+
+_ARROW_S3: dict[tuple, Any] = {}
+
+
+READ_BLOCK = 1 << 20
 
 
 def jsonable(x: Any) -> Any:
@@ -228,6 +338,13 @@ def _ls(fs, d: str) -> list[str]:
         return sorted(p for p in fs.ls(d, detail=False) if p.endswith(".json"))
     except FileNotFoundError:
         return []
+
+
+def remove_manifest(fs, out_dir: str) -> None:
+    """Remove ``<out_dir>/_manifest.json``: the folder is no longer known complete."""
+    path = join(out_dir, MANIFEST)
+    if fs.exists(path):
+        fs.rm(path)
 
 
 def read_manifest(uri: str) -> dict | None:

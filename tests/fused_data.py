@@ -8,6 +8,7 @@ the class.
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Mapping, Optional, Sequence
 
@@ -80,7 +81,8 @@ def xor_rows(n: int, seed: int = 0, dims: Optional[Mapping[str, int]] = None, no
 
 def write_fused(path: str, n: int = 400, seed: int = 0, dims: Optional[Mapping[str, int]] = None,
                 files: int = 2, meta: Optional[dict] = None, **kw) -> str:
-    """Write ``n`` XOR rows as ``files`` Parquet files under ``path`` with the fused schema + metadata."""
+    """Write ``n`` XOR rows as ``files`` Parquet files under ``path`` with the fused schema + metadata, and
+    the ``_manifest.json`` preprocess writes last (readers refuse a fused folder without one)."""
     dims = dict(dims or {"image": 8, "audio": 8, "text": 8})
     cols = xor_rows(n, seed=seed, dims=dims, **kw)
     sch = schema.with_metadata(schema.fused_schema(dims, int(sum(dims.values()))),
@@ -88,6 +90,11 @@ def write_fused(path: str, n: int = 400, seed: int = 0, dims: Optional[Mapping[s
     table = pa.Table.from_pydict(cols, schema=sch)
     os.makedirs(path, exist_ok=True)
     per = -(-n // files)
-    for k in range(files):
-        pq.write_table(table.slice(k * per, per), os.path.join(path, f"part-{k:05d}.parquet"))
+    names = [f"part-{k:05d}.parquet" for k in range(files)]
+    for k, name in enumerate(names):
+        pq.write_table(table.slice(k * per, per), os.path.join(path, name))
+    manifest = {"kind": "fused", "rows": n, "files": names, "metadata": schema.read_mmbatch_meta(sch)}
+    with open(os.path.join(path, "_manifest.json"), "w") as f:
+        json.dump({**manifest, "metadata": {k: v for k, v in manifest["metadata"].items()
+                                            if k != "schema_version"}}, f)
     return path

@@ -83,12 +83,15 @@ def test_inspect_json_reports_rows_columns_counts_and_metadata(tmp_path, capsys)
                   "fused": pa.array([[0.0, 1.0], [0.0, 0.0], [2.0, 3.0]], pa.list_(pa.float32(), 2))},
                  schema=schema)
     pq.write_table(t, tmp_path / "part-0.parquet")
-    assert main(["inspect", str(tmp_path), "--json"]) == 0
+    assert main(["inspect", str(tmp_path), "--json"]) == 2          # fused, but no manifest: refused ...
+    assert "_manifest.json" in capsys.readouterr().err
+    assert main(["inspect", str(tmp_path), "--json", "--allow-incomplete"]) == 0    # ... unless allowed
     info = json.loads(capsys.readouterr().out)
+    assert len(info["problems"]) == 1 and "_manifest.json" in info["problems"][0]
     assert info["rows"] == 3 and "audio_emb" in info["columns"]
     assert info["counts"]["split"] == {"test": 1, "train": 2} and info["counts"]["label"] == {"0": 1, "1": 2}
     assert info["presence"] == {"audio": 2} and info["metadata"]["kind"] == "fused"
-    assert main(["inspect", str(tmp_path)]) == 0
+    assert main(["inspect", str(tmp_path), "--allow-incomplete"]) == 0
     assert "modality presence: audio 2/3" in capsys.readouterr().out
     assert main(["inspect", str(tmp_path / "missing")]) == 2
 

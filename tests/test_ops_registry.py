@@ -349,7 +349,7 @@ def _fake_stages(monkeypatch, tmp_path, calls: dict, scores: dict, fingerprint: 
         return types.SimpleNamespace(model_dir=str(_model(tmp_path, f"t{len(calls['train'])}")),
                                      metrics={"val_accuracy": 0.9})
 
-    def evaluate_model(model_dir, data_path, split="test"):
+    def evaluate_model(model_dir, data_path, split="test", allow_incomplete=False):
         assert split == "test"
         calls.setdefault("eval", []).append(model_dir)
         tag = json.loads(Path(model_dir, "model.json").read_text())["tag"]

@@ -416,7 +416,7 @@ def _final_data(path, split_col, n=None, seed=0):
     n = n or len(split_col)
     meta = {**extractor_meta(DIMS), "splits_final": True}
     write_fused(path, n=n, seed=seed, meta=meta, splits=None)
-    for f in sorted(os.listdir(path)):                      # put the given split values in
+    for f in sorted(p for p in os.listdir(path) if p.endswith(".parquet")):   # put the given split values in
         import pyarrow.parquet as pq
         t = pq.read_table(os.path.join(path, f))
         ids = t.column("sample_id").to_pylist()
@@ -466,7 +466,7 @@ def test_training_warns_when_fusion_cannot_beat_the_best_modality(ray_session, t
     path = write_fused(str(tmp_path / "perfect-image"), n=240, seed=4, dims=dims, noise=0.05,
                        meta=extractor_meta(dims))
     import pyarrow.parquet as pq
-    for f in os.listdir(path):                              # audio: noise, independent of the label
+    for f in sorted(p for p in os.listdir(path) if p.endswith(".parquet")):   # audio: noise, independent of the label
         t = pq.read_table(os.path.join(path, f))
         noise = np.random.default_rng(len(f)).normal(size=(t.num_rows, 8)).astype(np.float32)
         col = pa.array(list(noise), schema.embedding_type(8))

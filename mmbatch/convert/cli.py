@@ -163,8 +163,11 @@ def plan(direction: str, input: Path | str, out: Path | str) -> list[tuple[Path,
 
 
 def convert_cli(direction: str, input: str, out: str, style: str = "plain", *,
-                seconds: float | None = None, voice: str | None = None) -> int:
-    """Entry point of ``mmbatch convert``: 0 when every file converted, 1 otherwise."""
+                seconds: float | None = None, voice: str | None = None, shown: str | None = None) -> int:
+    """Entry point of ``mmbatch convert``: 0 when every file converted, 1 otherwise. ``input`` and
+    ``out`` may be object-store URIs (:func:`convert_remote`)."""
+    if "://" in str(input) or "://" in str(out):
+        return convert_remote(direction, input, out, style=style, seconds=seconds, voice=voice)
     try:
         check_tools(direction, style)
     except MissingTool as e:
@@ -191,6 +194,41 @@ def convert_cli(direction: str, input: str, out: str, style: str = "plain", *,
             detail = getattr(e, "detail", None) or str(e)
             print(f"FAILED {src}: {reason}: {detail}", file=sys.stderr)
     ok = len(pairs) - failed
-    where = pairs[0][1] if single else out
+    where = shown or (pairs[0][1] if single else out)
     print(f"{direction}: {ok} of {len(pairs)} file(s) converted into {where}; {failed} failed")
     return EXIT_FAIL if failed else EXIT_OK
+
+
+def convert_remote(direction: str, input: str, out: str, **kwargs) -> int:
+    """``mmbatch convert`` with an object-store input or output (s3://, gs://, ...): the input is copied
+    into a local temp folder and converted there exactly as a local one is, then every output is
+    uploaded once to its final key (no partial object is ever visible)."""
+    import posixpath
+    import tempfile
+
+    from mmbatch import storage
+
+    in_fs, in_path = storage.url_to_fs(input)
+    out_fs, out_path = storage.url_to_fs(out)
+    if not in_fs.exists(in_path):
+        raise UsageError(f"input {input} does not exist")
+    folder_in = in_fs.isdir(in_path)
+    # the output is a file name only for a file input whose --out has an extension and is no folder
+    file_out = (not folder_in and bool(Path(out_path).suffix) and not str(out).endswith("/")
+                and not out_fs.isdir(out_path))
+    with tempfile.TemporaryDirectory(prefix="mmbatch-convert-") as tmp:
+        src, dst = Path(tmp) / "in", Path(tmp) / "out"
+        if folder_in:
+            in_fs.get(in_path.rstrip("/") + "/", str(src), recursive=True)
+        else:
+            src.mkdir()
+            src = src / posixpath.basename(in_path)
+            in_fs.get_file(in_path, str(src))
+        dst.mkdir()
+        local_out = dst / Path(out_path).name if file_out else dst
+        rc = convert_cli(direction, str(src), str(local_out) + ("" if file_out else "/"), shown=out, **kwargs)
+        base = posixpath.dirname(out_path) if file_out else out_path
+        for p in sorted(dst.rglob("*")):
+            if p.is_file():
+                out_fs.put_file(str(p), storage.join(base, p.relative_to(dst).as_posix()))
+    return rc

@@ -5,8 +5,9 @@ the final splits (mmbatch.splits), before any unit runs.
 * ``report``: counts per split and modality go into the preprocess summary and ``_manifest.json``;
   the units and their fingerprints are untouched (their output does not change).
 * ``quarantine``: each such row is quarantined by its unit with the reason
-  ``duplicate_of_train:<modality>:<train sample_id>``; the dataset's exclusions are part of its
-  units' fingerprints, so changing the setting (or the leaked rows) redoes those units.
+  ``duplicate_of_train:<modality>:<train sample_id>``; the dataset's exclusions travel in its
+  UnitJob (``exclude``), whose fields are the units' fingerprints (mmbatch.provenance), so
+  changing the setting (or the leaked rows) redoes that dataset's units and nothing else.
 
 The result is cached in ``OUT/_dedup/leakage.json`` under a fingerprint of the inputs and
 settings, so a rerun with nothing to do neither recomputes it nor starts Ray.
@@ -30,11 +31,6 @@ class Leakage:
 
     def for_dataset(self, name: str) -> dict:
         return self.exclude.get(name, {}) if self.mode == "quarantine" else {}
-
-    def fingerprint(self, name: str) -> dict:
-        """What goes into a dataset's unit fingerprints: nothing unless rows are quarantined."""
-        ex = self.for_dataset(name)
-        return {"dedup": storage.fingerprint(sorted(ex.items()))} if self.mode == "quarantine" else {}
 
     def manifest(self) -> dict:
         return {"mode": self.mode, "rows_duplicating_train": self.counts,

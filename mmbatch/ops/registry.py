@@ -20,13 +20,12 @@ Writers hold a lock (:meth:`Registry.lock`), re-entrant within one Registry:
   operating system releases it when the holder dies. The holder writes who it
   is to ``<root>/_lock.owner.json`` so a loser can say who holds it.
 - object stores: a lock object ``<root>/_lock.json`` created with exclusive
-  create (fsspec mode ``"xb"``: an ``If-None-Match`` conditional write with
-  recent s3fs; a check-then-write on backends without it), then read back to
-  check the owner. The holder refreshes it every ``stale_after / 4``
-  seconds; a lock not refreshed for ``stale_after`` seconds (default 15 min)
-  is taken to belong to a dead process and is broken. On a store whose fsspec
-  backend cannot create exclusively, two writers racing in the same instant
-  can both write the object; the read-back makes only the last one win.
+  create (fsspec mode ``"xb"``: an ``If-None-Match: *`` conditional PUT with
+  s3fs, checked once per Registry to be honoured by the store; on a store that
+  ignores it, a check-then-write and a warning that concurrent writers are not
+  excluded there), then read back to check the owner. The holder refreshes it
+  every ``stale_after / 4`` seconds; a lock not refreshed for ``stale_after``
+  seconds (default 15 min) is taken to belong to a dead process and is broken.
 
 A loser gets :class:`RegistryLocked` (a :class:`~mmbatch.errors.UsageError`:
 the CLI prints its message and exits 2) naming the holder.
@@ -127,6 +126,7 @@ class Registry:
         self._depth = 0
         self._guard = threading.RLock()
         self._release = None
+        self._conditional: Optional[bool] = None        # see conditional_writes()
 
     def __repr__(self) -> str:
         return f"Registry({self.uri!r})"
@@ -399,21 +399,43 @@ class Registry:
         return release
 
     def _create_exclusive(self, path: str, data: bytes) -> None:
-        """Create ``path`` only if absent (FileExistsError otherwise).
-
-        fsspec mode "xb" is a conditional write on S3 (recent s3fs) and atomic
-        locally; backends that reject the mode fall back to check-then-write.
-        """
-        try:
+        """Create ``path`` only if absent (FileExistsError otherwise): fsspec mode "xb", which s3fs sends
+        as a conditional PUT (``If-None-Match: *``). A store that does not honour it (checked once per
+        Registry by :meth:`conditional_writes`) gets a check-then-write and a warning saying so."""
+        if self.conditional_writes():
             with self.fs.open(path, "xb") as f:
                 f.write(data)
             return
-        except (ValueError, NotImplementedError, TypeError):
-            pass
         if self.fs.exists(path):
             raise FileExistsError(path)
         with self.fs.open(path, "wb") as f:
             f.write(data)
+
+    def conditional_writes(self) -> bool:
+        """Whether this store refuses a second exclusive create of one key (put-if-absent), probed once
+        with a throw-away object: a store that ignores ``If-None-Match`` would let two writers both
+        "create" the lock. Where it cannot, mmbatch warns that it cannot exclude concurrent writers."""
+        if self._conditional is None:
+            probe = self._p(f"_lock.probe.{uuid.uuid4().hex}")
+            try:
+                for _ in range(2):
+                    with self.fs.open(probe, "xb") as f:
+                        f.write(b"probe")
+                self._conditional = False                   # the second create went through
+            except FileExistsError:
+                self._conditional = True
+            except (ValueError, NotImplementedError, TypeError):   # the backend rejects mode "xb"
+                self._conditional = False
+            finally:
+                try:
+                    self.fs.rm(probe)
+                except FileNotFoundError:
+                    pass
+            if not self._conditional:
+                log.warning("registry %s: this store has no conditional write (put-if-absent), so its lock is a "
+                            "check-then-write that cannot exclude two writers starting together: run one retrain, "
+                            "register, promote or rollback at a time", self.uri)
+        return self._conditional
 
     def _remove_if_owner(self, path: str, owner: Optional[str]) -> None:
         cur = storage.read_json(self.fs, path)

@@ -159,7 +159,7 @@ def conclude_cycle(registry: Registry, wf: Workflow, candidate_model_dir: str, c
 
 
 # --- the cycle --------------------------------------------------------------------------------
-def run_retrain(wf: Workflow, lock_timeout: float = 0.0) -> RetrainResult:
+def run_retrain(wf: Workflow, lock_timeout: float = 0.0, allow_incomplete: bool = False) -> RetrainResult:
     """One retraining cycle (see the module docstring); prints a short summary."""
     from mmbatch.preprocess import run_preprocess
     from mmbatch.training.evaluate import evaluate_model
@@ -186,13 +186,15 @@ def run_retrain(wf: Workflow, lock_timeout: float = 0.0) -> RetrainResult:
         warm = champion.model_uri if (cfg.warm_start and champion is not None) else None
         twf = wf.model_copy(deep=True)
         twf.train.name = candidate_run_name(wf, fps, champion, warm is not None)
-        trained = run_training(twf, warm_start=warm, baselines=False)
+        trained = run_training(twf, warm_start=warm, baselines=False, allow_incomplete=allow_incomplete)
         data = wf.train_data()
-        cand_metrics = _scalars(evaluate_model(trained.model_dir, data, split=EVAL_SPLIT))
+        cand_metrics = _scalars(evaluate_model(trained.model_dir, data, split=EVAL_SPLIT,
+                                               allow_incomplete=allow_incomplete))
         champ_metrics, champ_error = None, None
         if champion is not None:
             try:
-                champ_metrics = _scalars(evaluate_model(champion.model_uri, data, split=EVAL_SPLIT))
+                champ_metrics = _scalars(evaluate_model(champion.model_uri, data, split=EVAL_SPLIT,
+                                                        allow_incomplete=allow_incomplete))
             except Exception as e:  # e.g. the feature layout changed since the champion was trained
                 champ_error = f"{type(e).__name__}: {e}"
                 log.warning("could not score champion %s: %s", champion.version, champ_error)

@@ -48,6 +48,7 @@ class PartnerIndex:
     by: str                          # "label" | "key"
     groups: dict                     # label pairing: (label, split) -> positions; label -> positions
     keys: dict                       # key pairing: key value -> position
+    fingerprint: str = ""            # of the partner units it indexes (part of the primary units' fingerprint)
 
     @classmethod
     def build(cls, fs, name: str, modalities: list[str], files: list[str], by: str, key: str) -> "PartnerIndex":

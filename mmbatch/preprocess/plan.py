@@ -26,7 +26,7 @@ META_COLS = ["sample_id", "source", "split", "label", "label_name"]
 @dataclass(frozen=True)
 class Unit:
     id: str                     # marker name and output file stem
-    path: str                   # input shard
+    path: str                   # input shard: a local path or a URI with its scheme (s3://bucket/key)
     row_group: int
     rows: int
     fingerprint: str
@@ -116,7 +116,8 @@ def plan_dataset(ds: DatasetConfig) -> DatasetPlan:
     fs, root = storage.url_to_fs(ds.path)
     if not fs.exists(root):
         raise UsageError(f"dataset '{ds.name}': path {ds.path} does not exist (run `mmbatch ingest` first)")
-    files = storage.list_parquet(fs, root)
+    # with their scheme: a unit's path travels to a worker, which must not take s3://b/k for a local b/k
+    files = [storage.uri(fs, f) for f in storage.list_parquet(fs, root)]
     if not files:
         raise UsageError(f"dataset '{ds.name}': no Parquet shards under {ds.path}")
     manifest = storage.read_json(fs, storage.join(root, storage.MANIFEST))

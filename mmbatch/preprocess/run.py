@@ -28,6 +28,7 @@ from mmbatch.preprocess.fuse import PartnerIndex
 from mmbatch.preprocess.plan import FEATURES_DIR, META_COLS, DatasetPlan, feature_specs, plan_dataset, present_splits
 from mmbatch.preprocess.summary import PreprocessSummary, render_summary, write_manifest
 from mmbatch.preprocess.unit import UnitJob, extractor, make_worker
+from mmbatch.provenance import job_fingerprint, weights_digests
 from mmbatch.schema import MODALITIES, embedding_type, emb_column, fused_schema, has_column, with_metadata
 
 log = logging.getLogger("mmbatch.preprocess")
@@ -61,8 +62,9 @@ class _Runner:
     def __init__(self, wf: Workflow, out_fs, out_root: str, summary: PreprocessSummary):
         self.wf, self.fs, self.out_root, self.summary = wf, out_fs, out_root, summary
 
-    def run(self, plan: DatasetPlan, job: UnitJob, fp_extra: dict, fused: bool) -> list[CommitRecord]:
-        units = plan.units(fp_extra)
+    def run(self, plan: DatasetPlan, job: UnitJob, fused: bool) -> list[CommitRecord]:
+        uses_model = any(extractor(m, job.specs[m]).needs_model for m in job.modalities)
+        units = plan.units(job_fingerprint(job, uses_model))
         committer = Committer(self.fs, storage.join(self.out_root, job.out_rel) if job.out_rel else self.out_root)
         records: dict[str, CommitRecord] = {}
         pending = []
@@ -156,7 +158,6 @@ def run_preprocess(wf: Workflow, progress: bool = True) -> PreprocessSummary:
         "datasets": {p.cfg.name: {"path": p.cfg.path, "modalities": p.modalities, "label_map": p.label_map}
                      for p in plans},
         FINAL_KEY: True, "split_plan": {**splits, "seed": wf.train.seed},
-        "workflow_hash": storage.fingerprint(wf.model_dump(mode="json")),
     }
     from mmbatch.dedup.leakage import find_leakage
     leak = find_leakage(wf.dedup.leakage, primaries, splits, wf.train.seed, out_fs, out_root, wf.ray)
@@ -166,24 +167,28 @@ def run_preprocess(wf: Workflow, progress: bool = True) -> PreprocessSummary:
     schema = with_metadata(schema, meta)
     summary = PreprocessSummary(out=out_uri)
     runner = _Runner(wf, out_fs, out_root, summary)
+    # "complete" no longer holds once any unit may change: the manifest goes before anything is
+    # written or removed, and comes back last, from this run's records (as ingest does)
+    storage.remove_manifest(out_fs, out_root)
 
     def job_for(p: DatasetPlan, role: str, out_rel: str, **kw) -> UnitJob:
         return UnitJob(dataset=p.cfg.name, out_uri=storage.join(out_uri, out_rel) if out_rel else out_uri,
                        out_rel=out_rel, role=role, columns=p.columns, specs={m: specs[m] for m in p.modalities},
                        modalities=p.modalities, dims=dims, label_map=p.label_map,
                        completions=[c.model_dump(mode="json") for c in p.cfg.complete],
-                       row_group_size=wf.output.row_group_size, batch_size=wf.features.batch_size, **kw)
+                       row_group_size=wf.output.row_group_size, batch_size=wf.features.batch_size,
+                       features={m: {**descriptions[m], "weights_content": weights_digests(specs[m])}
+                                 for m in p.modalities}, **kw)
 
-    partner_indexes, partner_fps = [], {}
+    partner_indexes: list[PartnerIndex] = []
     for p in partners:
         out_rel = storage.join(FEATURES_DIR, p.cfg.name)
         job = job_for(p, "features", out_rel, schema=_features_schema(dims, p.modalities))
-        fp = {"specs": job.specs, "label_map": p.label_map, "complete": job.completions}
-        recs = runner.run(p, job, fp, fused=False)
+        recs = runner.run(p, job, fused=False)
         files = [storage.join(out_root, out_rel, f) for r in recs for f in r.files]
         partner_indexes.append(PartnerIndex.build(out_fs, p.cfg.name, p.modalities, files, wf.pairing.by,
                                                   wf.pairing.key))
-        partner_fps[p.cfg.name] = sorted(r.fingerprint for r in recs)
+        partner_indexes[-1].fingerprint = storage.fingerprint(sorted(r.fingerprint for r in recs))
         Committer(out_fs, storage.join(out_root, out_rel)).remove_leftovers(
             [r.unit for r in recs], data_dirs=("", storage.QUARANTINE_DIR))
 
@@ -195,17 +200,14 @@ def run_preprocess(wf: Workflow, progress: bool = True) -> PreprocessSummary:
                       split_seed=wf.train.seed, fusion=wf.fusion.model_dump(mode="json"),
                       pairing=wf.pairing.model_dump(mode="json"), partners=partner_indexes,
                       exclude=leak.for_dataset(p.cfg.name))
-        fp = {"specs": job.specs, "label_map": p.label_map, "complete": job.completions,
-              "fusion": job.fusion, "pairing": job.pairing, "partners": partner_fps, "splits": p.cfg.splits,
-              "split_plan": meta["split_plan"], "dims": dims, "schema": storage.fingerprint(str(schema)),
-              **leak.fingerprint(p.cfg.name)}
-        fused_records += runner.run(p, job, fp, fused=True)
+        fused_records += runner.run(p, job, fused=True)
     if wf.dedup.leakage != "off":
         summary.leakage = leak.manifest()
     summary.dropped = summary.features_rows - summary.rows_out
     summary.fingerprint = storage.fingerprint(sorted(r.fingerprint for r in fused_records))
     summary.driver_cpu_s = time.process_time() - cpu0
-    write_manifest(out_fs, out_root, fused_records, summary, meta, t0)
+    write_manifest(out_fs, out_root, fused_records, summary, meta, t0,
+                   workflow_hash=storage.fingerprint(wf.model_dump(mode="json")))
     summary.elapsed = time.time() - t0
     if progress:
         print(render_summary(summary))

@@ -66,8 +66,9 @@ class PreprocessSummary:
 
 
 def write_manifest(fs, out_root: str, records: list[CommitRecord], summary: PreprocessSummary,
-                   meta: dict, t0: float) -> dict:
-    """``_manifest.json`` from the fused units' records (no data file is read)."""
+                   meta: dict, t0: float, workflow_hash: str = "") -> dict:
+    """``_manifest.json`` from the fused units' records of this run's plan (no data file is read): what
+    readers check the data files against (mmbatch.provenance.check_fused)."""
     counts: dict[str, Counter] = {"split": Counter(), "label": Counter(), "presence": Counter()}
     for r in records:
         for k in counts:
@@ -80,6 +81,8 @@ def write_manifest(fs, out_root: str, records: list[CommitRecord], summary: Prep
         "counts": {k: dict(v) for k, v in counts.items()},
         "files": sorted(f for r in records for f in r.files),
         "fingerprint": summary.fingerprint,
+        "unit_fingerprints": {f: r.fingerprint for r in records for f in r.files},
+        "workflow_hash": workflow_hash,
         "metadata": meta,
         "shards": {"processed": summary.shards_processed, "skipped": summary.shards_skipped,
                    "fused_processed": summary.fused_processed, "fused_skipped": summary.fused_skipped},

@@ -31,6 +31,7 @@ from mmbatch.commit import CommitRecord, write_table
 from mmbatch.fusion import embeddings_to_arrow
 from mmbatch.preprocess.fuse import PartnerIndex, PartnerRows, fused_table
 from mmbatch.preprocess.plan import META_COLS, Unit
+from mmbatch.provenance import UNIT_FP_KEY, weights_signature
 from mmbatch.schema import MODALITIES, QUARANTINE, emb_column, has_column, normalize_split, quarantine_row
 
 QUARANTINE_DIR = storage.QUARANTINE_DIR
@@ -38,9 +39,12 @@ QUARANTINE_DIR = storage.QUARANTINE_DIR
 
 @dataclass
 class UnitJob:
-    """What every worker of one dataset's units needs (shipped once per worker)."""
+    """What every worker of one dataset's units needs (shipped once per worker).
+
+    Every field is part of the units' fingerprint (mmbatch.provenance.job_fingerprint) unless its
+    metadata says otherwise: a new field that changes the output needs no other change."""
     dataset: str
-    out_uri: str                     # output directory of this dataset's units
+    out_uri: str = field(metadata={"fingerprint": False})   # output directory of this dataset's units
     out_rel: str                     # that directory relative to the run's output root ("" or _features/<ds>)
     role: str                        # "fused": final rows; "features": a pairing partner's embeddings
     columns: list[str]
@@ -57,14 +61,20 @@ class UnitJob:
     pairing: dict = field(default_factory=dict)
     partners: list[PartnerIndex] = field(default_factory=list)
     row_group_size: int = 4096
-    batch_size: int = 64             # rows per extractor call (features.batch_size)
-    exclude: dict = field(default_factory=dict)   # sample_id -> quarantine reason (dedup.leakage: quarantine)
-    devices: dict = field(default_factory=dict)   # modality -> "gpu"/"cpu" placement asked for
+    # rows per extractor call (features.batch_size): changes a model's output bits, not a model-free one's
+    batch_size: int = field(default=64, metadata={"fingerprint": "model"})
+    features: dict = field(default_factory=dict)  # modality -> extractor describe() + weights content sha256
+    # modality -> "gpu"/"cpu" placement asked for (recorded per unit in its CommitRecord)
+    devices: dict = field(default_factory=dict, metadata={"fingerprint": False})
+    # fsspec options (may hold secrets): where the bytes are, not what they are
+    storage: dict = field(default_factory=storage.options, repr=False, metadata={"fingerprint": False})
+    # sample_id -> quarantine reason (dedup.leakage: quarantine); fingerprinted like every field
+    exclude: dict = field(default_factory=dict)
 
 
 def extractor(modality: str, spec: dict):
     """One extractor per (modality, config) per worker process, pinned to one thread."""
-    key = storage.fingerprint([modality, spec])
+    key = storage.fingerprint([modality, spec, weights_signature(spec)])   # rewritten weights: a new one
     ex = _EXTRACTORS.get(key)
     if ex is None:
         from mmbatch import config as C
@@ -104,19 +114,22 @@ def binary_views(arr: pa.Array) -> list[memoryview | None]:
 
 def read_unit(unit: Unit, columns: list[str]) -> pa.Table:
     """The unit's row group. A local file is memory-mapped: its uncompressed media columns are
-    decoded from the page cache without first being copied into a read buffer. One thread: the
-    worker holds one CPU, and its units already keep every core busy."""
+    decoded from the page cache without first being copied into a read buffer. An object is read
+    with ranged GETs of the footer and the row group's column chunks (:func:`storage.open_input`;
+    ``pre_buffer`` coalesces the chunks' ranges into a few concurrent requests).
+    One thread: the worker holds one CPU, and its units already keep every core busy."""
     fs, path = storage.url_to_fs(unit.path)
     if storage.is_local(fs):
         pf = pq.ParquetFile(path, memory_map=True)
-    else:
-        pf = pq.ParquetFile(unit.path, filesystem=fs)
-    return pf.read_row_group(unit.row_group, columns=columns, use_threads=False)
+        return pf.read_row_group(unit.row_group, columns=columns, use_threads=False)
+    with storage.open_input(fs, path) as f:
+        return pq.ParquetFile(f, pre_buffer=True).read_row_group(unit.row_group, columns=columns, use_threads=False)
 
 
 class UnitWorker:
     def __init__(self, job: UnitJob):
         self.job = job
+        storage.configure(job.storage)
         self.extractors = {m: extractor(m, job.specs[m]) for m in job.modalities}
         self.device = {m: self._place(m, ex) for m, ex in self.extractors.items()}
         self.completions = []
@@ -163,6 +176,7 @@ class UnitWorker:
                 embs = {m: e[ok] for m, e in embs.items()}
                 present = {m: p[ok] for m, p in present.items()}
             out = self._output(table, embs, present)
+        out = out.replace_schema_metadata({**(out.schema.metadata or {}), UNIT_FP_KEY: unit.fingerprint.encode()})
         with _timed(sec, "write"):
             qfile = self._write(unit.id, out, quarantine)
         return CommitRecord(

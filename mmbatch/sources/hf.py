@@ -151,7 +151,8 @@ def load_saved(fs, path: str):
 
     if storage.is_local(fs):
         return datasets.load_from_disk(path)
-    return datasets.load_from_disk(fs.unstrip_protocol(path), storage_options=fs.storage_options)
+    # normpath: the folder of a single saved dataset is "<root>/.", which object stores take literally
+    return datasets.load_from_disk(fs.unstrip_protocol(posixpath.normpath(path)), storage_options=fs.storage_options)
 
 
 def parquet_file(fs, path: str) -> pq.ParquetFile:

@@ -126,16 +126,21 @@ def _canon(v):
 
 
 # --- a saved model on fused data -----------------------------------------------------------------
-def evaluate_model(model_dir: str, data_path: str, split: str = "test") -> dict:
+def evaluate_model(model_dir: str, data_path: str, split: str = "test", allow_incomplete: bool = False,
+                   check: bool = True) -> dict:
     """Metrics of an exported model (or training checkpoint) on ``split`` of fused Parquet data.
 
     ``split`` is train/validation/test (assigned exactly as in training: same
-    normalisation, same seeded carving) or ``all``.
+    normalisation, same seeded carving) or ``all``. The data must be one complete preprocess output
+    (mmbatch.provenance.check_fused) unless ``allow_incomplete``; ``check=False``: the caller checked it.
     """
     from mmbatch.training.data import (SPLITS, class_balance, data_modalities, data_split_plan, read_schema,
                                        read_split_arrays, read_table, unscorable_reason)
+    from mmbatch.provenance import check_fused_uri
     from mmbatch.training.models import load_model
 
+    if check:
+        check_fused_uri(data_path, allow_incomplete=allow_incomplete)
     model, spec = load_model(model_dir)
     sch = read_schema(data_path)
     dims = data_modalities(sch)
@@ -167,12 +172,13 @@ def evaluate_model(model_dir: str, data_path: str, split: str = "test") -> dict:
     return out
 
 
-def evaluate_cli(checkpoint: str, data: str, split: str = "test", out: Optional[str] = None) -> dict:
+def evaluate_cli(checkpoint: str, data: str, split: str = "test", out: Optional[str] = None,
+                 allow_incomplete: bool = False) -> dict:
     """`mmbatch evaluate`: score, write metrics.json + PNGs + report.html under ``out``, print a summary."""
     from mmbatch.training import report
     from mmbatch.training.models import load_model
 
-    metrics = evaluate_model(checkpoint, data, split)
+    metrics = evaluate_model(checkpoint, data, split, allow_incomplete=allow_incomplete)
     _, spec = load_model(checkpoint)
     out = out or storage.join(checkpoint.rstrip("/"), "eval")
     summary = {

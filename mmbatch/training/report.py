@@ -157,6 +157,9 @@ def summary_table(summary: Mapping) -> str:
     mw = (summary.get("metrics") or {}).get("modality_weights")
     if mw:
         out.append("modality weights: " + ", ".join(f"{k}={v:.3f}" for k, v in mw.items()))
+    where = (summary.get("placement") or {}).get("where")
+    if where:
+        out.append(f"ranks: {where}")
     starts = summary.get("starts") or []
     if len(starts) > 1 or any(starts):
         out.append(f"resumed from checkpoint at epoch(s): {[s + 1 for s in starts if s > 0]}")

@@ -22,7 +22,7 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence
 
 import torch
@@ -67,9 +67,13 @@ class TrainResult:
 
 # --- the entry point ---------------------------------------------------------------------------
 def run_training(wf: Workflow, baselines: bool | None = None, warm_start: str | None = None,
-                 modalities: list[str] | None = None) -> TrainResult:
-    """Train the fusion model of ``wf.train`` (plus one baseline per modality when asked)."""
+                 modalities: list[str] | None = None, allow_incomplete: bool = False) -> TrainResult:
+    """Train the fusion model of ``wf.train`` (plus one baseline per modality when asked) on a complete,
+    consistent fused output (mmbatch.provenance.check_fused; ``allow_incomplete``: what is committed)."""
+    from mmbatch.provenance import check_fused_uri
+
     t = wf.train
+    check_fused_uri(wf.train_data(), allow_incomplete=allow_incomplete)
     init_ray(wf.ray.address, wf.ray.num_cpus, wf.ray.num_gpus, wf.ray.object_store_memory)
     data = FusedData.open(wf.train_data(), seed=t.seed, val_fraction=t.val_fraction, test_fraction=t.test_fraction)
     mods = resolve_modalities(modalities or t.modalities, data)
@@ -128,6 +132,57 @@ def run_fingerprint(spec: dict, warm_start_blob: Optional[bytes]) -> str:
                                 "warm_start": storage.fingerprint(warm_start_blob.hex()) if warm_start_blob else None})
 
 
+@dataclass(frozen=True)
+class RankPlacement:
+    """How many Ray Train ranks, and what each asks for: a whole GPU per rank, or CPUs only."""
+    num_workers: int
+    use_gpu: bool
+    resources_per_worker: dict
+    note: str = ""                   # why it differs from what the workflow asked, if it does
+
+    def where(self) -> str:
+        per = ", ".join(f"{v:g} {k}" for k, v in self.resources_per_worker.items())
+        return f"{self.num_workers} rank(s) on {'GPUs' if self.use_gpu else 'CPUs'} ({per} each)"
+
+
+def rank_placement(use_gpu, num_workers: int, cpus_per_worker: float, gpus_now: float,
+                   gpus_max: Optional[float]) -> RankPlacement:
+    """Ray Train's resources for ``train.use_gpu`` (auto / true / false). Ranks never share a GPU
+    (NCCL refuses two ranks on one device): each asks for a whole one. ``gpus_now``: GPUs in the cluster
+    now; ``gpus_max``: the most its autoscaler can add up to (None: no autoscaler). ``auto`` uses GPUs
+    when the cluster has or can add a whole one, with no more ranks than GPUs; ``true`` needs one per rank."""
+    cpu = RankPlacement(num_workers, False, {"CPU": cpus_per_worker})
+    whole = int(max(gpus_now, gpus_max or 0) + 1e-9)
+    if use_gpu is False or (use_gpu == "auto" and whole < 1):
+        return cpu
+    if whole < num_workers:
+        if use_gpu is True:
+            raise UsageError(f"train.use_gpu: true needs {num_workers} whole GPUs (one per rank, train.num_workers="
+                             f"{num_workers}); the cluster has {gpus_now:g}"
+                             + (f" and can grow to {gpus_max:g}" if gpus_max is not None else " and no autoscaler")
+                             + ": lower train.num_workers, or set train.use_gpu: auto or false")
+        note = f"train.num_workers={num_workers} but the cluster can have {whole} GPU(s): {whole} rank(s), one GPU each"
+    else:
+        note = ""
+    n = min(num_workers, whole)
+    if gpus_now + 1e-9 < n:
+        note = (note + "; " if note else "") + f"asking the autoscaler for {n - int(gpus_now)} more GPU(s)"
+    return RankPlacement(n, True, {"CPU": cpus_per_worker, "GPU": 1.0}, note)
+
+
+def cluster_gpu_capacity() -> tuple[float, Optional[float]]:
+    """(GPUs in the cluster now, the most its autoscaler config allows, or None without one)."""
+    most = None
+    try:
+        from ray._private.state import state        # what Ray Train itself checks before it waits
+
+        limits = state.get_max_resources_from_cluster_config()
+        most = float(limits.get("GPU", 0)) if limits else None
+    except Exception as e:                           # an older Ray or no GCS access: no autoscaler known
+        log.debug("no autoscaler config: %s", e)
+    return cluster_gpus(), most
+
+
 def storage_root(out: str) -> str:
     return out if "://" in out else os.path.abspath(out)
 
@@ -169,10 +224,10 @@ def train_one(wf: Workflow, data: FusedData, mods: list[str], name: str,
                     "give it more rows", data.uri, split, why)
 
     # -- Ray Train
-    use_gpu = cluster_gpus() > 0 if t.use_gpu == "auto" else bool(t.use_gpu)
-    per_worker = {"CPU": t.cpus_per_worker}
-    if use_gpu:
-        per_worker["GPU"] = min(1.0, max(cluster_gpus(), 1e-3) / t.num_workers) if t.use_gpu == "auto" else 1.0
+    place = rank_placement(t.use_gpu, t.num_workers, t.cpus_per_worker, *cluster_gpu_capacity())
+    if place.note:
+        log.warning("%s: %s", name, place.note)
+    use_gpu = place.use_gpu
     # Ray Train V2 hands each report() to its controller when the controller next polls the
     # workers (a queue of one): at the default 2 s poll, an epoch of small data costs >= 2 s.
     os.environ.setdefault(POLL_ENV, "0.5")
@@ -184,8 +239,8 @@ def train_one(wf: Workflow, data: FusedData, mods: list[str], name: str,
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
-        scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=use_gpu,
-                                               resources_per_worker=per_worker),
+        scaling_config=ray.train.ScalingConfig(num_workers=place.num_workers, use_gpu=use_gpu,
+                                               resources_per_worker=place.resources_per_worker),
         run_config=ray.train.RunConfig(
             storage_path=storage_root(t.out), name=name,
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
@@ -217,10 +272,11 @@ def train_one(wf: Workflow, data: FusedData, mods: list[str], name: str,
     model.load_state_dict(best["model"])
     training = {"history": state["history"], "starts": state["starts"], "best_epoch": int(best_metrics["epoch"]),
                 "best_val_score": best_metrics["val_score"], "stopped_early": state["stopped_early"],
-                "checkpoint": best_ckpt.path, "world_size": t.num_workers, "use_gpu": use_gpu}
+                "checkpoint": best_ckpt.path, "world_size": place.num_workers, "use_gpu": use_gpu,
+                "placement": {**asdict(place), "where": place.where()}}
     save_model(model, {**spec, "status": "evaluating", "training": training}, model_dir)
-    test = evaluate_model(model_dir, data.uri, "test")
-    val = evaluate_model(model_dir, data.uri, "validation")
+    test = evaluate_model(model_dir, data.uri, "test", check=False)          # run_training checked the data
+    val = evaluate_model(model_dir, data.uri, "validation", check=False)
     final = {**spec, "status": "complete", "training": training,
              "metrics": {"test": _slim(test), "validation": _slim(val)}}
     fs, p = storage.url_to_fs(model_dir)
@@ -318,6 +374,7 @@ def make_summary(fused: TrainResult, data: FusedData, base: dict[str, TrainResul
         "history": fused.history,
         "starts": fused.starts,
         "best_epoch": (spec.get("training") or {}).get("best_epoch"),
+        "placement": (spec.get("training") or {}).get("placement"),
         "checkpoint": fused.checkpoint_path,
         "baselines": {m: _slim(r.metrics) for m, r in base.items()},
         "unscorable_splits": data.unscorable(),
