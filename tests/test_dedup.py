@@ -93,3 +93,10 @@ def test_ingest_writes_content_hashes(ray_session, tmp_path):
     rows = {r["sample_id"]: r for r in pq.read_table(str(tmp_path / "out")).to_pylist()}
     assert rows["s1"]["image_hash"] == rows["s2"]["image_hash"] == sig.content_hash(jpg)
     assert rows["s3"]["image_hash"] is None and rows["s1"]["audio_hash"] is None
+
+
+def test_not_canonical_data_is_a_clear_error(tmp_path, capsys):
+    from mmbatch.cli import main
+
+    assert main(["duplicates", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")]) == 2
+    assert "no Parquet shards" in capsys.readouterr().err
