@@ -125,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("input", help="a file or a folder of files")
     sp.add_argument("--out", required=True, help="output file (single input) or folder")
     sp.add_argument("--style", choices=["plain", "wordcloud"], default="plain", help="text-to-image rendering")
+
+    sp = cmd("duplicates", "exact and near duplicates within and across canonical datasets, per modality",
+             "mmbatch duplicates /data/canonical/librispeech /data/canonical/timit --out out/dups")
+    sp.add_argument("datasets", nargs="+", metavar="CANONICAL", help="canonical folders written by `mmbatch ingest`")
+    sp.add_argument("--out", required=True, help="folder for pairs.parquet, summary.json and report.html")
+    sp.add_argument("--address", default=None, help="Ray address (default: embedded local Ray or RAY_ADDRESS)")
     return p
 
 
@@ -266,6 +272,14 @@ def _dispatch(args) -> int:
     if c == "convert":
         from mmbatch.convert.cli import convert_cli
         return convert_cli(args.direction, args.input, args.out, style=args.style)
+    if c == "duplicates":
+        from mmbatch.dedup.run import render_summary, run_duplicates
+        res = run_duplicates(args.datasets, args.out, address=args.address)
+        print(render_summary(res.summary))
+        print_next_steps(f"wrote {res.pairs.num_rows} pairs to {storage_join(args.out, 'pairs.parquet')}", None, 0,
+                         [f"open {storage_join(args.out, 'report.html')}",
+                          "set `dedup: {leakage: report}` in a preprocess workflow to count leaked rows there"])
+        return EXIT_OK
     raise UsageError(f"unknown command {c}")
 
 

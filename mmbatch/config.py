@@ -208,6 +208,13 @@ class RetrainConfig(Strict):
     force_train: bool = Field(False, description="train even when no data changed")
 
 
+class DedupConfig(Strict):
+    """Duplicates between splits, checked before preprocessing (docs/duplicates.md)."""
+    leakage: Literal["off", "report", "quarantine"] = Field(
+        "off", description="off; report: count validation/test rows that duplicate a train row (summary and "
+        "_manifest.json); quarantine: also quarantine them (reason duplicate_of_train:<modality>:<train id>)")
+
+
 class Workflow(Strict):
     """A complete mmbatch run."""
     name: str = Field("mmbatch", description="workflow name (recorded with outputs and models)")
@@ -220,6 +227,7 @@ class Workflow(Strict):
     output: OutputConfig = OutputConfig()
     train: TrainConfig = TrainConfig()
     retrain: RetrainConfig = RetrainConfig()
+    dedup: DedupConfig = DedupConfig()
     storage: dict[str, dict[str, Any]] = Field(
         default_factory=dict, exclude=True,
         description="fsspec options per scheme, e.g. `{s3: {endpoint_url: http://host:9000, profile: x}}` "

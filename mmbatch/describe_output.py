@@ -121,6 +121,9 @@ def render_text(info: dict) -> str:
         for k, v in meta.items():
             text = json.dumps(v, default=str)
             out.append(f"  {k}: {text if len(text) < 200 else text[:197] + '...'}")
+    if (info["manifest"] or {}).get("leakage"):
+        from mmbatch.dedup.leakage import leakage_line
+        out.append(leakage_line(info["manifest"]["leakage"]))
     if info.get("problems"):
         out.append("NOT one complete preprocess output (read anyway, --allow-incomplete):")
         out += [f"  - {p}" for p in info["problems"]]

@@ -33,6 +33,7 @@ import pyarrow as pa
 import mmbatch
 from mmbatch import progress, schema, storage
 from mmbatch.commit import CommitRecord, Committer, write_table
+from mmbatch.dedup.signatures import add_content_hashes
 from mmbatch.errors import UsageError
 from mmbatch.sources import KINDS, common, source_module
 
@@ -198,6 +199,7 @@ def ingest_shard(shard_id: str, fingerprint: str, samples: list[common.Sample], 
         rows, bad = common.read_file_shard(samples, rctx, mod.build_row)
     if len(rows) + len(bad) != len(samples):  # every record must end as a row or a quarantine row
         raise RuntimeError(f"{shard_id}: {len(samples)} records gave {len(rows)} rows + {len(bad)} quarantined")
+    add_content_hashes(rows)
     t1 = time.perf_counter()
     fs, out = storage.url_to_fs(ctx["out"])
     sch = data_schema(kind, ctx["options"])

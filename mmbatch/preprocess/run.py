@@ -162,6 +162,8 @@ def run_preprocess(wf: Workflow, progress: bool = True) -> PreprocessSummary:
                      for p in plans},
         FINAL_KEY: True, "split_plan": {**splits, "seed": wf.train.seed},
     }
+    from mmbatch.dedup.leakage import find_leakage
+    leak = find_leakage(wf.dedup.leakage, primaries, splits, wf.train.seed, out_fs, out_root, wf.ray)
     schema = fused_schema(dims, fdim, sequences)
     if partners:
         schema = schema.append(pa.field("paired_with", pa.string()))
@@ -199,8 +201,11 @@ def run_preprocess(wf: Workflow, progress: bool = True) -> PreprocessSummary:
     for p in primaries:
         job = job_for(p, "fused", "", schema=schema, keep_splits=p.cfg.splits, split_plan=splits,
                       split_seed=wf.train.seed, fusion=wf.fusion.model_dump(mode="json"),
-                      pairing=wf.pairing.model_dump(mode="json"), partners=partner_indexes)
+                      pairing=wf.pairing.model_dump(mode="json"), partners=partner_indexes,
+                      exclude=leak.for_dataset(p.cfg.name))
         fused_records += runner.run(p, job, fused=True)
+    if wf.dedup.leakage != "off":
+        summary.leakage = leak.manifest()
     summary.dropped = summary.features_rows - summary.rows_out
     summary.fingerprint = storage.fingerprint(sorted(r.fingerprint for r in fused_records))
     summary.driver_cpu_s = time.process_time() - cpu0

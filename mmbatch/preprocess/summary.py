@@ -34,6 +34,7 @@ class PreprocessSummary:
     quarantine_reasons: dict = field(default_factory=dict)
     quarantine_files: list = field(default_factory=list)
     driver_cpu_s: float = 0.0
+    leakage: dict = field(default_factory=dict)    # dedup.leakage: rows duplicating train (mmbatch.dedup.leakage)
 
     @property
     def reconciles(self) -> bool:
@@ -88,6 +89,7 @@ def write_manifest(fs, out_root: str, records: list[CommitRecord], summary: Prep
         "stages": {k: {"rows": v.rows, "busy_seconds": round(v.seconds, 3)} for k, v in summary.stages.items()},
         "placement": storage.jsonable(summary.placement),
         "driver_cpu_seconds": round(summary.driver_cpu_s, 3),
+        **({"leakage": summary.leakage} if summary.leakage else {}),
         "elapsed_seconds": round(time.time() - t0, 3),
     }
     storage.write_json(fs, storage.join(out_root, storage.MANIFEST), manifest)
@@ -105,6 +107,9 @@ def render_summary(s: PreprocessSummary) -> str:
         lines.append("  quarantined by reason: " + ", ".join(f"{k} {v}" for k, v in sorted(s.quarantine_reasons.items())))
         lines.append(f"  quarantined rows are listed in {storage.join(s.out, storage.QUARANTINE_DIR)}/ "
                      f"({len(s.quarantine_files)} file(s))")
+    if s.leakage:
+        from mmbatch.dedup.leakage import leakage_line
+        lines.append("  " + leakage_line(s.leakage))
     if s.stages:
         lines.append(f"  {'stage':<10}{'rows':>8}{'busy s':>10}{'rows/busy s':>14}")
         worst = max(s.stages.items(), key=lambda kv: kv[1].seconds)[0]

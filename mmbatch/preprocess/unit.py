@@ -69,6 +69,8 @@ class UnitJob:
     devices: dict = field(default_factory=dict, metadata={"fingerprint": False})
     # fsspec options (may hold secrets): where the bytes are, not what they are
     storage: dict = field(default_factory=storage.options, repr=False, metadata={"fingerprint": False})
+    # sample_id -> quarantine reason (dedup.leakage: quarantine); fingerprinted like every field
+    exclude: dict = field(default_factory=dict)
 
 
 def extractor(modality: str, spec: dict):
@@ -158,6 +160,11 @@ class UnitWorker:
                 table = c(table)
         n = table.num_rows
         failures = Failures(n)
+        if self.job.exclude:             # rows that duplicate a train row (mmbatch.dedup.leakage)
+            for i, sid in enumerate(table.column("sample_id").to_pylist()):
+                if sid in self.job.exclude:
+                    failures.bad[i], failures.reason[i] = True, self.job.exclude[sid]
+                    failures.detail[i] = "duplicates a train row (dedup.leakage: quarantine)"
         embs, present = {}, {}
         for m in self.job.modalities:
             with _timed(sec, m):

@@ -148,6 +148,9 @@ def summary_table(summary: Mapping) -> str:
         out.append(f"WARNING: {g['warning']}")
     for split, why in (summary.get("unscorable_splits") or {}).items():
         out.append(f"WARNING: the {split} split has {why}: its scores mean nothing")
+    if summary.get("leakage"):
+        from mmbatch.dedup.leakage import leakage_line
+        out.append(leakage_line(summary["leakage"]))
     cb = (summary.get("data") or {}).get("class_balance") or (summary.get("metrics") or {}).get("class_balance")
     if cb:
         out.append(f"class balance (max/min rows per class): {_f(cb.get('max_min_ratio'))}")
@@ -189,6 +192,9 @@ def render_html(summary: Mapping, images: Mapping[str, bytes]) -> str:
         [f"the {s} split has {w}: its scores mean nothing" for s, w in (summary.get("unscorable_splits") or {}).items()]
     for w in warnings:
         parts.append(f'<p class="warning">Warning: {html.escape(w)}</p>')
+    if summary.get("leakage"):
+        from mmbatch.dedup.leakage import leakage_line
+        parts.append(f"<h2>Duplicates of train rows</h2><p>{html.escape(leakage_line(summary['leakage']))}</p>")
     if m.get("modality_weights"):
         parts.append("<h2>Learned modality weights</h2>")
         parts.append(_table(["modality", "weight"], [[k, v] for k, v in m["modality_weights"].items()]))

@@ -390,6 +390,8 @@ def make_summary(fused: TrainResult, data: FusedData, base: dict[str, TrainResul
         "baselines": {m: _slim(r.metrics) for m, r in base.items()},
         "unscorable_splits": data.unscorable(),
         "mmbatch_version": mmbatch.__version__,
+        # validation/test rows duplicating train (preprocess dedup.leakage), when that was checked
+        "leakage": (storage.read_manifest(data.uri) or {}).get("leakage") if not data.uri.endswith(".parquet") else None,
     }
     summary["gain"] = report.fusion_gain(summary)
     return summary

@@ -1,0 +1,229 @@
+"""Scale of `mmbatch duplicates`: the same Ray pipeline on synthetic signatures.
+
+    python -m benchmarks.duplicates                 # 50,000 and 200,000 rows (an image and a text each)
+    python -m benchmarks.duplicates --rows 10000 40000 --out benchmarks/results/duplicates_small
+    python -m benchmarks.duplicates --accuracy      # recall and false pairs on the planted corpus (real media)
+
+The issue allows synthetic signatures for the scale figure (the accuracy figures
+use real media: tests/test_dedup_accuracy.py, docs/duplicates.md). Each Ray
+signature task makes one shard of 10,000 rows: unit image embeddings of the real
+signature's size, a MinHash of 12-18 shingle hashes per text (same banding and
+verification as real text), exact copies (1 %) and near copies (3 %, pointing at
+rows of any shard). Verification thumbnails are made on demand from the row's
+origin, so memory stays flat. Everything after the signatures is the command's
+own code: exact groups, candidates (faiss HNSW, MinHash banding), verify tasks on
+Ray, summary. Writes JSON and markdown under benchmarks/results/.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from mmbatch.dedup import run as drun
+from mmbatch.dedup import signatures as sig
+
+SHARD_ROWS = 10_000
+NEAR_EVERY = 33          # row i with i % 33 == 1 is a near copy of an earlier row
+EXACT_EVERY = 100        # row i with i % 100 == 2 is an exact copy of an earlier row
+PRIME = np.uint64((1 << 61) - 1)
+EMB_DIM = sig.IMAGE_DCT ** 2 - 1     # the real image embedding's size
+
+
+def origin(i: np.ndarray) -> np.ndarray:
+    """The row each row copies (itself for originals)."""
+    i = np.asarray(i, np.int64)
+    src = ((i * 2654435761) >> 9) % np.maximum(i, 1)       # a pseudo-random earlier row
+    copy = ((i % NEAR_EVERY) == 1) | ((i % EXACT_EVERY) == 2)
+    return np.where(copy & (i > 0), src, i)
+
+
+def image_embedding(i: int) -> np.ndarray:
+    o = int(origin(i))
+    v = np.random.default_rng(o).normal(size=EMB_DIM)
+    if o != i and i % EXACT_EVERY != 2:
+        v = v + 0.1 * np.random.default_rng(i).normal(size=EMB_DIM)
+    return v / np.linalg.norm(v)
+
+
+class LazyThumbs:
+    """Verification thumbnails made when asked for: noise seeded by the row's origin (+ a little
+    noise of its own for a near copy)."""
+
+    def __init__(self, first: int, n: int):
+        self.first, self.n = first, n
+
+    def __getitem__(self, slot: int) -> np.ndarray:
+        i = self.first + slot
+        o = int(origin(i))
+        t = np.random.default_rng(o).normal(size=(sig.THUMB, sig.THUMB))
+        if o != i and i % EXACT_EVERY != 2:
+            t = t + 0.05 * np.random.default_rng(i).normal(size=t.shape)
+        return t.astype(np.float16)
+
+
+class Payloads:
+    def __init__(self, thumbs: LazyThumbs, shingles: list):
+        self.thumbs, self.shingles = thumbs, shingles
+
+    def __getitem__(self, slot: int):
+        n = self.thumbs.n
+        return self.thumbs[slot] if slot < n else self.shingles[slot - n]
+
+
+def shingles_of(i: int) -> np.ndarray:
+    o = int(origin(i))
+    rng = np.random.default_rng(10**9 + o)
+    s = rng.integers(0, 2**32, size=int(rng.integers(12, 19)), dtype=np.uint64)
+    if o != i and i % EXACT_EVERY != 2:
+        s[len(s) // 2] = np.random.default_rng(i).integers(0, 2**32)      # one word edited
+    return np.unique(s).astype(np.uint32)
+
+
+def minhash(sh: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """MinHash values of one shingle set under datasketch's affine32 permutations (a, b)."""
+    h = ((a[None, :] * sh.astype(np.uint64)[:, None] + b[None, :]) % PRIME) & np.uint64(0xFFFFFFFF)
+    return h.min(axis=0).astype(np.uint32)
+
+
+def synthetic_signatures(shard) -> tuple[pa.Table, Payloads]:
+    """One synthetic shard's signature table and payloads (the shape of run.shard_signatures')."""
+    from datasketch import MinHash
+
+    k = int(shard.path)
+    first, n = k * SHARD_ROWS, SHARD_ROWS
+    idx = np.arange(first, first + n)
+    a, b = (np.asarray(x, np.uint64) for x in MinHash(num_perm=sig.NUM_PERM, seed=1).permutations)
+    sh = [shingles_of(int(i)) for i in idx]
+    mh = np.stack([minhash(s, a, b) for s in sh])
+    exact = origin(idx)
+    keys = [f"i{o}" if i % EXACT_EVERY == 2 or o == i else f"i{i}" for i, o in zip(idx, exact)]
+    tkeys = [f"t{o}" if i % EXACT_EVERY == 2 or o == i else f"t{i}" for i, o in zip(idx, exact)]
+    emb = np.stack([image_embedding(int(i)) for i in idx]).astype(np.float32)
+    ids = [f"s{i:07d}" for i in idx]
+    splits = ["test" if i % 5 == 0 else "train" for i in idx]
+    table = pa.table({
+        "row": np.r_[np.arange(n), np.arange(n)], "sample_id": ids * 2, "split": splits * 2,
+        "modality": ["image"] * n + ["text"] * n, "exact": keys + tkeys,
+        "emb": pa.array(list(emb) + [None] * n, pa.list_(pa.float32())),
+        "minhash": pa.array([None] * n + list(mh), pa.list_(pa.uint32())),
+    }, schema=drun.SIG_SCHEMA)
+    return table, Payloads(LazyThumbs(first, n), sh)
+
+
+def measure(rows: int) -> dict:
+    shards = [drun.Shard("synthetic", "memory://", str(k)) for k in range(rows // SHARD_ROWS)]
+    t0 = time.perf_counter()
+    pairs, summary = drun.find_duplicates(shards, synthetic_signatures)
+    seconds = time.perf_counter() - t0
+    mods = summary["modalities"]
+    return {"rows": rows, "seconds": round(seconds, 3), "phases": summary["seconds"], "pairs": pairs.num_rows,
+            **{f"{m}_{k}": mods[m][k] for m in ("image", "text") for k in ("exact", "near")}}
+
+
+def run_one(rows: int, num_cpus: int | None) -> dict:
+    """One size in a fresh process, as the command runs: Ray's start is part of the time."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "benchmarks.duplicates", "--one", str(rows)]
+    if num_cpus:
+        cmd += ["--num-cpus", str(num_cpus)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def accuracy(images: int, audio: int, texts: int, out: Path) -> dict:
+    """Recall per modality and kind, and rows in false pairs, on mmbatch.dedup.testcorpus."""
+    import tempfile
+
+    from mmbatch.dedup import testcorpus as tc
+
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = tc.build_corpus(Path(tmp) / "corpus", images=images, audio=audio, texts=texts)
+        res = drun.run_duplicates(list(corpus.paths.values()), str(Path(tmp) / "dups"), report=False)
+        score = tc.score(corpus, res.pairs)
+    doc = {"benchmark": "duplicates-accuracy", "corpus": {"images": images, "audio": audio, "texts": texts,
+                                                          "rows": corpus.rows}, "score": score,
+           "seconds": res.summary["seconds"]}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(doc, indent=2))
+    lines = [f"Planted corpus: {corpus.rows} rows (mmbatch.dedup.testcorpus, images={images}, audio={audio}, "
+             f"texts={texts}).", "", "| modality | exact pairs | exact recall | near pairs | near recall | false pairs |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for m, r in score["modalities"].items():
+        lines.append(f"| {m} | {r['exact_pairs']} | {r['exact_recall']:.3f} | {r['near_pairs']} | "
+                     f"{r['near_recall']:.3f} | {r['false_pairs']} |")
+    lines.append(f"\nRows in false pairs: {score['rows_in_false_pairs']} of {score['rows']} "
+                 f"({100 * score['false_row_fraction']:.2f} %).")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return doc
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", type=int, nargs="+", default=[50_000, 200_000])
+    p.add_argument("--out", default="benchmarks/results/duplicates")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs for the embedded Ray (default: all)")
+    p.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)     # the child process
+    p.add_argument("--accuracy", action="store_true", help="score the planted corpus instead of timing")
+    p.add_argument("--corpus", type=int, nargs=3, default=[64, 24, 120], metavar=("IMAGES", "AUDIO", "TEXTS"),
+                   help="originals per modality of the planted corpus (--accuracy)")
+    args = p.parse_args(argv)
+    if args.accuracy:
+        from mmbatch.runtime import init_ray, shutdown_ray
+
+        init_ray(num_cpus=args.num_cpus)
+        try:
+            accuracy(*args.corpus, Path(args.out + "_accuracy"))
+        finally:
+            shutdown_ray()
+        return 0
+    if args.one:
+        from mmbatch.runtime import init_ray, shutdown_ray
+
+        t0 = time.perf_counter()
+        init_ray(num_cpus=args.num_cpus)
+        try:
+            r = measure(args.one)
+        finally:
+            shutdown_ray()
+        r["seconds_with_ray_start"] = round(time.perf_counter() - t0, 3)
+        print(json.dumps(r))
+        return 0
+    results = []
+    for n in args.rows:
+        results.append(run_one(n, args.num_cpus))
+        print(json.dumps(results[-1]), flush=True)
+    key = "seconds_with_ray_start"
+    ratio = results[-1][key] / results[0][key] if len(results) > 1 else None
+    work = [r["phases"]["signatures"] + r["phases"]["candidates"] + r["phases"]["verify"] for r in results]
+    rows_ratio = results[-1]["rows"] / results[0]["rows"] if len(results) > 1 else None
+    doc = {"benchmark": "duplicates", "machine": platform.platform(), "cpus": os.cpu_count(),
+           "results": results, "time_ratio": ratio, "rows_ratio": rows_ratio,
+           "work_ratio": work[-1] / work[0] if len(work) > 1 else None}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(doc, indent=2))
+    lines = ["| rows | command s (with Ray start) | signatures | candidates | verify | image exact | image near | "
+             "text exact | text near |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['rows']:,} | {r[key]:.1f} | {r['phases']['signatures']:.1f} | "
+              f"{r['phases']['candidates']:.1f} | {r['phases']['verify']:.1f} | {r['image_exact']:,} | "
+              f"{r['image_near']:,} | {r['text_exact']:,} | {r['text_near']:,} |" for r in results]
+    if ratio:
+        lines.append(f"\n{rows_ratio:.0f}x the rows: {ratio:.2f}x the command's time, {doc['work_ratio']:.2f}x the "
+                     f"time of signatures + candidates + verify ({os.cpu_count()} CPUs).")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

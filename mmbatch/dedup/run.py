@@ -1,0 +1,402 @@
+"""`mmbatch duplicates`: signatures on Ray, candidates on the driver, verification on Ray.
+
+1. One Ray task per canonical shard reads the shard's media and text and returns
+   two objects: a small Arrow table (ids, split, exact key, candidate embedding or
+   MinHash per modality) that comes to the driver, and the verify payloads
+   (thumbnails, log-mels, shingle hashes), which stay in the object store.
+2. The driver groups exact keys, keeps one representative per group, and finds
+   near candidates among the representatives (faiss HNSW k-NN, MinHash LSH).
+3. Verify tasks score the candidates with the payloads of the shards they touch.
+4. Pairs, summary.json and report.html are written to the output folder.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from mmbatch import storage
+from mmbatch.dedup import candidates as cand
+from mmbatch.dedup import signatures as sig
+from mmbatch.errors import UsageError
+from mmbatch.schema import normalize_split
+
+log = logging.getLogger("mmbatch.dedup")
+
+MODALITIES = ("image", "audio", "text")
+SPLIT_ORDER = {"train": 0, "validation": 1, "test": 2}
+VERIFY_CHUNK = 4000
+THRESHOLDS = {"image": sig.IMAGE_THRESHOLD, "audio": sig.AUDIO_THRESHOLD, "text": sig.TEXT_THRESHOLD}
+HASH_COLUMNS = {"image": "image_hash", "audio": "audio_hash"}     # written by ingest (schema.py)
+
+PAIR_SCHEMA = pa.schema([
+    ("a_dataset", pa.string()), ("a_sample_id", pa.string()), ("a_split", pa.string()),
+    ("b_dataset", pa.string()), ("b_sample_id", pa.string()), ("b_split", pa.string()),
+    ("modality", pa.string()), ("kind", pa.string()), ("similarity", pa.float64()),
+])
+SIG_SCHEMA = pa.schema([
+    ("row", pa.int64()), ("sample_id", pa.string()), ("split", pa.string()), ("modality", pa.string()),
+    ("exact", pa.string()), ("emb", pa.list_(pa.float32())), ("minhash", pa.list_(pa.uint32())),
+])
+
+
+@dataclass(frozen=True)
+class Shard:
+    dataset: str
+    uri: str            # dataset root URI
+    path: str           # file path within the dataset's filesystem
+
+
+def list_shards(datasets: list[str]) -> list[Shard]:
+    """Canonical Parquet shards of each dataset; the dataset name is its folder's name."""
+    shards, names = [], set()
+    for uri in datasets:
+        fs, root = storage.url_to_fs(uri)
+        files = [root] if fs.isfile(root) else storage.list_parquet(fs, root)
+        if not files:
+            raise UsageError(f"{uri}: no Parquet shards (is it a canonical folder written by `mmbatch ingest`?)")
+        name = root.rstrip("/").rsplit("/", 1)[-1] or "dataset"
+        base, k = name, 2
+        while name in names:
+            name, k = f"{base}-{k}", k + 1
+        names.add(name)
+        shards += [Shard(name, uri, f) for f in files]
+    return shards
+
+
+# --- 1. signatures (one shard; runs in a Ray task, callable without Ray) ------------------------------
+def shard_signatures(shard: Shard) -> tuple[pa.Table, list]:
+    """(signature table, verify payloads aligned with its rows) of one canonical shard."""
+    fs, _ = storage.url_to_fs(shard.uri)
+    names = pq.read_schema(shard.path, filesystem=fs).names
+    if "sample_id" not in names:
+        raise UsageError(f"{shard.path}: no sample_id column (not canonical mmbatch data)")
+    cols = [c for c in ("sample_id", "split", *MODALITIES, *HASH_COLUMNS.values()) if c in names]
+    t = pq.read_table(shard.path, filesystem=fs, columns=cols)
+    ids = t.column("sample_id").to_pylist()
+    splits = t.column("split").to_pylist() if "split" in names else [None] * t.num_rows
+    out = defaultdict(list)
+    payloads = []
+
+    def add(i, modality, exact, emb=None, minhash=None, payload=None):
+        out["row"].append(i)
+        out["sample_id"].append(ids[i])
+        out["split"].append(normalize_split(splits[i]))
+        out["modality"].append(modality)
+        out["exact"].append(exact)
+        out["emb"].append(None if emb is None else emb.tolist())
+        out["minhash"].append(None if minhash is None else minhash.tolist())
+        payloads.append(payload)
+
+    for m, fn in (("image", sig.image_signature), ("audio", sig.audio_signature)):
+        if m not in names:
+            continue
+        media = t.column(m).combine_chunks()
+        data = media.field("bytes").to_pylist()
+        known = t.column(HASH_COLUMNS[m]).to_pylist() if HASH_COLUMNS[m] in names else [None] * t.num_rows
+        for i, b in enumerate(data):
+            if not b:
+                continue
+            key = known[i] or sig.content_hash(b)
+            try:
+                emb, payload = fn(b)
+            except Exception as e:          # undecodable or silent: still an exact key, no near signature
+                log.debug("%s %s: %s", m, ids[i], e)
+                emb = payload = None
+            add(i, m, key, emb=emb, payload=payload)
+    if "text" in names:
+        for i, text in enumerate(t.column("text").to_pylist()):
+            key = sig.text_key(text)
+            if key is None:
+                continue
+            hashes = sig.shingle_hashes(text)
+            mh = None if hashes is None else np.asarray(sig.text_minhash(hashes).hashvalues, np.uint32)
+            add(i, "text", key, minhash=mh, payload=hashes)
+    return pa.table(dict(out), schema=SIG_SCHEMA) if out else SIG_SCHEMA.empty_table(), payloads
+
+
+# --- 3. verification ---------------------------------------------------------------------------------
+def verify_pairs(modality: str, sa: np.ndarray, la: np.ndarray, sb: np.ndarray, lb: np.ndarray,
+                 shard_ids: list[int], *payloads) -> np.ndarray:
+    """Similarities of candidate pairs, given as (shard, slot) of each side, from the payloads of
+    ``shard_ids`` (each indexable by slot: a shard's payload list, or a dict of the picked ones)."""
+    by_shard = dict(zip(shard_ids, payloads))
+    score = {"image": sig.image_similarity, "audio": sig.audio_similarity, "text": sig.text_similarity}[modality]
+    out = np.empty(len(sa), np.float64)
+    for n in range(len(sa)):
+        x, y = by_shard[int(sa[n])][int(la[n])], by_shard[int(sb[n])][int(lb[n])]
+        out[n] = score(x, y) if x is not None and y is not None else 0.0
+    return out
+
+
+def pick_payloads(payloads, slots: list[int]) -> dict:
+    """The payloads of the rows of one shard that take part in candidate pairs."""
+    return {s: payloads[s] for s in slots}
+
+
+def local_verifier(payloads: list):
+    """Verification as plain calls, with every shard's payloads at hand (tests, benchmarks)."""
+    def verify(m, sa, la, sb, lb):
+        ids = sorted(set(sa.tolist()) | set(sb.tolist()))
+        return verify_pairs(m, sa, la, sb, lb, ids, *[payloads[i] for i in ids])
+    return verify
+
+
+class RayVerifier:
+    """Verification on Ray: one task per shard picks the payloads of its rows in candidate pairs
+    (few), then a few verify tasks, each with the picked payloads of the shards its pairs touch.
+    Neither the full payloads nor per-row arrays of every row travel to each task, so the cost
+    grows with the number of candidates, not with rows x tasks."""
+
+    def __init__(self, heavy_refs: list):
+        import ray
+
+        self.heavy = heavy_refs
+        self.pick = ray.remote(pick_payloads)
+        self.task = ray.remote(verify_pairs)
+        self.parallel = max(1, 2 * int(ray.cluster_resources().get("CPU", 1)))
+
+    def __call__(self, m, sa, la, sb, lb):
+        import ray
+
+        shards_all, slots_all = np.concatenate([sa, sb]), np.concatenate([la, lb])
+        picked = {}
+        for sh in np.unique(shards_all).tolist():
+            slots = np.unique(slots_all[shards_all == sh]).tolist()
+            picked[sh] = self.pick.remote(self.heavy[sh], slots)
+        n_tasks = max(1, min(self.parallel, -(-len(sa) // VERIFY_CHUNK)))
+        futures = []
+        for idx in np.array_split(np.arange(len(sa)), n_tasks):
+            ids = sorted(set(sa[idx].tolist()) | set(sb[idx].tolist()))
+            futures.append(self.task.remote(m, sa[idx], la[idx], sb[idx], lb[idx], ids, *[picked[i] for i in ids]))
+        return np.concatenate(ray.get(futures))
+
+
+# --- driver --------------------------------------------------------------------------------------------
+@dataclass
+class DuplicatesResult:
+    out: str
+    pairs: pa.Table
+    summary: dict
+
+
+def run_duplicates(datasets: list[str], out: str, *, address: str | None = None,
+                   report: bool = True) -> DuplicatesResult:
+    shards = list_shards(datasets)
+    pairs, summary = find_duplicates(shards, shard_signatures, address=address)
+    write_outputs(out, pairs, summary, shards if report else None)
+    return DuplicatesResult(out, pairs, summary)
+
+
+def find_duplicates(shards: list, signature_fn, *, address: str | None = None,
+                    final_splits=None) -> tuple[pa.Table, dict]:
+    """(pairs, summary) of ``shards``; ``signature_fn(shard) -> (table, payloads)`` runs in one Ray
+    task per shard (benchmarks/duplicates.py passes a synthetic one). ``final_splits(dataset,
+    sample_ids, splits) -> splits`` replaces the rows' split values (preprocess: the final split)."""
+    import ray
+
+    from mmbatch.runtime import init_ray
+
+    t0 = time.time()
+    init_ray(address)
+    t_init = time.time()
+    sig_task = ray.remote(num_returns=2)(signature_fn)
+    refs = [sig_task.remote(s) for s in shards]
+    heavy_refs = [r[1] for r in refs]
+    tables = ray.get([r[0] for r in refs])
+    if final_splits is not None:
+        tables = [t.set_column(t.schema.get_field_index("split"), "split", pa.array(
+            list(final_splits(sh.dataset, t.column("sample_id").to_pylist(), t.column("split").to_pylist())),
+            pa.string())) for sh, t in zip(shards, tables)]
+    t_sig = time.time()
+    seconds: dict = defaultdict(float)
+    pairs = find_pairs(shards, tables, RayVerifier(heavy_refs), seconds)
+    summary = summarize(pairs, shards, tables)
+    summary["seconds"] = {"ray_init": round(t_init - t0, 3), "signatures": round(t_sig - t_init, 3),
+                          **{k: round(v, 3) for k, v in seconds.items()}, "total": round(time.time() - t0, 3)}
+    return pairs, summary
+
+
+def find_pairs(shards: list[Shard], tables: list[pa.Table], verify, seconds: dict | None = None) -> pa.Table:
+    """All verified pairs from the signature tables: exact groups, then near candidates among one
+    representative per group. ``verify(modality, shard_a, slot_a, shard_b, slot_b) -> similarities``
+    scores candidate pairs (:class:`RayVerifier`, or :func:`local_verifier`); ``seconds`` collects
+    the time spent finding candidates and verifying them."""
+    seconds = defaultdict(float) if seconds is None else seconds
+    if tables:
+        sigs = pa.concat_tables([t.append_column("shard", pa.array(np.full(t.num_rows, k, np.int64)))
+                                 .append_column("slot", pa.array(np.arange(t.num_rows, dtype=np.int64)))
+                                 for k, t in enumerate(tables)])
+    else:
+        sigs = SIG_SCHEMA.empty_table()
+    parts = []
+    for m in MODALITIES:
+        rows = sigs.filter(pc.equal(sigs.column("modality"), m))
+        if rows.num_rows:
+            parts.append(_modality_pairs(m, rows, shards, verify, seconds))
+    return pa.concat_tables(parts) if parts else PAIR_SCHEMA.empty_table()
+
+
+def _modality_pairs(m: str, rows: pa.Table, shards: list[Shard], verify, seconds: dict) -> pa.Table:
+    t0 = time.perf_counter()
+    keys = rows.column("exact").to_pylist()
+    groups = cand.group_by_key(keys)
+    exact = [cand.group_pairs(g) for g in groups]
+    exact_pairs = np.concatenate(exact) if exact else np.empty((0, 2), np.int64)
+    # representatives: the first row of each exact group and every row outside one
+    rep_of = np.arange(rows.num_rows)
+    members: dict[int, np.ndarray] = {}
+    for g in groups:
+        rep_of[g] = g[0]
+        members[int(g[0])] = g
+    is_rep = rep_of == np.arange(rows.num_rows)
+    valid, mat = _matrix(rows.column("minhash" if m == "text" else "emb"))
+    reps = np.flatnonzero(is_rep & valid)
+    vecs = mat[(np.cumsum(valid) - 1)[reps]]
+    cpairs = cand.minhash_pairs(vecs) if m == "text" else cand.knn_pairs(vecs)
+    cpairs = reps[cpairs] if len(cpairs) else cpairs
+    t1 = time.perf_counter()
+    sims = _verify(m, cpairs, rows, verify)
+    seconds["candidates"] += t1 - t0
+    seconds["verify"] += time.perf_counter() - t1
+    near = cpairs[sims >= THRESHOLDS[m]]
+    near_sims = sims[sims >= THRESHOLDS[m]]
+    # expand representative pairs to the members of their exact groups
+    na, nb, ns = [], [], []
+    for (a, b), s in zip(near, near_sims):
+        ga, gb = members.get(int(a), np.array([a])), members.get(int(b), np.array([b]))
+        na.append(np.repeat(ga, len(gb)))
+        nb.append(np.tile(gb, len(ga)))
+        ns.append(np.full(len(ga) * len(gb), s))
+    near_pairs = np.stack([np.concatenate(na), np.concatenate(nb)], 1) if na else np.empty((0, 2), np.int64)
+    near_sims = np.concatenate(ns) if ns else np.empty(0)
+    return _pair_table(m, rows, shards, exact_pairs, near_pairs, near_sims)
+
+
+def _matrix(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """(row has a value, the values of those rows as one n x width matrix) of a list column."""
+    arr = col.combine_chunks()
+    valid = arr.is_valid().to_numpy(zero_copy_only=False)
+    flat = arr.flatten().to_numpy()
+    width = len(flat) // max(1, int(valid.sum()))
+    return valid, flat.reshape(-1, width) if width else flat.reshape(0, 0)
+
+
+def _verify(m: str, cpairs: np.ndarray, rows: pa.Table, verify) -> np.ndarray:
+    if not len(cpairs):
+        return np.empty(0)
+    shard_of = rows.column("shard").to_numpy()
+    slot_of = rows.column("slot").to_numpy()
+    order = np.lexsort((shard_of[cpairs[:, 1]], shard_of[cpairs[:, 0]]))     # neighbouring shards together
+    a, b = cpairs[order, 0], cpairs[order, 1]
+    sims = np.empty(len(cpairs))
+    sims[order] = verify(m, shard_of[a], slot_of[a], shard_of[b], slot_of[b])
+    return sims
+
+
+def _pair_table(m, rows, shards, exact_pairs, near_pairs, near_sims) -> pa.Table:
+    shard_of = rows.column("shard").to_numpy()
+    ids = rows.column("sample_id").to_pylist()
+    splits = rows.column("split").to_pylist()
+    ds = [shards[int(k)].dataset for k in shard_of]
+    recs = defaultdict(list)
+    for kind, pairs, sims in (("exact", exact_pairs, np.ones(len(exact_pairs))), ("near", near_pairs, near_sims)):
+        for (a, b), s in zip(pairs, sims):
+            a, b = int(a), int(b)
+            if (ds[a], ids[a]) == (ds[b], ids[b]):
+                continue
+            if _rank(splits[b], ds[b], ids[b]) < _rank(splits[a], ds[a], ids[a]):
+                a, b = b, a
+            for side, r in (("a", a), ("b", b)):
+                recs[f"{side}_dataset"].append(ds[r])
+                recs[f"{side}_sample_id"].append(ids[r])
+                recs[f"{side}_split"].append(splits[r])
+            recs["modality"].append(m)
+            recs["kind"].append(kind)
+            recs["similarity"].append(float(min(1.0, s)))
+    return pa.table(dict(recs), schema=PAIR_SCHEMA) if recs else PAIR_SCHEMA.empty_table()
+
+
+def _rank(split, dataset, sample_id):
+    return (SPLIT_ORDER.get(split, 3), dataset or "", sample_id or "")
+
+
+# --- summary ---------------------------------------------------------------------------------------------
+def leaked_rows(pairs: pa.Table) -> dict[tuple[str, str], tuple[str, list[tuple[str, str, str]]]]:
+    """(dataset, sample_id) of each validation/test row that duplicates a train row ->
+    (its split, [(modality, train dataset, train sample_id), ...])."""
+    out: dict = {}
+    for r in pairs.to_pylist():
+        for me, other in (("b", "a"), ("a", "b")):
+            if r[f"{me}_split"] in ("validation", "test") and r[f"{other}_split"] == "train":
+                out.setdefault((r[f"{me}_dataset"], r[f"{me}_sample_id"]), (r[f"{me}_split"], []))[1].append(
+                    (r["modality"], r[f"{other}_dataset"], r[f"{other}_sample_id"]))
+    return out
+
+
+def summarize(pairs: pa.Table, shards: list[Shard], tables: list[pa.Table]) -> dict:
+    rows_by_mod: dict = defaultdict(int)
+    no_near: dict = defaultdict(int)
+    for t in tables:
+        mods = t.column("modality").to_numpy(zero_copy_only=False)
+        none = ~(t.column("emb").is_valid().to_numpy(zero_copy_only=False)
+                 | t.column("minhash").is_valid().to_numpy(zero_copy_only=False))
+        for m in MODALITIES:
+            rows_by_mod[m] += int((mods == m).sum())
+            no_near[m] += int(((mods == m) & none).sum())
+    leaks = leaked_rows(pairs)
+    per_mod = {}
+    recs = pairs.to_pylist()
+    for m in MODALITIES:
+        mine = [r for r in recs if r["modality"] == m]
+        split_pairs: dict = {}
+        for r in mine:
+            key = f"{r['a_split']}|{r['b_split']}"
+            sp = split_pairs.setdefault(key, {"pairs": 0, "exact": 0, "near": 0, "_rows": set()})
+            sp["pairs"] += 1
+            sp[r["kind"]] += 1
+            sp["_rows"].update({(r["a_dataset"], r["a_sample_id"]), (r["b_dataset"], r["b_sample_id"])})
+        involved = set().union(*[s["_rows"] for s in split_pairs.values()]) if split_pairs else set()
+        for sp in split_pairs.values():
+            sp["rows_involved"] = len(sp.pop("_rows"))
+        leaked = {split: sum(1 for sp_, dups in leaks.values() if sp_ == split and any(x[0] == m for x in dups))
+                  for split in ("validation", "test")}
+        per_mod[m] = {"rows": rows_by_mod[m], "rows_without_near_signature": no_near[m],
+                      "pairs": len(mine), "exact": sum(r["kind"] == "exact" for r in mine),
+                      "near": sum(r["kind"] == "near" for r in mine), "rows_involved": len(involved),
+                      "split_pairs": split_pairs,
+                      "test_rows_with_train_duplicate": leaked["test"],
+                      "validation_rows_with_train_duplicate": leaked["validation"]}
+    return {"datasets": sorted({s.dataset: s.uri for s in shards}.items()), "modalities": per_mod,
+            "thresholds": THRESHOLDS, "leakage": {
+                split: {m: per_mod[m][f"{split}_rows_with_train_duplicate"] for m in MODALITIES}
+                for split in ("validation", "test")}}
+
+
+def write_outputs(out: str, pairs: pa.Table, summary: dict, shards: list[Shard] | None) -> None:
+    fs, root = storage.url_to_fs(out)
+    fs.makedirs(root, exist_ok=True)
+    storage.atomic_write_table(fs, storage.join(root, "pairs.parquet"), pairs)
+    storage.write_json(fs, storage.join(root, "summary.json"), summary)
+    if shards is not None:
+        from mmbatch.dedup.report import render_report
+        storage.atomic_write_bytes(fs, storage.join(root, "report.html"),
+                                   render_report(pairs, summary, shards).encode("utf-8"))
+
+
+def render_summary(summary: dict) -> str:
+    lines = []
+    for m, s in summary["modalities"].items():
+        if not s["rows"]:
+            continue
+        lines.append(f"{m:<6} {s['rows']:>8} rows  {s['exact']:>6} exact + {s['near']:>6} near pairs, "
+                     f"{s['rows_involved']} rows involved; test rows with a train duplicate: "
+                     f"{s['test_rows_with_train_duplicate']}, validation: {s['validation_rows_with_train_duplicate']}")
+    return "\n".join(lines) or "no image, audio or text values found"
+

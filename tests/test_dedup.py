@@ -1,0 +1,102 @@
+"""mmbatch.dedup's pure parts: exact keys, each modality's signature and verifier on real media,
+candidate search, and the ingest column; no Ray except the ingest test."""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from mmbatch.dedup import candidates as cand
+from mmbatch.dedup import signatures as sig
+from mmbatch.dedup import testcorpus as tc
+
+
+def test_exact_keys():
+    assert sig.normalize_text("  Hello,  WORLD!\n") == "hello world"
+    assert sig.text_key("Hello, world") == sig.text_key("hello   WORLD.")
+    assert sig.text_key("hello world") != sig.text_key("hello word")
+    assert sig.text_key(" ?! ") is None and sig.content_hash(b"") is None
+    assert sig.content_hash(b"abc") == sig.content_hash(b"abc") != sig.content_hash(b"abd")
+    assert len(sig.content_hash(b"abc")) == 2 * sig.HASH_BYTES
+
+
+@pytest.mark.parametrize("how", tc.IMAGE_TRANSFORMS)
+def test_image_copies_verify_and_lookalikes_do_not(how):
+    rng = np.random.default_rng(3)
+    im = tc.draw_object(1, 2, 0, rng)
+    other = tc.draw_object(1, 2, 4, rng)           # same kind, same background, another place/colour
+    emb, thumb = sig.image_signature(tc.encode_image(im))
+    emb2, thumb2 = sig.image_signature(tc.transform_image(im, how))
+    emb3, thumb3 = sig.image_signature(tc.encode_image(other))
+    assert sig.image_similarity(thumb, thumb2) >= sig.IMAGE_THRESHOLD
+    assert sig.image_similarity(thumb, thumb3) < sig.IMAGE_THRESHOLD
+    assert float(emb @ emb2) >= cand.KNN_MIN_COSINE
+    assert emb.shape == (sig.IMAGE_DCT ** 2 - 1,) and thumb.shape == (sig.THUMB, sig.THUMB)
+
+
+def test_audio_copy_verifies_and_another_voice_does_not():
+    x, sr = tc.speak(tc.SENTENCES[0], tc.VOICES[0])
+    y, sr2 = tc.speak(tc.SENTENCES[0], tc.VOICES[1])
+    _, a = sig.audio_signature(tc.encode_audio(x, sr))
+    rng = np.random.default_rng(0)
+    for how in ("noise25", "lead05", "resample8k", "ogg", "gain+6"):
+        _, b = sig.audio_signature(tc.transform_audio(x, sr, how, rng))
+        assert sig.audio_similarity(a, b) >= sig.AUDIO_THRESHOLD, how
+    _, c = sig.audio_signature(tc.encode_audio(y, sr2))
+    assert sig.audio_similarity(a, c) < sig.AUDIO_THRESHOLD
+    with pytest.raises(ValueError, match="silent"):
+        sig.audio_signature(tc.encode_audio(np.zeros(16000, np.float32), 16000))
+
+
+def test_text_shingles_and_minhash():
+    words = "one two three four five six seven eight nine ten eleven twelve".split()
+    a = sig.shingle_hashes(" ".join(words))
+    b = sig.shingle_hashes(tc.transform_text(words, "substitute", np.random.default_rng(0)))
+    assert sig.shingle_hashes("too short to be near") is None
+    j = sig.text_similarity(a, b)
+    assert 0.5 <= j < 1.0
+    est = float(np.mean(sig.text_minhash(a).hashvalues == sig.text_minhash(b).hashvalues))
+    assert abs(est - j) < 0.15
+
+
+def test_candidates_find_planted_neighbours_only():
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(2000, 24)).astype(np.float32)
+    noisy = base[:50] + 0.05 * rng.normal(size=(50, 24)).astype(np.float32)
+    emb = np.concatenate([base, noisy])
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    pairs = {tuple(p) for p in cand.knn_pairs(emb, min_cosine=0.9).tolist()}
+    assert pairs == {(i, 2000 + i) for i in range(50)}
+    groups = cand.group_by_key(["a", None, "b", "a", None, "a"])
+    assert [g.tolist() for g in groups] == [[0, 3, 5]]
+    assert cand.group_pairs(groups[0]).tolist() == [[0, 3], [0, 5], [3, 5]]
+    mh = np.random.default_rng(1).integers(0, 2**32, size=(500, sig.NUM_PERM), dtype=np.uint32)
+    mh[400:420] = mh[:20]
+    mh[420:440, :100] = mh[20:40, :100]            # ~0.6 of the values shared
+    got = {tuple(p) for p in cand.minhash_pairs(mh).tolist()}
+    assert {(i, 400 + i) for i in range(40)} <= got and len(got) < 45
+    big = cand.group_pairs(np.arange(100))           # a star, not 4,950 pairs
+    assert len(big) == 99 and set(big[:, 0]) == {0}
+
+
+def test_ingest_writes_content_hashes(ray_session, tmp_path):
+    from mmbatch.ingest import IngestOptions, run_ingest
+
+    root = tmp_path / "m"
+    (root / "media").mkdir(parents=True)
+    jpg = tc.encode_image(tc.draw_object(0, 0, 0, np.random.default_rng(0)), "jpg")
+    (root / "media" / "a.jpg").write_bytes(jpg)
+    (root / "media" / "b.jpg").write_bytes(jpg)
+    (root / "manifest.csv").write_text("sample_id,image_path,text,split\ns1,media/a.jpg,hi there,train\n"
+                                       "s2,media/b.jpg,,test\ns3,,text only,test\n")
+    run_ingest("manifest", str(root / "manifest.csv"), str(tmp_path / "out"), IngestOptions(), echo=False)
+    rows = {r["sample_id"]: r for r in pq.read_table(str(tmp_path / "out")).to_pylist()}
+    assert rows["s1"]["image_hash"] == rows["s2"]["image_hash"] == sig.content_hash(jpg)
+    assert rows["s3"]["image_hash"] is None and rows["s1"]["audio_hash"] is None
+
+
+def test_not_canonical_data_is_a_clear_error(tmp_path, capsys):
+    from mmbatch.cli import main
+
+    assert main(["duplicates", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")]) == 2
+    assert "no Parquet shards" in capsys.readouterr().err
