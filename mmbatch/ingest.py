@@ -147,16 +147,14 @@ PARALLEL_SHARDS = 8
 MIN_SHARD_ROWS = 4
 
 
-def min_shards(n_samples: int, shard_rows: int | None = None) -> int:
-    """The fewest shards ``n_samples`` are cut into (1 when the row cap alone already cuts enough)."""
-    want = max(1, min(PARALLEL_SHARDS, n_samples // MIN_SHARD_ROWS))
-    return 1 if shard_rows and -(-n_samples // shard_rows) >= want else want
+def min_shards(n_samples: int) -> int:
+    return max(1, min(PARALLEL_SHARDS, n_samples // MIN_SHARD_ROWS))
 
 
 def shard_plan(plan: common.Plan, samples: list[common.Sample], opts: IngestOptions) -> list[ShardTask]:
     """Group the samples into shards (see PARALLEL_SHARDS) and fingerprint each."""
     groups = common.make_shards(samples, opts.shard_mb * 2**20, opts.shard_rows,
-                                min_shards=min_shards(len(samples), opts.shard_rows))
+                                min_shards=min_shards(len(samples)))
     base = {"kind": plan.kind, "root": plan.root, "options": opts.content_options(),
             "schema_version": schema.SCHEMA_VERSION}
     shards = []
