@@ -154,7 +154,8 @@ def min_shards(n_samples: int) -> int:
 
 def shard_plan(plan: common.Plan, samples: list[common.Sample], opts: IngestOptions) -> list[ShardTask]:
     """Group the samples into shards (see PARALLEL_SHARDS) and fingerprint each."""
-    groups = common.make_shards(samples, opts.shard_mb * 2**20, opts.shard_rows, min_shards=min_shards(len(samples)))
+    groups = common.make_shards(samples, opts.shard_mb * 2**20, opts.shard_rows,
+                                min_shards=min_shards(len(samples)))
     base = {"kind": plan.kind, "root": plan.root, "options": opts.content_options(),
             "schema_version": schema.SCHEMA_VERSION}
     shards = []

@@ -50,10 +50,15 @@ from mmbatch.preprocess import run_preprocess
 
 pytestmark = pytest.mark.slow          # the fast tier (`pytest -m "not slow"`) skips this module
 
-SHARD_ROWS = 4          # canonical shards of 4 rows: 12 per 48-row dataset, so kills land between commits
+SHARD_ROWS = 4          # canonical shards of at most 4 rows: 12 or more per 48-row dataset, so kills land between commits
 # a killed driver's embedded Ray gets the shared test Ray's 2 CPUs on any machine (ingest shard plans
 # depend on the CPU count, and the reruns run on the shared Ray)
 TWO_CPUS = {"RAY_OVERRIDE_RESOURCES": json.dumps({"CPU": 2})}
+
+
+def n_units(*folders: Path) -> int:
+    """Preprocess units of canonical folders (their shards here hold one row group each)."""
+    return sum(len(list(f.glob("*.parquet"))) for f in folders)
 
 
 def kill_mid_job(cmd: list[str], markers, out: Path, tmp_path: Path, ray_tmp: str) -> tuple[dict, list]:
@@ -107,7 +112,7 @@ def cnn_reference(canon, tmp_path_factory):
     """The undisturbed run (shared Ray) every model-actor fault run must reproduce exactly."""
     out = tmp_path_factory.mktemp("cnn_ref")
     s = run_preprocess(workflow_from_dict(cnn_workflow(canon, out)), progress=False)   # actors warn: random init
-    assert s.rows_out == 48 and s.shards_processed == 12
+    assert s.rows_out == 48 and s.shards_processed == n_units(canon / "imagenet")
     return out
 
 
@@ -165,9 +170,10 @@ def test_lost_worker_node_mid_job_gives_the_exact_output(canon, cnn_reference, t
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     res = result_line(proc.stdout)
     assert res.get("removed"), res
-    assert res["done_before"] is False and 1 <= res["markers_before"] < 12       # the node died mid-job
+    n = n_units(canon / "imagenet")
+    assert res["done_before"] is False and 1 <= res["markers_before"] < n        # the node died mid-job
     assert res["actors_on_victim"] >= 1                                           # ... with a model actor on it
-    assert (res["rows_out"], res["processed"], res["quarantined"], res["reconciles"]) == (48, 12, 0, True)
+    assert (res["rows_out"], res["processed"], res["quarantined"], res["reconciles"]) == (48, n, 0, True)
     assert_same_output(out, cnn_reference)
 
 
@@ -206,7 +212,8 @@ def test_killed_model_actor_is_replaced_and_output_is_unchanged(canon, cnn_refer
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert not flag.exists(), "the fault never fired"
     res = result_line(proc.stdout)
-    assert res == {"rows_out": 48, "processed": 12, "skipped": 0, "quarantined": 0, "reconciles": True}
+    assert res == {"rows_out": 48, "processed": n_units(canon / "imagenet"), "skipped": 0, "quarantined": 0,
+                   "reconciles": True}
     assert_same_output(out, cnn_reference)
 
 
@@ -226,7 +233,8 @@ def test_killed_extract_actor_is_replaced_and_output_is_unchanged(canon, tmp_pat
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert not flag.exists(), "the fault never fired"
     res = result_line(proc.stdout)
-    assert res == {"rows_out": 48, "processed": 12, "skipped": 0, "quarantined": 0, "reconciles": True}
+    assert res == {"rows_out": 48, "processed": n_units(canon / "librispeech"), "skipped": 0, "quarantined": 0,
+                   "reconciles": True}
     assert_same_output(out, ref)
 
 
@@ -265,7 +273,8 @@ def test_killed_preprocess_driver_resumes_without_recomputing(canon, tmp_path, r
     first, bad_first = kill_mid_job(cmd, markers, out, tmp_path, ray_tmp)
     assert not (out / "_manifest.json").exists()                         # killed mid-job
     committed = markers()                                                 # only the driver writes these
-    assert 1 <= len(first["ready"]) <= len(committed) < 24
+    n = n_units(canon / "imagenet", canon / "librispeech")
+    assert 1 <= len(first["ready"]) <= len(committed) < n
     feature_files = [m.parent.parent / (m.stem + ".parquet") for m in committed]
     before = _mtimes(feature_files)
 
@@ -279,7 +288,7 @@ def test_killed_preprocess_driver_resumes_without_recomputing(canon, tmp_path, r
     counts = summary_counts(capsys.readouterr().out)
     manifest = json.loads((out / "_manifest.json").read_text())
     assert counts == {"processed": manifest["shards"]["processed"], "skipped": manifest["shards"]["skipped"]}
-    assert counts["processed"] + counts["skipped"] == 24
+    assert counts["processed"] + counts["skipped"] == n
     assert counts["skipped"] == len(committed) >= len(first["ready"])
     assert _mtimes(feature_files) == before
 
