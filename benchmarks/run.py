@@ -296,14 +296,15 @@ def _chunk_worker(_job) -> object:
 
 
 def run_raychunk(files: list[str], cores: int, out: Path) -> None:
-    """The Pool script with its pool swapped for mmbatch's Ray actor pool (``mmbatch.pool``): the
+    """The Pool script with its pool swapped for mmbatch's Ray Data actor pool (``mmbatch.units``): the
     same function on the same chunks, results back to the driver, which writes them. Against
     ``pool`` it measures what hosting the work on Ray costs; against ``mmbatch`` what mmbatch's
     data path (read, fuse and write in the worker) costs."""
-    from mmbatch.pool import run_units
+    from mmbatch.units import run_units
 
     results: list = []
-    run_units(_chunk_worker, None, row_group_chunks(files), lambda _chunk, r: results.append(r), num_workers=cores)
+    run_units(_chunk_worker, None, row_group_chunks(files), lambda _chunk, r: results.append(r),
+              workers=(cores, cores))
     write_chunk_results(results, out / "raychunk.parquet")
 
 
