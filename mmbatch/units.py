@@ -8,10 +8,11 @@ receives only each unit's small result (a :class:`~mmbatch.commit.CommitRecord`)
 ``from_items`` has no read task: on 2 CPUs a read task would wait behind actors holding every CPU.
 
 The pool has a fixed size, :func:`pool_size`: what the cluster can hold once its autoscaler has
-added every node it may (its node types' limits, read from the GCS), bounded by ``ray.max_workers``.
-The actors that do not fit yet are pending demand: the autoscaler starts nodes for them, and each
-takes units as soon as its node joins. (Measured on Ray's fake autoscaling cluster: an autoscaling
-pool, min < max, stayed on one node; docs/data-path.md.)
+added every node it may (its node types' limits, where the autoscaler reports them to the GCS), one
+worker per unit where an autoscaler does not say its limits, and at most ``ray.max_workers``. The
+actors that do not fit yet are pending demand: the autoscaler starts nodes for them, and each takes
+units as soon as its node joins. (Measured on Ray's fake autoscaling cluster: an autoscaling pool,
+min < max, stayed on one node; docs/data-path.md.)
 
 Faults, through Ray's and Ray Data's options:
 
@@ -181,50 +182,77 @@ def run_units(make_worker: Callable[[Any], Callable], job: Any, units: Iterable[
 
 
 # --- what to ask the cluster for -------------------------------------------------------------------
-def cluster_capacity() -> dict[str, Optional[float]]:
-    """The most of each resource the cluster can have: its nodes' totals now, or what its
-    autoscaler's node types can add up to (``None``: a node type without a limit). Read from the
-    cluster config the autoscaler writes into the GCS (``ray._private.state.state.get_cluster_config``,
-    the call Ray Data's own cluster autoscaler uses); a cluster without an autoscaler has none."""
+def _autoscaler_config():
+    """The node types of the cluster's autoscaler, as it reports them to the GCS (autoscaler v2,
+    KubeRay: ``ray._private.state.state.get_cluster_config``, the call Ray Data's own cluster
+    autoscaler uses), or None."""
+    import ray
+    try:
+        config = ray._private.state.state.get_cluster_config()
+    except Exception:  # noqa: BLE001 - another Ray version, a client connection
+        return None
+    return config if config is not None and config.node_group_configs else None
+
+
+def _autoscaler_running() -> bool:
+    """True where an autoscaler that does not report its node types (v1: the cluster launcher's,
+    ``ray start --autoscaling-config``) manages the cluster. Its status in the GCS key-value store
+    maps nodes to their configured node types; a cluster without one (a local Ray, a fixed set of
+    ``ray start`` nodes) runs a read-only monitor whose types are the nodes' own ids."""
+    from ray._private.ray_constants import DEBUG_AUTOSCALING_STATUS
+    from ray.autoscaler._private.util import format_readonly_node_type
+    from ray.experimental.internal_kv import _internal_kv_get
+    try:
+        status = json.loads(_internal_kv_get(DEBUG_AUTOSCALING_STATUS) or "{}")
+    except Exception:  # noqa: BLE001 - another Ray version, a client connection
+        return False
+    mapping = (status.get("autoscaler_report") or {}).get("node_type_mapping") or {}
+    return any(t != format_readonly_node_type(n) for n, t in mapping.items())
+
+
+def cluster_capacity() -> Optional[dict[str, Optional[float]]]:
+    """The most of each resource the cluster can have (a value None: a node type without a limit):
+    its nodes' totals, or what its autoscaler's node types add up to. None: it has an autoscaler
+    whose limits are unknown."""
     import ray
 
     now = {k: float(v) for k, v in ray.cluster_resources().items()}
-    try:
-        config = ray._private.state.state.get_cluster_config()
-    except Exception:  # noqa: BLE001 - no autoscaler state (another Ray version, a client connection)
-        config = None
+    config = _autoscaler_config()
+    if config is None:
+        return None if _autoscaler_running() else now
     most: dict[str, Optional[float]] = {}
-    for group in getattr(config, "node_group_configs", None) or []:
+    for group in config.node_group_configs:
         for k, v in group.resources.items():
-            if most.get(k, 0.0) is None:
+            if k in most and most[k] is None:
                 continue
             most[k] = None if group.max_count < 0 else most.get(k, 0.0) + float(v) * group.max_count
     return {k: (None if most.get(k, 0.0) is None else max(now.get(k, 0.0), most.get(k, 0.0)))
             for k in {*now, *most}}
 
 
-def gpu_share(capacity: Optional[dict] = None) -> float:
+def gpu_share() -> float:
     """GPU per worker when nothing is asked: the cluster's GPUs shared by its CPUs (one worker per CPU),
-    where the GPU nodes are (the autoscaler's GPU node types if none runs yet). 0: no GPU to be had."""
+    where the GPU nodes are (the autoscaler's GPU node types if none runs yet). 0: no GPU to be had
+    (as far as the cluster tells)."""
     import ray
 
     now = ray.cluster_resources()
     if now.get("GPU", 0) > 0:
         return min(1.0, now["GPU"] / max(1.0, now.get("CPU", 1.0)))
-    try:
-        config = ray._private.state.state.get_cluster_config()
-    except Exception:  # noqa: BLE001
-        return 0.0
+    config = _autoscaler_config()
     shares = [min(1.0, g.resources["GPU"] / max(1.0, g.resources.get("CPU", 1.0)))
-              for g in getattr(config, "node_group_configs", None) or []
+              for g in (config.node_group_configs if config else [])
               if g.resources.get("GPU", 0) > 0 and g.max_count != 0]
     return min(shares) if shares else 0.0
 
 
 def pool_size(res: Resources, max_workers: Optional[int] = None) -> Optional[int]:
     """How many unit workers of ``res`` the cluster can hold once its autoscaler has added every node
-    it may (``None``: no limit), bounded by ``max_workers``."""
+    it may, bounded by ``max_workers``. None: no limit known (an autoscaler that does not report its
+    node types): one worker per unit, and the autoscaler's own limits decide how many start."""
     cap = cluster_capacity()
+    if cap is None:
+        return max_workers
     fits = [cap.get(key, 0.0) / need for key, need in (("CPU", res.num_cpus), ("GPU", res.num_gpus))
             if need and cap.get(key, 0.0) is not None]
     size = max(1, int(min(fits))) if fits else None
