@@ -220,3 +220,19 @@ def test_jobs_grow_the_fake_autoscaling_cluster_and_start_its_gpu_nodes(fake_clu
     assert img["device"] == "gpu" and img["num_gpus"] == 0.5 and img["devices"] == ["cpu"], img
     assert "fell back to CPU" in res["summary"], res["summary"]
     assert (res["rows"], res["processed"]) == (48, 12)
+
+
+def test_a_token_cluster_reached_without_token_mode_gives_one_clear_line(fake_cluster, canon, tmp_path):
+    """Token auth is on (Ray >= 2.52 `ray start --head`); a client without RAY_AUTH_MODE=token gets one
+    line naming the fix and exit 2, not Ray's stream of InvalidAuthToken lines."""
+    import yaml
+
+    wf = tmp_path / "wf.yaml"
+    wf.write_text(yaml.safe_dump(workflow(canon, tmp_path / "out", "hog")))
+    env = {k: v for k, v in fake_cluster.items() if k != "RAY_AUTH_MODE"}
+    proc = subprocess.run([str(Path(sys.executable).with_name("mmbatch")), "preprocess", str(wf)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "InvalidAuthToken" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "RAY_AUTH_MODE=token" in lines[0], proc.stderr[-3000:]
