@@ -75,33 +75,45 @@ def port_free(port: int) -> bool:
             return False
 
 
-def session_pids(sid: int) -> list[int]:
-    """Every live process of session ``sid`` (the head was started in a new session: the cluster)."""
-    out = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                if os.getsid(int(d)) == sid:
-                    out.append(int(d))
-            except (ProcessLookupError, PermissionError):
-                continue
-    return out
+def _environ(pid: int) -> dict:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+    except OSError:
+        return {}
+
+
+def cluster_pids(sid: int) -> list[int]:
+    """Every live process of the cluster: its session (the head was started in a new one), and the
+    workers of its raylets, which Ray starts in process groups and sessions of their own (found by
+    the RAY_RAYLET_PID in their environment)."""
+    pids = [int(d) for d in os.listdir("/proc") if d.isdigit()]
+    ours = set()
+    for pid in pids:
+        try:
+            if os.getsid(pid) == sid:
+                ours.add(pid)
+        except (ProcessLookupError, PermissionError):
+            continue
+    raylets = {str(p).encode() for p in ours}
+    ours |= {p for p in pids if _environ(p).get(b"RAY_RAYLET_PID") in raylets}
+    return sorted(ours)
 
 
 def stop_cluster(proc: subprocess.Popen) -> list[int]:
-    """Kill this cluster's processes (its session), SIGTERM then SIGKILL; returns those left (none)."""
+    """Kill this cluster's processes, SIGTERM then SIGKILL; returns those left (none)."""
     sid = proc.pid
     for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
-        for pid in session_pids(sid):
+        for pid in cluster_pids(sid):
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
         deadline = time.time() + wait
-        while session_pids(sid) and time.time() < deadline:
+        while cluster_pids(sid) and time.time() < deadline:
             time.sleep(0.2)
     proc.wait(timeout=10)
-    return session_pids(sid)
+    return cluster_pids(sid)
 
 
 @pytest.fixture(scope="module")
