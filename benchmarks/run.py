@@ -124,7 +124,7 @@ def _pool_chunk(path_and_row_group):
 
 def _plain_features(image: bytes, audio: bytes, text: str) -> np.ndarray:
     """The ``plainpool`` contender's features, written as a user would with OpenCV and librosa calls:
-    a 64 px HOG + colour histogram, log-mel and MFCC means and deviations, hashed words."""
+    a 64 px gradient-orientation histogram per 8 px cell (HOG without block normalisation) + colour histogram, log-mel and MFCC means and deviations, hashed words."""
     import io
     import zlib
 
@@ -133,7 +133,12 @@ def _plain_features(image: bytes, audio: bytes, text: str) -> np.ndarray:
     import soundfile as sf
 
     img = cv2.resize(cv2.imdecode(np.frombuffer(image, np.uint8), cv2.IMREAD_COLOR), (64, 64))
-    hog = cv2.HOGDescriptor((64, 64), (16, 16), (8, 8), (8, 8), 9).compute(cv2.cvtColor(img, cv2.COLOR_BGR2GRAY))
+    grey = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY).astype(np.float32)
+    mag, ang = cv2.cartToPolar(cv2.Sobel(grey, cv2.CV_32F, 1, 0), cv2.Sobel(grey, cv2.CV_32F, 0, 1))
+    bins = (ang % np.pi / np.pi * 9).astype(np.int64).clip(0, 8)          # 9 unsigned orientations
+    cell = (np.arange(64) // 8)[:, None] * 8 + (np.arange(64) // 8)[None, :]   # 8x8 cells of 8x8 px
+    hog = np.bincount((cell * 9 + bins).ravel(), weights=mag.ravel(), minlength=64 * 9)
+    hog /= np.linalg.norm(hog) + 1e-6
     hist = cv2.calcHist([img], [0, 1, 2], None, [4, 4, 4], [0, 256] * 3).ravel() / (64 * 64)
     y, sr = sf.read(io.BytesIO(audio), dtype="float32")
     mel = librosa.power_to_db(librosa.feature.melspectrogram(y=y, sr=sr, n_fft=400, hop_length=160, n_mels=80))
