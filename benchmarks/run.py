@@ -356,7 +356,7 @@ def run_raychunk(files: list[str], cores: int, out: Path) -> None:
 
     results: list = []
     run_units(_chunk_worker, None, row_group_chunks(files), lambda _chunk, r: results.append(r),
-              workers=(cores, cores))
+              workers=cores)
     write_chunk_results(results, out / "raychunk.parquet")
 
 
