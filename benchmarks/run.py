@@ -9,6 +9,8 @@ Corpus: ImageNet-like JPEGs (about 500x375, ~110 KB) and LibriSpeech-like 16 kHz
 utterances of 10-15 s with transcripts, joined per sample by a manifest (image + audio + text).
 Every contender runs the same extractors with the same parameters (the workflow's defaults:
 hog_color at 64 px, log-mel/MFCC statistics, hashing text) on the same canonical Parquet.
+``plainpool`` is the Pool script a user would write without mmbatch: plain OpenCV/librosa calls for
+comparable features (HOG + colour histogram, log-mel/MFCC statistics, hashed words).
 ``raychunk`` is a diagnostic: the Pool script with its process pool swapped for mmbatch's Ray
 actor pool, which splits mmbatch's distance to the Pool into Ray's hosting cost and its own.
 
@@ -118,6 +120,56 @@ def _pool_chunk(path_and_row_group):
     res = extract_rows([r["bytes"] for r in t.column("image").to_pylist()],
                        [r["bytes"] for r in t.column("audio").to_pylist()], t.column("text").to_pylist())
     return t.column("sample_id").to_pylist(), res
+
+
+def _plain_features(image: bytes, audio: bytes, text: str) -> np.ndarray:
+    """The ``plainpool`` contender's features, written as a user would with OpenCV and librosa calls:
+    a 64 px gradient-orientation histogram per 8 px cell (HOG without block normalisation) + colour histogram, log-mel and MFCC means and deviations, hashed words."""
+    import io
+    import zlib
+
+    import cv2
+    import librosa
+    import soundfile as sf
+
+    img = cv2.resize(cv2.imdecode(np.frombuffer(image, np.uint8), cv2.IMREAD_COLOR), (64, 64))
+    grey = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY).astype(np.float32)
+    mag, ang = cv2.cartToPolar(cv2.Sobel(grey, cv2.CV_32F, 1, 0), cv2.Sobel(grey, cv2.CV_32F, 0, 1))
+    bins = (ang % np.pi / np.pi * 9).astype(np.int64).clip(0, 8)          # 9 unsigned orientations
+    cell = (np.arange(64) // 8)[:, None] * 8 + (np.arange(64) // 8)[None, :]   # 8x8 cells of 8x8 px
+    hog = np.bincount((cell * 9 + bins).ravel(), weights=mag.ravel(), minlength=64 * 9)
+    hog /= np.linalg.norm(hog) + 1e-6
+    hist = cv2.calcHist([img], [0, 1, 2], None, [4, 4, 4], [0, 256] * 3).ravel() / (64 * 64)
+    y, sr = sf.read(io.BytesIO(audio), dtype="float32")
+    mel = librosa.power_to_db(librosa.feature.melspectrogram(y=y, sr=sr, n_fft=400, hop_length=160, n_mels=80))
+    mfcc = librosa.feature.mfcc(S=mel, n_mfcc=13)
+    words = np.zeros(256, np.float32)
+    for w in text.lower().split():
+        words[zlib.crc32(w.encode()) % 256] += 1.0
+    return np.concatenate([hog.ravel(), hist, mel.mean(1), mel.std(1), mfcc.mean(1), mfcc.std(1), words]).astype(np.float32)
+
+
+def _plain_chunk(path_and_row_group):
+    path, rg = path_and_row_group
+    t = pq.ParquetFile(path).read_row_group(rg, columns=["sample_id", "image", "audio", "text"])
+    feats = [_plain_features(i["bytes"], a["bytes"], x) for i, a, x in
+             zip(t.column("image").to_pylist(), t.column("audio").to_pylist(), t.column("text").to_pylist())]
+    return t.column("sample_id").to_pylist(), np.stack(feats)
+
+
+def run_plainpool(files: list[str], cores: int, out: Path) -> None:
+    """A Pool script with plain librosa/OpenCV features (not mmbatch's extractors), as a user would write it."""
+    ids, feats = [], []
+    with mp.get_context("spawn").Pool(cores, initializer=_one_thread) as pool:
+        for sid, f in pool.imap(_plain_chunk, row_group_chunks(files)):
+            ids += sid
+            feats.append(f)
+    pq.write_table(pa.table({"sample_id": ids, "features": list(np.concatenate(feats))}), out / "plainpool.parquet")
+
+
+def _one_thread() -> None:
+    import cv2
+    cv2.setNumThreads(1)
 
 
 # --- measuring -----------------------------------------------------------------------------------
@@ -296,14 +348,15 @@ def _chunk_worker(_job) -> object:
 
 
 def run_raychunk(files: list[str], cores: int, out: Path) -> None:
-    """The Pool script with its pool swapped for mmbatch's Ray actor pool (``mmbatch.pool``): the
+    """The Pool script with its pool swapped for mmbatch's Ray Data actor pool (``mmbatch.units``): the
     same function on the same chunks, results back to the driver, which writes them. Against
     ``pool`` it measures what hosting the work on Ray costs; against ``mmbatch`` what mmbatch's
     data path (read, fuse and write in the worker) costs."""
-    from mmbatch.pool import run_units
+    from mmbatch.units import run_units
 
     results: list = []
-    run_units(_chunk_worker, None, row_group_chunks(files), lambda _chunk, r: results.append(r), num_workers=cores)
+    run_units(_chunk_worker, None, row_group_chunks(files), lambda _chunk, r: results.append(r),
+              workers=cores)
     write_chunk_results(results, out / "raychunk.parquet")
 
 
@@ -402,7 +455,7 @@ def run_ingest_job(data: Path, out: Path) -> dict:
 
 
 # --- one contender, in a fresh process ------------------------------------------------------------
-CONTENDERS = ("ideal", "mmbatch", "pool", "raychunk", "datasets", "raydata", "ingest")
+CONTENDERS = ("ideal", "mmbatch", "pool", "plainpool", "raychunk", "datasets", "raydata", "ingest")
 
 
 def child(name: str, data: Path, cores: int, probe: int, partner: str | None = None) -> dict:
@@ -428,6 +481,8 @@ def child(name: str, data: Path, cores: int, probe: int, partner: str | None = N
             res.update(run_mmbatch(canon, target / "fused", partner))
         elif name == "pool":
             run_pool(files, cores, target)
+        elif name == "plainpool":
+            run_plainpool(files, cores, target)
         elif name == "datasets":
             run_datasets(files, cores, target)
         elif name == "raychunk":
@@ -531,6 +586,7 @@ def main() -> None:
                "repeat": args.repeat, "runs": {}}
     names = [c for c in CONTENDERS if c in args.only.split(",")]
     label = {"mmbatch": "mmbatch preprocess", "pool": f"multiprocessing.Pool({cores})",
+             "plainpool": f"multiprocessing.Pool({cores}), plain librosa/OpenCV features",
              "datasets": f"datasets.map(num_proc={cores})", "ideal": "ideal",
              "raychunk": "Pool script on mmbatch's Ray actor pool",
              "raydata": "plain Ray Data map_batches", "ingest": "mmbatch ingest (manifest)"}

@@ -31,7 +31,7 @@ class _Captured(Exception):
 
 def capture_job(canon: Path, out: Path) -> tuple:
     """(make_worker, job, units) of a preprocess of ``canon``, without running it."""
-    import mmbatch.pool as pool
+    import mmbatch.units as pool
     from mmbatch.config import workflow_from_dict
     from mmbatch.preprocess import run_preprocess
 

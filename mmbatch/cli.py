@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import textwrap
 
@@ -74,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--allow-outside", action="store_true",
                     help="manifest: allow paths outside the manifest's folder (refused by default)")
     sp.add_argument("--address", default=None, help="Ray address (default: embedded local Ray or RAY_ADDRESS)")
+    sp.add_argument("--max-workers", type=int, default=None,
+                    help="most shard readers (default: one per CPU the cluster has or its autoscaler can add)")
 
     sp = cmd("preprocess", "extract per-modality features and write fused per-sample Parquet",
              "mmbatch preprocess workflows/imagenet_features.yaml --set output.path=/data/features")
@@ -162,6 +165,7 @@ def _interrupted(args, committed: int) -> int:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)        # a second Ctrl-C must not cut the clean-up short
+    _stdout_to_devnull()                                 # `| tee log`: Ctrl-C killed tee too
     shards = f"{committed} shard{'s' if committed != 1 else ''} committed"
     print(f"\nmmbatch {args.command}: interrupted; {shards}, rerun the same command to resume",
           file=sys.stderr, flush=True)
@@ -171,6 +175,22 @@ def _interrupted(args, committed: int) -> int:
     if ray.is_initialized():
         shutdown_ray()
     return EXIT_INTERRUPTED
+
+
+def _stdout_to_devnull() -> None:
+    """From now on stdout goes nowhere: when it is a pipe whose reader is gone, a write (Ray's log
+    forwarding, the final flush at exit) would fail with BrokenPipeError instead of letting the clean-up
+    finish. The interrupted line goes to stderr."""
+    try:
+        sys.stdout.flush()
+    except OSError:
+        pass
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):       # no real stdout (a test's capture): nothing to protect
+        pass
 
 
 def _load(args):
@@ -223,7 +243,8 @@ def _dispatch(args) -> int:
         opts = IngestOptions(shard_mb=args.shard_mb, shard_rows=args.shard_rows, include_sa=args.include_sa,
                              phones=args.phones, columns=args.columns, split=args.split,
                              allow_outside=args.allow_outside)
-        summary = run_ingest(args.kind, args.input, args.out, opts, address=args.address)
+        summary = run_ingest(args.kind, args.input, args.out, opts, address=args.address,
+                             max_workers=args.max_workers)
         print_next_steps(f"wrote {summary.ingested} canonical rows to {summary.out} (_manifest.json lists the "
                          f"shards)", summary.out, summary.quarantined,
                          [f"mmbatch inspect {summary.out}",

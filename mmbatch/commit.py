@@ -49,6 +49,7 @@ class CommitRecord:
     counts: dict = field(default_factory=dict)        # "split"/"label"/"presence" -> value -> rows written
     seconds: dict = field(default_factory=dict)       # stage -> busy seconds in the worker
     devices: dict = field(default_factory=dict)       # modality -> device it was embedded on
+    node: str = ""                              # Ray node id of the worker that ran the unit
 
     def to_marker(self) -> dict:
         return asdict(self)

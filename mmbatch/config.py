@@ -35,6 +35,8 @@ class RayConfig(Strict):
     num_gpus: Optional[float] = Field(None, ge=0, description="GPUs of the embedded Ray (null: all)")
     object_store_memory: Optional[int] = Field(None, description="bytes for the embedded Ray's object store "
                                                "(null: Ray's default)")
+    max_workers: Optional[int] = Field(None, ge=1, description="most unit workers (actors) of an ingest or "
+                                       "preprocess job (null: no limit; the pool grows as nodes join)")
 
 
 class CompletionConfig(Strict):

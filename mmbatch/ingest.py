@@ -8,7 +8,7 @@
    (``shard_mb``, ``shard_rows``, and at least two shards per CPU so small inputs
    still read in parallel). A shard's fingerprint covers its records (with file
    sizes and mtimes), the options and the schema version.
-3. Read (Ray Data, one task per shard): fetch the files, probe each image/audio
+3. Read (a Ray Data job, one unit per shard: mmbatch.units): fetch the files, probe each image/audio
    header, write ``OUT/<shard>.parquet`` (CANONICAL + HF feature metadata) and
    ``OUT/quarantine/<shard>.parquet`` atomically, then the shard marker.
    Shards whose marker matches are skipped: a rerun after a killed driver only
@@ -232,7 +232,7 @@ def row_group_rows(rows: int, nbytes: int) -> int:
 
 
 class IngestWorker:
-    """The per-process side of ingest: one shard in, one commit record out (see mmbatch.pool)."""
+    """The per-process side of ingest: one shard in, one commit record out (see mmbatch.units)."""
 
     def __init__(self, ctx: dict):
         self.ctx = ctx
@@ -241,24 +241,26 @@ class IngestWorker:
         return ingest_shard(task.shard_id, task.fingerprint, task.samples, self.ctx)
 
 
-def _run_shards(pending: list[ShardTask], ctx: dict, on_result) -> None:
-    from mmbatch.pool import Resources, run_units
-    from mmbatch.runtime import cluster_cpus
+def _run_shards(pending: list[ShardTask], ctx: dict, on_result, max_workers: int | None = None) -> None:
+    from mmbatch.units import Resources, pool_size, run_units
 
+    res = Resources(num_cpus=1)
     run_units(IngestWorker, ctx, sorted(pending, key=lambda t: -t.nbytes), on_result,
-              num_workers=max(1, int(cluster_cpus())), resources=Resources(num_cpus=1),
-              name=lambda t: t.shard_id)
+              workers=pool_size(res, max_workers), resources=res, name=lambda t: t.shard_id,
+              label=f"mmbatch ingest {ctx['kind']}")
 
 
 # --- the stage ----------------------------------------------------------------------------
 def run_ingest(kind: str, input: str, out: str, opts: IngestOptions | None = None,
-               address: str | None = None, echo: bool = True) -> IngestSummary:
+               address: str | None = None, echo: bool = True, max_workers: int | None = None) -> IngestSummary:
     """Ingest INPUT (a KIND corpus) into OUT; see the module docstring. Prints the summary when ``echo``."""
     from mmbatch.runtime import init_ray
 
     t0 = time.time()
     opts = opts or IngestOptions()
     opts.validate()
+    if max_workers is not None and max_workers < 1:
+        raise UsageError(f"--max-workers must be >= 1 (got {max_workers})")
     fs, out_path = storage.url_to_fs(out)
     plan, samples, problems = plan_ingest(kind, input, out, opts)   # UsageError before Ray starts
     shards = shard_plan(plan, samples, opts)
@@ -296,7 +298,7 @@ def run_ingest(kind: str, input: str, out: str, opts: IngestOptions | None = Non
                 records[task.shard_id] = rec
                 bar.update(rec.rows_in)
 
-            _run_shards(pending, ctx, on_result)
+            _run_shards(pending, ctx, on_result, max_workers)
     storage.clean_tmp(fs, out_path)
 
     splits: Counter = Counter()

@@ -80,6 +80,7 @@ def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None,
         with _children_ignore_sigint():
             ray.init(address="local", **kwargs)
     else:
+        check_token_auth(address)
         ray.init(address=address, runtime_env={
             "env_vars": dict(THREAD_ENV), "worker_process_setup_hook": "mmbatch.runtime.quiet_worker_logs"},
             **kwargs)
@@ -88,6 +89,35 @@ def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None,
     _quiet_ray_data(quiet)
     if quiet:
         _filter_worker_logs()
+
+
+def check_token_auth(address: str) -> None:
+    """Fail with one line naming the fix when the cluster at ``address`` wants a token this process
+    will not send (Ray >= 2.52 `ray start --head` turns token auth on). Without it, ray.init logs
+    ``InvalidAuthToken`` about once a second for ~20 s before its ConnectionError."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "token" or address.startswith("ray://"):
+        return
+    import grpc
+    from ray._private.services import canonicalize_bootstrap_address
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+    from mmbatch.errors import UsageError
+
+    try:
+        target = canonicalize_bootstrap_address(address)
+    except Exception:  # noqa: BLE001 - ray.init reports a bad address itself
+        return
+    if not target:
+        return
+    with grpc.insecure_channel(target) as channel:
+        try:
+            gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetClusterId(
+                gcs_service_pb2.GetClusterIdRequest(), timeout=10)
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.UNAUTHENTICATED:
+                raise UsageError(
+                    f"the Ray cluster at {address} uses token authentication: set RAY_AUTH_MODE=token "
+                    "(the token from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)") from None
 
 
 # --- interrupts ------------------------------------------------------------------------------
@@ -271,6 +301,9 @@ def _quiet_ray_data(quiet: bool = True) -> None:
         for name in ("ray.data", "ray.train", "ray.tune"):
             logging.getLogger(name).setLevel(logging.WARNING)
         logging.getLogger("ray.data._internal.progress").addFilter(_DropMessages("Progress bars disabled"))
+        # a unit whose worker died is run again (mmbatch.units): one line, not Ray Data's traceback
+        logging.getLogger("ray.data._internal.execution.streaming_executor_state").addFilter(_NoTraceback(
+            "An exception was raised from a task of operator"))
 
 
 class _DropMessages(logging.Filter):
@@ -280,6 +313,19 @@ class _DropMessages(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not record.getMessage().startswith(self.starts)
+
+
+class _NoTraceback(logging.Filter):
+    """Keeps the records that start with ``start``, without their traceback."""
+
+    def __init__(self, start: str):
+        super().__init__()
+        self.start = start
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage().startswith(self.start):
+            record.exc_info = record.exc_text = None
+        return True
 
 
 def _quiet_ray_logs() -> None:

@@ -6,7 +6,7 @@ and wraps one mmbatch function. Each fault fires once: its flag file is removed 
 process SIGKILLs itself, so the restarted worker goes on (and the test can see that it fired).
 
 - :func:`kill_nth_unit` (reliability tests): when the flag file named by ``MMBATCH_TEST_KILL_UNIT``
-  exists and holds N, a unit worker of mmbatch's actor pool dies at the start of its N-th unit.
+  exists and holds N, a unit worker of mmbatch's actor pool (mmbatch.units) dies at the start of its N-th unit.
 - :func:`kill_at_epoch` (training fault tests): ``MMBATCH_TEST_KILL_EPOCH`` is
   ``<flag file>:<rank>:<epoch>``; while the flag file exists, the Ray Train worker of that rank
   dies at the start of that epoch (0-based), once the previous epoch's checkpoint is committed.
@@ -25,9 +25,9 @@ def kill_nth_unit() -> None:
     flag = os.environ.get(KILL_UNIT_ENV)
     if not flag:
         return
-    from mmbatch import pool
+    from mmbatch import units
 
-    original = pool._PoolActor.run
+    original = units._PoolActor.run
     calls = {"n": 0}
 
     def run(self, unit):
@@ -42,7 +42,7 @@ def kill_nth_unit() -> None:
             pass
         return original(self, unit)
 
-    pool._PoolActor.run = run
+    units._PoolActor.run = run
 
 
 def kill_at_epoch() -> None:

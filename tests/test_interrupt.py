@@ -8,7 +8,10 @@ exited 1 and left Ray processes behind.
 from __future__ import annotations
 
 import os
+import pty
 import re
+import shlex
+import threading
 import signal
 import subprocess
 import sys
@@ -127,3 +130,54 @@ def test_ctrl_c_during_preprocess_stops_fast_and_a_rerun_resumes(workflow_env):
     assert sorted(resumed) == sorted(undisturbed) and len(resumed) == 160
     for sid, row in undisturbed.items():
         assert resumed[sid]["fused"] == row["fused"] and resumed[sid]["label"] == row["label"]
+
+
+def drain(fd: int, into: list) -> None:
+    """Read a pty's master side (what a terminal shows) until it closes."""
+    try:
+        while chunk := os.read(fd, 4096):
+            into.append(chunk)
+    except OSError:
+        pass
+
+
+@pytest.mark.slow
+def test_ctrl_c_with_stdout_to_a_pipe_exits_130_and_leaves_no_ray(workflow_env, tmp_path):
+    """`mmbatch preprocess wf | tee log`, then Ctrl-C: the terminal's SIGINT reaches tee too, so the
+    driver's stdout is a pipe with no reader. Exit 130, the line on stderr, no Ray process left."""
+    base, workflow = workflow_env
+    out = tmp_path / "piped"
+    ray_tmp = tempfile.mkdtemp(prefix="raypip", dir="/tmp")
+    rc = tmp_path / "rc"
+    # a shell pipeline in its own session: bash, mmbatch and tee share its process group, as in a terminal
+    pipeline = (f"{shlex.quote(str(MMBATCH_SCRIPT))} preprocess {shlex.quote(str(workflow(out)))} "
+                f"| tee {shlex.quote(str(tmp_path / 'log'))} >/dev/null; "
+                f"echo ${{PIPESTATUS[0]}} ${{PIPESTATUS[1]}} >{shlex.quote(str(rc))}")
+    env = {**os.environ, "PYTHONPATH": str(PACKAGE_ROOT), "RAY_TMPDIR": ray_tmp, "RAY_ADDRESS": ""}
+    master, tty = pty.openpty()                  # the terminal: stdin and stderr (progress bars, the last line)
+    shell = subprocess.Popen(["bash", "-c", pipeline], env=env, start_new_session=True, stdin=tty, stderr=tty)
+    os.close(tty)
+    screen: list = []
+    reader = threading.Thread(target=drain, args=(master, screen), daemon=True)
+    reader.start()
+    deadline = time.time() + 240
+    while not committed_markers(out) and shell.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert shell.poll() is None and committed_markers(out), "no shard committed while the job ran"
+
+    os.killpg(shell.pid, signal.SIGINT)          # Ctrl-C: the driver, its Ray, and tee, which dies at once
+    try:
+        shell.wait(timeout=60)
+    finally:
+        if shell.poll() is None:
+            os.killpg(shell.pid, signal.SIGKILL)
+    time.sleep(1)
+    stderr = b"".join(screen).decode(errors="replace").replace("\r\n", "\n")
+    codes = rc.read_text().split()
+    assert codes[1] == str(128 + signal.SIGINT), codes          # tee died of the Ctrl-C: a pipe without reader
+    assert codes[0] == "130", (codes, stderr[-3000:])
+    assert len([ln for ln in stderr.splitlines() if INTERRUPTED_LINE.search(ln)]) == 1, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    time.sleep(5)
+    left = ray_processes(shell.pid, ray_tmp)
+    assert not left, "processes left 5 s after the interrupt:\n" + "\n".join(left)

@@ -1,6 +1,7 @@
 """README's examples are checked against the code, so they cannot drift.
 
-- every fenced block has a language: ``text`` (diagrams), ``yaml`` or ``bash``;
+- every fenced block has a language: ``text`` (diagrams), ``yaml``, ``bash`` or ``python`` (run by
+  tests/test_data_api.py);
 - every YAML block parses and validates as a workflow (mmbatch/config.py);
 - every bash block passes ``bash -n``; each ``mmbatch ...`` command in it parses with the real CLI parser,
   and ``mmbatch <command> --help`` runs (the real console script) for every command README shows;
@@ -43,7 +44,7 @@ def mmbatch_commands(script: str) -> list[list[str]]:
 def test_every_fenced_block_has_a_known_language():
     tags = [m.group(1).strip() for m in FENCE.finditer(README.read_text())]
     assert tags, "no code blocks found in README"
-    assert set(tags) <= {"text", "yaml", "bash"}, tags
+    assert set(tags) <= {"text", "yaml", "bash", "python"}, tags
 
 
 def test_every_yaml_example_is_a_valid_workflow():

@@ -3,7 +3,7 @@
 - plan.py     units (row groups of the input shards), fingerprints; no Ray, no row data
 - unit.py     one unit start to finish in a worker: read, extract, fuse, write -> CommitRecord
 - fuse.py     pairing on light columns (PartnerIndex) and the fused table of a unit
-- run.py      the driver: skip committed units, run the rest (mmbatch.pool), commit, manifest
+- run.py      the driver: skip committed units, run the rest (mmbatch.units: a Ray Data job), commit, manifest
 - summary.py  counts, stage table, manifest
 
 The commit protocol (workers write, the driver writes markers) is mmbatch.commit,

@@ -3,7 +3,7 @@
 The driver never touches row data. Per dataset it plans units (row groups of
 the canonical shards, plan.py), skips those committed with the same
 fingerprint, removes a killed run's leftovers, and runs the rest on a pool of
-actors (mmbatch.pool) that read, extract, fuse and write each unit's final
+actors (mmbatch.units, a Ray Data job) that read, extract, fuse and write each unit's final
 file (unit.py). Each unit comes back as a CommitRecord; the driver writes its
 marker (mmbatch.commit) and, at the end, ``_manifest.json`` from the records.
 
@@ -76,15 +76,15 @@ class _Runner:
             else:
                 pending.append(u)
         if pending:
-            from mmbatch.pool import run_units
             from mmbatch.runtime import init_ray
+            from mmbatch.units import run_units
 
             init_ray(self.wf.ray.address, self.wf.ray.num_cpus, self.wf.ray.num_gpus, self.wf.ray.object_store_memory)
             workers, resources = _placement(self.wf, plan, job)
             for m in plan.modalities:
                 self.summary.placement.setdefault(m, {}).update(
                     stage="unit worker", device=job.devices.get(m, "cpu"), num_gpus=resources.num_gpus,
-                    workers=workers)
+                    workers=workers or "one per unit")
             what = "fuse" if fused else "features"
             with progress_bar(f"{plan.cfg.name}: extract + {what}", total=sum(u.rows for u in pending),
                               unit="rows") as bar:
@@ -94,28 +94,34 @@ class _Runner:
                     self.summary.add(rec, fused, processed=True)
                     bar.update(rec.rows_in)
 
-                run_units(make_worker, job, pending, on_result, num_workers=workers, resources=resources)
+                run_units(make_worker, job, pending, on_result, workers=workers, resources=resources,
+                          name=lambda u: u.id, label=f"mmbatch preprocess {plan.cfg.name}")
+            for m in plan.modalities:
+                p = self.summary.placement[m]
+                if p.get("device") == "gpu" and "cpu" in p.get("devices", ()):
+                    p["stage"] = "unit worker (GPU asked for; the model fell back to CPU: no CUDA in the worker)"
         return [records[u.id] for u in units]
 
 
 def _placement(wf: Workflow, plan: DatasetPlan, job: UnitJob):
-    """(workers, per-worker resources): one worker per CPU; when an extractor needs a model and
-    the cluster has GPUs, the workers share them (each worker decodes on its CPU and embeds on
-    its GPU fraction)."""
-    from mmbatch.pool import Resources
-    from mmbatch.runtime import cluster_cpus, cluster_gpus
+    """(workers, per-worker resources): one worker per CPU the cluster has or its autoscaler can add,
+    at most ``ray.max_workers`` (mmbatch.units.pool_size). When an extractor needs a model and GPUs are asked for
+    (``features.*.num_gpus``) or the cluster has GPUs (an embedded Ray's ``ray.num_gpus``) or can start
+    GPU nodes, each
+    worker holds a GPU fraction (it decodes on its CPU and embeds on its GPU share); asking for it
+    is what makes the autoscaler start GPU nodes."""
+    from mmbatch.units import Resources, gpu_share, pool_size
 
-    workers = max(1, int(cluster_cpus()))
+    res = Resources(num_cpus=1)
     model_mods = [m for m in plan.modalities if extractor(m, job.specs[m]).needs_model]
-    gpus = cluster_gpus()
-    if model_mods and gpus > 0:
+    if model_mods:
         asked = [getattr(wf.features, m).num_gpus for m in model_mods if getattr(wf.features, m).num_gpus]
-        frac = min(1.0, max(asked) if asked else gpus / workers)
-        workers = max(1, min(workers, int(gpus / frac)))
-        for m in model_mods:
-            job.devices[m] = "gpu"
-        return workers, Resources(num_cpus=1, num_gpus=frac)
-    return workers, Resources(num_cpus=1)
+        frac = min(1.0, max(asked)) if asked else gpu_share()
+        if frac:
+            for m in model_mods:
+                job.devices[m] = "gpu"
+            res = Resources(num_cpus=1, num_gpus=frac)
+    return pool_size(res, wf.ray.max_workers), res
 
 
 def _check_completions(plans: list[DatasetPlan]) -> None:

@@ -11,7 +11,7 @@ partner cache) and then, per unit (one row group of a canonical shard):
 Batches are Arrow in, NumPy per modality, Arrow out (embeddings as
 fixed-size lists built once per batch). Timings and quarantine reasons are
 fields of the returned record, not columns. The same class serves a test, a
-plain loop and the Ray actor pool (mmbatch.pool).
+plain loop and the Ray Data actor pool (mmbatch.units).
 """
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""mmbatch.pool.run_units on the shared real Ray (2 CPUs): every unit once, dead workers replaced,
-failing units named. The worker factories are defined inside functions so Ray ships them by value."""
+"""mmbatch.units.run_units (a Ray Data actor pool) on the shared real Ray (2 CPUs): every unit once,
+dead workers replaced, failing units named, warnings said once. The worker factories are defined
+inside functions so Ray ships them by value."""
 from __future__ import annotations
 
 import os
@@ -7,7 +8,7 @@ import threading
 
 import pytest
 
-from mmbatch.pool import Resources, UnitFailed, run_units
+from mmbatch.units import Resources, UnitFailed, pool_size, run_units
 
 
 def run_in_thread(deadline_s: float = 120, then=None, **kwargs) -> dict:
@@ -55,7 +56,7 @@ def test_every_unit_runs_once_and_results_reach_the_driver(ray_session):
     def make_worker(job):
         return lambda unit: (unit * job, os.getpid())
 
-    results = run_in_thread(make_worker=make_worker, job=3, units=range(20), num_workers=2,
+    results = run_in_thread(make_worker=make_worker, job=3, units=range(20), workers=2,
                             resources=Resources(num_cpus=1))
     assert sorted(results) == list(range(20))
     assert all(len(r) == 1 and r[0][0] == u * 3 for u, r in results.items())
@@ -65,7 +66,7 @@ def test_every_unit_runs_once_and_results_reach_the_driver(ray_session):
 def test_unit_of_a_killed_worker_goes_to_another_worker(ray_session, tmp_path):
     flag = str(tmp_path / "kill-once")
     open(flag, "w").close()
-    results = run_in_thread(make_worker=dies_once(flag, 5), job=None, units=range(12), num_workers=2,
+    results = run_in_thread(make_worker=dies_once(flag, 5), job=None, units=range(12), workers=2,
                             resources=Resources(num_cpus=1))          # the process dies holding unit 5
     assert not os.path.exists(flag), "the fault never fired"
     assert sorted(results) == list(range(12)) and all(len(r) == 1 for r in results.values())
@@ -73,7 +74,7 @@ def test_unit_of_a_killed_worker_goes_to_another_worker(ray_session, tmp_path):
 
 def test_dead_worker_whose_replacement_cannot_start_does_not_hang_the_job(ray_session, tmp_path):
     """Worker A answers unit 0 and dies; its CPU is taken by another actor, so no replacement can
-    start (as when a node is gone). The driver hands A its next unit before it learns of the death:
+    start (as when a node is gone). Ray Data may hand A its next unit before it learns of the death:
     that unit and the rest must run on worker B, and the job must end without the replacement.
     (The lost-node test in test_reliability.py covers the two-node case this cannot.)"""
     import ray
@@ -95,10 +96,12 @@ def test_dead_worker_whose_replacement_cannot_start_does_not_hang_the_job(ray_se
 
     try:
         results = run_in_thread(make_worker=dies_once(flag, 0, after_s=0.2), job=None, units=range(6),
-                                num_workers=2, in_flight=1, resources=Resources(num_cpus=1), then=take_the_cpu)
+                                workers=2, resources=Resources(num_cpus=1), then=take_the_cpu)
         assert not os.path.exists(flag), "the fault never fired"
         assert sorted(results) == list(range(6)) and all(len(r) == 1 for r in results.values())
-        assert len({results[u][0] for u in range(1, 6)} - {results[0][0]}) == 1   # the rest ran on B
+        # the rest ran on B, or on B and a replacement that won the freed CPU before the blocker did
+        # (Ray Data starts replacements at once: a race this test cannot fix); either way the job ended
+        assert 1 <= len({results[u][0] for u in range(1, 6)} - {results[0][0]}) <= 2
     finally:
         for b in blockers:
             ray.kill(b)
@@ -113,7 +116,7 @@ def test_unit_that_keeps_killing_its_worker_fails_the_job_named(ray_session):
         return work
 
     with pytest.raises(UnitFailed, match=r"unit poison: its worker died 2 times"):
-        run_in_thread(make_worker=make_worker, job=None, units=["a", "poison", "b"], num_workers=2,
+        run_in_thread(make_worker=make_worker, job=None, units=["a", "poison", "b"], workers=2,
                       resources=Resources(num_cpus=1), max_deaths=2)
 
 
@@ -126,7 +129,7 @@ def test_error_in_a_unit_fails_the_job_with_unit_and_cause(ray_session):
         return work
 
     with pytest.raises(UnitFailed, match=r"unit 2: ValueError: bad row group"):
-        run_in_thread(make_worker=make_worker, job=None, units=range(4), num_workers=2,
+        run_in_thread(make_worker=make_worker, job=None, units=range(4), workers=2,
                       resources=Resources(num_cpus=1))
 
 
@@ -135,5 +138,29 @@ def test_worker_that_cannot_be_built_fails_each_unit_with_its_error(ray_session)
         raise FileNotFoundError("no model at /nowhere/model.pt")
 
     with pytest.raises(UnitFailed, match=r"FileNotFoundError: no model at /nowhere/model.pt"):
-        run_in_thread(make_worker=make_worker, job=None, units=range(3), num_workers=1,
+        run_in_thread(make_worker=make_worker, job=None, units=range(3), workers=1,
                       resources=Resources(num_cpus=1))
+
+
+def test_a_warning_from_building_the_workers_is_said_once_per_job(ray_session, caplog):
+    import logging
+    import warnings
+
+    def make_worker(job):
+        warnings.warn("model has random weights", RuntimeWarning)
+        logging.getLogger("mmbatch.features").warning("model has random weights")
+        return lambda unit: unit
+
+    with caplog.at_level(logging.WARNING, logger="mmbatch"):
+        results = run_in_thread(make_worker=make_worker, job=None, units=range(8), workers=2,
+                                resources=Resources(num_cpus=1))
+    assert sorted(results) == list(range(8))
+    said = [r.getMessage() for r in caplog.records if "random weights" in r.getMessage()]
+    assert said == ["model has random weights"]                 # two workers built it; said once
+
+
+def test_pool_size_is_what_the_cluster_holds_bounded_by_max_workers(ray_session):
+    assert pool_size(Resources(num_cpus=1)) == 2                # the shared Ray: 2 CPUs, no autoscaler
+    assert pool_size(Resources(num_cpus=0.5)) == 4
+    assert pool_size(Resources(num_cpus=1), max_workers=1) == 1
+    assert pool_size(Resources(num_cpus=1, num_gpus=0.5)) == 1  # no GPU here: at least one worker asks

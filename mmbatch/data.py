@@ -1,0 +1,116 @@
+"""mmbatch for Ray Data users: mmbatch's outputs as ``ray.data.Dataset``, its extractors as callable classes.
+
+    import ray
+    from mmbatch.data import Embed, read_canonical, read_fused
+
+    ds = read_canonical("out/canonical/imagenet")                       # what `mmbatch ingest` wrote
+    ds = ds.map_batches(Embed, fn_constructor_args=("image", {"image": {"extractor": "hog", "size": 32}}),
+                        batch_format="pyarrow", concurrency=1)           # adds image_emb (+ image_error)
+    fused = read_fused("out/features")                                  # what `mmbatch preprocess` wrote
+
+:class:`Embed` gives the embeddings that ``mmbatch preprocess`` gives for the same rows and the same
+``features`` settings: the same extractor, in chunks of the same ``features.batch_size`` rows (a model's
+float results depend on the batch it ran in). A row that cannot be decoded keeps a null embedding and its
+reason in ``<modality>_error`` (preprocess quarantines such rows).
+
+On a small machine leave a CPU free for Ray Data's read tasks: Embed actors holding every CPU starve
+them (the job waits for ever).
+
+Both readers read the files the output's ``_manifest.json`` lists: an output without one is incomplete
+(a job still running or killed) and is refused unless ``allow_incomplete=True``.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+import pyarrow as pa
+
+from mmbatch import storage
+from mmbatch.errors import UsageError
+from mmbatch.schema import emb_column
+
+
+def _files(path: str, allow_incomplete: bool) -> tuple[Any, list[str], Optional[dict]]:
+    """(filesystem, data files, manifest or None) of an mmbatch output folder."""
+    fs, root = storage.url_to_fs(path)
+    manifest = storage.read_manifest(path)
+    if manifest is not None:
+        return fs, [storage.join(root, f) for f in manifest["files"]], manifest
+    if not allow_incomplete:
+        raise UsageError(f"{path}: no {storage.MANIFEST}, the output is incomplete (a job still running or "
+                         "stopped); rerun the command that writes it, or pass allow_incomplete=True")
+    files = sorted(p for p in fs.glob(storage.join(root, "*.parquet")))
+    if not files:
+        raise UsageError(f"{path}: no Parquet files")
+    return fs, files, None
+
+
+def read_canonical(path: str, *, columns: Optional[list[str]] = None, allow_incomplete: bool = False, **kwargs):
+    """What ``mmbatch ingest`` wrote (canonical rows: sample_id, image, audio, text, label, ...) as a
+    Dataset; ``kwargs`` go to ``ray.data.read_parquet``."""
+    fs, files, _ = _files(path, allow_incomplete)
+    return _read(files, fs, columns, kwargs)
+
+
+def _read(files: list[str], fs, columns: Optional[list[str]], kwargs: dict):
+    import ray
+
+    ds = ray.data.read_parquet(files, filesystem=fs, **kwargs)
+    return ds.select_columns(columns) if columns else ds
+
+
+def check_fused(path: str, manifest: Optional[dict]) -> None:
+    """Hook for the fused-output completeness/consistency check (the provenance work wires its check here);
+    today: the manifest exists and is a fused output's."""
+    if manifest is not None and manifest.get("kind") != "fused":
+        raise UsageError(f"{path}: not a fused output (manifest kind {manifest.get('kind')!r}); "
+                         "use read_canonical for what `mmbatch ingest` wrote")
+
+
+def read_fused(path: str, *, columns: Optional[list[str]] = None, allow_incomplete: bool = False, **kwargs):
+    """What ``mmbatch preprocess`` wrote (per-modality embeddings, presence flags, ``fused``) as a Dataset.
+    Checked first with :func:`check_fused` unless ``allow_incomplete``."""
+    fs, files, manifest = _files(path, allow_incomplete)
+    if not allow_incomplete:
+        check_fused(path, manifest)
+    return _read(files, fs, columns, kwargs)
+
+
+class Embed:
+    """A callable class for ``ds.map_batches(Embed, fn_constructor_args=(modality, features),
+    batch_format="pyarrow")``: adds ``<modality>_emb`` (null where the row has no such value or it cannot
+    be decoded) and ``<modality>_error`` (the reason, else null).
+
+    ``features`` is the workflow's ``features:`` mapping (default settings when omitted). A model
+    extractor runs on the GPU when the worker has one (``num_gpus=`` in map_batches), else on the CPU.
+    """
+
+    def __init__(self, modality: str, features: Optional[dict] = None):
+        from mmbatch.config import FeaturesConfig
+        from mmbatch.preprocess.unit import extractor
+
+        cfg = FeaturesConfig.model_validate(features or {})
+        self.modality, self.batch_size = modality, cfg.batch_size
+        self.extractor = extractor(modality, getattr(cfg, modality).model_dump(mode="json"))
+        if self.extractor.needs_model:
+            import torch
+            self.extractor = self.extractor.to("cuda" if torch.cuda.is_available() else "cpu")
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from mmbatch.fusion import embeddings_to_arrow
+        from mmbatch.preprocess.unit import raw_items
+
+        items, _ = raw_items(batch, self.modality)
+        emb = np.zeros((batch.num_rows, self.extractor.dim), np.float32)
+        ok = np.fromiter((x is not None and len(x) > 0 for x in items), bool, count=batch.num_rows)
+        errors: list[Optional[str]] = [None] * batch.num_rows
+        idx = np.flatnonzero(ok)
+        for start in range(0, len(idx), self.batch_size):          # the chunks preprocess uses
+            part = idx[start:start + self.batch_size]
+            emb[part], errs = self.extractor.extract([items[i] for i in part])
+            for i, err in zip(part, errs):
+                if err is not None:
+                    ok[i], errors[i] = False, err[0]
+        return (batch.append_column(emb_column(self.modality), embeddings_to_arrow(emb, ok))
+                .append_column(f"{self.modality}_error", pa.array(errors, pa.string())))

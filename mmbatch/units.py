@@ -1,0 +1,259 @@
+"""The Ray wiring of ingest and preprocess: units of work run as one Ray Data job.
+
+A job is a list of independent units (a canonical row group, an ingest shard). Each unit is one
+block of a ``ray.data.from_items`` dataset; ``map_batches`` runs it on an actor pool of
+:class:`_PoolActor`, whose actors build the stage's worker once (``make_worker(job)``: extractors,
+models, lookups) and then run unit after unit; the driver reads the results with ``iter_rows`` and
+receives only each unit's small result (a :class:`~mmbatch.commit.CommitRecord`), which it commits.
+``from_items`` has no read task: on 2 CPUs a read task would wait behind actors holding every CPU.
+
+The pool has a fixed size, :func:`pool_size`: what the cluster can hold once its autoscaler has
+added every node it may (its node types' limits, where the autoscaler reports them to the GCS), one
+worker per unit where an autoscaler does not say its limits, and at most ``ray.max_workers``. The
+actors that do not fit yet are pending demand: the autoscaler starts nodes for them, and each takes
+units as soon as its node joins. (Measured on Ray's fake autoscaling cluster: an autoscaling pool,
+min < max, stayed on one node; docs/data-path.md.)
+
+Faults, through Ray's and Ray Data's options:
+
+- ``max_restarts=-1``: an actor whose process dies (SIGKILL, OOM) is restarted in place;
+- ``max_task_retries=0``: the unit it held is not retried *on that actor* (a restart that never
+  comes, when the actor's node is gone and no other node has room, would hold it for ever) ...
+- ``DataContext.max_errored_blocks=-1`` (on this dataset only): ... its block is given up and the
+  job goes on; Ray Data stops dispatching to a restarting actor;
+- the driver reruns the units that came back from no worker in a new round (the live actors of
+  the next pool take them). A unit lost ``max_deaths`` times fails the job with the unit named.
+
+An exception inside a unit is returned as a value and fails the job on the driver with the unit
+named (Ray Data's own error would name a block). A worker that cannot be built does the same for
+each unit it gets.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import pickle
+import traceback
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Optional
+
+log = logging.getLogger("mmbatch")
+
+
+MAX_RESTARTS = 0
+
+
+class UnitFailed(RuntimeError):
+    """A unit of work failed in its worker (the error names the unit and the cause)."""
+
+
+@dataclass
+class Resources:
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+
+
+class _PoolActor:
+    """The Ray Data UDF: a callable class, one instance per actor (the name shows in ``ps``)."""
+
+    def __init__(self, make_worker: Callable[[Any], Callable], job: Any):
+        import ray
+
+        from mmbatch.runtime import pin_threads
+
+        pin_threads()
+        if isinstance(job, ray.ObjectRef):
+            job = ray.get(job)
+        self.node = ray.get_runtime_context().get_node_id()
+        # A worker that cannot be built (a missing tool, a bad model path) fails each unit with
+        # its own error instead of dying: a dead actor would be restarted and fail again, silently.
+        # What building it warns (a model with random weights, ...) goes to the driver with the first
+        # result, which says each warning once per job instead of once per actor.
+        with _captured_warnings() as self.notes:
+            try:
+                self.worker, self.error = make_worker(job), None
+            except Exception as e:  # noqa: BLE001 - reported per unit
+                self.worker, self.error = None, e
+
+    def run(self, unit: Any) -> Any:
+        if self.error is not None:
+            raise self.error
+        return self.worker(unit)
+
+    def __call__(self, batch: dict) -> dict:
+        out = {"i": [], "result": [], "error": [], "notes": []}
+        for i, blob in zip(batch["i"], batch["unit"]):
+            result, error = None, ""
+            try:
+                result = self.run(pickle.loads(blob))
+                if hasattr(result, "node"):
+                    result.node = self.node
+            except Exception as e:  # noqa: BLE001 - the driver raises UnitFailed with the unit named
+                error = f"{type(e).__name__}: {e}"
+                log.debug("unit failed:\n%s", traceback.format_exc())
+            out["i"].append(int(i))
+            out["result"].append(pickle.dumps(result))
+            out["error"].append(error)
+            out["notes"].append(json.dumps(self.notes))
+            self.notes = []
+        return out
+
+
+@contextlib.contextmanager
+def _captured_warnings():
+    """Collect the ``warnings`` and WARNING log records (``mmbatch`` loggers) raised inside, as text,
+    instead of printing them."""
+    notes: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            notes.append(record.getMessage())
+
+    logger, handler = logging.getLogger("mmbatch"), Collect(logging.WARNING)
+    propagate = logger.propagate
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield notes
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
+        for w in caught:
+            notes.append(str(w.message))
+        notes[:] = list(dict.fromkeys(notes))       # the same text from warnings and the log: once
+
+
+def run_units(make_worker: Callable[[Any], Callable], job: Any, units: Iterable[Any],
+              on_result: Callable[[Any, Any], None], *, workers: Optional[int],
+              resources: Resources | None = None, max_deaths: int = 4, name: Callable[[Any], str] = str,
+              label: str = "units") -> None:
+    """Run ``make_worker(job)(unit)`` for every unit on a Ray Data actor pool of ``workers`` actors
+    (None: one per unit; see :func:`pool_size`).
+
+    ``on_result(unit, result)`` runs on the driver as each unit finishes, in completion order.
+    Units are handed out in the given order (put the largest first). Units whose worker died are
+    run again in a new round; a unit lost ``max_deaths`` times fails the job.
+    """
+    import ray
+
+    todo = list(units)
+    res = resources or Resources()
+    job_ref = ray.put(job)          # the job travels once through the object store
+    lost: dict[int, int] = {}       # unit index -> rounds it came back from no worker
+    said: set[str] = set()          # the workers' warnings, said once
+    index = list(range(len(todo)))
+    while index:
+        seen = set()
+        ds = ray.data.from_items([{"i": i, "unit": pickle.dumps(todo[i])} for i in index],
+                                 override_num_blocks=len(index))
+        ds.context.max_errored_blocks = -1          # a dead worker's unit: rerun below, not fatal
+        ds.context.enable_progress_bars = ray.data.DataContext.get_current().enable_progress_bars
+        # A fixed size: actors that do not fit yet are pending demand, which makes the autoscaler add
+        # nodes, and they take units as their nodes join (an autoscaling pool, min < max, grows only
+        # through Ray Data's cluster autoscaler, too slowly to matter: docs/data-path.md).
+        pool = ray.data.ActorPoolStrategy(size=max(1, min(workers or len(index), len(index))))
+        with warnings.catch_warnings():     # max_restarts has no named parameter in Ray 2.60
+            warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated", DeprecationWarning)
+            ds = ds.map_batches(_PoolActor, batch_size=1, compute=pool, fn_constructor_args=(make_worker, job_ref),
+                                num_cpus=res.num_cpus, num_gpus=res.num_gpus or None, zero_copy_batch=True,
+                                max_restarts=MAX_RESTARTS, max_task_retries=0)
+        ds.set_name(label)             # the job's name in the dashboard's Data view
+        for row in ds.iter_rows():
+            i = int(row["i"])
+            seen.add(i)
+            for note in json.loads(row["notes"]):
+                if note not in said:
+                    said.add(note)
+                    log.warning("%s", note)
+            if row["error"]:
+                raise UnitFailed(f"unit {name(todo[i])}: {row['error']}")
+            on_result(todo[i], pickle.loads(row["result"]))
+        index = [i for i in index if i not in seen]
+        for i in index:
+            lost[i] = lost.get(i, 0) + 1
+            if lost[i] >= max_deaths:
+                raise UnitFailed(f"unit {name(todo[i])}: its worker died {max_deaths} times")
+        if index:
+            log.warning("%d unit(s) lost with their worker; running them again", len(index))
+
+
+# --- what to ask the cluster for -------------------------------------------------------------------
+def _autoscaler_config():
+    """The node types of the cluster's autoscaler, as it reports them to the GCS (autoscaler v2,
+    KubeRay: ``ray._private.state.state.get_cluster_config``, the call Ray Data's own cluster
+    autoscaler uses), or None."""
+    import ray
+    try:
+        config = ray._private.state.state.get_cluster_config()
+    except Exception:  # noqa: BLE001 - another Ray version, a client connection
+        return None
+    return config if config is not None and config.node_group_configs else None
+
+
+def _autoscaler_running() -> bool:
+    """True where an autoscaler that does not report its node types (v1: the cluster launcher's,
+    ``ray start --autoscaling-config``) manages the cluster. Its status in the GCS key-value store
+    maps nodes to their configured node types; a cluster without one (a local Ray, a fixed set of
+    ``ray start`` nodes) runs a read-only monitor whose types are the nodes' own ids."""
+    from ray._private.ray_constants import DEBUG_AUTOSCALING_STATUS
+    from ray.autoscaler._private.util import format_readonly_node_type
+    from ray.experimental.internal_kv import _internal_kv_get
+    try:
+        status = json.loads(_internal_kv_get(DEBUG_AUTOSCALING_STATUS) or "{}")
+    except Exception:  # noqa: BLE001 - another Ray version, a client connection
+        return False
+    mapping = (status.get("autoscaler_report") or {}).get("node_type_mapping") or {}
+    return any(t != format_readonly_node_type(n) for n, t in mapping.items())
+
+
+def cluster_capacity() -> Optional[dict[str, Optional[float]]]:
+    """The most of each resource the cluster can have (a value None: a node type without a limit):
+    its nodes' totals, or what its autoscaler's node types add up to. None: it has an autoscaler
+    whose limits are unknown."""
+    import ray
+
+    now = {k: float(v) for k, v in ray.cluster_resources().items()}
+    config = _autoscaler_config()
+    if config is None:
+        return None if _autoscaler_running() else now
+    most: dict[str, Optional[float]] = {}
+    for group in config.node_group_configs:
+        for k, v in group.resources.items():
+            if k in most and most[k] is None:
+                continue
+            most[k] = None if group.max_count < 0 else most.get(k, 0.0) + float(v) * group.max_count
+    return {k: (None if most.get(k, 0.0) is None else max(now.get(k, 0.0), most.get(k, 0.0)))
+            for k in {*now, *most}}
+
+
+def gpu_share() -> float:
+    """GPU per worker when nothing is asked: the cluster's GPUs shared by its CPUs (one worker per CPU),
+    where the GPU nodes are (the autoscaler's GPU node types if none runs yet). 0: no GPU to be had
+    (as far as the cluster tells)."""
+    import ray
+
+    now = ray.cluster_resources()
+    if now.get("GPU", 0) > 0:
+        return min(1.0, now["GPU"] / max(1.0, now.get("CPU", 1.0)))
+    config = _autoscaler_config()
+    shares = [min(1.0, g.resources["GPU"] / max(1.0, g.resources.get("CPU", 1.0)))
+              for g in (config.node_group_configs if config else [])
+              if g.resources.get("GPU", 0) > 0 and g.max_count != 0]
+    return min(shares) if shares else 0.0
+
+
+def pool_size(res: Resources, max_workers: Optional[int] = None) -> Optional[int]:
+    """How many unit workers of ``res`` the cluster can hold once its autoscaler has added every node
+    it may, bounded by ``max_workers``. None: no limit known (an autoscaler that does not report its
+    node types): one worker per unit, and the autoscaler's own limits decide how many start."""
+    cap = cluster_capacity()
+    if cap is None:
+        return max_workers
+    fits = [cap.get(key, 0.0) / need for key, need in (("CPU", res.num_cpus), ("GPU", res.num_gpus))
+            if need and cap.get(key, 0.0) is not None]
+    size = max(1, int(min(fits))) if fits else None
+    return size if max_workers is None else min(size or max_workers, max_workers)
