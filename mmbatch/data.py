@@ -60,20 +60,19 @@ def _read(files: list[str], fs, columns: Optional[list[str]], kwargs: dict):
     return ds.select_columns(columns) if columns else ds
 
 
-def check_fused(path: str, manifest: Optional[dict]) -> None:
-    """Hook for the fused-output completeness/consistency check (the provenance work wires its check here);
-    today: the manifest exists and is a fused output's."""
+def read_fused(path: str, *, columns: Optional[list[str]] = None, allow_incomplete: bool = False, **kwargs):
+    """What ``mmbatch preprocess`` wrote (per-modality embeddings, presence flags, ``fused``) as a Dataset.
+
+    Checked first as ``mmbatch train`` checks it (:func:`mmbatch.provenance.check_fused`): the manifest
+    lists exactly the files present and every file was made with the manifest's settings; else a
+    UsageError names the files that disagree and how. ``allow_incomplete=True`` reads what is committed."""
+    from mmbatch.provenance import check_fused_uri
+
+    fs, files, manifest = _files(path, allow_incomplete)
     if manifest is not None and manifest.get("kind") != "fused":
         raise UsageError(f"{path}: not a fused output (manifest kind {manifest.get('kind')!r}); "
                          "use read_canonical for what `mmbatch ingest` wrote")
-
-
-def read_fused(path: str, *, columns: Optional[list[str]] = None, allow_incomplete: bool = False, **kwargs):
-    """What ``mmbatch preprocess`` wrote (per-modality embeddings, presence flags, ``fused``) as a Dataset.
-    Checked first with :func:`check_fused` unless ``allow_incomplete``."""
-    fs, files, manifest = _files(path, allow_incomplete)
-    if not allow_incomplete:
-        check_fused(path, manifest)
+    check_fused_uri(path, allow_incomplete=allow_incomplete)
     return _read(files, fs, columns, kwargs)
 
 

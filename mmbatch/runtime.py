@@ -347,26 +347,6 @@ def cluster_gpus() -> float:
     return float(ray.cluster_resources().get("GPU", 0.0))
 
 
-def planned_cpus(address: Optional[str] = None) -> float:
-    """The CPUs a job will get, known before Ray starts where possible: the running Ray's; for an
-    embedded local Ray, this machine's (or RAY_OVERRIDE_RESOURCES'); else Ray is started to ask."""
-    import json
-
-    import ray
-
-    if ray.is_initialized():
-        return cluster_cpus()
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    if address in (None, "local"):
-        try:
-            override = json.loads(os.environ.get("RAY_OVERRIDE_RESOURCES") or "{}").get("CPU")
-        except ValueError:
-            override = None
-        return float(override or os.cpu_count() or 1)
-    init_ray(address=address)
-    return cluster_cpus()
-
-
 def cluster_cpus() -> float:
     import ray
     return float(ray.cluster_resources().get("CPU", 1.0))

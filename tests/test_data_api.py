@@ -76,6 +76,24 @@ def test_readers_refuse_an_incomplete_or_wrong_output(outputs, tmp_path):
     assert read_fused(str(partial), allow_incomplete=True).count() == read_fused(str(out / "features")).count()
 
 
+def test_read_fused_refuses_a_folder_whose_files_disagree_with_its_manifest(outputs, tmp_path):
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from mmbatch.provenance import UNIT_FP_KEY
+
+    mixed = tmp_path / "mixed"
+    shutil.copytree(outputs / "out" / "features", mixed)
+    victim = sorted(mixed.glob("*.parquet"))[0]
+    t = pq.read_table(victim)                      # as a file left by a run with other settings
+    pq.write_table(t.replace_schema_metadata({**t.schema.metadata, UNIT_FP_KEY: b"another-run"}), victim)
+    with pytest.raises(UsageError, match=victim.name):
+        read_fused(str(mixed))
+    assert read_fused(str(mixed), allow_incomplete=True).count() == read_fused(
+        str(outputs / "out" / "features")).count()
+
+
 def test_readme_example_runs(outputs, monkeypatch):
     code = re.findall(r"^```python\n(.*?)^```", README.read_text(), re.S | re.M)
     assert code, "README has no Python example"
