@@ -22,6 +22,7 @@ max_frames*n_mels, max_tokens): what the training data path pads to and what a m
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections import Counter
 from typing import Any, Iterable, Optional, Sequence
 
@@ -37,7 +38,7 @@ PAD, UNK = "<pad>", "<unk>"          # ids 0 and 1 of every vocabulary
 PAD_ID, UNK_ID = 0, 1
 
 
-class SequenceExtractor:
+class SequenceExtractor(ABC):
     """Mixin: per-row arrays of varying or fixed shape instead of a [n, dim] embedding matrix.
 
     ``extract`` returns an object array (one NumPy array per row, None where a row failed),
@@ -61,8 +62,9 @@ class SequenceExtractor:
             out[i] = self.row(v)
         return out
 
+    @abstractmethod
     def row(self, value: Any) -> np.ndarray:
-        raise NotImplementedError
+        """One decoded value (image array, waveform, text) -> this modality's per-row array."""
 
     def fields(self) -> list[pa.Field]:
         return schema.sequence_fields(self.modality, self.params())
