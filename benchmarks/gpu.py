@@ -15,7 +15,11 @@ Sections (each runs on its own; a section that fails is recorded with its error 
 2. ``logmel``: the torch log-mel front end (``TorchFrontend``, fp32) on batches of 1 s and 10 s
    16 kHz clips, in audio seconds per wall second (x real time): on device tensors, and from host
    clips to statistics back on the host (the ``logmel_stats`` extractor's path).
-3. ``preprocess``: a generated corpus (benchmarks.run's large shape: JPEG + 10-15 s FLAC + text),
+3. ``shape``: the GPU shape (benchmarks.gpu_shape) with ResNet-50 at 224 px: fused (one actor pool,
+   each actor decodes + embeds on a GPU share; today's shape) against split (decode in CPU
+   ``map_batches`` tasks -> one embed actor holding the whole GPU), at embed batches 64 and 256;
+   samples/s, decoded bytes through the object store, the embed actor's utilisation, GPU use.
+4. ``preprocess``: a generated corpus (benchmarks.run's large shape: JPEG + 10-15 s FLAC + text),
    ingested, then ``run_preprocess`` with image ``cnn`` (resnet50, bf16 on CUDA) and the torch
    audio backend; samples/s, where each modality ran (the summary's placement) and the GPU's
    utilisation meanwhile.
@@ -148,7 +152,35 @@ def print_environment(env: dict) -> None:
 
 
 # --- GPU utilisation -------------------------------------------------------------------------------
-class GpuSampler:
+class Periodic:
+    """Calls ``self._sample()`` every ``self.interval`` s in a daemon thread, from ``_start()`` to
+    ``_halt()``; a sample that raises is a missing sample, not a failed benchmark."""
+
+    interval: float
+
+    def _sample(self) -> None:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        while True:
+            try:
+                self._sample()
+            except Exception:  # noqa: BLE001 - a failed read is a missing sample
+                pass
+            if self._stop.wait(self.interval):
+                return
+
+    def _start(self) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _halt(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class GpuSampler(Periodic):
     """Samples the GPU's utilisation (%) and used memory (MiB) every ``interval`` s in a thread.
 
     ``result`` is None on the CPU, or when neither pynvml nor nvidia-smi can read the GPU."""
@@ -157,7 +189,6 @@ class GpuSampler:
         self.enabled, self.interval = device == "cuda", interval
         self.util: list[float] = []
         self.mem: list[float] = []
-        self._stop = threading.Event()
         self._read: Optional[Callable[[], tuple[float, float]]] = None
         self.result: Optional[dict] = None
 
@@ -186,30 +217,22 @@ class GpuSampler:
             return float(row[0]), float(row[1])
         return read_smi
 
-    def _run(self) -> None:
-        while True:
-            try:
-                u, m = self._read()
-                self.util.append(u)
-                self.mem.append(m)
-            except Exception:  # noqa: BLE001 - a failed read is a missing sample, not a failed benchmark
-                pass
-            if self._stop.wait(self.interval):
-                return
+    def _sample(self) -> None:
+        u, m = self._read()
+        self.util.append(u)
+        self.mem.append(m)
 
     def __enter__(self) -> "GpuSampler":
         if self.enabled:
             self._read = self._reader()
             if self._read is not None:
-                self._thread = threading.Thread(target=self._run, daemon=True)
-                self._thread.start()
+                self._start()
         return self
 
     def __exit__(self, *exc) -> None:
         if self._read is None:
             return
-        self._stop.set()
-        self._thread.join()
+        self._halt()
         if self.util:
             self.result = {"util_mean_pct": round(float(np.mean(self.util)), 1),
                            "util_max_pct": round(float(np.max(self.util)), 1),
@@ -398,7 +421,46 @@ def bench_logmel(env: dict, sizes: Sizes) -> dict:
     return {"frames": DEFAULT_FRAMES.as_dict(), "runs": runs}
 
 
-# --- 3. preprocess ------------------------------------------------------------------------------------
+# --- 3. the GPU shape -------------------------------------------------------------------------------
+def bench_shape(env: dict, sizes: Sizes) -> dict:
+    import ray
+
+    from benchmarks.gpu_shape import Setup, gpu_model, measure, unit_costs
+    from mmbatch.runtime import init_ray
+
+    device = env["device"]
+    cores = os.cpu_count() or 2
+    gpus = env["gpu_count"] if device == "cuda" else 0
+    tiny = sizes is TINY
+    # fused: one model actor per CPU but the driver's; split: decode tasks on those CPUs, minus the
+    # embed actor's one
+    s = Setup(images=8 if tiny else 8192, arch="resnet50", size=224, batches=(4,) if tiny else (64, 256),
+              decode_batch=4 if tiny else 32, fused_actors=max(1, cores - 1), decode_cpus=1.0, device=device,
+              precision="bf16" if device == "cuda" else "fp32", model_images=2 if tiny else 16)
+    jpegs = make_jpegs(min(s.images, sizes.jpegs))
+    if ray.is_initialized():
+        ray.shutdown()
+    init_ray(num_cpus=cores, num_gpus=gpus)
+    try:
+        res = measure(s, jpegs, around=lambda: GpuSampler(device))
+    finally:
+        ray.shutdown()
+    res["costs"] = unit_costs(jpegs, s)
+    res["gpu_model"] = gpu_model(res["costs"])
+    split = [r for r in res["runs"] if r["shape"] == "split"]
+    best = max(split, key=lambda r: r["steady_samples_per_s"])
+    # with the measured embed rate: decode CPUs one GPU needs, and the split shape's store traffic
+    res["measured"] = {"embed_img_per_s": round(1000 / best["embed_ms_per_image"], 1),
+                       "decode_cpus_per_gpu": round(res["costs"]["decode_224_ms"] / best["embed_ms_per_image"], 2),
+                       "split_store_mb_per_s": round(best["steady_samples_per_s"] * 224 * 224 * 3 / 1e6, 1)}
+    for r in res["runs"]:
+        print(f"  {r['shape']} batch {r['batch']}: {r['steady_samples_per_s']} img/s steady, embed actor "
+              f"{r['embed_actor_util']:.0%} busy, {r['decoded_bytes_through_store'] / 1e6:.1f} MB decoded "
+              "through the object store", flush=True)
+    return res
+
+
+# --- 4. preprocess ------------------------------------------------------------------------------------
 def bench_preprocess(env: dict, sizes: Sizes, samples: int, data_root: Path) -> dict:
     import ray
 
@@ -488,6 +550,12 @@ def render(res: dict) -> str:
         for r in sec["logmel"]["runs"]:
             lines.append(f"| {r['name']}, {r['clip_seconds']:.0f} s clips | {r['precision']} | {r['batch']} | "
                          f"{r['x_realtime']:,.0f}x real time | {_gpu_cells(r['gpu'])} |")
+    if sec["shape"]["ok"]:
+        for r in sec["shape"]["runs"]:
+            lines.append(f"| ResNet-50 {r['shape']} shape: {r['actors']} model actor(s), decoded bytes through the "
+                         f"object store {r['decoded_bytes_through_store'] / 1e6:,.1f} MB, embed actor busy "
+                         f"{r['embed_actor_util']:.0%} | {sec['shape']['setup']['precision']} | {r['batch']} | "
+                         f"{r['steady_samples_per_s']:,.0f} img/s | {_gpu_cells(r['gpu'])} |")
     p = sec["preprocess"]
     if p["ok"] and not p.get("skipped"):
         first = next(iter(p["placement"].values()), {})
@@ -524,23 +592,24 @@ def main(argv: Optional[list[str]] = None) -> int:
                     help="auto: CUDA when torch can use a GPU, else the CPU (cuda without CUDA: CPU with a warning)")
     ap.add_argument("--tiny", action="store_true", help="small sizes: the whole run in under a minute on 2 CPU cores")
     ap.add_argument("--samples", type=int, default=None, help="samples of the preprocess part (default 2000; tiny 8)")
-    ap.add_argument("--only", default="resnet50,logmel,preprocess", help="comma-separated sections")
+    ap.add_argument("--only", default="resnet50,shape,logmel,preprocess", help="comma-separated sections")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--data", default="/tmp/mmbatch-bench-gpu", help="corpus and outputs of the preprocess part")
     args = ap.parse_args(argv)
     sizes = TINY if args.tiny else FULL
     samples = args.samples or sizes.samples
     only = [s.strip() for s in args.only.split(",") if s.strip()]
-    unknown = set(only) - {"resnet50", "logmel", "preprocess"}
+    unknown = set(only) - {"resnet50", "shape", "logmel", "preprocess"}
     if unknown:
-        ap.error(f"--only: unknown section(s) {sorted(unknown)}; allowed: resnet50, logmel, preprocess")
+        ap.error(f"--only: unknown section(s) {sorted(unknown)}; allowed: resnet50, shape, logmel, preprocess")
 
     warnings.filterwarnings("ignore", message=".*RANDOM weights.*")     # speed does not depend on the weights
     env = environment(args.device)
     print_environment(env)
     res = {"command": "python -m benchmarks.gpu " + " ".join(argv if argv is not None else sys.argv[1:]),
            "environment": env, "tiny": args.tiny, "sizes": sizes.__dict__, "sections": {}}
-    sections = {"resnet50": lambda: bench_resnet(env, sizes), "logmel": lambda: bench_logmel(env, sizes),
+    sections = {"resnet50": lambda: bench_resnet(env, sizes), "shape": lambda: bench_shape(env, sizes),
+                "logmel": lambda: bench_logmel(env, sizes),
                 "preprocess": lambda: bench_preprocess(env, sizes, samples, Path(args.data))}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

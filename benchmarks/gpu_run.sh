@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU benchmark on a lent GPU machine, in one script (benchmarks/gpu.py does the measuring):
 #
-#   benchmarks/gpu_run.sh                    # python -m benchmarks.gpu --samples 2000
+#   benchmarks/gpu_run.sh                    # python -m benchmarks.gpu --samples 2000 (every section,
+#                                            # the GPU shape included: fused against split)
 #   benchmarks/gpu_run.sh --samples 500      # other benchmarks.gpu flags instead
 #
 # Python environment, the first that applies:

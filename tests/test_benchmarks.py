@@ -109,7 +109,8 @@ def test_gpu_benchmark_runs_every_section_on_cpu(tmp_path):
     res = json.loads((tmp_path / "out" / "gpu-tiny.json").read_text())
     assert res["environment"]["device"] == "cpu" and res["environment"]["gpu"] is None
     sections = res["sections"]
-    assert {n: s["ok"] for n, s in sections.items()} == {"resnet50": True, "logmel": True, "preprocess": True}, \
+    assert {n: s["ok"] for n, s in sections.items()} == {"resnet50": True, "shape": True, "logmel": True,
+                                                          "preprocess": True}, \
         {n: s.get("error") for n, s in sections.items()}
 
     resnet = sections["resnet50"]["runs"]
@@ -139,4 +140,11 @@ def test_gpu_benchmark_runs_every_section_on_cpu(tmp_path):
     assert pre["gpu"] is None
     assert all(r["gpu"] is None for r in resnet + logmel)
     table = (tmp_path / "out" / "gpu-tiny.md").read_text()
-    assert "CPU only" in table and table.count("\n| ") == 14      # header + 7 ResNet + 4 log-mel + preprocess + ingest
+    shape = sections["shape"]
+    assert [(r["shape"], r["batch"]) for r in shape["runs"]] == [("fused", 4), ("split", 4)]
+    for r in shape["runs"]:
+        assert r["ids"] and r["max_abs_diff_vs_fused"] <= 1e-5 and r["gpu"] is None, r
+    assert shape["runs"][1]["decoded_bytes_through_store"] == shape["setup"]["images"] * 224 * 224 * 3
+    assert shape["measured"]["decode_cpus_per_gpu"] > 0
+    # header + 7 ResNet + 2 shape + 4 log-mel + preprocess + ingest
+    assert "CPU only" in table and table.count("\n| ") == 16
