@@ -105,7 +105,7 @@ def make_fused(path: Path, rows: int, dim: int, classes: int, seed: int = 0, fil
 def make_e2e_fused(path: Path, rows: int, seed: int = 0, files: int = 4) -> str:
     """``rows`` samples of the end-to-end benchmark's task as sequence-feature Parquet (80/10/10 split),
     extracted in this process with the extractors preprocess uses. Reused when ``path`` holds the same."""
-    params = {"rows": rows, "seed": seed, "files": files, "kind": "e2e"}
+    params = {"rows": rows, "seed": seed, "files": files, "kind": "e2e", "audio": "spoken words"}  # task version
     marker = path / "_bench.json"
     if marker.exists() and json.loads(marker.read_text()) == params:
         return str(path)

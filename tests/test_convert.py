@@ -168,6 +168,10 @@ def test_speech_synthesis():
         synthesize("  ")
     with pytest.raises(RuntimeError, match="voice"):
         synthesize("hello", voice="zz-nonexistent")
+    low, high = synthesize("hello", pitch=10), synthesize("hello", pitch=90)
+    assert low.size != high.size or not np.allclose(low, high)
+    with pytest.raises(ValueError, match="pitch"):
+        synthesize("hello", pitch=120)
 
 
 # --- CLI ------------------------------------------------------------------------------

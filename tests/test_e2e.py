@@ -3,6 +3,7 @@ local Ray: preprocess writes the columns, every common reader reads them back th
 `mmbatch train` with train.encoders trains, resumes, evaluates and refuses mismatched data."""
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from benchmarks.e2e_task import sequence_features, write_task
+from benchmarks.e2e_task import VOICES, noisy_speech, sequence_features, spoken, write_task
 from mmbatch import storage
 from mmbatch.config import AudioFeatures, ImageFeatures, TextFeatures, WorkflowError, workflow_from_dict
 from mmbatch.errors import UsageError
@@ -66,6 +67,39 @@ def fused(canonical, tmp_path_factory):
     wf = workflow_from_dict(seq_workflow(canonical, out))
     summary = run_preprocess(wf, progress=False)
     return out, summary, wf
+
+
+# --- the task's audio -----------------------------------------------------------------------------
+def test_task_audio_is_noisy_spoken_digit_words(task):
+    """Every clip is 1 s of 16 kHz mono, not silent, and no two are the same (voices, speeds, shifts
+    and noise vary); the clean utterances are espeak-ng words that differ by word and by voice."""
+    import soundfile as sf
+
+    root, rows = task
+    clips = {}
+    for r in rows:
+        x, sr = sf.read(root / r["audio_path"], dtype="float32")
+        assert sr == 16000 and x.shape == (16000,) and np.sqrt(np.mean(x ** 2)) > 0.01
+        clips.setdefault(r["label"], []).append(x)
+    assert sorted(clips) == list(range(10))
+    for same_class in clips.values():
+        a, b = same_class[:2]
+        assert not np.allclose(a, b, atol=1e-3)
+
+    words = [spoken(w, VOICES[0], 140, 50) for w in ("zero", "seven")]
+    for w in words:
+        assert 0.2 < w.size / 16000 < 1.0 and np.abs(w).max() > 0.1          # a spoken word, silence cut
+    assert words[0].size != words[1].size or not np.allclose(*words)
+    other_voice = spoken("zero", "en+f2", 140, 50)
+    assert other_voice.size != words[0].size or not np.allclose(other_voice, words[0])
+    assert spoken("zero", VOICES[0], 140, 50) is words[0]                        # synthesised once
+
+    # almost without noise, the word stands out of silence: loud 10 ms frames span about its length
+    clean, _ = sf.read(io.BytesIO(noisy_speech(words[1], np.random.default_rng(0), (60.0, 60.0))))
+    frames = np.sqrt(np.mean(clean.reshape(100, 160) ** 2, axis=1))
+    loud = np.flatnonzero(frames > 0.05 * frames.max())
+    span = (loud[-1] - loud[0] + 1) * 160
+    assert clean.shape == (16000,) and 0.6 * words[1].size / 1.1 < span <= words[1].size / 0.9 + 320
 
 
 # --- extractors (pure) ---------------------------------------------------------------------------

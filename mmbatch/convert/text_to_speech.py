@@ -57,8 +57,9 @@ def _decode_wav(data: bytes) -> tuple[np.ndarray, int]:
 
 
 def synthesize(text: str, sr: int = SR, voice: str = VOICE, words_per_minute: int = WORDS_PER_MINUTE,
-               timeout: float = TIMEOUT_S) -> np.ndarray:
-    """Speak ``text``: float32 mono samples at ``sr`` (16 kHz by default)."""
+               timeout: float = TIMEOUT_S, pitch: int | None = None) -> np.ndarray:
+    """Speak ``text``: float32 mono samples at ``sr`` (16 kHz by default); ``pitch`` 0-99
+    (espeak-ng's ``-p``; None: the voice's own, 50)."""
     import soxr
 
     if text is None or not str(text).strip():
@@ -67,6 +68,10 @@ def synthesize(text: str, sr: int = SR, voice: str = VOICE, words_per_minute: in
     if len(text) > MAX_CHARS:
         raise ValueError(f"text is {len(text)} characters; at most {MAX_CHARS} per call")
     cmd = [check_espeak(), "--stdout", "--stdin", "-v", voice, "-s", str(int(words_per_minute))]
+    if pitch is not None:
+        if not 0 <= int(pitch) <= 99:
+            raise ValueError(f"pitch is {pitch}; espeak-ng takes 0 to 99")
+        cmd += ["-p", str(int(pitch))]
     try:
         proc = subprocess.run(cmd, input=text.encode("utf-8"), capture_output=True, timeout=timeout)
     except subprocess.TimeoutExpired:
