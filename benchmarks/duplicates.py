@@ -11,7 +11,7 @@ signature's size, a MinHash of 12-18 shingle hashes per text (same banding and
 verification as real text), exact copies (1 %) and near copies (3 %, pointing at
 rows of any shard). Verification thumbnails are made on demand from the row's
 origin, so memory stays flat. Everything after the signatures is the command's
-own code: exact groups, candidates (faiss HNSW, MinHash banding), verify tasks on
+own code: exact groups, candidates (k-means inverted lists, MinHash banding), verify tasks on
 Ray, summary. Writes JSON and markdown under benchmarks/results/.
 """
 from __future__ import annotations

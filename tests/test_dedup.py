@@ -61,12 +61,16 @@ def test_text_shingles_and_minhash():
 
 def test_candidates_find_planted_neighbours_only():
     rng = np.random.default_rng(0)
-    base = rng.normal(size=(2000, 24)).astype(np.float32)
+    base = rng.normal(size=(4000, 24)).astype(np.float32)       # 15 inverted lists, 8 probed
     noisy = base[:50] + 0.05 * rng.normal(size=(50, 24)).astype(np.float32)
     emb = np.concatenate([base, noisy])
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    assert len(emb) // cand.IVF_LIST_ROWS > cand.IVF_NPROBE
     pairs = {tuple(p) for p in cand.knn_pairs(emb, min_cosine=0.9).tolist()}
-    assert pairs == {(i, 2000 + i) for i in range(50)}
+    assert pairs == {(i, 4000 + i) for i in range(50)}
+    cluster = np.repeat(emb[:1], 30, axis=0) + 1e-3 * rng.normal(size=(30, 24)).astype(np.float32)
+    dense = cand.knn_pairs(cluster, k=3)              # at most k neighbours a row in a dense cluster
+    assert 0 < len(dense) <= 30 * 3 and np.bincount(dense.ravel(), minlength=30).min() >= 3
     groups = cand.group_by_key(["a", None, "b", "a", None, "a"])
     assert [g.tolist() for g in groups] == [[0, 3, 5]]
     assert cand.group_pairs(groups[0]).tolist() == [[0, 3], [0, 5], [3, 5]]
@@ -77,6 +81,16 @@ def test_candidates_find_planted_neighbours_only():
     assert {(i, 400 + i) for i in range(40)} <= got and len(got) < 45
     big = cand.group_pairs(np.arange(100))           # a star, not 4,950 pairs
     assert len(big) == 99 and set(big[:, 0]) == {0}
+
+
+def test_run_pairs_equal_group_pairs_of_each_run():
+    rng = np.random.default_rng(2)
+    keys = np.repeat(np.arange(40), rng.integers(1, 25, size=40))      # runs of 1-24 rows
+    order = rng.permutation(len(keys))
+    expect = np.concatenate([cand.group_pairs(order[keys == k]) for k in range(40)])
+    got = cand.run_pairs(order, keys)
+    assert sorted(map(tuple, got.tolist())) == sorted(map(tuple, expect.tolist()))
+    assert cand.unique_pairs(np.array([3, 1, 3]), np.array([1, 3, 2])).tolist() == [[1, 3], [2, 3]]
 
 
 def test_ingest_writes_content_hashes(ray_session, tmp_path):
