@@ -28,13 +28,22 @@ LSH_BANDS = 32
 LSH_ROWS = 4
 
 
-def group_by_key(keys: list) -> list[np.ndarray]:
-    """Index arrays of the rows that share a key (None keys never group); only groups of >= 2."""
-    order: dict = {}
-    for i, k in enumerate(keys):
-        if k is not None:
-            order.setdefault(k, []).append(i)
-    return [np.asarray(v, np.int64) for v in order.values() if len(v) > 1]
+def group_by_key(keys) -> list[np.ndarray]:
+    """Index arrays of the rows that share a key (None keys never group); only groups of >= 2,
+    in the order of their first rows. ``keys``: a list or an Arrow (chunked) array."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if isinstance(keys, pa.ChunkedArray):
+        keys = keys.combine_chunks()
+    enc = pc.dictionary_encode(keys if isinstance(keys, pa.Array) else pa.array(keys))
+    codes = enc.indices.fill_null(-1).to_numpy(zero_copy_only=False)
+    order = np.argsort(codes, kind="stable")
+    sc = codes[order]
+    starts = np.flatnonzero(np.r_[True, sc[1:] != sc[:-1]]) if len(sc) else np.empty(0, np.int64)
+    sizes = np.diff(np.r_[starts, len(sc)])
+    multi = (sizes > 1) & (sc[starts] >= 0)
+    return [order[st:st + sz] for st, sz in zip(starts[multi], sizes[multi])]
 
 
 def group_pairs(group: np.ndarray) -> np.ndarray:

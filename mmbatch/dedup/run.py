@@ -245,8 +245,7 @@ def find_pairs(shards: list[Shard], tables: list[pa.Table], verify, seconds: dic
 
 def _modality_pairs(m: str, rows: pa.Table, shards: list[Shard], verify, seconds: dict) -> pa.Table:
     t0 = time.perf_counter()
-    keys = rows.column("exact").to_pylist()
-    groups = cand.group_by_key(keys)
+    groups = cand.group_by_key(rows.column("exact"))
     exact = [cand.group_pairs(g) for g in groups]
     exact_pairs = np.concatenate(exact) if exact else np.empty((0, 2), np.int64)
     # representatives: the first row of each exact group and every row outside one
