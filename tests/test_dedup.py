@@ -59,7 +59,7 @@ def test_text_shingles_and_minhash():
     assert abs(est - j) < 0.15
 
 
-def test_candidates_find_planted_neighbours_only():
+def test_candidates_find_planted_neighbours_only(monkeypatch):
     rng = np.random.default_rng(0)
     base = rng.normal(size=(4000, 24)).astype(np.float32)       # 15 inverted lists, 8 probed
     noisy = base[:50] + 0.05 * rng.normal(size=(50, 24)).astype(np.float32)
@@ -71,6 +71,10 @@ def test_candidates_find_planted_neighbours_only():
     cluster = np.repeat(emb[:1], 30, axis=0) + 1e-3 * rng.normal(size=(30, 24)).astype(np.float32)
     dense = cand.knn_pairs(cluster, k=3)              # at most k neighbours a row in a dense cluster
     assert 0 < len(dense) <= 30 * 3 and np.bincount(dense.ravel(), minlength=30).min() >= 3
+    big_list = cand.knn_pairs(emb, min_cosine=0.9)
+    monkeypatch.setattr(cand, "BLOCK_CELLS", 500)   # lists computed in slices of rows: the same pairs
+    assert np.array_equal(cand.knn_pairs(emb, min_cosine=0.9), big_list)
+    assert np.array_equal(cand.knn_pairs(cluster, k=3), dense)
     groups = cand.group_by_key(["a", None, "b", "a", None, "a"])
     assert [g.tolist() for g in groups] == [[0, 3, 5]]
     assert cand.group_pairs(groups[0]).tolist() == [[0, 3], [0, 5], [3, 5]]

@@ -20,6 +20,7 @@ IVF_LIST_ROWS = 256     # rows per inverted list (k-means cluster): the number o
 IVF_NPROBE = 8          # lists each row searches: recall of the candidates >= 0.99 (synthetic copies)
 IVF_TRAIN_PER_LIST = 32  # k-means training rows per list (a sample), and its iterations
 IVF_NITER = 10
+BLOCK_CELLS = 1 << 22   # similarities computed at once (16 MiB of float32)
 MAX_GROUP_PAIRS = 64      # a group with more pairs than this gives a star (each member with the first)
 FULL_GROUP = max(g for g in range(2, 64) if g * (g - 1) // 2 <= MAX_GROUP_PAIRS)     # 11 rows
 # MinHash banding (128 values): 32 bands of 4. A pair of Jaccard J shares a band with probability
@@ -94,24 +95,29 @@ def knn_pairs(emb: np.ndarray, k: int = KNN, min_cosine: float = KNN_MIN_COSINE)
     qs, ss, sims = [], [], []
     for c in range(nlist):
         stored = stored_order[stored_bounds[c]:stored_bounds[c + 1]]
-        query = probe_rows[probe_order[probe_bounds[c]:probe_bounds[c + 1]]]
-        if not len(stored) or not len(query):
-            continue
-        block = emb[query] @ emb[stored].T
-        qi, si = np.nonzero(block >= min_cosine)
-        keep = query[qi] != stored[si]
-        qs.append(query[qi[keep]])
-        ss.append(stored[si[keep]])
-        sims.append(block[qi[keep], si[keep]])
+        probing = probe_rows[probe_order[probe_bounds[c]:probe_bounds[c + 1]]]
+        step = max(1, BLOCK_CELLS // max(1, len(stored)))        # a dense list: in slices
+        for q0 in range(0, len(probing) if len(stored) else 0, step):
+            query = probing[q0:q0 + step]
+            block = emb[query] @ emb[stored].T
+            qi, si = np.nonzero(block >= min_cosine)
+            keep = query[qi] != stored[si]
+            q, s, sim = _top_k(query[qi[keep]], stored[si[keep]], block[qi[keep], si[keep]], k)
+            qs.append(q)
+            ss.append(s)
+            sims.append(sim)
     if not qs:
         return np.empty((0, 2), np.int64)
-    q, s, sim = np.concatenate(qs), np.concatenate(ss), np.concatenate(sims)
-    # the k most similar per probing row (a dense cluster gives no more than k candidates a row)
+    q, s, _ = _top_k(np.concatenate(qs), np.concatenate(ss), np.concatenate(sims), k)
+    return unique_pairs(q, s)
+
+
+def _top_k(q: np.ndarray, s: np.ndarray, sim: np.ndarray, k: int):
+    """The k most similar (q, s, sim) of each q: a row in a dense cluster keeps k candidates."""
     order = np.lexsort((-sim, q))
-    q, s = q[order], s[order]
-    first = np.searchsorted(q, q, side="left")
-    keep = np.arange(len(q)) - first < k
-    return unique_pairs(q[keep], s[keep])
+    q, s, sim = q[order], s[order], sim[order]
+    keep = np.arange(len(q)) - np.searchsorted(q, q, side="left") < k
+    return q[keep], s[keep], sim[keep]
 
 
 def minhash_pairs(minhashes: np.ndarray, bands: int = None, rows: int = None) -> np.ndarray:
