@@ -77,6 +77,7 @@ def test_candidates_find_planted_neighbours_only(monkeypatch):
     assert np.array_equal(cand.knn_pairs(cluster, k=3), dense)
     groups = cand.group_by_key(["a", None, "b", "a", None, "a"])
     assert [g.tolist() for g in groups] == [[0, 3, 5]]
+    assert cand.group_by_key([None, None]) == [] and cand.group_by_key([]) == []
     assert cand.group_pairs(groups[0]).tolist() == [[0, 3], [0, 5], [3, 5]]
     mh = np.random.default_rng(1).integers(0, 2**32, size=(500, sig.NUM_PERM), dtype=np.uint32)
     mh[400:420] = mh[:20]

@@ -13,12 +13,14 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 KNN = 10                  # neighbours per row: a copy is nearer than any look-alike, groups are small
 KNN_MIN_COSINE = 0.9      # copies measured >= 0.99 on the candidate embeddings (planted corpus)
 IVF_LIST_ROWS = 256     # rows per inverted list (k-means cluster): the number of lists grows with n
 IVF_NPROBE = 8          # lists each row searches: recall of the candidates >= 0.99 (synthetic copies)
-IVF_TRAIN_PER_LIST = 32  # k-means training rows per list (a sample), and its iterations
+IVF_TRAIN_PER_LIST = 32  # k-means: rows of the training sample per list, and iterations
 IVF_NITER = 10
 BLOCK_CELLS = 1 << 22   # similarities computed at once (16 MiB of float32)
 MAX_GROUP_PAIRS = 64      # a group with more pairs than this gives a star (each member with the first)
@@ -32,9 +34,6 @@ LSH_ROWS = 4
 def group_by_key(keys) -> list[np.ndarray]:
     """Index arrays of the rows that share a key (None keys never group); only groups of >= 2,
     in the order of their first rows. ``keys``: a list or an Arrow (chunked) array."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
     if isinstance(keys, pa.ChunkedArray):
         keys = keys.combine_chunks()
     enc = pc.dictionary_encode(keys if isinstance(keys, pa.Array) else pa.array(keys))
