@@ -59,16 +59,25 @@ def test_text_shingles_and_minhash():
     assert abs(est - j) < 0.15
 
 
-def test_candidates_find_planted_neighbours_only():
+def test_candidates_find_planted_neighbours_only(monkeypatch):
     rng = np.random.default_rng(0)
-    base = rng.normal(size=(2000, 24)).astype(np.float32)
+    base = rng.normal(size=(4000, 24)).astype(np.float32)       # 15 inverted lists, 8 probed
     noisy = base[:50] + 0.05 * rng.normal(size=(50, 24)).astype(np.float32)
     emb = np.concatenate([base, noisy])
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    assert len(emb) // cand.IVF_LIST_ROWS > cand.IVF_NPROBE
     pairs = {tuple(p) for p in cand.knn_pairs(emb, min_cosine=0.9).tolist()}
-    assert pairs == {(i, 2000 + i) for i in range(50)}
+    assert pairs == {(i, 4000 + i) for i in range(50)}
+    cluster = np.repeat(emb[:1], 30, axis=0) + 1e-3 * rng.normal(size=(30, 24)).astype(np.float32)
+    dense = cand.knn_pairs(cluster, k=3)              # at most k neighbours a row in a dense cluster
+    assert 0 < len(dense) <= 30 * 3 and np.bincount(dense.ravel(), minlength=30).min() >= 3
+    big_list = cand.knn_pairs(emb, min_cosine=0.9)
+    monkeypatch.setattr(cand, "BLOCK_CELLS", 500)   # lists computed in slices of rows: the same pairs
+    assert np.array_equal(cand.knn_pairs(emb, min_cosine=0.9), big_list)
+    assert np.array_equal(cand.knn_pairs(cluster, k=3), dense)
     groups = cand.group_by_key(["a", None, "b", "a", None, "a"])
     assert [g.tolist() for g in groups] == [[0, 3, 5]]
+    assert cand.group_by_key([None, None]) == [] and cand.group_by_key([]) == []
     assert cand.group_pairs(groups[0]).tolist() == [[0, 3], [0, 5], [3, 5]]
     mh = np.random.default_rng(1).integers(0, 2**32, size=(500, sig.NUM_PERM), dtype=np.uint32)
     mh[400:420] = mh[:20]
@@ -77,6 +86,16 @@ def test_candidates_find_planted_neighbours_only():
     assert {(i, 400 + i) for i in range(40)} <= got and len(got) < 45
     big = cand.group_pairs(np.arange(100))           # a star, not 4,950 pairs
     assert len(big) == 99 and set(big[:, 0]) == {0}
+
+
+def test_run_pairs_equal_group_pairs_of_each_run():
+    rng = np.random.default_rng(2)
+    keys = np.repeat(np.arange(40), rng.integers(1, 25, size=40))      # runs of 1-24 rows
+    order = rng.permutation(len(keys))
+    expect = np.concatenate([cand.group_pairs(order[keys == k]) for k in range(40)])
+    got = cand.run_pairs(order, keys)
+    assert sorted(map(tuple, got.tolist())) == sorted(map(tuple, expect.tolist()))
+    assert cand.unique_pairs(np.array([3, 1, 3]), np.array([1, 3, 2])).tolist() == [[1, 3], [2, 3]]
 
 
 def test_ingest_writes_content_hashes(ray_session, tmp_path):
@@ -100,3 +119,26 @@ def test_not_canonical_data_is_a_clear_error(tmp_path, capsys):
 
     assert main(["duplicates", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")]) == 2
     assert "no Parquet shards" in capsys.readouterr().err
+
+
+def test_scale_benchmark_finds_what_an_exact_search_finds(monkeypatch):
+    """benchmarks/duplicates.py's synthetic shards (20,000 rows: 78 inverted lists, 8 searched),
+    through the command's own pair finding: the inverted lists find the pairs that an exact search
+    (one list) finds, and images (nearest neighbours) and texts (MinHash banding) agree."""
+    from benchmarks import duplicates as bd
+    from mmbatch.dedup import run as drun
+
+    shards = [drun.Shard("synthetic", "memory://", str(k)) for k in range(2)]
+    sigs = [bd.synthetic_signatures(s) for s in shards]
+    tables, payloads = [t for t, _ in sigs], [p for _, p in sigs]
+
+    def count(pairs):
+        return {(m, k): sum(1 for r in pairs.to_pylist() if (r["modality"], r["kind"]) == (m, k))
+                for m in ("image", "text") for k in ("exact", "near")}
+
+    got = count(drun.find_pairs(shards, tables, drun.local_verifier(payloads)))
+    monkeypatch.setattr(cand, "IVF_LIST_ROWS", 10**9)          # one list: the exact search
+    exact = count(drun.find_pairs(shards, tables, drun.local_verifier(payloads)))
+    assert got == exact
+    assert got[("image", "near")] == got[("text", "near")] > 500
+    assert got[("image", "exact")] == got[("text", "exact")] > 150

@@ -17,8 +17,7 @@ from mmbatch.schema import CANONICAL, with_metadata
 WORDS = tc.WORDS
 
 
-@pytest.fixture(scope="module")
-def canon(tmp_path_factory):
+def corpus_rows() -> list[dict]:
     """14 train/validation rows (image + text) and 4 test rows: t0 is an exact image copy of r0,
     t1 a resized JPEG of r1 with its text re-cased, t2 and t3 look-alikes of r2 with new texts."""
     rng = np.random.default_rng(0)
@@ -35,9 +34,18 @@ def canon(tmp_path_factory):
     for k, (img, text) in enumerate(tests):
         rows.append({"sample_id": f"t{k}", "source": "manifest", "split": "test", "label": k % 2,
                      "image": {"bytes": img, "path": f"t{k}.png"}, "text": text})
+    return rows
+
+
+def write_shard(path, rows, **kw) -> None:
+    pq.write_table(pa.Table.from_pylist(rows, schema=with_metadata(CANONICAL)), path, **kw)
+
+
+@pytest.fixture(scope="module")
+def canon(tmp_path_factory):
     root = tmp_path_factory.mktemp("canon") / "ds"
     root.mkdir()
-    pq.write_table(pa.Table.from_pylist(rows, schema=with_metadata(CANONICAL)), root / "part-00000.parquet")
+    write_shard(root / "part-00000.parquet", corpus_rows())
     (root / "_manifest.json").write_text("{}")
     return root
 
@@ -81,3 +89,38 @@ def test_leakage_report_then_quarantine(ray_session, canon, tmp_path, capsys):
     summary = {"title": "t", "leakage": leak, "metrics": {}, "baselines": {}}
     assert "test image 2, text 1" in report.summary_table(summary)
     assert "Duplicates of train rows" in report.render_html(summary, {})
+
+
+def test_quarantine_redoes_only_the_units_whose_exclusions_change(ray_session, tmp_path):
+    """Train rows in one shard; test rows in another, t0 (copy of r0) and t1 (copy of r1) in
+    different row groups (units). Switching to quarantine redoes the two units with an excluded
+    row; editing r1 so that t1 no longer duplicates it redoes r1's unit (its input changed) and
+    t1's unit, and not t0's."""
+    rows = corpus_rows()
+    train, tests = rows[:14], [rows[i] for i in (14, 16, 15, 17)]        # row groups {t0, t2}, {t1, t3}
+    root = tmp_path / "ds"
+    root.mkdir()
+    write_shard(root / "part-00000.parquet", train)
+    write_shard(root / "part-00001.parquet", tests, row_group_size=2)
+    (root / "_manifest.json").write_text("{}")
+    out = tmp_path / "out"
+    off = run_preprocess(workflow_from_dict(workflow(root, out, "off")), progress=False)
+    assert off.shards_processed == 3 and off.quarantined == 0
+    q = run_preprocess(workflow_from_dict(workflow(root, out, "quarantine")), progress=False)
+    assert q.shards_processed == 2 and q.shards_skipped == 1 and q.quarantined == 2 and q.reconciles
+
+    def fps():
+        return json.loads((out / "_manifest.json").read_text())["unit_fingerprints"]
+
+    before = fps()
+    rng = np.random.default_rng(7)
+    train[1] = {**train[1], "image": {"bytes": tc.encode_image(tc.draw_object(3, 1, 5, rng)), "path": "r1.png"},
+                "text": " ".join(rng.choice(WORDS, size=10, replace=False))}
+    write_shard(root / "part-00000.parquet", train)
+    again = run_preprocess(workflow_from_dict(workflow(root, out, "quarantine")), progress=False)
+    assert again.shards_processed == 2 and again.shards_skipped == 1 and again.quarantined == 1
+    reasons = {r["sample_id"]: r["reason"] for r in pq.read_table(str(out / "quarantine")).to_pylist()}
+    assert reasons == {"t0": "duplicate_of_train:image:r0"}
+    after = fps()
+    changed = {f for f in before if before[f] != after.get(f)}
+    assert changed == {"ds--part-00000-rg000.parquet", "ds--part-00001-rg001.parquet"}

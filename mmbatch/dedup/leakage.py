@@ -6,8 +6,9 @@ the final splits (mmbatch.splits), before any unit runs.
   the units and their fingerprints are untouched (their output does not change).
 * ``quarantine``: each such row is quarantined by its unit with the reason
   ``duplicate_of_train:<modality>:<train sample_id>``; the dataset's exclusions travel in its
-  UnitJob (``exclude``), whose fields are the units' fingerprints (mmbatch.provenance), so
-  changing the setting (or the leaked rows) redoes that dataset's units and nothing else.
+  UnitJob (``exclude``), and each unit's fingerprint holds the exclusions of its own rows
+  (:meth:`Leakage.by_unit`), so changing the setting (or the leaked rows) redoes only the units
+  whose rows it changes.
 
 The result is cached in ``OUT/_dedup/leakage.json`` under a fingerprint of the inputs and
 settings, so a rerun with nothing to do neither recomputes it nor starts Ray.
@@ -31,6 +32,27 @@ class Leakage:
 
     def for_dataset(self, name: str) -> dict:
         return self.exclude.get(name, {}) if self.mode == "quarantine" else {}
+
+    def by_unit(self, plan) -> dict:
+        """(input file, row group) -> {sample_id: reason} of the excluded rows of ``plan`` (a
+        preprocess DatasetPlan) in each unit that has any: the part of a unit's fingerprint that
+        quarantine adds. Reads the sample_id column of the dataset's shards (only when it has any)."""
+        import numpy as np
+        import pyarrow.parquet as pq
+
+        exclude = self.for_dataset(plan.cfg.name)
+        out: dict = {}
+        if not exclude:
+            return out
+        for f in plan.files:
+            fs, path = storage.url_to_fs(f)
+            with fs.open(path, "rb") as fh:
+                ids = pq.read_table(fh, columns=["sample_id"]).column("sample_id").to_pylist()
+            ends = np.cumsum(plan.row_groups[f])
+            for i, sid in enumerate(ids):
+                if sid in exclude:
+                    out.setdefault((f, int(np.searchsorted(ends, i, side="right"))), {})[sid] = exclude[sid]
+        return out
 
     def manifest(self) -> dict:
         return {"mode": self.mode, "rows_duplicating_train": self.counts,

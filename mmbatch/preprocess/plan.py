@@ -50,15 +50,17 @@ class DatasetPlan:
     def rows(self) -> int:
         return sum(sum(v) for v in self.row_groups.values())
 
-    def units(self, fingerprint_extra: dict) -> list[Unit]:
-        """Every unit of this dataset, largest first (the short ones fill the gaps at the end)."""
+    def units(self, fingerprint_extra: dict, exclude: dict | None = None) -> list[Unit]:
+        """Every unit of this dataset, largest first (the short ones fill the gaps at the end).
+        ``exclude``: (file, row group) -> the unit's quarantined rows (dedup.leakage), in its fingerprint."""
         out = []
         for f in self.files:
             sid = shard_id(f)
             for k, n in enumerate(self.row_groups[f]):
                 uid = f"{self.cfg.name}--{sid}-rg{k:03d}"
                 fp = storage.fingerprint({"input": self.input_fps[f], "row_group": k, "rows": n,
-                                          "v": PLAN_VERSION, **fingerprint_extra})
+                                          "v": PLAN_VERSION, **fingerprint_extra,
+                                          "exclude": (exclude or {}).get((f, k), {})})
                 out.append(Unit(uid, f, k, n, fp))
         return sorted(out, key=lambda u: -u.rows)
 

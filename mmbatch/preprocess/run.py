@@ -62,9 +62,9 @@ class _Runner:
     def __init__(self, wf: Workflow, out_fs, out_root: str, summary: PreprocessSummary):
         self.wf, self.fs, self.out_root, self.summary = wf, out_fs, out_root, summary
 
-    def run(self, plan: DatasetPlan, job: UnitJob, fused: bool) -> list[CommitRecord]:
+    def run(self, plan: DatasetPlan, job: UnitJob, fused: bool, exclude: dict | None = None) -> list[CommitRecord]:
         uses_model = any(extractor(m, job.specs[m]).needs_model for m in job.modalities)
-        units = plan.units(job_fingerprint(job, uses_model))
+        units = plan.units(job_fingerprint(job, uses_model), exclude)
         committer = Committer(self.fs, storage.join(self.out_root, job.out_rel) if job.out_rel else self.out_root)
         records: dict[str, CommitRecord] = {}
         pending = []
@@ -209,7 +209,7 @@ def run_preprocess(wf: Workflow, progress: bool = True) -> PreprocessSummary:
                       split_seed=wf.train.seed, fusion=wf.fusion.model_dump(mode="json"),
                       pairing=wf.pairing.model_dump(mode="json"), partners=partner_indexes,
                       exclude=leak.for_dataset(p.cfg.name))
-        fused_records += runner.run(p, job, fused=True)
+        fused_records += runner.run(p, job, fused=True, exclude=leak.by_unit(p))
     if wf.dedup.leakage != "off":
         summary.leakage = leak.manifest()
     summary.dropped = summary.features_rows - summary.rows_out

@@ -69,8 +69,9 @@ class UnitJob:
     devices: dict = field(default_factory=dict, metadata={"fingerprint": False})
     # fsspec options (may hold secrets): where the bytes are, not what they are
     storage: dict = field(default_factory=storage.options, repr=False, metadata={"fingerprint": False})
-    # sample_id -> quarantine reason (dedup.leakage: quarantine); fingerprinted like every field
-    exclude: dict = field(default_factory=dict)
+    # sample_id -> quarantine reason (dedup.leakage: quarantine) of the dataset; each unit's
+    # fingerprint holds only its own rows' (DatasetPlan.units, mmbatch.dedup.leakage.Leakage.by_unit)
+    exclude: dict = field(default_factory=dict, metadata={"fingerprint": False})
 
 
 def extractor(modality: str, spec: dict):
