@@ -33,7 +33,7 @@ import pyarrow as pa
 import mmbatch
 from mmbatch import progress, schema, storage
 from mmbatch.commit import CommitRecord, Committer, write_table
-from mmbatch.dedup.signatures import add_content_hashes
+from mmbatch.dedup.signatures import HASH_NAME, add_content_hashes
 from mmbatch.errors import UsageError
 from mmbatch.sources import KINDS, common, source_module
 
@@ -157,7 +157,7 @@ def shard_plan(plan: common.Plan, samples: list[common.Sample], opts: IngestOpti
     groups = common.make_shards(samples, opts.shard_mb * 2**20, opts.shard_rows,
                                 min_shards=min_shards(len(samples)))
     base = {"kind": plan.kind, "root": plan.root, "options": opts.content_options(),
-            "schema_version": schema.SCHEMA_VERSION}
+            "schema_version": schema.SCHEMA_VERSION, "content_hash": HASH_NAME}
     shards = []
     for i, g in enumerate(groups):
         fp = storage.fingerprint({**base, "samples": [s.to_dict() for s in g]})
@@ -168,7 +168,8 @@ def shard_plan(plan: common.Plan, samples: list[common.Sample], opts: IngestOpti
 # --- one shard (runs in a Ray task; plain Python, callable without Ray) ----------------------
 def data_schema(kind: str, options: dict) -> pa.Schema:
     return schema.with_metadata(schema.CANONICAL, {"stage": "ingest", "kind": kind, "options": options,
-                                                   "mmbatch_version": mmbatch.__version__})
+                                                   "mmbatch_version": mmbatch.__version__,
+                                                   "content_hash": HASH_NAME})
 
 
 def quarantine_schema(kind: str) -> pa.Schema:

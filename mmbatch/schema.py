@@ -49,7 +49,8 @@ CANONICAL_FIELDS = [
     pa.field("sentence_type", pa.string()),
     pa.field("extra", pa.string()),                     # JSON object for anything else
     pa.field("generated", pa.string()),                 # modalities filled by a conversion ("audio", ...)
-    # content hashes of the media bytes (hex BLAKE2b-128, mmbatch.dedup.signatures.content_hash):
+    # content hashes of the media bytes (hex XXH3-128, mmbatch.dedup.signatures.content_hash; the
+    # file's metadata names the function):
     # exact duplicates without reading the media again; null in data ingested before they existed
     pa.field("image_hash", pa.string()),
     pa.field("audio_hash", pa.string()),

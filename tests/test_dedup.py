@@ -3,6 +3,7 @@ candidate search, and the ingest column; no Ray except the ingest test."""
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -17,7 +18,7 @@ def test_exact_keys():
     assert sig.text_key("hello world") != sig.text_key("hello word")
     assert sig.text_key(" ?! ") is None and sig.content_hash(b"") is None
     assert sig.content_hash(b"abc") == sig.content_hash(b"abc") != sig.content_hash(b"abd")
-    assert len(sig.content_hash(b"abc")) == 2 * sig.HASH_BYTES
+    assert len(sig.content_hash(b"abc")) == 32                 # 128 bits, hex
 
 
 @pytest.mark.parametrize("how", tc.IMAGE_TRANSFORMS)
@@ -112,6 +113,19 @@ def test_ingest_writes_content_hashes(ray_session, tmp_path):
     rows = {r["sample_id"]: r for r in pq.read_table(str(tmp_path / "out")).to_pylist()}
     assert rows["s1"]["image_hash"] == rows["s2"]["image_hash"] == sig.content_hash(jpg)
     assert rows["s3"]["image_hash"] is None and rows["s1"]["audio_hash"] is None
+    # the files name the hash function; a file hashed otherwise (or before it was named) is hashed again
+    from mmbatch import schema
+    from mmbatch.dedup import run as drun
+
+    (path,) = [str(p) for p in (tmp_path / "out").glob("part-*.parquet")]
+    assert schema.read_mmbatch_meta(pq.read_schema(path))["content_hash"] == sig.HASH_NAME == "xxh3_128"
+    t = pq.read_table(path)
+    old = t.set_column(t.schema.get_field_index("image_hash"), "image_hash",
+                       pa.array(["0" * 32 if h else None for h in t.column("image_hash").to_pylist()]))
+    pq.write_table(old.replace_schema_metadata({}), path)
+    sigs, _ = drun.shard_signatures(drun.Shard("m", str(tmp_path / "out"), path))
+    keys = {r["sample_id"]: r["exact"] for r in sigs.to_pylist() if r["modality"] == "image"}
+    assert keys == {"s1": sig.content_hash(jpg), "s2": sig.content_hash(jpg)}
 
 
 def test_not_canonical_data_is_a_clear_error(tmp_path, capsys):

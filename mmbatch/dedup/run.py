@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from mmbatch import storage
+from mmbatch import schema, storage
 from mmbatch.dedup import candidates as cand
 from mmbatch.dedup import signatures as sig
 from mmbatch.errors import UsageError
@@ -74,7 +74,11 @@ def list_shards(datasets: list[str]) -> list[Shard]:
 def shard_signatures(shard: Shard) -> tuple[pa.Table, list]:
     """(signature table, verify payloads aligned with its rows) of one canonical shard."""
     fs, _ = storage.url_to_fs(shard.uri)
-    names = pq.read_schema(shard.path, filesystem=fs).names
+    file_schema = pq.read_schema(shard.path, filesystem=fs)
+    names = file_schema.names
+    # hashes written with another function (or none) are computed again from the bytes
+    if schema.read_mmbatch_meta(file_schema).get("content_hash") != sig.HASH_NAME:
+        names = [n for n in names if n not in HASH_COLUMNS.values()]
     if "sample_id" not in names:
         raise UsageError(f"{shard.path}: no sample_id column (not canonical mmbatch data)")
     cols = [c for c in ("sample_id", "split", *MODALITIES, *HASH_COLUMNS.values()) if c in names]

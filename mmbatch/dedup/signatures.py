@@ -23,18 +23,23 @@ import re
 import unicodedata
 
 import numpy as np
+import xxhash
 
 # ---------------------------------------------------------------------------------------------
 # exact
 # ---------------------------------------------------------------------------------------------
-HASH_BYTES = 16      # blake2b-128: collisions are not a concern at corpus scale; hex strings stay short
+# XXH3-128 (xxhash, a dependency of HF datasets): 128 bits keep collisions out of reach at corpus
+# scale, and it hashes ~25x faster than BLAKE2b-128 (0.6 against 14.8 us for a 1 s FLAC + a 28 px PNG
+# here), which was 3 % of ingest's CPU. Not cryptographic: a duplicate key, not a signature. Written
+# into the canonical files' metadata (``content_hash``): data hashed otherwise is hashed again.
+HASH_NAME = "xxh3_128"
 
 
 def content_hash(data: bytes | None) -> str | None:
-    """Hex BLAKE2b-128 of media bytes (None for None/empty)."""
+    """Hex XXH3-128 of media bytes (None for None/empty)."""
     if not data:
         return None
-    return hashlib.blake2b(data, digest_size=HASH_BYTES).hexdigest()
+    return xxhash.xxh3_128_hexdigest(data)
 
 
 def add_content_hashes(rows: list[dict]) -> None:
