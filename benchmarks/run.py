@@ -554,7 +554,19 @@ def prepare(n: int, data_root: str, cores: int, shape: str = "large") -> Path:
         init_ray(num_cpus=cores)
         run_ingest("manifest", str(manifest), str(canon))
         ray.shutdown()
+    read_once(data / "corpus", canon)
     return data
+
+
+def read_once(*folders: Path) -> None:
+    """Read every input file once, so that no contender's first round reads from the disk
+    (measured: an ingest round after the corpus had left the page cache ran at 84 % CPU, 13 % slower)."""
+    for folder in folders:
+        for p in folder.rglob("*"):
+            if p.is_file():
+                with p.open("rb") as f:
+                    while f.read(1 << 22):
+                        pass
 
 
 def main() -> None:
