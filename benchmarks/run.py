@@ -458,6 +458,7 @@ def run_ingest_job(data: Path, out: Path) -> dict:
 
 
 # --- one contender, in a fresh process ------------------------------------------------------------
+WARM_LABEL = "mmbatch preprocess, Ray Data's service actors running"
 CONTENDERS = ("ideal", "mmbatch", "warm", "pool", "plainpool", "raychunk", "datasets", "raydata", "ingest")
 
 
@@ -616,7 +617,7 @@ def main() -> None:
                "samples": n, "audio_seconds": round(audio_seconds, 1), "mean_jpeg_kb": round(img_bytes / n / 1024, 1),
                "repeat": args.repeat, "runs": {}}
     names = [c for c in CONTENDERS if c in args.only.split(",")]
-    label = {"mmbatch": "mmbatch preprocess", "warm": "mmbatch preprocess, Ray Data's service actors running",
+    label = {"mmbatch": "mmbatch preprocess", "warm": WARM_LABEL,
              "pool": f"multiprocessing.Pool({cores})",
              "plainpool": f"multiprocessing.Pool({cores}), plain librosa/OpenCV features",
              "datasets": f"datasets.map(num_proc={cores})", "ideal": "ideal",
@@ -670,7 +671,7 @@ def write_results(results: dict, out: Path) -> None:
                      ", ".join(f"{k} {v}" for k, v in per.items()) + f") | {ideal} | | | | "
                      f"{sum(per.values()):.1f} | | | {_median(runs['ideal'], 'steal_pct'):.0f} | | 100 | |")
     mine = runs.get("mmbatch preprocess")
-    warm = runs.get("mmbatch preprocess, Ray Data's service actors running")
+    warm = runs.get(WARM_LABEL)
     results["paired_ratio"], results["paired_ratio_warm"] = {}, {}
     for name, rs in runs.items():
         if name == "ideal":

@@ -16,11 +16,12 @@ min < max, stayed on one node; docs/data-path.md.)
 
 Faults, through Ray's and Ray Data's options:
 
-- ``max_restarts=-1``: an actor whose process dies (SIGKILL, OOM) is restarted in place;
-- ``max_task_retries=0``: the unit it held is not retried *on that actor* (a restart that never
-  comes, when the actor's node is gone and no other node has room, would hold it for ever) ...
+- ``max_restarts=0`` (:data:`MAX_RESTARTS`): an actor whose process dies (SIGKILL, OOM, a lost
+  node) is not restarted: a restart that never comes, when its node is gone and no other node has
+  room, would hold its units for ever;
+- ``max_task_retries=0``: the unit it held is not retried on that actor ...
 - ``DataContext.max_errored_blocks=-1`` (on this dataset only): ... its block is given up and the
-  job goes on; Ray Data stops dispatching to a restarting actor;
+  job goes on with the other actors;
 - the driver reruns the units that came back from no worker in a new round (the live actors of
   the next pool take them). A unit lost ``max_deaths`` times fails the job with the unit named.
 

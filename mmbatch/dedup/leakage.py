@@ -38,20 +38,23 @@ class Leakage:
         preprocess DatasetPlan) in each unit that has any: the part of a unit's fingerprint that
         quarantine adds. Reads the sample_id column of the dataset's shards (only when it has any)."""
         import numpy as np
+        import pyarrow as pa
+        import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
         exclude = self.for_dataset(plan.cfg.name)
         out: dict = {}
         if not exclude:
             return out
+        wanted = pa.array(list(exclude), pa.string())
         for f in plan.files:
             fs, path = storage.url_to_fs(f)
             with fs.open(path, "rb") as fh:
-                ids = pq.read_table(fh, columns=["sample_id"]).column("sample_id").to_pylist()
-            ends = np.cumsum(plan.row_groups[f])
-            for i, sid in enumerate(ids):
-                if sid in exclude:
-                    out.setdefault((f, int(np.searchsorted(ends, i, side="right"))), {})[sid] = exclude[sid]
+                ids = pq.read_table(fh, columns=["sample_id"]).column("sample_id")
+            rows = np.flatnonzero(pc.is_in(ids, value_set=wanted).to_numpy(zero_copy_only=False))
+            groups = np.searchsorted(np.cumsum(plan.row_groups[f]), rows, side="right")
+            for sid, k in zip(ids.take(pa.array(rows)).to_pylist(), groups.tolist()):
+                out.setdefault((f, k), {})[sid] = exclude[sid]
         return out
 
     def manifest(self) -> dict:

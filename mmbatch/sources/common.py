@@ -214,8 +214,8 @@ def list_tree(fs, root: str, *, allow_outside: bool = False, exclude: Iterable[s
 def _find_local(base: str) -> dict[str, dict]:
     """``fs.find(base, detail=True)`` of fsspec's local filesystem, from ``os.scandir``: the same files
     and the keys :func:`list_tree` reads (type, size, mtime, islink, destination), symlinked folders
-    listed, not entered. fsspec builds a full info dict per file (21 us a file against 4 here, measured
-    on a 20,000-file corpus: 0.43 s of a 10,000-sample ingest's 1 s of planning)."""
+    listed, not entered. fsspec builds a full info dict per file: 0.12 against 0.06 CPU s for a
+    20,000-file corpus (a 10,000-sample manifest), about a sixth of ingest's planning."""
     out: dict[str, dict] = {}
     todo = [base]
     while todo:
