@@ -129,6 +129,10 @@ class FeaturesConfig(Strict):
     audio: AudioFeatures = AudioFeatures()
     text: TextFeatures = TextFeatures()
     batch_size: int = Field(64, ge=1, description="rows per batch in CPU stages")
+    gpu_shape: Literal["fused", "split"] = Field(
+        "fused", description="where a model extractor (cnn, sentence) runs when it gets a GPU. fused: decode and "
+        "embed in each unit worker, which holds a GPU share; split: CPU workers decode, one actor per GPU embeds "
+        "(for GPU nodes with too few CPUs to feed their GPU; docs/data-path.md). Same output bits either way")
 
 
 class PairingConfig(Strict):
