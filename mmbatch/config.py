@@ -130,9 +130,9 @@ class FeaturesConfig(Strict):
     text: TextFeatures = TextFeatures()
     batch_size: int = Field(64, ge=1, description="rows per batch in CPU stages")
     gpu_shape: Literal["fused", "split"] = Field(
-        "fused", description="where a model extractor (cnn, sentence) runs when it gets a GPU. fused: decode and "
-        "embed in each unit worker, which holds a GPU share; split: CPU workers decode, one actor per GPU embeds "
-        "(for GPU nodes with too few CPUs to feed their GPU; docs/data-path.md). Same output bits either way")
+        "fused", description="a model extractor (cnn, sentence) on GPU. fused: each unit worker decodes and embeds "
+        "on its GPU share; split: CPU workers decode, one actor per GPU embeds (GPU nodes short of CPUs; "
+        "docs/data-path.md). Same output either way")
 
 
 class PairingConfig(Strict):

@@ -156,10 +156,11 @@ def _captured_warnings():
 def run_units(make_worker: Callable[[Any], Callable], job: Any, units: Iterable[Any],
               on_result: Callable[[Any, Any], None], *, workers: Optional[int],
               resources: Resources | None = None, max_deaths: int = 4, name: Callable[[Any], str] = str,
-              label: str = "units", then: Optional[Step] = None) -> None:
+              label: str = "units", step: str = "unit", then: Optional[Step] = None) -> None:
     """Run ``make_worker(job)(unit)`` for every unit on a Ray Data actor pool of ``workers`` actors
     (None: one per unit; see :func:`pool_size`). With ``then``, each unit's result goes on to
     ``then.make_worker(job)(result)`` on a second pool, whose results are the units' results.
+    ``step`` names the first pool's actors in a result's ``actors`` (``then.name`` the second's).
 
     ``on_result(unit, result)`` runs on the driver as each unit finishes, in completion order.
     Units are handed out in the given order (put the largest first). Units whose worker died are
@@ -168,7 +169,7 @@ def run_units(make_worker: Callable[[Any], Callable], job: Any, units: Iterable[
     import ray
 
     todo = list(units)
-    steps = [Step(make_worker, workers, resources or Resources(), "decode" if then else "unit"), *([then] if then else [])]
+    steps = [Step(make_worker, workers, resources or Resources(), step), *([then] if then else [])]
     job_ref = ray.put(job)          # the job travels once through the object store
     lost: dict[int, int] = {}       # unit index -> rounds it came back from no worker
     said: set[str] = set()          # the workers' warnings, said once
@@ -182,13 +183,13 @@ def run_units(make_worker: Callable[[Any], Callable], job: Any, units: Iterable[
         # A fixed size: actors that do not fit yet are pending demand, which makes the autoscaler add
         # nodes, and they take units as their nodes join (an autoscaling pool, min < max, grows only
         # through Ray Data's cluster autoscaler, too slowly to matter: docs/data-path.md).
-        for step in steps:
-            res = step.resources
-            pool = ray.data.ActorPoolStrategy(size=max(1, min(step.workers or len(index), len(index))))
+        for s in steps:
+            res = s.resources
+            pool = ray.data.ActorPoolStrategy(size=max(1, min(s.workers or len(index), len(index))))
             with warnings.catch_warnings():     # max_restarts has no named parameter in Ray 2.60
                 warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated", DeprecationWarning)
                 ds = ds.map_batches(_PoolActor, batch_size=1, compute=pool,
-                                    fn_constructor_args=(step.make_worker, job_ref, step.name),
+                                    fn_constructor_args=(s.make_worker, job_ref, s.name),
                                     num_cpus=res.num_cpus, num_gpus=res.num_gpus or None, zero_copy_batch=True,
                                     max_restarts=MAX_RESTARTS, max_task_retries=0)
         ds.set_name(label)             # the job's name in the dashboard's Data view

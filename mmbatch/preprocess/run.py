@@ -33,9 +33,9 @@ from mmbatch.schema import MODALITIES, embedding_type, emb_column, fused_schema,
 
 log = logging.getLogger("mmbatch.preprocess")
 
-# CPUs of a split shape's GPU actor (the Ray scheduler's count; it uses a little CPU to feed its GPU,
-# fuse and write). None: a GPU actor must never wait for a CPU that the decode workers hold, which
-# would hang the job; with none it fits on every GPU node however many decode workers run there.
+# CPUs of a split shape's GPU actor in the Ray scheduler's count (it uses a little CPU to feed its GPU,
+# fuse and write). 0: a GPU actor must never wait for a CPU that the decode workers hold, which would
+# hang the job; asking none, it fits on every GPU node however many decode workers run there.
 EMBED_CPUS = 0.0
 
 
@@ -110,7 +110,7 @@ class _Runner:
 
                 run_units(make_decoder if then else make_worker, job, pending, on_result, workers=workers,
                           resources=resources, name=lambda u: u.id, label=f"mmbatch preprocess {plan.cfg.name}",
-                          then=then)
+                          step="decode" if then else "unit", then=then)
             for m in plan.modalities:
                 p = self.summary.placement[m]
                 if p.get("device") == "gpu" and "cpu" in p.get("devices", ()):
