@@ -24,6 +24,9 @@ Faults, through Ray's and Ray Data's options:
 - ``max_restarts=0`` (:data:`MAX_RESTARTS`): an actor whose process dies (SIGKILL, OOM, a lost
   node) is not restarted: a restart that never comes, when its node is gone and no other node has
   room, would hold its units for ever;
+  except in a pool of one actor (a split shape's one GPU, ``ray.max_workers: 1``), which restarts it: Ray
+  Data keeps a dead actor in its pool and never replaces it, so with no other actor the job would wait
+  for ever (a restart that cannot come hangs it all the same);
 - ``max_task_retries=0``: the unit it held is not retried on that actor ...
 - ``DataContext.max_errored_blocks=-1`` (on this dataset only): ... its block is given up and the
   job goes on with the other actors;
@@ -184,14 +187,14 @@ def run_units(make_worker: Callable[[Any], Callable], job: Any, units: Iterable[
         # nodes, and they take units as their nodes join (an autoscaling pool, min < max, grows only
         # through Ray Data's cluster autoscaler, too slowly to matter: docs/data-path.md).
         for s in steps:
-            res = s.resources
-            pool = ray.data.ActorPoolStrategy(size=max(1, min(s.workers or len(index), len(index))))
+            res, size = s.resources, max(1, min(s.workers or len(index), len(index)))
+            pool = ray.data.ActorPoolStrategy(size=size)
             with warnings.catch_warnings():     # max_restarts has no named parameter in Ray 2.60
                 warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated", DeprecationWarning)
                 ds = ds.map_batches(_PoolActor, batch_size=1, compute=pool,
                                     fn_constructor_args=(s.make_worker, job_ref, s.name),
                                     num_cpus=res.num_cpus, num_gpus=res.num_gpus or None, zero_copy_batch=True,
-                                    max_restarts=MAX_RESTARTS, max_task_retries=0)
+                                    max_restarts=MAX_RESTARTS if size > 1 else -1, max_task_retries=0)
         ds.set_name(label)             # the job's name in the dashboard's Data view
         for row in ds.iter_rows():
             i = int(row["i"])
