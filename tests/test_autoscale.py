@@ -8,15 +8,16 @@ The driver runs in a subprocess connected to that cluster. The cluster is stoppe
 processes (its session), never with ``ray stop``, which would stop every Ray on the machine.
 
 (a) a HOG job of 12-13 units grows the cluster past one node (peak >= 4 CPUs); its output equals a
-    local run's; (b) a CNN job whose workflow asks for GPU shares (``features.image.num_gpus``) starts
-    GPU nodes and its units run there, the commit records name the node, and the summary says the
-    model fell back to CPU (no CUDA behind a fake GPU); (c) the driver ends cleanly.
+    local run's; (b) a CNN job whose workflow does not mention GPUs starts GPU nodes and its units run
+    there, the commit records name the node, and the summary says the model fell back to CPU (no CUDA
+    behind a fake GPU); (c) the driver ends cleanly.
 
 This autoscaler (v1, as `ray start --autoscaling-config` and the cluster launcher run it) does not
-report its node types to the GCS, so the job sizes its pool at one worker per unit and lets the
-autoscaler's limits decide; where the node types are reported (autoscaler v2, KubeRay), the pool is
-sized from them and model extractors ask for GPUs unasked (mmbatch/units.py; the v2 monitor cannot
-run the fake provider from the Ray 2.60 wheel, which lacks its example.yaml).
+report its node types to the GCS. As `ray up` does, the config is at ~/ray_bootstrap_config.yaml of
+the head node, where the drivers run (HOME is the cluster's own folder here); the job reads its node
+types there (mmbatch.units.launcher_config): the pool is sized from them and the CNN asks for a GPU
+share unasked. (The v2 monitor, which reports them to the GCS, cannot run the fake provider from the
+Ray 2.60 wheel, which lacks its example.yaml.)
 """
 from __future__ import annotations
 
@@ -128,7 +129,7 @@ def fake_cluster():
     token = tmp / "token"
     token.write_text(secrets.token_hex(24))
     token.chmod(0o600)
-    config = tmp / "autoscaler.json"
+    config = tmp / "home" / "ray_bootstrap_config.yaml"       # JSON is YAML
     config.write_text(json.dumps(autoscaling_config()))
     env = {k: v for k, v in os.environ.items() if k not in AUTH_VARS}
     env.update(HOME=str(tmp / "home"), RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token),
@@ -163,6 +164,7 @@ from mmbatch.config import workflow_from_dict
 from mmbatch.preprocess import run_preprocess
 from mmbatch.preprocess.summary import render_summary
 
+start = {k: ray.cluster_resources().get(k, 0.0) for k in ("CPU", "GPU")}
 peak, stop = {"CPU": 0.0, "GPU": 0.0, "nodes": 0}, threading.Event()
 def watch():
     while not stop.is_set():
@@ -177,7 +179,7 @@ s = run_preprocess(workflow_from_dict(wf), progress=False)
 stop.set()
 gpu_nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Resources"].get("GPU"))
 nodes = [json.load(open(f))["node"] for f in sorted(glob.glob(out + "/_shards/*.json"))]
-print("RESULT", json.dumps({"peak": peak, "gpu_nodes": gpu_nodes, "record_nodes": nodes, "rows": s.rows_out,
+print("RESULT", json.dumps({"start": start, "peak": peak, "gpu_nodes": gpu_nodes, "record_nodes": nodes, "rows": s.rows_out,
                             "processed": s.shards_processed, "summary": render_summary(s),
                             "placement": {m: {k: (sorted(v) if isinstance(v, set) else v) for k, v in p.items()}
                                           for m, p in s.placement.items()}}), flush=True)
@@ -214,26 +216,31 @@ def workflow(canon: Path, out: Path, extractor: str, **image) -> dict:
 
 
 def test_jobs_grow_the_fake_autoscaling_cluster_and_start_its_gpu_nodes(fake_cluster, canon, tmp_path):
-    # (a) HOG: one one-CPU worker per unit (12-13 of them), pending demand that starts nodes; same output as a
-    # local run
     local = tmp_path / "local"
     units = run_preprocess(workflow_from_dict(workflow(canon, local, "hog")), progress=False).shards_processed
     assert units >= 10
-    res = drive(fake_cluster, workflow(canon, tmp_path / "hog", "hog"), tmp_path / "hog")
-    print("hog:", res["peak"], "units on", len(set(res["record_nodes"])), "nodes")
-    assert res["peak"]["CPU"] >= 4 and res["peak"]["nodes"] >= 3, res["peak"]    # head + at least two nodes
-    assert (res["rows"], res["processed"]) == (48, units)
-    assert_same_output(tmp_path / "hog", local)
 
-    # (b) CNN asking for half a GPU per worker: GPU nodes start and run every unit; the model falls back to CPU
-    res = drive(fake_cluster, workflow(canon, tmp_path / "cnn", "cnn", num_gpus=0.5), tmp_path / "cnn")
+    # (b) CNN, no GPU asked and none at the start: the gpu1 node type's share (1 GPU / 2 CPUs) per worker; GPU
+    # nodes start and run every unit; the model falls back to CPU
+    res = drive(fake_cluster, workflow(canon, tmp_path / "cnn", "cnn"), tmp_path / "cnn")
+    assert res["start"] == {"CPU": 0.0, "GPU": 0.0}, res                          # only the head at the start
     print("cnn:", res["peak"], "units on", len(set(res["record_nodes"])), "GPU nodes")
     assert res["peak"]["GPU"] >= 1 and res["gpu_nodes"], res
     assert len(res["record_nodes"]) == units and set(res["record_nodes"]) <= set(res["gpu_nodes"]), res
     img = res["placement"]["image"]
     assert img["device"] == "gpu" and img["num_gpus"] == 0.5 and img["devices"] == ["cpu"], img
     assert "fell back to CPU" in res["summary"], res["summary"]
+    assert img["workers"] == 4, img        # the node types' 2 GPUs / 0.5 (no config known: one per unit)
     assert (res["rows"], res["processed"]) == (48, units)
+
+    # (a) HOG (after the CNN job's GPU nodes): one one-CPU worker per CPU the node types can add up to (10), pending
+    # demand that starts CPU nodes; same output as a local run
+    res = drive(fake_cluster, workflow(canon, tmp_path / "hog", "hog"), tmp_path / "hog")
+    print("hog:", res["peak"], "units on", len(set(res["record_nodes"])), "nodes")
+    assert res["peak"]["CPU"] >= 4 and res["peak"]["nodes"] >= 3, res["peak"]    # head + at least two nodes
+    assert res["peak"]["CPU"] > res["start"]["CPU"], res                         # nodes added for this job
+    assert (res["rows"], res["processed"]) == (48, units)
+    assert_same_output(tmp_path / "hog", local)
 
 
 def test_a_token_cluster_reached_without_token_mode_gives_one_clear_line(fake_cluster, canon, tmp_path):
