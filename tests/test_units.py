@@ -183,6 +183,8 @@ def test_launcher_config_gives_the_node_types_of_the_running_autoscaler(tmp_path
     assert launcher_config(running, str(tmp_path / "missing.yaml")) is None
     path.write_text("available_node_types: [not, a, mapping")            # unreadable: ignored
     assert launcher_config(running, str(path)) is None
+
+
 def test_two_steps_a_unit_lost_in_the_second_reruns_and_a_first_step_error_is_named(ray_session, tmp_path):
     """``then``: a second actor pool takes each unit's first result (the preprocess split shape).
     Its one worker (one GPU) dies holding a unit: the pool restarts it (Ray Data would not replace it,
