@@ -23,6 +23,9 @@ Sections (each runs on its own; a section that fails is recorded with its error 
    ingested, then ``run_preprocess`` with image ``cnn`` (resnet50, bf16 on CUDA) and the torch
    audio backend; samples/s, where each modality ran (the summary's placement) and the GPU's
    utilisation meanwhile.
+5. ``preprocess_split``: the same preprocess of the same canonical data with ``features.gpu_shape:
+   split`` (decode in CPU workers, one embed actor per GPU; docs/data-path.md), and whether its
+   output is identical to the fused run's. Without a GPU it runs fused (and says so).
 
 GPU utilisation and memory are sampled every 0.2 s (pynvml, else ``nvidia-smi``) while each
 measurement runs; on the CPU they are null. Writes ``gpu.md`` and ``gpu.json`` (``gpu-tiny.*``
@@ -461,7 +464,7 @@ def bench_shape(env: dict, sizes: Sizes) -> dict:
 
 
 # --- 4. preprocess ------------------------------------------------------------------------------------
-def bench_preprocess(env: dict, sizes: Sizes, samples: int, data_root: Path) -> dict:
+def bench_preprocess(env: dict, sizes: Sizes, samples: int, data_root: Path, shape: str = "fused") -> dict:
     import ray
 
     from benchmarks.run import make_corpus
@@ -477,12 +480,15 @@ def bench_preprocess(env: dict, sizes: Sizes, samples: int, data_root: Path) -> 
 
         torch.cuda.empty_cache()          # this process's cached blocks from the other sections
     data = data_root / f"large-n{samples}"
-    t0 = time.perf_counter()
-    manifest = make_corpus(data / "corpus", samples, shape="large")
-    corpus_s = time.perf_counter() - t0
-    print(f"  corpus: {samples} samples in {corpus_s:.1f} s", flush=True)
-    canon, out = data / "canonical", data / "fused"
-    for d in (canon, out):
+    canon, out = data / "canonical", data / ("fused" if shape == "fused" else f"fused-{shape}")
+    reuse = shape != "fused" and (canon / "_manifest.json").exists()     # the fused section's canonical data
+    corpus_s = 0.0
+    if not reuse:
+        t0 = time.perf_counter()
+        manifest = make_corpus(data / "corpus", samples, shape="large")
+        corpus_s = time.perf_counter() - t0
+        print(f"  corpus: {samples} samples in {corpus_s:.1f} s", flush=True)
+    for d in (out,) if reuse else (canon, out):
         shutil.rmtree(d, ignore_errors=True)
 
     if ray.is_initialized():
@@ -491,9 +497,11 @@ def bench_preprocess(env: dict, sizes: Sizes, samples: int, data_root: Path) -> 
     init_ray(num_cpus=os.cpu_count(), num_gpus=gpus)       # explicit: --device cpu keeps the GPUs out
     ray_startup_s = time.perf_counter() - t0
     try:
-        t0 = time.perf_counter()
-        ing = run_ingest("manifest", str(manifest), str(canon), echo=False)
-        ingest_s = time.perf_counter() - t0
+        ing, ingest_s = None, 0.0
+        if not reuse:
+            t0 = time.perf_counter()
+            ing = run_ingest("manifest", str(manifest), str(canon), echo=False)
+            ingest_s = time.perf_counter() - t0
         precision = "bf16" if device == "cuda" else "fp32"
         wf = workflow_from_dict({
             "datasets": [{"name": "gpu-bench", "path": str(canon)}],
@@ -501,7 +509,7 @@ def bench_preprocess(env: dict, sizes: Sizes, samples: int, data_root: Path) -> 
             "ray": {"num_gpus": gpus},
             "features": {"image": {"extractor": "cnn", "arch": "resnet50", "size": 224, "precision": precision,
                                    "batch_size": max(sizes.resnet_batch, 64)},
-                         "audio": {"backend": "torch"}},
+                         "audio": {"backend": "torch"}, "gpu_shape": shape},
         })
         with GpuSampler(device) as gpu:
             t0 = time.perf_counter()
@@ -509,10 +517,14 @@ def bench_preprocess(env: dict, sizes: Sizes, samples: int, data_root: Path) -> 
             seconds = time.perf_counter() - t0
     finally:
         ray.shutdown()
+    fused = data / "fused"
     return {
         "samples": samples, "corpus_seconds": round(corpus_s, 1), "ray_startup_s": round(ray_startup_s, 2),
-        "ingest": {"rows": ing.ingested, "quarantined": ing.quarantined, "seconds": round(ingest_s, 2),
-                   "samples_per_s": round(ing.ingested / ingest_s, 1)},
+        "shape": s.placement.get("image", {}).get("shape", "fused"),
+        **({"same_output_as_fused": _same_parquet(out, fused)} if shape != "fused" and fused.exists() else {}),
+        "ingest": None if ing is None else {
+            "rows": ing.ingested, "quarantined": ing.quarantined, "seconds": round(ingest_s, 2),
+            "samples_per_s": round(ing.ingested / ingest_s, 1)},
         "features": {"image": f"cnn resnet50 224 px {precision}", "audio": "logmel_stats, torch backend",
                      "text": "hashing"},
         "rows_in": s.rows_in, "rows_out": s.rows_out, "quarantined": s.quarantined,
@@ -523,6 +535,15 @@ def bench_preprocess(env: dict, sizes: Sizes, samples: int, data_root: Path) -> 
         "stages_busy_seconds": {k: round(v.seconds, 2) for k, v in s.stages.items()},
         "gpu": gpu.result,
     }
+
+
+def _same_parquet(a: Path, b: Path) -> bool:
+    """The two folders hold the same data files with equal tables."""
+    import pyarrow.parquet as pq
+
+    names = sorted(p.name for p in a.glob("*.parquet"))
+    return names == sorted(p.name for p in b.glob("*.parquet")) and all(
+        pq.read_table(a / n).equals(pq.read_table(b / n)) for n in names)
 
 
 # --- output ----------------------------------------------------------------------------------------
@@ -556,22 +577,30 @@ def render(res: dict) -> str:
                          f"object store {r['decoded_bytes_through_store'] / 1e6:,.1f} MB, embed actor busy "
                          f"{r['embed_actor_util']:.0%} | {sec['shape']['setup']['precision']} | {r['batch']} | "
                          f"{r['steady_samples_per_s']:,.0f} img/s | {_gpu_cells(r['gpu'])} |")
-    p = sec["preprocess"]
-    if p["ok"] and not p.get("skipped"):
-        first = next(iter(p["placement"].values()), {})
+    for p in (sec["preprocess"], sec.get("preprocess_split", {"ok": False, "skipped": True})):
+        if not p["ok"] or p.get("skipped"):
+            continue
+        img = p["placement"].get("image", {})
         place = ", ".join(f"{m} on {'/'.join(v.get('devices', [])) or v.get('device')}"
                           for m, v in p["placement"].items())
-        workers = f"{first.get('workers')} workers x (1 CPU" + \
-            (f" + {first['num_gpus']:.3g} GPU)" if first.get("num_gpus") else ")")
-        lines.append(f"| mmbatch preprocess, {p['samples']} samples ({p['features']['image']}, "
-                     f"{p['features']['audio']}); {workers}: {place} | {p['features']['image'].split()[-1]} | | "
+        workers = f"{img.get('workers')} workers x (1 CPU" + \
+            (f" + {img['num_gpus']:.3g} GPU)" if img.get("num_gpus") and "gpu_workers" not in img else ")") + \
+            (f" + {img['gpu_workers']} embed worker(s) x {img['num_gpus']:.3g} GPU" if "gpu_workers" in img else "")
+        same = {True: ", output identical to fused", False: ", output DIFFERS from fused"}.get(
+            p.get("same_output_as_fused"), "")
+        lines.append(f"| mmbatch preprocess, {p['shape']} shape, {p['samples']} samples ({p['features']['image']}, "
+                     f"{p['features']['audio']}); {workers}: {place}{same} | {p['features']['image'].split()[-1]} | | "
                      f"{p['samples_per_s']:,.1f} samples/s | {_gpu_cells(p['gpu'])} |")
-        lines.append(f"| mmbatch ingest (manifest of JPEG + FLAC + text), {p['samples']} samples | | | "
-                     f"{p['ingest']['samples_per_s']:,.1f} samples/s | n/a | n/a |")
+        if p["ingest"]:
+            lines.append(f"| mmbatch ingest (manifest of JPEG + FLAC + text), {p['samples']} samples | | | "
+                         f"{p['ingest']['samples_per_s']:,.1f} samples/s | n/a | n/a |")
     for name, s in sec.items():
         if not s["ok"]:
             lines.append(f"| {name}: FAILED: {s['error']} | | | | | |")
     return "\n".join(lines) + "\n"
+
+
+SECTIONS = ("resnet50", "shape", "logmel", "preprocess", "preprocess_split")
 
 
 def run_section(name: str, fn: Callable[[], dict]) -> dict:
@@ -592,16 +621,16 @@ def main(argv: Optional[list[str]] = None) -> int:
                     help="auto: CUDA when torch can use a GPU, else the CPU (cuda without CUDA: CPU with a warning)")
     ap.add_argument("--tiny", action="store_true", help="small sizes: the whole run in under a minute on 2 CPU cores")
     ap.add_argument("--samples", type=int, default=None, help="samples of the preprocess part (default 2000; tiny 8)")
-    ap.add_argument("--only", default="resnet50,shape,logmel,preprocess", help="comma-separated sections")
+    ap.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--data", default="/tmp/mmbatch-bench-gpu", help="corpus and outputs of the preprocess part")
     args = ap.parse_args(argv)
     sizes = TINY if args.tiny else FULL
     samples = args.samples or sizes.samples
     only = [s.strip() for s in args.only.split(",") if s.strip()]
-    unknown = set(only) - {"resnet50", "shape", "logmel", "preprocess"}
+    unknown = set(only) - set(SECTIONS)
     if unknown:
-        ap.error(f"--only: unknown section(s) {sorted(unknown)}; allowed: resnet50, shape, logmel, preprocess")
+        ap.error(f"--only: unknown section(s) {sorted(unknown)}; allowed: {', '.join(SECTIONS)}")
 
     warnings.filterwarnings("ignore", message=".*RANDOM weights.*")     # speed does not depend on the weights
     env = environment(args.device)
@@ -610,7 +639,8 @@ def main(argv: Optional[list[str]] = None) -> int:
            "environment": env, "tiny": args.tiny, "sizes": sizes.__dict__, "sections": {}}
     sections = {"resnet50": lambda: bench_resnet(env, sizes), "shape": lambda: bench_shape(env, sizes),
                 "logmel": lambda: bench_logmel(env, sizes),
-                "preprocess": lambda: bench_preprocess(env, sizes, samples, Path(args.data))}
+                "preprocess": lambda: bench_preprocess(env, sizes, samples, Path(args.data)),
+                "preprocess_split": lambda: bench_preprocess(env, sizes, samples, Path(args.data), "split")}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = "gpu-tiny" if args.tiny else "gpu"

@@ -2,7 +2,8 @@
 # The GPU benchmark on a lent GPU machine, in one script (benchmarks/gpu.py does the measuring):
 #
 #   benchmarks/gpu_run.sh                    # python -m benchmarks.gpu --samples 2000 (every section,
-#                                            # the GPU shape included: fused against split)
+#                                            # the GPU shape included: fused against split, and
+#                                            # mmbatch preprocess in both features.gpu_shape values)
 #   benchmarks/gpu_run.sh --samples 500      # other benchmarks.gpu flags instead
 #
 # Python environment, the first that applies:

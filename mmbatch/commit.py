@@ -50,6 +50,8 @@ class CommitRecord:
     seconds: dict = field(default_factory=dict)       # stage -> busy seconds in the worker
     devices: dict = field(default_factory=dict)       # modality -> device it was embedded on
     node: str = ""                              # Ray node id of the worker that ran the unit
+    shape: str = ""                             # preprocess: "fused" or "split" (features.gpu_shape) as it ran
+    actors: dict = field(default_factory=dict)        # step ("unit"; "decode", "embed") -> {"pid", "gpus"} of its actor
 
     def to_marker(self) -> dict:
         return asdict(self)

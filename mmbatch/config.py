@@ -129,6 +129,10 @@ class FeaturesConfig(Strict):
     audio: AudioFeatures = AudioFeatures()
     text: TextFeatures = TextFeatures()
     batch_size: int = Field(64, ge=1, description="rows per batch in CPU stages")
+    gpu_shape: Literal["fused", "split"] = Field(
+        "fused", description="a model extractor (cnn, sentence) on GPU. fused: each unit worker decodes and embeds "
+        "on its GPU share; split: CPU workers decode, one actor per GPU embeds (GPU nodes short of CPUs; "
+        "docs/data-path.md). Same output either way")
 
 
 class PairingConfig(Strict):

@@ -7,6 +7,11 @@ models, lookups) and then run unit after unit; the driver reads the results with
 receives only each unit's small result (a :class:`~mmbatch.commit.CommitRecord`), which it commits.
 ``from_items`` has no read task: on 2 CPUs a read task would wait behind actors holding every CPU.
 
+A job may have a second step (``then``, :class:`Step`): a second actor pool of the same Ray Data
+job whose actors get each unit's first result (one row, pickled) and return the final one. The
+preprocess split shape runs a model's decode in the first (CPU actors) and its embed, fuse and
+write in the second (one actor per GPU; docs/data-path.md, "The GPU shape").
+
 The pool has a fixed size, :func:`pool_size`: what the cluster can hold once its autoscaler has
 added every node it may (its node types' limits, as the autoscaler reports them to the GCS or the cluster
 launcher's config on the head node says them), one worker per unit where neither says them, and at most
@@ -20,6 +25,9 @@ Faults, through Ray's and Ray Data's options:
 - ``max_restarts=0`` (:data:`MAX_RESTARTS`): an actor whose process dies (SIGKILL, OOM, a lost
   node) is not restarted: a restart that never comes, when its node is gone and no other node has
   room, would hold its units for ever;
+  except in a pool of one actor (a split shape's one GPU, ``ray.max_workers: 1``), which restarts it: Ray
+  Data keeps a dead actor in its pool and never replaces it, so with no other actor the job would wait
+  for ever (a restart that cannot come hangs it all the same);
 - ``max_task_retries=0``: the unit it held is not retried on that actor ...
 - ``DataContext.max_errored_blocks=-1`` (on this dataset only): ... its block is given up and the
   job goes on with the other actors;
@@ -39,7 +47,7 @@ import os
 import pickle
 import traceback
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
 log = logging.getLogger("mmbatch")
@@ -58,10 +66,20 @@ class Resources:
     num_gpus: float = 0.0
 
 
+@dataclass
+class Step:
+    """One actor pool of a job: ``make_worker(job)`` builds each actor's worker; ``workers`` actors
+    (None: one per unit) of ``resources`` each; ``name`` keys the actor in a result's ``actors``."""
+    make_worker: Callable[[Any], Callable]
+    workers: Optional[int] = None
+    resources: Resources = field(default_factory=Resources)
+    name: str = "unit"
+
+
 class _PoolActor:
     """The Ray Data UDF: a callable class, one instance per actor (the name shows in ``ps``)."""
 
-    def __init__(self, make_worker: Callable[[Any], Callable], job: Any):
+    def __init__(self, make_worker: Callable[[Any], Callable], job: Any, step: str = "unit"):
         import ray
 
         from mmbatch.runtime import pin_threads
@@ -70,6 +88,9 @@ class _PoolActor:
         if isinstance(job, ray.ObjectRef):
             job = ray.get(job)
         self.node = ray.get_runtime_context().get_node_id()
+        # where this step ran, stamped on results that keep it (a CommitRecord's ``actors``)
+        self.where = {"pid": os.getpid(), "gpus": [str(g) for g in ray.get_gpu_ids()]}
+        self.step = step
         # A worker that cannot be built (a missing tool, a bad model path) fails each unit with
         # its own error instead of dying: a dead actor would be restarted and fail again, silently.
         # What building it warns (a model with random weights, ...) goes to the driver with the first
@@ -86,20 +107,26 @@ class _PoolActor:
         return self.worker(unit)
 
     def __call__(self, batch: dict) -> dict:
-        out = {"i": [], "result": [], "error": [], "notes": []}
-        for i, blob in zip(batch["i"], batch["unit"]):
-            result, error = None, ""
-            try:
-                result = self.run(pickle.loads(blob))
-                if hasattr(result, "node"):
-                    result.node = self.node
-            except Exception as e:  # noqa: BLE001 - the driver raises UnitFailed with the unit named
-                error = f"{type(e).__name__}: {e}"
-                log.debug("unit failed:\n%s", traceback.format_exc())
+        """Rows ``i, value, error, notes``: ``value`` is a unit (the first step) or the previous step's
+        result, pickled; a row that failed in a previous step passes through."""
+        out = {"i": [], "value": [], "error": [], "notes": []}
+        for i, blob, error, notes in zip(batch["i"], batch["value"], batch["error"], batch["notes"]):
+            if not error:
+                result = None
+                try:
+                    result = self.run(pickle.loads(blob))
+                    if hasattr(result, "node"):
+                        result.node = self.node
+                    if hasattr(result, "actors"):
+                        result.actors[self.step] = self.where
+                except Exception as e:  # noqa: BLE001 - the driver raises UnitFailed with the unit named
+                    error = f"{type(e).__name__}: {e}"
+                    log.debug("unit failed:\n%s", traceback.format_exc())
+                blob = pickle.dumps(result)
             out["i"].append(int(i))
-            out["result"].append(pickle.dumps(result))
+            out["value"].append(blob)
             out["error"].append(error)
-            out["notes"].append(json.dumps(self.notes))
+            out["notes"].append(json.dumps(json.loads(notes) + self.notes))
             self.notes = []
         return out
 
@@ -133,9 +160,11 @@ def _captured_warnings():
 def run_units(make_worker: Callable[[Any], Callable], job: Any, units: Iterable[Any],
               on_result: Callable[[Any, Any], None], *, workers: Optional[int],
               resources: Resources | None = None, max_deaths: int = 4, name: Callable[[Any], str] = str,
-              label: str = "units") -> None:
+              label: str = "units", step: str = "unit", then: Optional[Step] = None) -> None:
     """Run ``make_worker(job)(unit)`` for every unit on a Ray Data actor pool of ``workers`` actors
-    (None: one per unit; see :func:`pool_size`).
+    (None: one per unit; see :func:`pool_size`). With ``then``, each unit's result goes on to
+    ``then.make_worker(job)(result)`` on a second pool, whose results are the units' results.
+    ``step`` names the first pool's actors in a result's ``actors`` (``then.name`` the second's).
 
     ``on_result(unit, result)`` runs on the driver as each unit finishes, in completion order.
     Units are handed out in the given order (put the largest first). Units whose worker died are
@@ -144,26 +173,29 @@ def run_units(make_worker: Callable[[Any], Callable], job: Any, units: Iterable[
     import ray
 
     todo = list(units)
-    res = resources or Resources()
+    steps = [Step(make_worker, workers, resources or Resources(), step), *([then] if then else [])]
     job_ref = ray.put(job)          # the job travels once through the object store
     lost: dict[int, int] = {}       # unit index -> rounds it came back from no worker
     said: set[str] = set()          # the workers' warnings, said once
     index = list(range(len(todo)))
     while index:
         seen = set()
-        ds = ray.data.from_items([{"i": i, "unit": pickle.dumps(todo[i])} for i in index],
-                                 override_num_blocks=len(index))
+        ds = ray.data.from_items([{"i": i, "value": pickle.dumps(todo[i]), "error": "", "notes": "[]"}
+                                  for i in index], override_num_blocks=len(index))
         ds.context.max_errored_blocks = -1          # a dead worker's unit: rerun below, not fatal
         ds.context.enable_progress_bars = ray.data.DataContext.get_current().enable_progress_bars
         # A fixed size: actors that do not fit yet are pending demand, which makes the autoscaler add
         # nodes, and they take units as their nodes join (an autoscaling pool, min < max, grows only
         # through Ray Data's cluster autoscaler, too slowly to matter: docs/data-path.md).
-        pool = ray.data.ActorPoolStrategy(size=max(1, min(workers or len(index), len(index))))
-        with warnings.catch_warnings():     # max_restarts has no named parameter in Ray 2.60
-            warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated", DeprecationWarning)
-            ds = ds.map_batches(_PoolActor, batch_size=1, compute=pool, fn_constructor_args=(make_worker, job_ref),
-                                num_cpus=res.num_cpus, num_gpus=res.num_gpus or None, zero_copy_batch=True,
-                                max_restarts=MAX_RESTARTS, max_task_retries=0)
+        for s in steps:
+            res, size = s.resources, max(1, min(s.workers or len(index), len(index)))
+            pool = ray.data.ActorPoolStrategy(size=size)
+            with warnings.catch_warnings():     # max_restarts has no named parameter in Ray 2.60
+                warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated", DeprecationWarning)
+                ds = ds.map_batches(_PoolActor, batch_size=1, compute=pool,
+                                    fn_constructor_args=(s.make_worker, job_ref, s.name),
+                                    num_cpus=res.num_cpus, num_gpus=res.num_gpus or None, zero_copy_batch=True,
+                                    max_restarts=MAX_RESTARTS if size > 1 else -1, max_task_retries=0)
         ds.set_name(label)             # the job's name in the dashboard's Data view
         for row in ds.iter_rows():
             i = int(row["i"])
@@ -174,7 +206,7 @@ def run_units(make_worker: Callable[[Any], Callable], job: Any, units: Iterable[
                     log.warning("%s", note)
             if row["error"]:
                 raise UnitFailed(f"unit {name(todo[i])}: {row['error']}")
-            on_result(todo[i], pickle.loads(row["result"]))
+            on_result(todo[i], pickle.loads(row["value"]))
         index = [i for i in index if i not in seen]
         for i in index:
             lost[i] = lost.get(i, 0) + 1

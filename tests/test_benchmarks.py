@@ -117,7 +117,7 @@ def test_gpu_benchmark_runs_every_section_on_cpu(tmp_path):
     assert res["environment"]["device"] == "cpu" and res["environment"]["gpu"] is None
     sections = res["sections"]
     assert {n: s["ok"] for n, s in sections.items()} == {"resnet50": True, "shape": True, "logmel": True,
-                                                          "preprocess": True}, \
+                                                          "preprocess": True, "preprocess_split": True}, \
         {n: s.get("error") for n, s in sections.items()}
 
     resnet = sections["resnet50"]["runs"]
@@ -143,6 +143,10 @@ def test_gpu_benchmark_runs_every_section_on_cpu(tmp_path):
     fused = pq.read_table(tmp_path / "data" / f"large-n{n}" / "fused", columns=["sample_id", "image_emb"])
     assert fused.num_rows == n and len(fused.column("image_emb")[0].as_py()) == 2048   # ResNet-50 features
 
+    split = sections["preprocess_split"]        # gpu_shape: split without a GPU: the fused shape, same output
+    assert split["ingest"] is None and split["rows_out"] == n and split["same_output_as_fused"] is True, split
+    assert pre["shape"] == split["shape"] == "fused" and split["placement"]["image"]["devices"] == ["cpu"]
+
     # no GPU: utilisation is null everywhere, not zero
     assert pre["gpu"] is None
     assert all(r["gpu"] is None for r in resnet + logmel)
@@ -153,5 +157,5 @@ def test_gpu_benchmark_runs_every_section_on_cpu(tmp_path):
         assert r["ids"] and r["max_abs_diff_vs_fused"] <= 1e-5 and r["gpu"] is None, r
     assert shape["runs"][1]["decoded_bytes_through_store"] == shape["setup"]["images"] * 224 * 224 * 3
     assert shape["measured"]["decode_cpus_per_gpu"] > 0
-    # header + 7 ResNet + 2 shape + 4 log-mel + preprocess + ingest
-    assert "CPU only" in table and table.count("\n| ") == 16
+    # header + 7 ResNet + 2 shape + 4 log-mel + preprocess + ingest + preprocess (split asked)
+    assert "CPU only" in table and table.count("\n| ") == 17

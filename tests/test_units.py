@@ -8,19 +8,19 @@ import threading
 
 import pytest
 
-from mmbatch.units import Resources, UnitFailed, launcher_config, pool_size, run_units
+from mmbatch.units import Resources, Step, UnitFailed, launcher_config, pool_size, run_units
 
 
-def run_in_thread(deadline_s: float = 120, then=None, **kwargs) -> dict:
+def run_in_thread(deadline_s: float = 120, after_each=None, **kwargs) -> dict:
     """run_units with a deadline: a hung pool fails the test instead of hanging it. Returns unit ->
-    results received for it; ``then(unit, result)`` runs after each one is recorded."""
+    results received for it; ``after_each(unit, result)`` runs after each one is recorded."""
     results: dict = {}
     box: dict = {}
 
     def on_result(unit, result):
         results.setdefault(unit, []).append(result)
-        if then is not None:
-            then(unit, result)
+        if after_each is not None:
+            after_each(unit, result)
 
     def target():
         try:
@@ -96,7 +96,7 @@ def test_dead_worker_whose_replacement_cannot_start_does_not_hang_the_job(ray_se
 
     try:
         results = run_in_thread(make_worker=dies_once(flag, 0, after_s=0.2), job=None, units=range(6),
-                                workers=2, resources=Resources(num_cpus=1), then=take_the_cpu)
+                                workers=2, resources=Resources(num_cpus=1), after_each=take_the_cpu)
         assert not os.path.exists(flag), "the fault never fired"
         assert sorted(results) == list(range(6)) and all(len(r) == 1 for r in results.values())
         # the rest ran on B, or on B and a replacement that won the freed CPU before the blocker did
@@ -183,3 +183,35 @@ def test_launcher_config_gives_the_node_types_of_the_running_autoscaler(tmp_path
     assert launcher_config(running, str(tmp_path / "missing.yaml")) is None
     path.write_text("available_node_types: [not, a, mapping")            # unreadable: ignored
     assert launcher_config(running, str(path)) is None
+
+
+def test_two_steps_a_unit_lost_in_the_second_reruns_and_a_first_step_error_is_named(ray_session, tmp_path):
+    """``then``: a second actor pool takes each unit's first result (the preprocess split shape).
+    Its one worker (one GPU) dies holding a unit: the pool restarts it (Ray Data would not replace it,
+    and the job would wait for ever), that unit runs again, both steps, and every unit arrives once.
+    An error in the first step passes the second by and fails the job with the unit named."""
+    def tens(job):
+        def work(unit):
+            if unit == "bad":
+                raise ValueError("cannot decode")
+            return unit * 10, os.getpid()
+        return work
+
+    flag = str(tmp_path / "kill-once")
+    open(flag, "w").close()
+    kill = dies_once(flag, 50)          # built here: the factory below ships it by value
+
+    def second(job):
+        work = kill(job)
+        return lambda first: (first[0] + job, first[1], work(first[0]))
+
+    results = run_in_thread(make_worker=tens, job=1, units=range(8), workers=1, resources=Resources(num_cpus=1),
+                            then=Step(second, 1, Resources(num_cpus=0.5), "second"))
+    assert not os.path.exists(flag), "the fault never fired"
+    assert sorted(results) == list(range(8)) and all(len(r) == 1 for r in results.values())
+    assert all(r[0][0] == u * 10 + 1 for u, r in results.items())
+    assert all(r[0][1] != r[0][2] for r in results.values())          # two actors: one per step
+
+    with pytest.raises(UnitFailed, match=r"unit bad: ValueError: cannot decode"):
+        run_in_thread(make_worker=tens, job=1, units=[1, "bad"], workers=1, resources=Resources(num_cpus=1),
+                      then=Step(second, 1, Resources(num_cpus=0.5), "second"))

@@ -27,11 +27,16 @@ from mmbatch.errors import UsageError
 from mmbatch.preprocess.fuse import PartnerIndex
 from mmbatch.preprocess.plan import FEATURES_DIR, META_COLS, DatasetPlan, feature_specs, plan_dataset, present_splits
 from mmbatch.preprocess.summary import PreprocessSummary, render_summary, write_manifest
-from mmbatch.preprocess.unit import UnitJob, extractor, make_worker
+from mmbatch.preprocess.unit import UnitJob, extractor, make_decoder, make_embedder, make_worker
 from mmbatch.provenance import job_fingerprint, weights_digests
 from mmbatch.schema import MODALITIES, embedding_type, emb_column, fused_schema, has_column, with_metadata
 
 log = logging.getLogger("mmbatch.preprocess")
+
+# CPUs of a split shape's GPU actor in the Ray scheduler's count (it uses a little CPU to feed its GPU,
+# fuse and write). 0: a GPU actor must never wait for a CPU that the decode workers hold, which would
+# hang the job; asking none, it fits on every GPU node however many decode workers run there.
+EMBED_CPUS = 0.0
 
 
 def _roles(wf: Workflow, plans: list[DatasetPlan]) -> tuple[list[DatasetPlan], list[DatasetPlan]]:
@@ -61,6 +66,7 @@ class _Runner:
 
     def __init__(self, wf: Workflow, out_fs, out_root: str, summary: PreprocessSummary):
         self.wf, self.fs, self.out_root, self.summary = wf, out_fs, out_root, summary
+        self.said: set[str] = set()         # the placement's warnings, said once per run
 
     def run(self, plan: DatasetPlan, job: UnitJob, fused: bool, exclude: dict | None = None) -> list[CommitRecord]:
         uses_model = any(extractor(m, job.specs[m]).needs_model for m in job.modalities)
@@ -80,11 +86,19 @@ class _Runner:
             from mmbatch.units import run_units
 
             init_ray(self.wf.ray.address, self.wf.ray.num_cpus, self.wf.ray.num_gpus, self.wf.ray.object_store_memory)
-            workers, resources = _placement(self.wf, plan, job)
+            workers, resources, then, note = _placement(self.wf, plan, job)
+            if note and note not in self.said:
+                self.said.add(note)
+                log.warning("%s", note)
             for m in plan.modalities:
+                split = then is not None and m in job.devices
                 self.summary.placement.setdefault(m, {}).update(
-                    stage="unit worker", device=job.devices.get(m, "cpu"), num_gpus=resources.num_gpus,
-                    workers=workers or "one per unit")
+                    stage=("decode: CPU workers; embed: one worker per GPU" if split else
+                           "CPU workers" if then else "unit worker"),
+                    shape=job.shape, device=job.devices.get(m, "cpu"),
+                    num_gpus=then.resources.num_gpus if split else 0.0 if then else resources.num_gpus,
+                    workers=workers or "one per unit",
+                    **({"gpu_workers": then.workers or "one per unit"} if split else {}))
             what = "fuse" if fused else "features"
             with progress_bar(f"{plan.cfg.name}: extract + {what}", total=sum(u.rows for u in pending),
                               unit="rows") as bar:
@@ -94,25 +108,31 @@ class _Runner:
                     self.summary.add(rec, fused, processed=True)
                     bar.update(rec.rows_in)
 
-                run_units(make_worker, job, pending, on_result, workers=workers, resources=resources,
-                          name=lambda u: u.id, label=f"mmbatch preprocess {plan.cfg.name}")
+                run_units(make_decoder if then else make_worker, job, pending, on_result, workers=workers,
+                          resources=resources, name=lambda u: u.id, label=f"mmbatch preprocess {plan.cfg.name}",
+                          step="decode" if then else "unit", then=then)
             for m in plan.modalities:
                 p = self.summary.placement[m]
                 if p.get("device") == "gpu" and "cpu" in p.get("devices", ()):
-                    p["stage"] = "unit worker (GPU asked for; the model fell back to CPU: no CUDA in the worker)"
+                    p["stage"] += " (GPU asked for; the model fell back to CPU: no CUDA in the worker)"
         return [records[u.id] for u in units]
 
 
 def _placement(wf: Workflow, plan: DatasetPlan, job: UnitJob):
-    """(workers, per-worker resources): one worker per CPU the cluster has or its autoscaler can add,
-    at most ``ray.max_workers`` (mmbatch.units.pool_size). When an extractor needs a model and GPUs are asked for
+    """(workers, per-worker resources, the split shape's GPU step or None, a warning or ""): one worker
+    per CPU the cluster has or its autoscaler can add, at most ``ray.max_workers``
+    (mmbatch.units.pool_size). When an extractor needs a model and GPUs are asked for
     (``features.*.num_gpus``) or the cluster has GPUs (an embedded Ray's ``ray.num_gpus``) or can start
-    GPU nodes, each
-    worker holds a GPU fraction (it decodes on its CPU and embeds on its GPU share); asking for it
-    is what makes the autoscaler start GPU nodes."""
-    from mmbatch.units import Resources, gpu_share, pool_size
+    GPU nodes, the model gets a GPU; asking for it is what makes the autoscaler start GPU nodes.
 
-    res = Resources(num_cpus=1)
+    - ``features.gpu_shape: fused``: each worker holds a GPU fraction (it decodes on its CPU and
+      embeds on its GPU share);
+    - ``split``: the workers hold no GPU and only decode for the model; a second step of one actor
+      per GPU the cluster can have (a whole GPU each, :data:`EMBED_CPUS` CPUs) embeds, fuses and writes
+      (docs/data-path.md, "The GPU shape"). Without a GPU to be had: fused, with a warning."""
+    from mmbatch.units import Resources, Step, cluster_capacity, gpu_share, pool_size
+
+    res, then, note = Resources(num_cpus=1), None, ""
     model_mods = [m for m in plan.modalities if extractor(m, job.specs[m]).needs_model]
     if model_mods:
         asked = [getattr(wf.features, m).num_gpus for m in model_mods if getattr(wf.features, m).num_gpus]
@@ -120,8 +140,18 @@ def _placement(wf: Workflow, plan: DatasetPlan, job: UnitJob):
         if frac:
             for m in model_mods:
                 job.devices[m] = "gpu"
-            res = Resources(num_cpus=1, num_gpus=frac)
-    return pool_size(res, wf.ray.max_workers), res
+            if wf.features.gpu_shape == "split":
+                cap = (cluster_capacity() or {}).get("GPU")
+                per_gpu = cap if cap and cap < 1 else 1.0       # an embedded Ray's ray.num_gpus: 0.5
+                then = Step(make_embedder, pool_size(Resources(num_cpus=0, num_gpus=per_gpu), wf.ray.max_workers),
+                            Resources(num_cpus=EMBED_CPUS, num_gpus=per_gpu), "embed")
+            else:
+                res = Resources(num_cpus=1, num_gpus=frac)
+        elif wf.features.gpu_shape == "split":
+            note = ("features.gpu_shape: split needs a GPU, and this cluster has none nor can start one "
+                    "(nor does features.*.num_gpus ask for one): running the fused shape on CPU")
+    job.shape = "split" if then else "fused"
+    return pool_size(res, wf.ray.max_workers), res, then, note
 
 
 def _check_completions(plans: list[DatasetPlan]) -> None:

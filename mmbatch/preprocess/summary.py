@@ -119,7 +119,8 @@ def render_summary(s: PreprocessSummary) -> str:
             lines.append(f"  {k:<10}{v.rows:>8}{v.seconds:>10.2f}{rate:>14.1f}{mark}")
     if s.placement:
         lines.append("  placement: " + "; ".join(
-            f"{m}: {p.get('stage', 'unit worker')} on {','.join(sorted(p.get('devices', []))) or p.get('device', 'cpu')}"
+            f"{m}: {p.get('shape', 'fused')} shape, {p.get('stage', 'unit worker')} "
+            f"on {','.join(sorted(p.get('devices', []))) or p.get('device', 'cpu')}"
             for m, p in s.placement.items()))
     lines.append(f"  elapsed {s.elapsed:.1f} s (driver CPU {s.driver_cpu_s:.2f} s)")
     return "\n".join(lines)

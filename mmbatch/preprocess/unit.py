@@ -1,12 +1,18 @@
 """One unit of preprocess work, start to finish, in the worker that computes it (no Ray here).
 
 :class:`UnitWorker` is built once per worker (extractors, completions, the
-partner cache) and then, per unit (one row group of a canonical shard):
+partner cache) and then, per unit (one row group of a canonical shard), runs two halves:
 
-    read the row group -> complete missing modalities -> decode + embed each
-    modality on the whole batch -> quarantine rows that failed -> filter
+    prepare: read the row group -> complete missing modalities -> decode + embed each
+    modality in batches (a model modality of the split shape: decode only) -> a UnitState
+    finish: embed what was only decoded -> quarantine rows that failed -> filter
     splits, decide the final split -> attach partners -> fuse -> write the
     final Parquet file (and the unit's quarantine file) -> CommitRecord
+
+The fused shape (``features.gpu_shape: fused``) runs both halves in one worker
+(:meth:`UnitWorker.__call__`); the split shape runs ``prepare`` in a CPU worker and
+``finish`` in a GPU worker (:func:`make_decoder`, :func:`make_embedder`), with the same
+batches given to the model, so the output bits are the same.
 
 Batches are Arrow in, NumPy per modality, Arrow out (embeddings as
 fixed-size lists built once per batch). Timings and quarantine reasons are
@@ -67,6 +73,8 @@ class UnitJob:
     features: dict = field(default_factory=dict)  # modality -> extractor describe() + weights content sha256
     # modality -> "gpu"/"cpu" placement asked for (recorded per unit in its CommitRecord)
     devices: dict = field(default_factory=dict, metadata={"fingerprint": False})
+    # "fused" or "split" (features.gpu_shape, as placed): where the model runs, not what it computes
+    shape: str = field(default="fused", metadata={"fingerprint": False})
     # fsspec options (may hold secrets): where the bytes are, not what they are
     storage: dict = field(default_factory=storage.options, repr=False, metadata={"fingerprint": False})
     # sample_id -> quarantine reason (dedup.leakage: quarantine) of the dataset; each unit's
@@ -128,12 +136,29 @@ def read_unit(unit: Unit, columns: list[str]) -> pa.Table:
         return pq.ParquetFile(f, pre_buffer=True).read_row_group(unit.row_group, columns=columns, use_threads=False)
 
 
+@dataclass
+class UnitState:
+    """A unit between its two halves: what ``prepare`` read and computed, and what ``finish`` needs
+    (the table without its media columns, the rows' failures, the embeddings, and per model
+    modality of the split shape its decoded batches). Pickled from the CPU worker to the GPU one."""
+    unit: Unit
+    table: pa.Table
+    failures: "Failures"
+    embs: dict                           # modality -> embeddings (None: decoded only, in ``decoded``)
+    present: dict                        # modality -> row has a value
+    decoded: dict                        # modality -> [(row indices, decoded values)] per batch
+    seconds: Counter
+    actors: dict = field(default_factory=dict)     # step -> the actor that ran it (mmbatch.units)
+
+
 class UnitWorker:
-    def __init__(self, job: UnitJob):
+    def __init__(self, job: UnitJob, models: bool = True):
+        """``models=False``: a split shape's CPU worker, which only decodes for a model (it never
+        builds one)."""
         self.job = job
         storage.configure(job.storage)
         self.extractors = {m: extractor(m, job.specs[m]) for m in job.modalities}
-        self.device = {m: self._place(m, ex) for m, ex in self.extractors.items()}
+        self.device = {m: self._place(m, ex) if models else "cpu" for m, ex in self.extractors.items()}
         self.completions = []
         if job.completions:
             from mmbatch.convert.transforms import CompleteModality
@@ -153,6 +178,11 @@ class UnitWorker:
         return device
 
     def __call__(self, unit: Unit) -> CommitRecord:
+        return self.finish(self.prepare(unit))
+
+    def prepare(self, unit: Unit) -> UnitState:
+        """The first half: read, complete, exclude, and embed (decode only, for a model modality of
+        the split shape)."""
         sec: Counter = Counter()
         with _timed(sec, "read"):
             table = read_unit(unit, self.job.columns)
@@ -166,10 +196,25 @@ class UnitWorker:
                 if sid in self.job.exclude:
                     failures.bad[i], failures.reason[i] = True, self.job.exclude[sid]
                     failures.detail[i] = "duplicates a train row (dedup.leakage: quarantine)"
-        embs, present = {}, {}
+        embs, present, decoded = {}, {}, {}
         for m in self.job.modalities:
+            if self.job.shape == "split" and self.extractors[m].needs_model:
+                decoded[m] = []
             with _timed(sec, m):
-                embs[m], present[m] = self._embed(m, table, failures)
+                embs[m], present[m] = self._embed(m, table, failures, decoded.get(m))
+        media = [m for m in MODALITIES if m in table.column_names and m not in self._columns_used()]
+        return UnitState(unit, table.drop_columns(media), failures, embs, present, decoded, sec)
+
+    def finish(self, state: UnitState) -> CommitRecord:
+        """The second half: embed the decoded batches, quarantine, fuse, write; the unit's record."""
+        unit, table, failures, sec = state.unit, state.table, state.failures, state.seconds
+        embs, present, n = dict(state.embs), state.present, table.num_rows
+        for m, batches in state.decoded.items():
+            with _timed(sec, m):
+                embs[m] = self.extractors[m].empty_rows(n)
+                for rows, values in batches:
+                    if len(rows):
+                        embs[m][rows] = self.extractors[m].encode(values)
         with _timed(sec, "fuse"):
             quarantine = self._quarantine(table, failures)
             ok = np.flatnonzero(~failures.bad)
@@ -186,18 +231,29 @@ class UnitWorker:
             files=[f"{unit.id}.parquet"], rows_in=n, rows=out.num_rows, quarantined=quarantine.num_rows,
             dropped=n - quarantine.num_rows - out.num_rows, quarantine_file=qfile,
             reasons=dict(Counter(quarantine.column("reason").to_pylist())), counts=_counts(out),
-            seconds={k: round(v, 6) for k, v in sec.items()}, devices=dict(self.device))
+            seconds={k: round(v, 6) for k, v in sec.items()}, devices=dict(self.device), shape=self.job.shape,
+            actors=dict(state.actors))
 
-    def _embed(self, m: str, table: pa.Table, failures: "Failures") -> tuple[np.ndarray, np.ndarray]:
+    def _embed(self, m: str, table: pa.Table, failures: "Failures",
+               decoded: list | None = None) -> tuple[np.ndarray | None, np.ndarray]:
         """([n, dim] embeddings, presence) of modality ``m``, in batches of ``batch_size`` rows (bounded
-        memory for big decoded items); rows that fail are recorded in ``failures``."""
+        memory for big decoded items); rows that fail are recorded in ``failures``. With ``decoded``
+        (a list), each batch is only decoded: its rows that decoded and their values go to the list,
+        for :meth:`finish` to encode as ``Extractor.extract`` would have, and the embeddings are None."""
         items, paths = raw_items(table, m)
         has = np.fromiter((x is not None and len(x) > 0 for x in items), bool, count=table.num_rows)
         idx = np.flatnonzero(has)
-        emb = self.extractors[m].empty_rows(table.num_rows)     # [n, dim] floats, or per-row arrays
+        ex = self.extractors[m]
+        emb = ex.empty_rows(table.num_rows) if decoded is None else None   # [n, dim] floats, or per-row arrays
         for start in range(0, len(idx), self.job.batch_size):
             part = idx[start:start + self.job.batch_size]
-            emb[part], errors = self.extractors[m].extract([items[i] for i in part])
+            if decoded is None:
+                emb[part], errors = ex.extract([items[i] for i in part])
+            else:
+                dec = ex.decode([items[i] for i in part])
+                errors = dec.errors
+                ok = [k for k, e in enumerate(errors) if e is None]
+                decoded.append((part[ok], [dec.values[k] for k in ok]))
             for i, err in zip(part, errors):
                 if err is not None:
                     failures.add(i, m, err, paths[i] if paths else None)
@@ -247,6 +303,12 @@ class UnitWorker:
         return None
 
     # --- parts ---------------------------------------------------------------------------------
+    def _columns_used(self) -> set[str]:
+        """The input columns that :meth:`finish` reads besides META_COLS (a label map's, a pairing key)."""
+        job = self.job
+        return {c for c in ((job.label_map or {}).get("column"),
+                            job.pairing.get("key") if job.pairing.get("by") == "key" else None) if c}
+
     def _meta(self, table: pa.Table) -> dict[str, pa.Array]:
         meta = {c: table.column(c).combine_chunks() for c in META_COLS}
         lm = self.job.label_map
@@ -337,3 +399,13 @@ def _counts(t: pa.Table) -> dict:
 
 def make_worker(job: UnitJob) -> UnitWorker:
     return UnitWorker(job)
+
+
+def make_decoder(job: UnitJob):
+    """The split shape's first step (a CPU worker): unit -> UnitState."""
+    return UnitWorker(job, models=False).prepare
+
+
+def make_embedder(job: UnitJob):
+    """The split shape's second step (one worker per GPU): UnitState -> CommitRecord."""
+    return UnitWorker(job).finish
