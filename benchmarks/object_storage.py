@@ -21,7 +21,6 @@ import statistics
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 BUCKET = "mmbatch-bench"

@@ -241,7 +241,6 @@ def build_corpus(root, *, images: int = 32, audio: int = 12, texts: int = 40, se
     # images: originals in alpha/train; per class (background x shape) the grid cells are dealt out
     # without repeats, so no two instances of a class overlap
     cells: dict[tuple[int, int], list[int]] = {}
-    n = 0
     backgrounds = 4 if images <= 64 else 8            # at most 4 instances of a class on the 9-cell grid
     for i in range(images):
         bg, shape = i % backgrounds, (i // backgrounds) % 4
