@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("checkpoint", help="exported model folder (model.pt + model.json) or a Ray Train checkpoint")
     sp.add_argument("--data", required=True, help="fused feature Parquet folder")
     sp.add_argument("--split", default="test", help="split to score (default test; 'all' for every row)")
-    sp.add_argument("--out", default=None, help="report folder (default: <checkpoint>/eval)")
+    sp.add_argument("--out", default=None, help="report folder (default: eval beside the model folder)")
     _add_allow_incomplete(sp)
 
     sp = cmd("retrain", "one idempotent retraining cycle: preprocess new data, train, compare, promote",

@@ -12,8 +12,9 @@ job-level checkpointing lacks:
 - The **driver** (:class:`Committer`) writes the unit's marker
   ``<dir>/_shards/<unit>.json`` when the record arrives. A unit is committed
   when its marker exists with the unit's current fingerprint and its files
-  exist; a rerun skips it. Data files without a marker at the start of a run
-  are leftovers of a killed run: :meth:`Committer.remove_leftovers` deletes them.
+  exist; a rerun skips it. At the start of a run, :meth:`Committer.begin` deletes the data files of
+  units planned by this run or the last one that have no marker (a killed run's leftovers), and
+  nothing that no marker or planned unit of the folder names.
 - ``_manifest.json`` is written last, from the markers alone.
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable, TypeVar
 
-from mmbatch import progress, storage
+from mmbatch import ownership, progress, storage
 
 T = TypeVar("T")
 
@@ -145,21 +146,27 @@ class Committer:
         self.committed += 1
         progress.shard_committed()
 
-    def remove_leftovers(self, keep_units: Iterable[str], data_dirs: Iterable[str] = ("",)) -> list[str]:
-        """Drop committed units not in ``keep_units`` (stale: their input or plan changed), then any
-        data file that no marker names (a killed run's output), then temp files. Returns removed paths."""
-        removed = list(storage.remove_stale(self.fs, self.out_dir, keep_units))
-        named = set()
+    def begin(self, keep_units: Iterable[str], data_dirs: Iterable[str] = ("",)) -> list[str]:
+        """Before a run writes anything here: drop committed units not in ``keep_units`` (stale: their
+        input or plan changed), then the files of units planned by this run or by the last one that have
+        no marker (a killed run's output), then temp files; record this run's plan, so that the next run
+        can recognise what this one leaves half done. Nothing else is touched: a name is removed only
+        when a marker or a planned unit id of this folder names it (mmbatch.ownership). Returns the
+        removed paths, relative to the folder."""
+        keep = sorted(set(keep_units))
+        removed = [f"{storage.SHARDS_DIR}/{u}.json" for u in storage.remove_stale(self.fs, self.out_dir, keep)]
+        named: set[str] = set()
         for marker_path in storage.marker_paths(self.fs, self.out_dir):
-            m = storage.read_json(self.fs, marker_path) or {}
-            named.update(m.get("files", []))
-            if m.get("quarantine_file"):
-                named.add(m["quarantine_file"])
-        for d in data_dirs:
-            for p in storage.list_parquet(self.fs, storage.join(self.out_dir, d) if d else self.out_dir):
-                rel = posixpath.join(d, posixpath.basename(p)) if d else posixpath.basename(p)
-                if rel not in named:
-                    self.fs.rm(p)
-                    removed.append(rel)
+            named.update(ownership.marker_files(storage.read_json(self.fs, marker_path), marker_path))
+        planned = set(keep) | set(storage.read_plan(self.fs, self.out_dir))
+        dirs = {d.rstrip("/") for d in data_dirs}
+        for rel in ownership.unit_files(sorted(planned)):
+            if rel in named or (posixpath.dirname(rel) not in dirs):
+                continue
+            path = storage.join(self.out_dir, rel)
+            if self.fs.exists(path):
+                self.fs.rm(path)
+                removed.append(rel)
         storage.clean_tmp(self.fs, self.out_dir)
+        storage.write_plan(self.fs, self.out_dir, keep)
         return removed

@@ -23,6 +23,16 @@ class WorkflowError(ValueError):
     """A workflow file or override that does not validate."""
 
 
+def plain_name(v: str) -> str:
+    """``v`` if it is a plain name, safe as one folder or file name (it becomes part of output paths)."""
+    from mmbatch.ownership import plain_name as is_plain
+
+    if not is_plain(v):
+        raise ValueError(f"{v!r} is not a plain name: use letters, digits, '.', '_', '-', '=', '+', starting "
+                         "with a letter or digit (no '/', no '..')")
+    return v
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -57,6 +67,11 @@ class DatasetConfig(Strict):
     splits: Optional[list[str]] = Field(None, description="keep only these splits (null: all)")
     complete: list[CompletionConfig] = Field(default_factory=list,
                                              description="conversions that fill missing modalities")
+
+    @field_validator("name")
+    @classmethod
+    def _plain(cls, v):
+        return plain_name(v)
 
 
 class ImageFeatures(Strict):
@@ -179,6 +194,12 @@ class TrainConfig(Strict):
     name: str = Field("fusion", description="run name: the run folder under out, and the prefix of the baselines' "
                       "runs (<name>-only-<modality>)")
     model: Literal["early", "weighted", "late", "gated"] = Field("early", description="fusion architecture")
+
+    @field_validator("name")
+    @classmethod
+    def _plain(cls, v):
+        return plain_name(v)
+
     modalities: Optional[list[Modality]] = Field(None, description="modalities to train on (null: all in the data)")
     baselines: bool = Field(False, description="also train each modality alone and compare (same as --baselines)")
     hidden: int = Field(128, ge=1, description="hidden layer size")

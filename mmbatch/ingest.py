@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 import pyarrow as pa
 
 import mmbatch
-from mmbatch import progress, schema, storage
+from mmbatch import ownership, progress, schema, storage
 from mmbatch.commit import CommitRecord, Committer, write_table
 from mmbatch.dedup.signatures import HASH_NAME, add_content_hashes
 from mmbatch.errors import UsageError
@@ -263,10 +263,11 @@ def run_ingest(kind: str, input: str, out: str, opts: IngestOptions | None = Non
     if max_workers is not None and max_workers < 1:
         raise UsageError(f"--max-workers must be >= 1 (got {max_workers})")
     fs, out_path = storage.url_to_fs(out)
+    ownership.check_disjoint({"--out": out}, {"INPUT": input})
     plan, samples, problems = plan_ingest(kind, input, out, opts)   # UsageError before Ray starts
     shards = shard_plan(plan, samples, opts)
 
-    fs.makedirs(out_path, exist_ok=True)
+    ownership.claim(out, "canonical")
     storage.remove_manifest(fs, out_path)   # "complete" no longer holds while shards change
 
     committer = Committer(fs, out_path)
@@ -279,7 +280,7 @@ def run_ingest(kind: str, input: str, out: str, opts: IngestOptions | None = Non
         else:
             pending.append(t)
     skipped = len(records)
-    committer.remove_leftovers([t.shard_id for t in shards], data_dirs=("", storage.QUARANTINE_DIR))
+    committer.begin([t.shard_id for t in shards], data_dirs=("", storage.QUARANTINE_DIR))
 
     # planning-time quarantine (always rewritten, possibly empty)
     qsch = quarantine_schema(kind)

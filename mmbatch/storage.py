@@ -305,29 +305,51 @@ def write_marker(fs, out_dir: str, shard_id: str, marker: dict) -> None:
 
 
 def committed(fs, out_dir: str, shard_id: str, fp: str) -> dict | None:
-    """The marker of a shard committed with fingerprint ``fp``, else None."""
+    """The marker of a unit committed with fingerprint ``fp`` whose files exist, else None. A marker
+    naming anything but its folder's data files (mmbatch.ownership.marker_files) is not a commit."""
+    from mmbatch.ownership import marker_files, marker_is_clean
+
     m = read_marker(fs, out_dir, shard_id)
-    if m and m.get("fingerprint") == fp and all(fs.exists(join(out_dir, f)) for f in m.get("files", [])):
-        return m
-    return None
+    if not (isinstance(m, dict) and m.get("fingerprint") == fp and marker_is_clean(m)):
+        return None
+    return m if all(fs.exists(join(out_dir, f)) for f in marker_files(m)) else None
 
 
 def remove_stale(fs, out_dir: str, keep_shards: Iterable[str]) -> list[str]:
-    """Delete committed shards (files + markers) not in ``keep_shards``."""
+    """Delete committed units (their files + markers) not in ``keep_shards``. Only the data file names
+    a marker may hold are followed (mmbatch.ownership.marker_files). Returns the removed unit ids."""
+    from mmbatch.ownership import marker_files
+
     keep = set(keep_shards)
     removed = []
-    for marker_path in _ls(fs, join(out_dir, SHARDS_DIR)):
+    for marker_path in marker_paths(fs, out_dir):
         sid = posixpath.basename(marker_path)[: -len(".json")]
         if sid in keep:
             continue
-        m = read_json(fs, marker_path) or {}
-        for f in [*m.get("files", []), *([m["quarantine_file"]] if m.get("quarantine_file") else [])]:
+        for f in marker_files(read_json(fs, marker_path), marker_path):
             p = join(out_dir, f)
             if fs.exists(p):
                 fs.rm(p)
         fs.rm(marker_path)
         removed.append(sid)
     return removed
+
+
+PLAN = "_plan.json"         # under _shards/: the unit ids the last run planned (mmbatch.commit.Committer.begin)
+
+
+def read_plan(fs, out_dir: str) -> list[str]:
+    """The unit ids the last run in ``out_dir`` planned (plain names only)."""
+    from mmbatch.ownership import plain_name
+
+    got = read_json(fs, join(out_dir, SHARDS_DIR, PLAN))
+    units = got.get("units") if isinstance(got, dict) else None
+    return [u for u in units if plain_name(u)] if isinstance(units, list) else []
+
+
+def write_plan(fs, out_dir: str, units: list[str]) -> None:
+    fs.makedirs(join(out_dir, SHARDS_DIR), exist_ok=True)
+    write_json(fs, join(out_dir, SHARDS_DIR, PLAN), {"units": list(units)})
 
 
 def clean_tmp(fs, out_dir: str) -> None:
@@ -337,15 +359,12 @@ def clean_tmp(fs, out_dir: str) -> None:
 
 
 def marker_paths(fs, out_dir: str) -> list[str]:
-    """Paths of every shard marker under ``out_dir``."""
-    return _ls(fs, join(out_dir, SHARDS_DIR))
-
-
-def _ls(fs, d: str) -> list[str]:
+    """Paths of every unit marker under ``out_dir`` (``_shards/ID.json``; ``_``-names are not markers)."""
     try:
-        return sorted(p for p in fs.ls(d, detail=False) if p.endswith(".json"))
+        entries = fs.ls(join(out_dir, SHARDS_DIR), detail=False)
     except FileNotFoundError:
         return []
+    return sorted(p for p in entries if p.endswith(".json") and not posixpath.basename(p).startswith("_"))
 
 
 def remove_manifest(fs, out_dir: str) -> None:

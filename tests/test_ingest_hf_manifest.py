@@ -126,12 +126,13 @@ def test_hub_parquet_shards(ray_session, tmp_path):
     assert rows["u004"]["split"] == "train" and rows["u021"]["split"] == "test"
     assert rows["u004"]["text"] == "utterance number 4" and rows["u004"]["label_name"] == CLASSES[4 % 3]
     assert rows["u004"]["image"]["bytes"] == jpeg(seed=4, c=0)
-    # OUT inside INPUT: the output's own Parquet is never taken for input
+    # OUT inside INPUT is refused before anything is written (docs/data-safety.md)
     inner = tmp_path / "hub" / "ingested"
     opts = IngestOptions(columns="transcript=text,uid=sample_id")
-    assert run_ingest("hf", str(tmp_path / "hub"), str(inner), opts, echo=False).ingested == 7
-    again = run_ingest("hf", str(tmp_path / "hub"), str(inner), opts, echo=False)
-    assert again.ingested == 7 and again.shards_skipped == again.shards_total
+    before = sorted(p.name for p in src.iterdir())
+    with pytest.raises(UsageError, match="lies inside the input"):
+        run_ingest("hf", str(tmp_path / "hub"), str(inner), opts, echo=False)
+    assert not inner.exists() and sorted(p.name for p in src.iterdir()) == before
     with pytest.raises(UsageError, match="no column 'nope'"):
         run_ingest("hf", str(tmp_path / "hub"), str(tmp_path / "o3"), IngestOptions(columns="nope=text"),
                    echo=False)

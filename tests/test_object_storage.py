@@ -634,3 +634,28 @@ def test_credentials_from_a_named_profile(s3, ingested, four_row_groups, tmp_pat
     assert json.loads(proc.stdout.split("RESULT ", 1)[1]) == {"rows": 48, "unit_rows": 1000}
     keys = {key for _, key in GETS.keys[n0:]}
     assert keys == {"profile-key"}, keys
+
+
+def test_an_s3_output_with_foreign_objects_or_overlapping_an_input_is_refused(s3, corpora, ingested, capsys):
+    """On s3:// a folder is a prefix: a prefix holding a user's objects is refused, and so is an output
+    that is (spelled otherwise) or lies inside an input; nothing is written or removed (docs/data-safety.md)."""
+    from mmbatch.cli import main
+
+    theirs = f"{BUCKET}/theirs/train-00000-of-00001.parquet"
+    with s3.open(theirs, "wb") as f:
+        pq.write_table(pa.table({"x": [1, 2]}), f)
+    s3.invalidate_cache()
+    before = {k: s3.cat_file(f"{BUCKET}/theirs/{k}") for k in ls_all(s3, f"{S3}/theirs")}
+    assert list(before) == ["train-00000-of-00001.parquet"]
+    assert main(["ingest", "imagenet", corpora["s3"]["imagenet"], "--out", f"{S3}/theirs"]) == 2
+    assert "did not write" in capsys.readouterr().err
+    s3.invalidate_cache()
+    assert {k: s3.cat_file(f"{BUCKET}/theirs/{k}") for k in ls_all(s3, f"{S3}/theirs")} == before
+    canon = ingested["imagenet"][0]
+    canon_before = ls_all(s3, canon)
+    assert main(["ingest", "imagenet", corpora["s3"]["imagenet"], "--out", f"s3a://{BUCKET}//corpus/./imagenet/"]) == 2
+    assert main(["duplicates", canon, "--out", f"{canon}/dups"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("mmbatch never writes where it reads") == 2 and "Traceback" not in err
+    s3.invalidate_cache()
+    assert ls_all(s3, canon) == canon_before

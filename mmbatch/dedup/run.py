@@ -192,7 +192,11 @@ class DuplicatesResult:
 
 def run_duplicates(datasets: list[str], out: str, *, address: str | None = None,
                    report: bool = True) -> DuplicatesResult:
+    from mmbatch import ownership
+
+    ownership.check_disjoint({"--out": out}, {f"CANONICAL {i + 1}": d for i, d in enumerate(datasets)})
     shards = list_shards(datasets)
+    ownership.claim(out, "duplicates")
     pairs, summary = find_duplicates(shards, shard_signatures, address=address)
     write_outputs(out, pairs, summary, shards if report else None)
     return DuplicatesResult(out, pairs, summary)

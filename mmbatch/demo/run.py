@@ -71,9 +71,11 @@ def run_demo(out: str, per_class: int = 48, epochs: int = 12, num_cpus: int | No
     from mmbatch.runtime import init_ray
     from mmbatch.training.run import run_training
 
+    from mmbatch import ownership
+
     t_start = time.time()
     root = Path(out).resolve()
-    root.mkdir(parents=True, exist_ok=True)
+    ownership.claim(str(root), "demo", DEMO_WORKFLOW["name"])
     timings = {}
 
     t = _step(f"1/5 generating a demo corpus under {root / 'corpus'}")

@@ -165,8 +165,14 @@ def run_retrain(wf: Workflow, lock_timeout: float = 0.0, allow_incomplete: bool 
     from mmbatch.training.evaluate import evaluate_model
     from mmbatch.training.run import run_training
 
+    from mmbatch import ownership
+    from mmbatch.preprocess.run import workflow_inputs
+
     t0 = time.time()
     cfg = wf.retrain
+    ownership.check_disjoint({"retrain.registry": cfg.registry, "output.path": wf.output.path,
+                              "train.out": wf.train.out}, workflow_inputs(wf))
+    ownership.claim(cfg.registry, "registry", wf.name)
     registry = Registry(cfg.registry)
     with registry.lock(timeout=lock_timeout):
         summary = run_preprocess(wf)

@@ -19,7 +19,7 @@ import time
 
 import pyarrow as pa
 
-from mmbatch import __version__, storage
+from mmbatch import __version__, ownership, storage
 from mmbatch.progress import bar as progress_bar
 from mmbatch.commit import CommitRecord, Committer
 from mmbatch.config import Workflow
@@ -167,6 +167,15 @@ def _check_completions(plans: list[DatasetPlan]) -> None:
             CompleteModality(c.kind, c.source_column, c.target)     # checks tesseract / espeak-ng
 
 
+def workflow_inputs(wf: Workflow) -> dict[str, str]:
+    """What a workflow's preprocess reads: its datasets and any model weights it names."""
+    inputs = {f"datasets.{i}.path": d.path for i, d in enumerate(wf.datasets)}
+    inputs["features.image.weights"] = wf.features.image.weights
+    inputs["features.audio.weights"] = wf.features.audio.weights
+    inputs["features.text.model_path"] = wf.features.text.model_path
+    return {k: v for k, v in inputs.items() if v}
+
+
 def run_preprocess(wf: Workflow, progress: bool = True) -> PreprocessSummary:
     t0, cpu0 = time.time(), time.process_time()
     if not wf.datasets:
@@ -174,11 +183,12 @@ def run_preprocess(wf: Workflow, progress: bool = True) -> PreprocessSummary:
                          "(name + path of an ingested dataset)")
     out_uri = wf.output.path
     out_fs, out_root = storage.url_to_fs(out_uri)
-    out_fs.makedirs(out_root, exist_ok=True)
+    ownership.check_disjoint({"output.path": out_uri}, workflow_inputs(wf))
     specs = feature_specs(wf)
     plans = [plan_dataset(d) for d in wf.datasets]
     _check_completions(plans)
     primaries, partners = _roles(wf, plans)
+    ownership.claim(out_uri, "fused", wf.name)
     used = [m for m in MODALITIES if any(m in p.modalities for p in plans)]
 
     from mmbatch.features.sequence import sequence_run_fields, with_vocabulary
@@ -222,18 +232,18 @@ def run_preprocess(wf: Workflow, progress: bool = True) -> PreprocessSummary:
     partner_indexes: list[PartnerIndex] = []
     for p in partners:
         out_rel = storage.join(FEATURES_DIR, p.cfg.name)
+        Committer(out_fs, storage.join(out_root, out_rel)).begin(
+            [u.id for u in p.units({})], data_dirs=("", storage.QUARANTINE_DIR))
         job = job_for(p, "features", out_rel, schema=_features_schema(dims, p.modalities, sequences))
         recs = runner.run(p, job, fused=False)
         files = [storage.join(out_root, out_rel, f) for r in recs for f in r.files]
         partner_indexes.append(PartnerIndex.build(out_fs, p.cfg.name, p.modalities, files, wf.pairing.by,
                                                   wf.pairing.key))
         partner_indexes[-1].fingerprint = storage.fingerprint(sorted(r.fingerprint for r in recs))
-        Committer(out_fs, storage.join(out_root, out_rel)).remove_leftovers(
-            [r.unit for r in recs], data_dirs=("", storage.QUARANTINE_DIR))
 
     fused_records: list[CommitRecord] = []
     keep_units = [u.id for p in primaries for u in p.units({})]   # ids only (fingerprints differ below)
-    Committer(out_fs, out_root).remove_leftovers(keep_units, data_dirs=("", storage.QUARANTINE_DIR))
+    Committer(out_fs, out_root).begin(keep_units, data_dirs=("", storage.QUARANTINE_DIR))
     for p in primaries:
         job = job_for(p, "fused", "", schema=schema, keep_splits=p.cfg.splits, split_plan=splits,
                       split_seed=wf.train.seed, fusion=wf.fusion.model_dump(mode="json"),

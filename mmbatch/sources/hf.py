@@ -22,6 +22,7 @@ become sorted-unique indices. Unmapped scalar columns go to ``extra``.
 from __future__ import annotations
 
 import json
+import os
 import posixpath
 import re
 from typing import Any
@@ -312,6 +313,18 @@ def plan(uri: str, opts, exclude=()) -> Plan:
 
 
 # --- reading --------------------------------------------------------------------------------
+def _media_path(fs, ctx: common.ReadContext, base_rel: str, path: str) -> str:
+    """Where a media path of a row points, as the other sources resolve theirs: relative to the row's
+    file, ``.``/``..`` folded, and on a local disk through every symlink (``realpath``), so that
+    ``<root>/../x`` or a symlinked folder cannot lead outside the root unseen."""
+    if "://" in path:
+        scheme = path.split("://", 1)[0]
+        protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+        return posixpath.normpath(fs._strip_protocol(path)) if scheme in protocols else path
+    full = path if path.startswith("/") else posixpath.join(ctx.root, base_rel, path)
+    return os.path.realpath(full) if storage.is_local(fs) else posixpath.normpath(full)
+
+
 def _media_bytes(fs, ctx: common.ReadContext, base_rel: str, value: Any, role: str) -> tuple[bytes, str | None]:
     """Bytes of an Image/Audio value (struct bytes/path, raw bytes or a path string relative to ``base_rel``)."""
     path = None
@@ -328,16 +341,10 @@ def _media_bytes(fs, ctx: common.ReadContext, base_rel: str, value: Any, role: s
         if data is not None:
             raise Reject("empty_file", f"{role} has zero bytes")
         raise Reject(common.MISSING_FILE, f"{role} has neither bytes nor a path")
-    allow = bool(ctx.options.get("allow_outside"))
-    base = posixpath.join(ctx.root, base_rel)
-    if path.startswith("/") or "://" in path:
-        full = path
-        if not (common.is_within(full, ctx.root) or allow):
-            raise Reject(common.OUTSIDE_ROOT, f"{role} path {path} is outside the input folder")
-    else:
-        full = posixpath.normpath(posixpath.join(base, path))
-        if not common.is_within(full, ctx.root) and not allow:
-            raise Reject(common.OUTSIDE_ROOT, f"{role} path {path} escapes the input folder")
+    full = _media_path(fs, ctx, base_rel, path)
+    if not (common.is_within(full, ctx.root) or ctx.options.get("allow_outside")):
+        raise Reject(common.OUTSIDE_ROOT, f"{role} path {path} resolves outside the input folder "
+                                          f"(pass --allow-outside to read it)")
     got = common.fetch(fs, [full])[full]
     if isinstance(got, FileNotFoundError):
         raise Reject(common.MISSING_FILE, f"{role} file {path} not found")

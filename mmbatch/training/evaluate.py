@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import posixpath
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
@@ -191,15 +192,26 @@ def evaluate_model(model_dir: str, data_path: str, split: str = "test", allow_in
     return out
 
 
+def default_eval_out(checkpoint: str) -> str:
+    """``mmbatch evaluate``'s report folder when ``--out`` is not given: ``eval`` beside the model folder
+    (never inside it: an output never lies inside an input)."""
+    parent = posixpath.dirname(checkpoint.rstrip("/")) or "."
+    return storage.join(parent, "eval")
+
+
 def evaluate_cli(checkpoint: str, data: str, split: str = "test", out: Optional[str] = None,
                  allow_incomplete: bool = False) -> dict:
     """`mmbatch evaluate`: score, write metrics.json + PNGs + report.html under ``out``, print a summary."""
     from mmbatch.training import report
     from mmbatch.training.models import load_model
 
+    from mmbatch import ownership
+
+    out = out or default_eval_out(checkpoint)
+    ownership.check_disjoint({"--out": out}, {"CHECKPOINT": checkpoint, "--data": data})
     metrics = evaluate_model(checkpoint, data, split, allow_incomplete=allow_incomplete)
     _, spec = load_model(checkpoint)
-    out = out or storage.join(checkpoint.rstrip("/"), "eval")
+    ownership.claim(out, "evaluation")
     summary = {
         "title": f"mmbatch evaluation: {spec.get('name', checkpoint)} on {split}",
         "name": spec.get("name", ""),

@@ -28,7 +28,7 @@ from typing import Optional, Sequence
 import torch
 
 import mmbatch
-from mmbatch import progress, runtime, schema, storage
+from mmbatch import ownership, progress, runtime, schema, storage
 from mmbatch.config import Workflow
 from mmbatch.errors import UsageError
 from mmbatch.runtime import cluster_gpus, init_ray
@@ -73,7 +73,10 @@ def run_training(wf: Workflow, baselines: bool | None = None, warm_start: str | 
     from mmbatch.provenance import check_fused_uri
 
     t = wf.train
+    ownership.check_disjoint({"train.out": t.out}, {"train.data": wf.train_data(),
+                                                    **({"the champion model": warm_start} if warm_start else {})})
     check_fused_uri(wf.train_data(), allow_incomplete=allow_incomplete)
+    ownership.claim(t.out, "train", wf.name)
     init_ray(wf.ray.address, wf.ray.num_cpus, wf.ray.num_gpus, wf.ray.object_store_memory)
     data = FusedData.open(wf.train_data(), seed=t.seed, val_fraction=t.val_fraction, test_fraction=t.test_fraction)
     mods = resolve_modalities(modalities or t.modalities, data)
