@@ -322,7 +322,10 @@ def _media_bytes(fs, ctx: common.ReadContext, base_rel: str, value: Any, role: s
         data = bytes(value)
     elif isinstance(value, str):
         path = value
+    max_bytes = common.max_file_bytes(ctx.options)
     if data:
+        if max_bytes is not None and len(data) > max_bytes:
+            raise common.too_large(f"{role} value", len(data), max_bytes)
         return bytes(data), path
     if not path:
         if data is not None:
@@ -338,7 +341,9 @@ def _media_bytes(fs, ctx: common.ReadContext, base_rel: str, value: Any, role: s
         full = posixpath.normpath(posixpath.join(base, path))
         if not common.is_within(full, ctx.root) and not allow:
             raise Reject(common.OUTSIDE_ROOT, f"{role} path {path} escapes the input folder")
-    got = common.fetch(fs, [full])[full]
+    got = common.fetch(fs, [full], max_bytes=max_bytes)[full]
+    if isinstance(got, Reject):
+        raise got
     if isinstance(got, FileNotFoundError):
         raise Reject(common.MISSING_FILE, f"{role} file {path} not found")
     if isinstance(got, BaseException):
