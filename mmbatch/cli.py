@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--split", default=None, help="hf/manifest: split to assign when the data has none")
     sp.add_argument("--allow-outside", action="store_true",
                     help="manifest: allow paths outside the manifest's folder (refused by default)")
+    sp.add_argument("--max-file-mb", type=float, default=512.0,
+                    help="quarantine (too_large), unread, a sample whose files exceed this many MiB (default 512)")
     sp.add_argument("--address", default=None, help="Ray address (default: embedded local Ray or RAY_ADDRESS)")
     sp.add_argument("--max-workers", type=int, default=None,
                     help="most shard readers (default: one per CPU the cluster has or its autoscaler can add)")
@@ -242,7 +244,7 @@ def _dispatch(args) -> int:
         from mmbatch.ingest import IngestOptions, run_ingest
         opts = IngestOptions(shard_mb=args.shard_mb, shard_rows=args.shard_rows, include_sa=args.include_sa,
                              phones=args.phones, columns=args.columns, split=args.split,
-                             allow_outside=args.allow_outside)
+                             allow_outside=args.allow_outside, max_file_mb=args.max_file_mb)
         summary = run_ingest(args.kind, args.input, args.out, opts, address=args.address,
                              max_workers=args.max_workers)
         print_next_steps(f"wrote {summary.ingested} canonical rows to {summary.out} (_manifest.json lists the "

@@ -42,6 +42,8 @@ log = logging.getLogger("mmbatch.ingest")
 PLANNING_QUARANTINE = "planning"          # quarantine/planning.parquet
 ROW_GROUP_BYTES = 32 * 2**20              # aim for ~32 MB row groups inside a shard ...
 ROW_GROUP_ROWS = 1024                     # ... of at most this many rows
+MAX_VALUE_MB = 2048                       # Arrow binary offsets are int32: one value < 2 GiB
+UNSTORABLE = "unstorable_row"             # a row Arrow cannot convert (a value out of its column's range)
 
 
 @dataclass
@@ -53,18 +55,23 @@ class IngestOptions:
     columns: str | None = None       # hf/manifest: 'src=dst,...' column mapping
     split: str | None = None         # hf/manifest (and a bare class-folder tree): split when the data has none
     allow_outside: bool = False      # follow paths / symlinks outside INPUT
+    max_file_mb: float = 512.0       # quarantine (too_large), unread, a sample whose files exceed this (MiB)
 
     def validate(self) -> None:
         if not self.shard_mb or self.shard_mb <= 0:
             raise UsageError(f"--shard-mb must be > 0 (got {self.shard_mb})")
         if self.shard_rows is not None and self.shard_rows < 1:
             raise UsageError(f"--shard-rows must be >= 1 (got {self.shard_rows})")
+        if not self.max_file_mb or not 0 < self.max_file_mb < MAX_VALUE_MB:
+            raise UsageError(f"--max-file-mb must be > 0 and < {MAX_VALUE_MB} (a Parquet binary value holds "
+                             f"less than 2 GiB; got {self.max_file_mb})")
         if self.phones not in (61, 48, 39):
             raise UsageError(f"--phones must be 61, 48 or 39 (got {self.phones})")
         common.parse_columns(self.columns)
 
     def content_options(self) -> dict:
-        """The options that change row content (part of every shard fingerprint)."""
+        """The options that change row content (part of every shard fingerprint; ``max_file_mb`` is:
+        it decides which rows are quarantined)."""
         d = asdict(self)
         d.pop("shard_mb")
         d.pop("shard_rows")
@@ -205,7 +212,8 @@ def ingest_shard(shard_id: str, fingerprint: str, samples: list[common.Sample], 
     t1 = time.perf_counter()
     fs, out = storage.url_to_fs(ctx["out"])
     sch = data_schema(kind, ctx["options"])
-    table = pa.Table.from_pylist(rows, schema=sch) if rows else sch.empty_table()
+    table, rows, unstorable = rows_to_table(rows, sch, kind)
+    bad.extend(unstorable)
     nbytes = sum(s.nbytes for s in samples) or 1
     row_group = row_group_rows(len(rows), nbytes) if rows else None
     data_rel = f"{shard_id}.parquet"
@@ -224,6 +232,39 @@ def ingest_shard(shard_id: str, fingerprint: str, samples: list[common.Sample], 
                         quarantine_file=q_rel if bad else None, reasons=dict(Counter(b["reason"] for b in bad)),
                         counts=_counts(rows), seconds={"read": round(t1 - t0, 6),
                                                        "write": round(time.perf_counter() - t1, 6)})
+
+
+def rows_to_table(rows: list[dict], sch: pa.Schema, kind: str) -> tuple[pa.Table, list[dict], list[dict]]:
+    """(table, the rows in it, quarantine rows): a row that Arrow cannot convert (a value out of its
+    column's range, a value over 2 GiB) is quarantined as ``unstorable_row``, naming the column, and
+    the others are written; one row never fails the shard."""
+    if not rows:
+        return sch.empty_table(), rows, []
+    try:
+        return pa.Table.from_pylist(rows, schema=sch), rows, []
+    except (pa.ArrowException, OverflowError, TypeError, ValueError):
+        pass
+    kept, bad = [], []
+    for r in rows:
+        why = _unstorable(r, sch)
+        if why is None:
+            kept.append(r)
+            continue
+        media = r.get("image") or r.get("audio") or {}
+        bad.append(schema.quarantine_row(UNSTORABLE, why, path=media.get("path"), sample_id=r.get("sample_id"),
+                                         source=kind, stage="ingest"))
+    table = pa.Table.from_pylist(kept, schema=sch) if kept else sch.empty_table()
+    return table, kept, bad
+
+
+def _unstorable(row: dict, sch: pa.Schema) -> str | None:
+    """Why one canonical row cannot become Arrow (the first column that fails), or None."""
+    for f in sch:
+        try:
+            pa.array([row.get(f.name)], type=f.type)
+        except (pa.ArrowException, OverflowError, TypeError, ValueError) as e:
+            return f"column {f.name}: {type(e).__name__}: {e}"
+    return None
 
 
 def row_group_rows(rows: int, nbytes: int) -> int:

@@ -9,10 +9,16 @@ Before that, :func:`sphere_header` reads the SPHERE text header so a
 shorten-compressed file (which libsndfile refuses as "unimplemented format")
 is reported as ``sphere_shorten`` and a file shorter than its declared
 ``sample_count`` as ``truncated`` (libsndfile would read what is there).
+
+Decoding is bounded by the header, not by the file size (30 minutes of 8-channel silence is a
+0.7 MB FLAC and 2.8 GB of float32): :func:`decode_audio` with ``max_seconds`` reads only the frames
+the clip needs; without it, a clip over :data:`MAX_DECODE_SAMPLES` is ``too_long``. The probe
+(ingest) keeps long audio: it stores the bytes, and whoever decodes them clips.
 """
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +26,12 @@ import numpy as np
 # Refuse images whose header declares more pixels than this, before allocating
 # (decompression bombs). 16k x 16k; ImageNet's largest is far below.
 MAX_IMAGE_PIXELS = 16384 * 16384
+
+# Refuse to decode more than this many samples (frames x channels) of one clip: 512 MiB as float32
+# (2 h 20 min of 16 kHz mono, 23 min of 48 kHz stereo). The header's frame count is checked before
+# a sample is read. A caller that clips (``max_seconds``) reads only the frames the clip needs, so
+# only an unclipped decode of a long file, or absurd channel counts, meet this limit (``too_long``).
+MAX_DECODE_SAMPLES = 2**27
 
 
 class MediaError(ValueError):
@@ -147,21 +159,51 @@ def probe_audio(data: bytes | None) -> AudioInfo:
     return AudioInfo(int(rate), int(frames), int(channels), fmt)
 
 
-def decode_audio(data: bytes | memoryview | None) -> tuple[np.ndarray, int]:
+def clip_frames(max_seconds: float, sample_rate: int) -> int:
+    """Frames at ``sample_rate`` that a clip of ``max_seconds`` needs: its length rounded up, plus
+    1/20 s, so that a resampler sees the same neighbourhood at the cut as in the whole file."""
+    return int(math.ceil(max_seconds * sample_rate)) + sample_rate // 20
+
+
+def read_audio(data: bytes | memoryview, max_seconds: float | None = None) -> tuple[np.ndarray, int, int]:
+    """(float32 samples, [frames] or [frames, channels], the file's rate, the header's frame count).
+
+    Reads at most :func:`clip_frames` ``(max_seconds, rate)`` frames (all of them when ``max_seconds``
+    is None): a 30-minute 8-channel file clipped to 30 s costs 30 s of samples, not 30 minutes.
+    Raises ``too_long`` before reading when the frames to read x channels exceed
+    :data:`MAX_DECODE_SAMPLES`, ``corrupt_audio`` when libsndfile fails.
+    """
+    import soundfile as sf
+
+    try:
+        with sf.SoundFile(_reader(data)) as f:
+            sr, frames, channels = int(f.samplerate), int(f.frames), int(f.channels)
+            n = frames if max_seconds is None else min(frames, clip_frames(max_seconds, sr))
+            if n * channels > MAX_DECODE_SAMPLES:
+                raise MediaError("too_long", f"{frames} frames x {channels} channels at {sr} Hz "
+                                 f"({frames / max(sr, 1):.0f} s); decoding {n} frames would exceed "
+                                 f"{MAX_DECODE_SAMPLES} samples (set max_seconds to clip it)")
+            x = f.read(frames=n, dtype="float32", always_2d=False)
+    except MediaError:
+        raise
+    except Exception as e:
+        raise MediaError("corrupt_audio", f"{type(e).__name__}: {e}") from None
+    return x, sr, frames
+
+
+def decode_audio(data: bytes | memoryview | None, max_seconds: float | None = None) -> tuple[np.ndarray, int]:
     """Decode to float32 mono samples in [-1, 1] and the file's sample rate.
 
+    With ``max_seconds``, only the first :func:`clip_frames` frames are decoded (see
+    :func:`read_audio`; they are the same samples a whole decode starts with); without it, a file
+    over :data:`MAX_DECODE_SAMPLES` is refused as ``too_long``.
     ``data`` may be a memoryview into a Parquet column's buffer: libsndfile reads it in place
     (through ``pyarrow.BufferReader``), without a copy of the file."""
     if not data:
         raise MediaError("empty_file", "zero-byte audio")
     declared = _check_sphere(data) if is_sphere(data) else None
-    import soundfile as sf
-
-    try:
-        x, sr = sf.read(_reader(data), dtype="float32", always_2d=False)
-    except Exception as e:
-        raise MediaError("corrupt_audio", f"{type(e).__name__}: {e}") from None
-    _check_count(declared, len(x))
+    x, sr, frames = read_audio(data, max_seconds)
+    _check_count(declared, frames)
     if x.ndim > 1:
         x = x.mean(axis=1)
     if x.size == 0:

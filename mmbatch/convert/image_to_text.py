@@ -20,6 +20,7 @@ LANG = "eng"
 MIN_HEIGHT = 300          # upscale images shorter than this (pixels) before OCR
 MAX_UPSCALE = 4.0
 BORDER = 16               # white margin added around the page (pixels)
+TIMEOUT_S = 120.0         # one Tesseract run; a longer one is killed (RuntimeError)
 INSTALL_HINT = ("the `tesseract` program is not installed or not on PATH; install it with "
                 "`apt-get install tesseract-ocr` (Debian/Ubuntu) or `brew install tesseract` (macOS), "
                 "or set TESSERACT_CMD to its location")
@@ -72,12 +73,13 @@ def preprocess_for_ocr(image: np.ndarray, min_height: int = MIN_HEIGHT) -> np.nd
 
 
 def ocr_image(image: np.ndarray, lang: str = LANG, psm: int | None = None,
-              preprocess: bool = True) -> str:
+              preprocess: bool = True, timeout: float = TIMEOUT_S) -> str:
     """Recognised text of an image (stripped; lines joined with ``\\n``).
 
     ``psm`` is Tesseract's page segmentation mode (default: its automatic mode 3).
     Tesseract runs single-threaded (``OMP_THREAD_LIMIT=1`` unless set): callers
-    parallelise over images, not inside one.
+    parallelise over images, not inside one. A run longer than ``timeout`` seconds is
+    killed and raises RuntimeError.
     """
     check_tesseract()
     import pytesseract
@@ -86,7 +88,13 @@ def ocr_image(image: np.ndarray, lang: str = LANG, psm: int | None = None,
     pytesseract.pytesseract.tesseract_cmd = tesseract_cmd()
     page = preprocess_for_ocr(image) if preprocess else np.asarray(image)
     config = f"--psm {int(psm)}" if psm is not None else ""
-    text = pytesseract.image_to_string(page, lang=lang, config=config)
+    try:
+        text = pytesseract.image_to_string(page, lang=lang, config=config, timeout=timeout)
+    except RuntimeError as e:
+        if "timeout" not in str(e).lower():
+            raise
+        raise RuntimeError(f"tesseract took longer than {timeout:g} s on a {page.shape[1]}x{page.shape[0]} "
+                           "page; killed") from None
     lines = [ln.strip() for ln in text.splitlines()]
     return "\n".join(ln for ln in lines if ln)
 

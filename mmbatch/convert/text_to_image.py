@@ -22,6 +22,8 @@ FONT_SIZE = 32
 MARGIN = 24
 LINE_SPACING = 1.25
 CLOUD_HEIGHT = 400
+MAX_HEIGHT = 16384        # plain: the tallest page (pixels; 800 x 16384 RGB = 38 MiB, about 400 lines)
+MAX_CHARS = 100_000       # refused before wrapping (the default page holds about 400 lines of 40 characters)
 CLOUD_MAX_WORDS = 200
 RANDOM_STATE = 0
 
@@ -86,16 +88,24 @@ def wrap_text(text: str, font, max_width: float) -> list[str]:
 
 
 def render_text(text: str, width: int = WIDTH, font_size: int = FONT_SIZE, margin: int = MARGIN,
-                line_spacing: float = LINE_SPACING) -> np.ndarray:
-    """Word-wrapped text, black on white: RGB uint8 [H, width, 3]; H grows with the number of lines."""
+                line_spacing: float = LINE_SPACING, max_height: int = MAX_HEIGHT) -> np.ndarray:
+    """Word-wrapped text, black on white: RGB uint8 [H, width, 3]; H grows with the number of lines.
+
+    ValueError for a text over :data:`MAX_CHARS` characters or one whose page would be taller than
+    ``max_height`` pixels (blank lines count: 400 KB of newlines would ask for a 19 GB image)."""
     from PIL import Image, ImageDraw
 
     if not text or not text.strip():
         raise ValueError("no text to render")
+    if len(text) > MAX_CHARS:
+        raise ValueError(f"text is {len(text)} characters; at most {MAX_CHARS} are rendered")
     font = _font(font_size)
     lines = wrap_text(text, font, width - 2 * margin)
     step = int(round(font_size * line_spacing))
     height = 2 * margin + step * max(1, len(lines))
+    if height > max_height:
+        raise ValueError(f"text wraps to {len(lines)} lines, a page {height} px high; at most {max_height} px "
+                         f"({(max_height - 2 * margin) // step} lines at font size {font_size})")
     im = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(im)
     for i, line in enumerate(lines):

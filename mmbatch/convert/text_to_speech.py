@@ -75,7 +75,7 @@ def synthesize(text: str, sr: int = SR, voice: str = VOICE, words_per_minute: in
     try:
         proc = subprocess.run(cmd, input=text.encode("utf-8"), capture_output=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        raise RuntimeError(f"espeak-ng took longer than {timeout:.0f} s") from None
+        raise RuntimeError(f"espeak-ng took longer than {timeout:g} s; killed") from None
     if proc.returncode != 0:
         raise RuntimeError(f"espeak-ng failed (exit {proc.returncode}): "
                            f"{proc.stderr.decode('utf-8', 'replace').strip()[:500]}")

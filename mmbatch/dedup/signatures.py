@@ -18,7 +18,6 @@ re-encoded copies; the block-wise verifiers separate them.
 from __future__ import annotations
 
 import hashlib
-import io
 import re
 import unicodedata
 
@@ -152,11 +151,14 @@ _MEL = None
 
 
 def decode_audio(data: bytes) -> tuple[np.ndarray, int]:
-    """Audio bytes (FLAC, WAV, OGG, MP3, SPHERE... whatever libsndfile reads) -> mono float32, rate."""
-    import soundfile as sf
+    """Audio bytes (FLAC, WAV, OGG, MP3, SPHERE... whatever libsndfile reads) -> mono float32, rate.
 
-    x, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
-    return x.mean(axis=1), int(sr)
+    Only the first :data:`AUDIO_MAX_SECONDS` (plus a margin) are decoded: what :func:`audio_logmel`
+    uses (a 30-minute 8-channel file costs one minute of samples)."""
+    from mmbatch.media import read_audio
+
+    x, sr, _ = read_audio(data, AUDIO_MAX_SECONDS)
+    return (x.mean(axis=1) if x.ndim > 1 else x), sr
 
 
 def _mel() -> np.ndarray:

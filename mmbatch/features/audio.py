@@ -44,7 +44,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
-import math
 from dataclasses import asdict, dataclass
 from typing import Any, Optional, Sequence
 
@@ -387,13 +386,12 @@ def decode_clip(item: Any, sample_rate: int = 16000, max_seconds: Optional[float
                 min_samples: int = 400) -> np.ndarray:
     """Bytes -> float32 mono at ``sample_rate``, clipped to ``max_seconds``, >= ``min_samples``.
 
-    Raises :class:`mmbatch.media.MediaError` (``empty_file``, ``corrupt_audio``, ...).
+    Raises :class:`mmbatch.media.MediaError` (``empty_file``, ``corrupt_audio``, ``too_long`` when
+    ``max_seconds`` is None and the file is over :data:`mmbatch.media.MAX_DECODE_SAMPLES`, ...).
     """
-    x, sr = media.decode_audio(_audio_bytes(item))
-    if max_seconds is not None:
-        # pre-clip at the source rate with a margin, so the resampler sees the same
-        # neighbourhood at the cut as for the full file; exact cut after resampling
-        x = x[:int(math.ceil(max_seconds * sr)) + sr // 20]
+    # with max_seconds, decode only the clip plus a margin at the source rate (media.clip_frames), so
+    # the resampler sees the same neighbourhood at the cut as for the full file; exact cut after resampling
+    x, sr = media.decode_audio(_audio_bytes(item), max_seconds)
     x = resample(x, sr, sample_rate)
     if max_seconds is not None:
         x = x[:int(round(max_seconds * sample_rate))]

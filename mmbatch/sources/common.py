@@ -25,7 +25,8 @@ from mmbatch.errors import UsageError
 from mmbatch.schema import CANONICAL_COLUMNS, quarantine_row
 
 # Reason codes decided at planning time (media probes add their own: empty_file,
-# not_an_image, corrupt_image, decompression_bomb, corrupt_audio, sphere_shorten, ...).
+# not_an_image, corrupt_image, decompression_bomb, corrupt_audio, sphere_shorten, ...; reading adds
+# too_large, ingest's Arrow conversion unstorable_row, an unclipped decode too_long).
 MISSING_AUDIO = "missing_audio"            # transcript line / label row without its audio file
 MISSING_TRANSCRIPT = "missing_transcript"  # audio without a transcript line
 MISSING_FILE = "missing_file"              # a manifest/HF path that does not exist
@@ -38,6 +39,7 @@ EMPTY_TRANSCRIPT = "empty_transcript"
 BAD_ALIGNMENT = "bad_alignment"
 BAD_ROW = "bad_row"
 READ_ERROR = "read_error"
+TOO_LARGE = "too_large"                    # a file over --max-file-mb (refused before its bytes are read)
 
 IMAGE_EXTS = (".jpeg", ".jpg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
@@ -394,11 +396,37 @@ def abs_path(root: str, rel: str) -> str:
     return posixpath.join(root, rel)
 
 
-def fetch(fs, paths: list[str], chunk: int = 64) -> dict[str, Any]:
-    """path -> bytes, or the exception raised reading it.
+def max_file_bytes(options: dict) -> int | None:
+    """The ``max_file_mb`` ingest option in bytes (None: no limit)."""
+    mb = options.get("max_file_mb")
+    return None if mb is None else int(mb * 2**20)
 
-    Local files are read one by one (no extra stat); object stores get
-    ``fs.cat`` on chunks of paths, which fetches them concurrently.
+
+def too_large(what: str, size: int, max_bytes: int) -> Reject:
+    return Reject(TOO_LARGE, f"{what}: {size / 2**20:.1f} MiB, over the {max_bytes / 2**20:g} MiB limit "
+                  "(--max-file-mb); not read")
+
+
+def _read_local(path: str, max_bytes: int | None) -> Any:
+    """A local file's bytes; with ``max_bytes``, a :class:`Reject` (``too_large``) for a file over it,
+    decided from its size before reading, and never more than ``max_bytes + 1`` bytes read (a file
+    that grows, or a device, cannot exhaust memory)."""
+    with open(path, "rb") as f:
+        if max_bytes is None:
+            return f.read()
+        size = os.fstat(f.fileno()).st_size
+        if size > max_bytes:
+            return too_large(posixpath.basename(path), size, max_bytes)
+        data = f.read(max_bytes + 1)
+    return too_large(posixpath.basename(path), len(data), max_bytes) if len(data) > max_bytes else data
+
+
+def fetch(fs, paths: list[str], chunk: int = 64, max_bytes: int | None = None) -> dict[str, Any]:
+    """path -> bytes, or the exception raised reading it (a :class:`Reject` for a file over ``max_bytes``).
+
+    Local files are read one by one (a file over ``max_bytes`` is refused from its size, unread);
+    object stores get ``fs.cat`` on chunks of paths, which fetches them concurrently (their sizes
+    are checked from the listing before: :func:`read_file_shard`).
     """
     out: dict[str, Any] = {}
     urls = [p for p in paths if "://" in p]
@@ -406,8 +434,7 @@ def fetch(fs, paths: list[str], chunk: int = 64) -> dict[str, Any]:
     if storage.is_local(fs):
         for p in plain:
             try:
-                with open(p, "rb") as f:
-                    out[p] = f.read()
+                out[p] = _read_local(p, max_bytes)
             except Exception as e:
                 out[p] = e
     else:
@@ -425,6 +452,10 @@ def fetch(fs, paths: list[str], chunk: int = 64) -> dict[str, Any]:
             out[p] = rfs.cat_file(rp)
         except Exception as e:
             out[p] = e
+    if max_bytes is not None:
+        for p, v in out.items():
+            if isinstance(v, (bytes, bytearray)) and len(v) > max_bytes:
+                out[p] = too_large(posixpath.basename(p), len(v), max_bytes)
     return out
 
 
@@ -468,16 +499,28 @@ BuildRow = Callable[[Sample, dict, dict], dict]
 
 def read_file_shard(samples: list[Sample], ctx: ReadContext, build_row: BuildRow,
                     chunk: int = 64) -> tuple[list[dict], list[dict]]:
-    """Fetch each sample's files, call ``build_row``; every sample ends as a row or a quarantine row."""
+    """Fetch each sample's files, call ``build_row``; every sample ends as a row or a quarantine row.
+
+    A sample whose files, as listed, total more than ``max_file_mb`` is quarantined as ``too_large``
+    before any of its bytes are fetched (and :func:`fetch` refuses a file that is larger when read).
+    """
     from mmbatch.media import MediaError
 
     fs = ctx.fs()
+    max_bytes = max_file_bytes(ctx.options)
     rows: list[dict] = []
     bad: list[dict] = []
+    if max_bytes is not None:
+        for s in samples:
+            if s.nbytes > max_bytes:
+                others = f" with the sample's {len(s.files) - 1} other file(s)" if len(s.files) > 1 else ""
+                e = too_large(f"{s.main_path}{others}", s.nbytes, max_bytes)
+                bad.append(Problem(e.reason, e.detail, path=s.main_path, sample_id=s.sample_id).to_row(ctx.kind))
+        samples = [s for s in samples if s.nbytes <= max_bytes]
     for i in range(0, len(samples), chunk):
         part = samples[i:i + chunk]
         wanted = sorted({abs_path(ctx.root, p) for s in part for p in s.files.values() if p})
-        blobs_all = fetch(fs, wanted)
+        blobs_all = fetch(fs, wanted, max_bytes=max_bytes)
         for s in part:
             blobs: dict[str, Any] = {}
             for role, p in s.files.items():
@@ -485,6 +528,8 @@ def read_file_shard(samples: list[Sample], ctx: ReadContext, build_row: BuildRow
                     blobs[role] = blobs_all.get(abs_path(ctx.root, p))
             try:
                 for role, b in blobs.items():
+                    if isinstance(b, Reject):
+                        raise b
                     if isinstance(b, BaseException):
                         if isinstance(b, FileNotFoundError):
                             raise Reject(MISSING_FILE, f"{role} file {s.files[role]} not found")

@@ -335,7 +335,10 @@ def _media_bytes(fs, ctx: common.ReadContext, base_rel: str, value: Any, role: s
         data = bytes(value)
     elif isinstance(value, str):
         path = value
+    max_bytes = common.max_file_bytes(ctx.options)
     if data:
+        if max_bytes is not None and len(data) > max_bytes:
+            raise common.too_large(f"{role} value", len(data), max_bytes)
         return bytes(data), path
     if not path:
         if data is not None:
@@ -345,7 +348,9 @@ def _media_bytes(fs, ctx: common.ReadContext, base_rel: str, value: Any, role: s
     if not (common.is_within(full, ctx.root) or ctx.options.get("allow_outside")):
         raise Reject(common.OUTSIDE_ROOT, f"{role} path {path} resolves outside the input folder "
                                           f"(pass --allow-outside to read it)")
-    got = common.fetch(fs, [full])[full]
+    got = common.fetch(fs, [full], max_bytes=max_bytes)[full]
+    if isinstance(got, Reject):
+        raise got
     if isinstance(got, FileNotFoundError):
         raise Reject(common.MISSING_FILE, f"{role} file {path} not found")
     if isinstance(got, BaseException):
