@@ -116,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--working-dir", default=None, help="upload this folder as the job's working dir")
     sp.add_argument("--pip", action="append", default=[], help="pip requirement for the job's runtime_env (repeatable)")
     sp.add_argument("--job-id", default=None, help="submission id (default: generated)")
+    sp.add_argument("--insecure", action="store_true", help="send the cluster token over plain http:// to a "
+                    "non-loopback address (refused otherwise: use https:// or a tunnel to 127.0.0.1)")
     sp.add_argument("args", nargs=argparse.REMAINDER, help="-- then the mmbatch subcommand and its arguments")
 
     sp = cmd("inspect", "describe any Parquet folder mmbatch wrote",
@@ -286,7 +288,7 @@ def _dispatch(args) -> int:
             raise UsageError("nothing to submit: give the mmbatch command after --, "
                              "e.g. mmbatch submit --wait -- preprocess wf.yaml")
         return submit_cli(rest, address=args.address, wait=args.wait, working_dir=args.working_dir,
-                          pip=args.pip, job_id=args.job_id)
+                          pip=args.pip, job_id=args.job_id, insecure=args.insecure)
     if c == "inspect":
         from mmbatch.describe_output import describe, render_text
         info = describe(args.path, allow_incomplete=args.allow_incomplete)

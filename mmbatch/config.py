@@ -256,7 +256,7 @@ class Workflow(Strict):
     retrain: RetrainConfig = RetrainConfig()
     dedup: DedupConfig = DedupConfig()
     storage: dict[str, dict[str, Any]] = Field(
-        default_factory=dict, exclude=True,
+        default_factory=dict, exclude=True, repr=False,
         description="fsspec options per scheme, e.g. `{s3: {endpoint_url: http://host:9000, profile: x}}` "
         "(null: the standard environment: AWS_* variables, AWS_ENDPOINT_URL, profiles, GOOGLE_APPLICATION_"
         "CREDENTIALS); never written to outputs, models or the registry (docs/object-storage.md)")
@@ -266,11 +266,9 @@ class Workflow(Strict):
     def _known_schemes(cls, v):
         import fsspec
 
-        from mmbatch import storage
         bad = sorted(set(v) - set(fsspec.available_protocols()))
         if bad:
             raise ValueError(f"unknown storage scheme(s) {bad}: use fsspec protocol names such as s3, gs, gcs")
-        storage.configure(v)      # every filesystem this process makes from now on gets these options
         return v
 
     @field_validator("datasets")
@@ -334,7 +332,7 @@ def _format_error(err: ValidationError) -> str:
             continue
         msg = e["msg"]
         got = e.get("input")
-        if e["loc"] and e["loc"][0] == "storage":      # options may hold credentials: never echo them
+        if _is_secret(e["loc"]):                        # options may hold credentials: never echo them
             got = sorted(got) if isinstance(got, dict) else "(not shown)"
         lines.append(f"key '{key}': {msg} (got {got!r})")
     return "invalid workflow:\n  " + "\n  ".join(lines)
@@ -343,15 +341,32 @@ def _format_error(err: ValidationError) -> str:
 def parse_override(expr: str) -> tuple[list[str], Any]:
     """``a.b.c=value`` -> (['a','b','c'], parsed value). Values are YAML (numbers, lists, null)."""
     if "=" not in expr:
-        raise WorkflowError(f"--set expects key.sub=value, got {expr!r}")
+        shown = "(not shown)" if _is_secret(expr.strip().split(".")) else repr(expr)
+        raise WorkflowError(f"--set expects key.sub=value, got {shown}")
     key, raw = expr.split("=", 1)
     if not key.strip():
-        raise WorkflowError(f"--set has an empty key: {expr!r}")
+        raise WorkflowError("--set has an empty key (=VALUE with nothing before the =)")
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError as e:
-        raise WorkflowError(f"--set {key}: value {raw!r} is not valid YAML: {e}") from e
+        shown = "(not shown)" if _is_secret(key.strip().split(".")) else repr(raw)
+        raise WorkflowError(f"--set {key}: value {shown} is not valid YAML: {yaml_problem(e)}") from None
     return key.strip().split("."), value
+
+
+def _is_secret(loc) -> bool:
+    """Values under ``storage`` may be credentials: no message shows them."""
+    return bool(loc) and loc[0] == "storage"
+
+
+def yaml_problem(e: yaml.YAMLError) -> str:
+    """What is wrong and where (line, column), without PyYAML's snippet of the text: the line it quotes
+    may hold a credential (a ``storage`` option)."""
+    mark = getattr(e, "problem_mark", None)
+    what = " ".join(str(x) for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x)
+    if mark is None:
+        return what or type(e).__name__
+    return f"line {mark.line + 1}, column {mark.column + 1}: {what or type(e).__name__}"
 
 
 def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
@@ -384,6 +399,8 @@ def workflow_from_dict(data: dict, overrides: list[str] | None = None, base_dir:
         wf = Workflow.model_validate(data)
     except ValidationError as e:
         raise WorkflowError(_format_error(e)) from None
+    from mmbatch import storage
+    storage.configure(wf.storage)      # valid: every filesystem this process makes from now on gets these options
     if base_dir is not None:
         overridden = {".".join(parse_override(o)[0]) for o in overrides or []}
         _resolve_paths(wf, Path(base_dir), skip=overridden)
@@ -407,7 +424,7 @@ def load_workflow(path: str | Path, overrides: list[str] | None = None) -> Workf
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
-        raise WorkflowError(f"{p}: not valid YAML: {e}") from None
+        raise WorkflowError(f"{p}: not valid YAML: {yaml_problem(e)}") from None
     if not isinstance(data, dict):
         raise WorkflowError(f"{p}: top level must be a mapping of keys, got {type(data).__name__}")
     return workflow_from_dict(data, overrides, base_dir=p.resolve().parent)

@@ -35,14 +35,13 @@ EXTRAS = {"s3": ("s3fs", "s3"), "s3a": ("s3fs", "s3"), "gs": ("gcsfs", "gcs"), "
 
 
 def configure(options: dict | None) -> None:
-    """Default fsspec options per scheme (the workflow's ``storage`` key, e.g. ``{"s3": {"endpoint_url":
-    ...}}``) for every filesystem made from now on in this process, mmbatch's and Ray Data's alike.
-    Credentials may sit there; they are never written anywhere (:func:`options` is shipped to workers
-    in memory only). Without it, s3fs/gcsfs read the standard environment (``AWS_*``, profiles, ...)."""
-    from fsspec.config import conf
+    """Options per scheme (the workflow's ``storage`` key, e.g. ``{"s3": {"endpoint_url": ...}}``) for every
+    filesystem :func:`url_to_fs` makes from now on in this process; a scheme set again is updated. They are
+    held here only: fsspec's global ``fsspec.config.conf`` is left alone, and credentials that may sit in them
+    are never written anywhere (:func:`options` is shipped to workers in memory only). Without them,
+    s3fs/gcsfs read the standard environment (``AWS_*``, profiles, ...)."""
     for scheme, opts in (options or {}).items():
-        conf[scheme] = {**conf.get(scheme, {}), **opts}
-        _OPTIONS[scheme] = dict(conf[scheme])
+        _OPTIONS[scheme] = {**_OPTIONS.get(scheme, {}), **opts}
 
 
 def options() -> dict:
@@ -53,11 +52,37 @@ def options() -> dict:
 _OPTIONS: dict[str, dict] = {}
 
 
-def url_to_fs(uri: str):
-    """(filesystem, path) for a local path or any fsspec URI. A scheme whose package is missing
-    is a :class:`~mmbatch.errors.UsageError` naming the extra to install."""
+def _options_of(uri: str) -> dict[str, dict]:
+    """``{protocol: options}`` for the protocols of ``uri`` (a chained URI has several) that
+    :func:`configure` set, under any name of the same filesystem (options for s3 serve s3a:// too)."""
+    if not _OPTIONS:
+        return {}
+    bits = uri.split("::")
+    out = {}
+    for i, bit in enumerate(bits):
+        proto = bit.split("://", 1)[0] if "://" in bit else ("file" if i == len(bits) - 1 else bit)
+        opts: dict = {}
+        for name in (*_aliases(proto), proto):          # the name used in the URI wins
+            opts.update(_OPTIONS.get(name, {}))
+        if opts:
+            out[proto] = opts
+    return out
+
+
+def _aliases(proto: str) -> tuple[str, ...]:
     try:
-        fs, path = fsspec.core.url_to_fs(str(uri))
+        names = fsspec.get_filesystem_class(proto).protocol
+    except (ImportError, ValueError):          # url_to_fs says what is wrong
+        return ()
+    return tuple(names) if isinstance(names, (tuple, list)) else (names,)
+
+
+def url_to_fs(uri: str):
+    """(filesystem, path) for a local path or any fsspec URI, made with the options :func:`configure` set
+    for its scheme (passed explicitly, as fsspec storage options). A scheme whose package is missing is a
+    :class:`~mmbatch.errors.UsageError` naming the extra to install."""
+    try:
+        fs, path = fsspec.core.url_to_fs(str(uri), **_options_of(str(uri)))
     except ImportError as e:
         from mmbatch.errors import UsageError
         scheme = str(uri).split("://", 1)[0]

@@ -128,6 +128,18 @@ def _is_input(p: Path, exts: tuple[str, ...]) -> bool:
     return p.is_file() and p.suffix.lower() in exts and not p.name.startswith(".")
 
 
+def refuse_overwrite(src: str, dst: str, folder: bool) -> None:
+    """UsageError when the output ``dst`` would replace the input ``src`` (both normalised: realpaths, or
+    a URI's paths): the same file or, for a folder input, an output folder that is the input folder,
+    holds it or lies inside it."""
+    src, dst = src.rstrip("/") or "/", dst.rstrip("/") or "/"
+    if not folder and src == dst:
+        raise UsageError(f"--out {dst} is the input file itself: the output would replace it; choose another --out")
+    if folder and os.path.commonpath([src, dst]) in (src, dst):
+        raise UsageError(f"--out {dst} is, holds or lies inside the input folder {src}: outputs would mix with "
+                         "(or replace) the inputs; choose an output folder outside it")
+
+
 def plan(direction: str, input: Path | str, out: Path | str) -> list[tuple[Path, Path]]:
     """(source, destination) pairs for a file or folder input. UsageError if nothing to do."""
     as_folder = str(out).endswith(("/", os.sep))
@@ -143,18 +155,17 @@ def plan(direction: str, input: Path | str, out: Path | str) -> list[tuple[Path,
         allowed = ALLOWED_OUT_EXTS[direction]
         if allowed and dst.suffix.lower() not in allowed:
             raise UsageError(f"{direction}: output {dst} must end in one of {', '.join(allowed)}")
+        refuse_overwrite(os.path.realpath(src), os.path.realpath(dst), folder=False)
         return [(src, dst)]
     if not src.is_dir():
         raise UsageError(f"input {src} does not exist")
     if out.exists() and not out.is_dir():
         raise UsageError(f"input {src} is a folder, so --out must be a folder; {out} is a file")
-    out_abs = out.resolve()
+    refuse_overwrite(os.path.realpath(src), os.path.realpath(out), folder=True)
     pairs = []
     for p in sorted(src.rglob("*")):
         if not _is_input(p, exts):
             continue
-        if out_abs == p.resolve().parent or out_abs in p.resolve().parents:
-            continue                      # never re-read our own outputs (--out inside the input)
         rel = p.relative_to(src)
         pairs.append((p, out / rel.with_suffix(new_ext)))
     if not pairs:
@@ -168,12 +179,14 @@ def convert_cli(direction: str, input: str, out: str, style: str = "plain", *,
     ``out`` may be object-store URIs (:func:`convert_remote`)."""
     if "://" in str(input) or "://" in str(out):
         return convert_remote(direction, input, out, style=style, seconds=seconds, voice=voice)
+    if direction not in DIRECTIONS:
+        raise UsageError(f"unknown direction {direction!r}; expected one of {', '.join(DIRECTIONS)}")
+    pairs = plan(direction, input, out)       # usage errors (an output over its input) before the tools
     try:
         check_tools(direction, style)
     except MissingTool as e:
         print(f"mmbatch convert {direction}: {e}", file=sys.stderr)
         return EXIT_FAIL
-    pairs = plan(direction, input, out)
     single = Path(input).is_file()
     failed = 0
     claimed: dict[Path, Path] = {}
@@ -216,6 +229,9 @@ def convert_remote(direction: str, input: str, out: str, **kwargs) -> int:
     # the output is a file name only for a file input whose --out has an extension and is no folder
     file_out = (not folder_in and bool(Path(out_path).suffix) and not str(out).endswith("/")
                 and not out_fs.isdir(out_path))
+    if type(in_fs) is type(out_fs) and (folder_in or file_out):      # one store: compare the paths
+        norm = os.path.realpath if storage.is_local(in_fs) else str
+        refuse_overwrite(norm(in_path), norm(out_path), folder=folder_in)
     with tempfile.TemporaryDirectory(prefix="mmbatch-convert-") as tmp:
         src, dst = Path(tmp) / "in", Path(tmp) / "out"
         if folder_in:

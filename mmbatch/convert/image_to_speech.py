@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from mmbatch.convert import SR
+from mmbatch.plots import no_tex, plain
 
 ROWS = 64                 # pitch resolution (the vOICe's default)
 COLS_PER_SECOND = 64      # time resolution: 64 columns in the default 1 s scan
@@ -168,6 +169,7 @@ def spectrogram_at(freqs: np.ndarray, times: np.ndarray, mag: np.ndarray,
     return mag[np.ix_(fi, ti)]
 
 
+@no_tex
 def save_spectrogram_png(y: np.ndarray, path, sr: int = SR, n_fft: int = 512,
                          fmax: float | None = None, title: str | None = None) -> None:
     """Write the dB spectrogram of ``y`` as a PNG (matplotlib, Agg canvas; no pyplot state)."""
@@ -185,7 +187,7 @@ def save_spectrogram_png(y: np.ndarray, path, sr: int = SR, n_fft: int = 512,
     ax.set_ylabel("frequency (Hz)")
     ax.set_ylim(0, fmax or sr / 2)
     if title:
-        ax.set_title(title)
+        ax.set_title(plain(title))          # a file name: data, not mathtext
     fig.colorbar(mesh, ax=ax, label="dB")
     fig.tight_layout()
     fig.savefig(path, format="png")

@@ -79,7 +79,7 @@ def render_report(pairs: pa.Table, summary: dict, shards) -> str:
              "<th>near pairs</th><th>rows involved</th><th>test rows with a train duplicate</th>"
              "<th>validation rows with a train duplicate</th></tr>"]
     for m, s in summary["modalities"].items():
-        parts.append(f"<tr><td>{m}</td><td>{s['rows']}</td><td>{s['exact']}</td><td>{s['near']}</td>"
+        parts.append(f"<tr><td>{html.escape(m)}</td><td>{s['rows']}</td><td>{s['exact']}</td><td>{s['near']}</td>"
                      f"<td>{s['rows_involved']}</td><td>{s['test_rows_with_train_duplicate']}</td>"
                      f"<td>{s['validation_rows_with_train_duplicate']}</td></tr>")
     parts.append("</table>")
@@ -94,13 +94,13 @@ def render_report(pairs: pa.Table, summary: dict, shards) -> str:
                 data = _media(shards, r[f"{side}_dataset"], r[f"{side}_sample_id"], m)
                 img = f"<img src='{render(data)}'/><br>" if data else ""
                 cells.append(f"<td>{img}{_cell(r, side)}</td>")
-            parts.append(f"<tr>{''.join(cells)}<td>{r['kind']}</td><td>{r['similarity']:.3f}</td></tr>")
+            parts.append(f"<tr>{''.join(cells)}<td>{html.escape(r['kind'])}</td><td>{r['similarity']:.3f}</td></tr>")
         parts.append("</table>")
     top = _top(pairs, "text")
     if top:
         parts.append("<h2>Top text pairs</h2><table><tr><th>a</th><th>b</th><th>kind</th><th>similarity</th></tr>")
         for r in top:
-            parts.append(f"<tr><td>{_cell(r, 'a')}</td><td>{_cell(r, 'b')}</td><td>{r['kind']}</td>"
+            parts.append(f"<tr><td>{_cell(r, 'a')}</td><td>{_cell(r, 'b')}</td><td>{html.escape(r['kind'])}</td>"
                          f"<td>{r['similarity']:.3f}</td></tr>")
         parts.append("</table>")
     parts.append("</body></html>")

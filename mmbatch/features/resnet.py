@@ -148,10 +148,12 @@ def resnet50(num_classes: int = 1000) -> ResNet:
 
 # --- checkpoints -----------------------------------------------------------------
 def read_bytes(uri: str) -> bytes:
-    """The bytes of a local path or fsspec URI (s3://, gs://, file://, ...)."""
-    import fsspec
+    """The bytes of a local path or fsspec URI (s3://, gs://, file://, ...), read with the workflow's
+    ``storage`` options for its scheme."""
+    from mmbatch import storage
 
-    with fsspec.open(uri, "rb") as f:
+    fs, path = storage.url_to_fs(uri)
+    with fs.open(path, "rb") as f:
         return f.read()
 
 

@@ -27,6 +27,7 @@ everything we print is passed through :func:`redact`.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
 import shlex
 import sys
@@ -34,6 +35,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, TextIO
+from urllib.parse import urlsplit
 
 from mmbatch.errors import EXIT_FAIL, EXIT_OK, EXIT_QUARANTINED, EXIT_USAGE
 
@@ -151,6 +153,28 @@ def resolve_address(address: Optional[str], environ: Optional[Mapping[str, str]]
     return addr.rstrip("/")
 
 
+def is_loopback(host: Optional[str]) -> bool:
+    """``localhost``, 127.0.0.0/8 or ::1 (no name is looked up: any other name counts as remote)."""
+    if not host:
+        return False
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def plain_http_refusal(address: str, token: Optional[AuthToken], insecure: bool = False) -> Optional[str]:
+    """Why ``token`` must not go to ``address`` (None when it may): over plain ``http://`` anyone on the
+    path reads it, so only to a loopback address (a local head, an SSH tunnel) unless ``insecure``."""
+    parts = urlsplit(address)
+    if token is None or insecure or parts.scheme != "http" or is_loopback(parts.hostname):
+        return None
+    return (f"refusing to send the cluster token ({token.source}) over plain http:// to {parts.hostname}: use "
+            "https://, or a tunnel to 127.0.0.1 (`ray dashboard cluster.yaml`), or pass --insecure to send it anyway")
+
+
 def exit_code_for(status: str, driver_exit_code: Optional[int]) -> int:
     """SUCCEEDED -> 0; a failed mmbatch run keeps its documented code 2/3; else 1."""
     if status == "SUCCEEDED":
@@ -190,12 +214,15 @@ def make_client(address: str, token: Optional[AuthToken]):
 
 def submit_cli(args: list[str], address: Optional[str] = None, wait: bool = False,
                working_dir: Optional[str] = None, pip: Iterable[str] = (),
-               job_id: Optional[str] = None, out: TextIO | None = None, err: TextIO | None = None) -> int:
+               job_id: Optional[str] = None, out: TextIO | None = None, err: TextIO | None = None,
+               insecure: bool = False) -> int:
     """Submit ``mmbatch <args>`` as a Ray job; returns the CLI exit code.
 
     Without ``wait`` prints the job id (stdout) and how to follow it (stderr) and
     returns 0. With ``wait`` streams the job's logs and returns 0 when the job
-    SUCCEEDED, mmbatch's own code 2/3 when the job exited with it, else 1.
+    SUCCEEDED, mmbatch's own code 2/3 when the job exited with it, else 1. A token
+    is sent over plain ``http://`` to a loopback address only, unless ``insecure``
+    (else one line and 2).
     """
     out = out or sys.stdout
     err = err or sys.stderr
@@ -203,6 +230,10 @@ def submit_cli(args: list[str], address: Optional[str] = None, wait: bool = Fals
     try:
         token = resolve_token()
         addr = resolve_address(address)
+        refusal = plain_http_refusal(addr, token, insecure)
+        if refusal:
+            print(f"mmbatch submit: {refusal}", file=err)
+            return EXIT_USAGE
         entrypoint = build_entrypoint(args)
         runtime_env = build_runtime_env(working_dir, pip)
         for p in local_paths_not_uploaded(args, working_dir):

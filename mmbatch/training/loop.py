@@ -39,6 +39,7 @@ import io
 import json
 import os
 import shutil
+import stat
 import tempfile
 import time
 from typing import Any, Mapping, Optional
@@ -190,13 +191,60 @@ def fit_in_memory(spec: Mapping, train: Mapping[str, np.ndarray], validation: Ma
     return model.eval(), history
 
 
-def checkpoint_staging_dir(config: Mapping) -> str:
-    """The local folder where rank 0 writes each epoch's checkpoint until Ray Train has
-    uploaded it to the run's storage and deleted it. One per run: a run SIGKILLed with
-    uploads still queued leaves its leftovers in one place, the next start of the same run
-    clears them, and the driver removes the folder when the run ends."""
-    key = fingerprint([config.get("fingerprint"), config["train"].get("out"), config["train"].get("name")])
-    return os.path.join(tempfile.gettempdir(), f"mmbatch-ckpt-{key}")
+STAGING_PREFIX = "mmbatch-ckpt-"       # + the run's key + a random part (tempfile.mkdtemp)
+STAGING_MARKER = ".mmbatch-staging"    # inside each staging folder: the run's key
+
+
+def _staging_key(config: Mapping) -> str:
+    return fingerprint([config.get("fingerprint"), config["train"].get("out"), config["train"].get("name")])
+
+
+def make_staging_dir(config: Mapping) -> str:
+    """A new private folder (``tempfile.mkdtemp``: mode 0700, an unpredictable name) where rank 0 writes
+    each epoch's checkpoint until Ray Train has uploaded it and deleted it. Its name starts with the
+    run's key and a marker file inside holds that key, so :func:`remove_staging_dirs` can find it again."""
+    key = _staging_key(config)
+    d = tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{key}-")
+    with open(os.path.join(d, STAGING_MARKER), "w") as f:
+        f.write(key)
+    return d
+
+
+def staging_dirs(config: Mapping) -> list[str]:
+    """This run's staging folders on this machine, made by :func:`make_staging_dir`: under the temp
+    folder, named for the run, a folder (no link) owned by this user with mode 0700 and the marker
+    naming the run inside. Anything else there, whoever made it, is never one of them."""
+    key = _staging_key(config)
+    base = tempfile.gettempdir()
+    found = []
+    for name in sorted(os.listdir(base)):
+        if not name.startswith(f"{STAGING_PREFIX}{key}-"):
+            continue
+        path = os.path.join(base, name)
+        try:
+            st = os.lstat(path)
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+                continue
+            with open(os.path.join(path, STAGING_MARKER)) as f:
+                if f.read() == key:
+                    found.append(path)
+        except OSError:
+            continue
+    return found
+
+
+def remove_staging_dirs(config: Mapping) -> None:
+    """Remove this run's staging folders on this machine (:func:`staging_dirs`): a killed predecessor's
+    unuploaded epochs when a rank 0 starts, and every one left when the run ends (the driver)."""
+    for d in staging_dirs(config):
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def fresh_staging_dir(config: Mapping) -> str:
+    """Rank 0's staging folder for this start: a killed predecessor's (its unuploaded epochs) removed,
+    a new one made."""
+    remove_staging_dirs(config)
+    return make_staging_dir(config)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -221,9 +269,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     state = {"epoch": -1, "best_score": None, "best_loss": None, "best_epoch": -1, "bad_epochs": 0,
              "stopped_early": False, "history": [], "starts": []}
 
-    staging = checkpoint_staging_dir(config)
-    if rank == 0:
-        shutil.rmtree(staging, ignore_errors=True)      # a killed predecessor's unuploaded epochs
+    staging = fresh_staging_dir(config) if rank == 0 else None
 
     # -- resume from the latest checkpoint (worker restart, or the same run started again)
     checkpoint = ray.train.get_checkpoint()

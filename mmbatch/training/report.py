@@ -16,6 +16,7 @@ import math
 from typing import Mapping
 
 from mmbatch import storage
+from mmbatch.plots import no_tex, plain
 
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.html"
@@ -36,6 +37,7 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
+@no_tex
 def plot_curves(history: list[dict]) -> dict[str, bytes]:
     """loss.png (train/val loss per epoch) and val_metric.png (val accuracy / macro-F1 per epoch)."""
     if not history:
@@ -59,6 +61,7 @@ def plot_curves(history: list[dict]) -> dict[str, bytes]:
     return out
 
 
+@no_tex
 def plot_confusion(metrics: Mapping) -> dict[str, bytes]:
     conf, classes = metrics.get("confusion"), metrics.get("classes")
     if not conf or not classes:
@@ -69,7 +72,8 @@ def plot_confusion(metrics: Mapping) -> dict[str, bytes]:
     fig, ax = plt.subplots(figsize=(size, size * 0.85))
     im = ax.imshow(conf, cmap="Blues")
     ax.set_xticks(range(k)), ax.set_yticks(range(k))
-    ax.set_xticklabels(classes, rotation=45, ha="right"), ax.set_yticklabels(classes)
+    labels = [plain(c) for c in classes]            # class names are data, not mathtext
+    ax.set_xticklabels(labels, rotation=45, ha="right"), ax.set_yticklabels(labels)
     ax.set_xlabel("predicted"), ax.set_ylabel("true"), ax.set_title("confusion matrix (test)")
     if k <= 20:
         top = max(max(r) for r in conf) or 1
@@ -81,13 +85,14 @@ def plot_confusion(metrics: Mapping) -> dict[str, bytes]:
     return {"confusion.png": _png(fig)}
 
 
+@no_tex
 def plot_bars(title: str, values: Mapping[str, float], fname: str, ylabel: str) -> dict[str, bytes]:
     if not values:
         return {}
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 3))
-    ax.bar(list(values), list(values.values()), color="tab:blue")
-    ax.set_ylabel(ylabel), ax.set_title(title), ax.grid(axis="y", alpha=0.3)
+    ax.bar([plain(k) for k in values], list(values.values()), color="tab:blue")
+    ax.set_ylabel(plain(ylabel)), ax.set_title(plain(title)), ax.grid(axis="y", alpha=0.3)
     return {fname: _png(fig)}
 
 
@@ -213,6 +218,7 @@ def render_html(summary: Mapping, images: Mapping[str, bytes]) -> str:
         parts.append(f"<p>max/min rows per class (train): {_f(cb.get('max_min_ratio'))}</p>")
     for name, blob in images.items():
         b64 = base64.b64encode(blob).decode()
+        name = html.escape(name)
         parts.append(f'<figure><img alt="{name}" src="data:image/png;base64,{b64}"/><figcaption>{name}</figcaption></figure>')
     if summary.get("history"):
         parts.append("<h2>Epochs</h2>")

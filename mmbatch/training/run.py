@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence
 
@@ -35,7 +34,7 @@ from mmbatch.runtime import cluster_gpus, init_ray
 from mmbatch.training import report
 from mmbatch.training.data import FusedData
 from mmbatch.training.evaluate import evaluate_model
-from mmbatch.training.loop import META_FILE, STATE_FILE, checkpoint_staging_dir, train_loop_per_worker
+from mmbatch.training.loop import META_FILE, STATE_FILE, remove_staging_dirs, train_loop_per_worker
 from mmbatch.training.models import MODEL_FILE, arch_spec, build_model, feature_stats, read_spec, save_model
 
 log = logging.getLogger("mmbatch.training")
@@ -201,6 +200,38 @@ def storage_root(out: str) -> str:
     return out if "://" in out else os.path.abspath(out)
 
 
+def checkpoint_storage(uri: str) -> tuple[str, object]:
+    """Ray Train's ``(storage_path, storage_filesystem)`` for the folder ``uri``: the path as it is and no
+    filesystem (Ray resolves it, from the standard environment for a URI), except where the filesystem of
+    ``uri`` has options (the workflow's ``storage`` key): then that filesystem, so checkpoints are written
+    with the same endpoint and credentials as the data (Arrow's own S3 client where it takes the options,
+    else the fsspec one), and the path without its scheme, as Ray wants it then."""
+    root = storage_root(uri)
+    fs, path = storage.url_to_fs(root)
+    if storage.is_local(fs) or not getattr(fs, "storage_options", None):
+        return root, None
+    native = storage.arrow_s3(fs, path)
+    if native is not None:
+        return path, native
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+    return path, PyFileSystem(FSSpecHandler(fs))
+
+
+def _run_config(t, name: str):
+    """Ray Train's RunConfig of the run ``<train.out>/<name>``."""
+    import ray.train
+
+    path, fs = checkpoint_storage(t.out)
+    return ray.train.RunConfig(
+        storage_path=path, storage_filesystem=fs, name=name,
+        failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS,
+                                                     checkpoint_score_attribute="val_score",
+                                                     checkpoint_score_order="max"),
+        # Ray Train's per-report and worker-group INFO lines only with --verbose
+        logging_config=ray.train.LoggingConfig(log_level="INFO" if runtime.VERBOSE else "WARNING"))
+
+
 def train_one(wf: Workflow, data: FusedData, mods: list[str], name: str,
               warm_start: Optional[str] = None) -> TrainResult:
     """Train (or resume, or find complete) the run ``<train.out>/<name>`` and export its best model."""
@@ -255,14 +286,7 @@ def train_one(wf: Workflow, data: FusedData, mods: list[str], name: str,
         train_loop_config=config,
         scaling_config=ray.train.ScalingConfig(num_workers=place.num_workers, use_gpu=use_gpu,
                                                resources_per_worker=place.resources_per_worker),
-        run_config=ray.train.RunConfig(
-            storage_path=storage_root(t.out), name=name,
-            failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS,
-                                                         checkpoint_score_attribute="val_score",
-                                                         checkpoint_score_order="max"),
-            # Ray Train's per-report and worker-group INFO lines only with --verbose
-            logging_config=ray.train.LoggingConfig(log_level="INFO" if runtime.VERBOSE else "WARNING")),
+        run_config=_run_config(t, name),
         datasets=datasets,
     )
     try:
@@ -272,7 +296,7 @@ def train_one(wf: Workflow, data: FusedData, mods: list[str], name: str,
         raise RuntimeError(f"training run '{name}' failed ({e.__class__.__name__}); its checkpoints are kept in "
                            f"{run_dir}: run the same command again to resume from the latest one") from e
     finally:
-        shutil.rmtree(checkpoint_staging_dir(config), ignore_errors=True)   # workers on this machine
+        remove_staging_dirs(config)        # of rank 0 when it ran on this machine
 
     # -- best checkpoint (validation score) -> export
     if not result.best_checkpoints:
@@ -335,7 +359,7 @@ def latest_checkpoint_meta(run_dir: str) -> Optional[dict]:
     """meta.json of the latest checkpoint of an existing Ray Train run folder (None when there is none)."""
     from ray.train import Result
     try:
-        res = Result.from_path(run_dir)
+        res = Result.from_path(*checkpoint_storage(run_dir))
     except (RuntimeError, FileNotFoundError, OSError):
         return None
     if res.checkpoint is None:
