@@ -16,7 +16,7 @@ import os
 import sys
 import textwrap
 
-from mmbatch.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_QUARANTINED, EXIT_USAGE
+from mmbatch.errors import EXIT_FAIL, EXIT_INTERRUPTED, EXIT_OK, EXIT_QUARANTINED, EXIT_USAGE
 
 
 def _fmt(text: str) -> str:
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     from mmbatch import progress, runtime
     from mmbatch.config import WorkflowError
-    from mmbatch.errors import UsageError
+    from mmbatch.errors import LockLost, UsageError
     runtime.VERBOSE = args.verbose
     if argv is None:            # the real command line: SIGTERM stops it like Ctrl-C
         runtime.handle_sigterm_as_interrupt()
@@ -160,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"mmbatch {args.command}: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except LockLost as e:
+        print(f"mmbatch {args.command}: {e}", file=sys.stderr)
+        return EXIT_FAIL
     except KeyboardInterrupt:
         return _interrupted(args, progress.committed_shards())
 

@@ -12,3 +12,8 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for a command stopped
 
 class UsageError(ValueError):
     """Bad input the user can fix: a missing folder, the wrong corpus kind, an empty input."""
+
+
+class LockLost(RuntimeError):
+    """A writer's lock was taken over by another writer (it stalled past the stale limit, or lost its
+    connection): it stopped before writing. The CLI prints the message and exits 1."""

@@ -511,9 +511,9 @@ def test_the_server_honours_conditional_writes_and_the_registry_lock_excludes(s3
             with b.lock(timeout=0.5):
                 pass
     with b.lock(timeout=0):                                              # released: the next writer gets it
-        assert s3.exists(f"{BUCKET}/lock/registry/_lock.json")
-    s3.invalidate_cache()
-    assert not s3.exists(f"{BUCKET}/lock/registry/_lock.json")
+        assert ls_all(s3, f"{S3}/lock/registry/_locks") == ["0000000002.json"]   # the next generation
+        assert json.loads(s3.cat_file(f"{BUCKET}/lock/registry/_locks/0000000002.json")).get("released") is None
+    assert json.loads(s3.cat_file(f"{BUCKET}/lock/registry/_locks/0000000002.json"))["released"]
     assert not [k for k in ls_all(s3, f"{S3}/lock/registry") if "probe" in k]
 
 

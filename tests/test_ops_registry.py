@@ -15,7 +15,6 @@ import pytest
 
 from mmbatch.config import load_workflow, workflow_from_dict
 from mmbatch.errors import UsageError
-from mmbatch.ops import registry as regmod
 from mmbatch.ops.registry import Registry, RegistryLocked, normalize_version, registry_cli
 from mmbatch.ops.retrain import (ALREADY_EVALUATED, KEPT_CHAMPION, NO_NEW_DATA, PROMOTED, conclude_cycle,
                                  decide, run_retrain)
@@ -136,7 +135,7 @@ def test_object_store_registry_memory_fs(tmp_path):
     import fsspec
     with fsspec.open(mv.model_uri + "/model.pt", "rb") as f:
         assert f.read() == b"weights-a"
-    assert not reg.fs.exists(reg._p(regmod.OBJECT_LOCK))      # released
+    assert reg._read_lock(reg._lock_generations()[-1])["released"]      # released
 
 
 # --- the lock ------------------------------------------------------------------------------------
@@ -238,14 +237,14 @@ def test_object_store_lock_excludes_breaks_stale_and_heartbeats(tmp_path):
                 pass
     with b.lock(timeout=0):                                  # released
         pass
-    # a lock object left by a dead writer (no heartbeat) is broken once stale
-    lock_path = a._p(regmod.OBJECT_LOCK)
-    with a.fs.open(lock_path, "wb") as f:
-        f.write(json.dumps({"owner": "dead", "pid": 1, "host": "gone", "created": time.time() - 100,
-                            "refreshed": time.time() - 100}).encode())
+    # a lock generation left by a dead writer (no heartbeat, never released) is followed once stale
+    dead = a._lock_generations()[-1] + 1
+    a.fs.pipe_file(a._lock_path(dead), json.dumps({"owner": "dead", "pid": 1, "host": "gone", "created":
+                                                    time.time() - 100, "refreshed": time.time() - 100}).encode())
     with b.lock(timeout=0):
-        assert json.loads(b.fs.cat(lock_path))["owner"] != "dead"
-    assert not b.fs.exists(lock_path)
+        assert b._lock_generations() == [dead + 1]                 # the dead one superseded, then tidied
+        assert b._read_lock(dead + 1)["owner"] != "dead" and not b._read_lock(dead + 1).get("released")
+    assert b._read_lock(dead + 1)["released"]
 
 
 def test_object_store_lock_without_exclusive_create_support(tmp_path, monkeypatch):
@@ -265,7 +264,7 @@ def test_object_store_lock_without_exclusive_create_support(tmp_path, monkeypatc
             with b.lock(timeout=0.1):
                 pass
     v = b.register(str(_model(tmp_path)), {"accuracy": 0.5})
-    assert v == "v0001" and not b.fs.exists(b._p(regmod.OBJECT_LOCK))
+    assert v == "v0001" and b._read_lock(b._lock_generations()[-1])["released"]
 
 
 # --- CLI ---------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ Layout (every JSON file written atomically through :mod:`mmbatch.storage`)::
     <root>/versions/v0001/workflow.yaml   the workflow that produced it
     <root>/versions/v0001/version.json    metrics, data fingerprints, mmbatch version, time;
                                           written last: a version without it does not exist
+    <root>/versions/v0001/_writer.json    who claimed the number (written first, put-if-absent)
     <root>/aliases/champion.json          {"version", "since", "reason", "lineage"}
     <root>/history/000001-register.json   one file per event (register, promote, rollback),
                                           numbered under the lock: append-only on object stores too
@@ -19,13 +20,25 @@ Writers hold a lock (:meth:`Registry.lock`), re-entrant within one Registry:
 - local folders: an OS file lock (``filelock``) on ``<root>/_lock``; the
   operating system releases it when the holder dies. The holder writes who it
   is to ``<root>/_lock.owner.json`` so a loser can say who holds it.
-- object stores: a lock object ``<root>/_lock.json`` created with exclusive
-  create (fsspec mode ``"xb"``: an ``If-None-Match: *`` conditional PUT with
-  s3fs, checked once per Registry to be honoured by the store; on a store that
-  ignores it, a check-then-write and a warning that concurrent writers are not
-  excluded there), then read back to check the owner. The holder refreshes it
-  every ``stale_after / 4`` seconds; a lock not refreshed for ``stale_after``
-  seconds (default 15 min) is taken to belong to a dead process and is broken.
+- object stores: numbered lock generations ``<root>/_locks/0000000001.json``, ...;
+  the highest one is the lock. A writer takes it by creating the next generation
+  with exclusive create (fsspec mode ``"xb"``: an ``If-None-Match: *`` conditional
+  PUT with s3fs, checked once per Registry to be honoured by the store; on a store
+  that ignores it, a check-then-write and a warning that concurrent writers are not
+  excluded there) once the highest one is released or stale. The holder refreshes
+  its own generation every ``stale_after / 4`` seconds (retrying transient errors,
+  never giving up while it holds the lock) and marks it released at the end. One not
+  refreshed for its holder's ``stale_after`` seconds (default 15 min, recorded in it)
+  is taken to be a dead process's and is followed by the next generation. No writer
+  overwrites a generation it does not hold or deletes the highest one; a new holder
+  deletes the ones below its own.
+
+Before each write the holder checks that its lock is still the highest generation
+(and was refreshed within ``3/4 * stale_after``); if not it raises :class:`LockLost`
+(the CLI prints it and exits 1) and writes nothing more. Whatever the lock does, a
+version number is claimed with a put-if-absent of ``versions/vNNNN/_writer.json``
+before anything is written there, and history events are created the same way, so two
+writers can never both write ``vNNNN``.
 
 A loser gets :class:`RegistryLocked` (a :class:`~mmbatch.errors.UsageError`:
 the CLI prints its message and exits 2) naming the holder.
@@ -50,7 +63,8 @@ from typing import Any, Iterator, Optional
 import yaml
 
 from mmbatch import __version__, storage
-from mmbatch.errors import UsageError
+from mmbatch.commit import call_with_retry
+from mmbatch.errors import LockLost, UsageError
 
 log = logging.getLogger("mmbatch.registry")
 
@@ -58,7 +72,8 @@ VERSIONS, ALIASES, HISTORY = "versions", "aliases", "history"
 VERSION_FILE, MODEL_DIR, WORKFLOW_FILE = "version.json", "model", "workflow.yaml"
 CHAMPION = "champion"
 LAST_CYCLE = "last_cycle.json"
-LOCAL_LOCK, LOCK_OWNER, OBJECT_LOCK = "_lock", "_lock.owner.json", "_lock.json"
+LOCAL_LOCK, LOCK_OWNER, LOCKS = "_lock", "_lock.owner.json", "_locks"
+WRITER_FILE = "_writer.json"          # versions/vNNNN/_writer.json: the put-if-absent claim of the number
 DEFAULT_LOCK_TIMEOUT = 30.0
 DEFAULT_STALE_AFTER = 900.0
 _VERSION_RE = re.compile(r"^v?(\d+)$")
@@ -125,7 +140,7 @@ class Registry:
         self.stale_after = stale_after
         self._depth = 0
         self._guard = threading.RLock()
-        self._release = None
+        self._held: Optional[_LocalLock | _ObjectLock] = None   # while self.lock() is held
         self._conditional: Optional[bool] = None        # see conditional_writes()
 
     def __repr__(self) -> str:
@@ -147,12 +162,8 @@ class Registry:
     # --- reading ----------------------------------------------------------------------
     def _version_numbers(self) -> list[int]:
         """Every version folder, committed or not (numbers are never reused)."""
-        try:
-            names = [posixpath.basename(p.rstrip("/")) for p in self.fs.ls(self._p(VERSIONS), detail=False)]
-        except FileNotFoundError:
-            return []
         nums = []
-        for n in names:
+        for n in self._names(self._p(VERSIONS)):
             m = re.match(r"^v(\d+)$", n)
             if m:
                 nums.append(int(m.group(1)))
@@ -231,13 +242,19 @@ class Registry:
             nums = self._version_numbers()
             version = f"v{(nums[-1] + 1 if nums else 1):04d}"
             vdir = self._p(VERSIONS, version)
-            self.fs.makedirs(vdir, exist_ok=True)
+            self._held.check(f"creating {version}")
+            claim = {"version": version, "owner": self._held.owner, "host": socket.gethostname(),
+                     "pid": os.getpid(), "time": _now()}
+            if not self._claim(storage.join(vdir, WRITER_FILE), claim):      # the fence: put-if-absent
+                raise LockLost(f"registry {self.uri}: another writer created {version} while this one held the "
+                               f"lock, so its lock was lost; stopped before writing {version}. Run it again.")
             _copy_tree(src_fs, src, self.fs, storage.join(vdir, MODEL_DIR))
             if wf_text is not None:
                 storage.atomic_write_bytes(self.fs, storage.join(vdir, WORKFLOW_FILE), wf_text.encode())
             meta = {"version": version, "created": _now(), "metrics": metrics,
                     "fingerprints": dict(fingerprints or {}), "mmbatch_version": __version__,
                     "source": str(model_dir), "workflow_name": wf_name, "extra": dict(extra or {})}
+            self._held.check(f"committing {version}")
             storage.write_json(self.fs, storage.join(vdir, VERSION_FILE), meta)   # commit point
             self.record("register", version=version, metrics=metrics)
         log.info("registered %s in %s", version, self.uri)
@@ -252,6 +269,7 @@ class Registry:
                 return mv.version
             lineage = list(cur.get("lineage") or ([cur["version"]] if cur.get("version") else []))
             lineage.append(mv.version)
+            self._held.check(f"promoting {mv.version}")
             storage.write_json(self.fs, self._p(ALIASES, f"{CHAMPION}.json"),
                                {"version": mv.version, "since": _now(), "reason": reason, "lineage": lineage})
             self.record("promote", version=mv.version, previous=cur.get("version"), reason=reason)
@@ -269,6 +287,7 @@ class Registry:
             target = lineage[-1]
             if self._load(target) is None:
                 raise UsageError(f"cannot roll back to {target}: its version.json is missing")
+            self._held.check(f"rolling back to {target}")
             storage.write_json(self.fs, self._p(ALIASES, f"{CHAMPION}.json"),
                                {"version": target, "since": _now(), "reason": reason, "lineage": lineage})
             self.record("rollback", version=target, previous=dropped, reason=reason)
@@ -278,20 +297,19 @@ class Registry:
         """Append one event to the history (takes the lock if not held)."""
         with self.lock():
             hdir = self._p(HISTORY)
-            try:
-                names = [posixpath.basename(p) for p in self.fs.ls(hdir, detail=False)]
-            except FileNotFoundError:
-                names = []
-            seqs = [int(n.split("-", 1)[0]) for n in names if re.match(r"^\d+-.*\.json$", n)]
+            seqs = [int(n.split("-", 1)[0]) for n in self._names(hdir) if re.match(r"^\d+-.*\.json$", n)]
             seq = (max(seqs) + 1) if seqs else 1
             ev = {"seq": seq, "event": event, "time": _now(), "host": socket.gethostname(),
                   "user": _user(), **data}
-            self.fs.makedirs(hdir, exist_ok=True)
-            storage.write_json(self.fs, storage.join(hdir, f"{seq:06d}-{event}.json"), ev)
+            self._held.check(f"recording the {event} event")
+            if not self._claim(storage.join(hdir, f"{seq:06d}-{event}.json"), ev):
+                raise LockLost(f"registry {self.uri}: another writer recorded history event {seq} while this one "
+                               f"held the lock, so its lock was lost; stopped before recording {event}. Run it again.")
         return ev
 
     def write_last_cycle(self, info: dict) -> None:
         with self.lock():
+            self._held.check(f"writing {LAST_CYCLE}")
             storage.write_json(self.fs, self._p(LAST_CYCLE), {"time": _now(), **info})
 
     # --- the lock ---------------------------------------------------------------------
@@ -310,7 +328,7 @@ class Registry:
                                                        "created": time.time()}, timeout))
         try:
             if self._depth == 0:
-                self._release = self._acquire(timeout)
+                self._held = self._acquire(timeout)
             self._depth += 1
         except BaseException:
             self._guard.release()
@@ -320,9 +338,9 @@ class Registry:
         finally:
             self._depth -= 1
             try:
-                if self._depth == 0 and self._release is not None:
-                    release, self._release = self._release, None
-                    release()
+                if self._depth == 0 and self._held is not None:
+                    held, self._held = self._held, None
+                    held.release()
             finally:
                 self._guard.release()
 
@@ -332,7 +350,7 @@ class Registry:
             return self._acquire_local(timeout)
         return self._acquire_object(timeout)
 
-    def _acquire_local(self, timeout: float):
+    def _acquire_local(self, timeout: float) -> "_LocalLock":
         import filelock
 
         lk = filelock.FileLock(self._p(LOCAL_LOCK))
@@ -341,67 +359,98 @@ class Registry:
         except filelock.Timeout:
             holder = storage.read_json(self.fs, self._p(LOCK_OWNER))
             raise RegistryLocked(self._locked_message(holder, timeout)) from None
-        owner_path = self._p(LOCK_OWNER)
-        storage.write_json(self.fs, owner_path, _owner_info(uuid.uuid4().hex))
+        owner = uuid.uuid4().hex
+        storage.write_json(self.fs, self._p(LOCK_OWNER), _owner_info(owner))
+        return _LocalLock(self, lk, owner)
 
-        def release():
-            try:
-                self.fs.rm(owner_path)
-            except FileNotFoundError:
-                pass
-            finally:
-                lk.release()
-        return release
-
-    def _acquire_object(self, timeout: float):
-        path = self._p(OBJECT_LOCK)
+    def _acquire_object(self, timeout: float) -> "_ObjectLock":
+        """Take the next lock generation once the current one is released or stale (see the module doc)."""
         owner = uuid.uuid4().hex
         deadline = time.monotonic() + max(timeout, 0.0)
         while True:
-            try:
-                self._create_exclusive(path, json.dumps(_owner_info(owner)).encode())
-                held = storage.read_json(self.fs, path) or {}
-                if held.get("owner") == owner:          # read back: the last of two racing writers wins
-                    break
-            except PermissionError:
-                raise
-            except OSError:                             # exists, or the store reported a racing write
-                pass
-            holder = storage.read_json(self.fs, path)
-            if holder and time.time() - float(holder.get("refreshed", 0)) > self.stale_after:
-                log.warning("breaking a stale registry lock held by %s (not refreshed for %.0f s)",
-                            _describe_holder(holder), time.time() - float(holder.get("refreshed", 0)))
-                self._remove_if_owner(path, holder.get("owner"))
-                continue
+            gens = call_with_retry(self._lock_generations, f"listing {self._p(LOCKS)}")
+            top = gens[-1] if gens else 0
+            holder = call_with_retry(lambda: self._read_lock(top), f"reading {self._lock_path(top)}") if top else None
+            if self._takeable(holder):
+                started = time.monotonic()
+                info = {**_owner_info(owner), "gen": top + 1, "stale_after": self.stale_after}
+                if self._claim(self._lock_path(top + 1), info):
+                    self._drop_locks(gens)
+                    return _ObjectLock(self, top + 1, info, started)
+                continue                                # another writer took that generation: look again
             if time.monotonic() >= deadline:
                 raise RegistryLocked(self._locked_message(holder, timeout))
             time.sleep(min(0.2, max(deadline - time.monotonic(), 0.01)))
 
-        stop = threading.Event()
+    def _lock_path(self, gen: int) -> str:
+        return self._p(LOCKS, f"{gen:010d}.json")
 
-        def heartbeat():
-            while not stop.wait(max(self.stale_after / 4.0, 0.05)):
-                cur = storage.read_json(self.fs, path) or {}
-                if cur.get("owner") != owner:
-                    log.error("registry lock %s was taken over by another writer", path)
-                    return
-                cur["refreshed"] = time.time()
-                with self.fs.open(path, "wb") as f:
-                    f.write(json.dumps(cur).encode())
+    def _lock_generations(self) -> list[int]:
+        """The lock generations present on the store, ascending (listed afresh, never from a cache)."""
+        return sorted(int(n[:-5]) for n in self._names(self._p(LOCKS)) if re.match(r"^\d+\.json$", n))
 
-        t = threading.Thread(target=heartbeat, name="mmbatch-registry-lock", daemon=True)
-        t.start()
+    def _read_lock(self, gen: int) -> Optional[dict]:
+        """A lock generation's record: None when absent, {} when it is not mmbatch's JSON."""
+        try:
+            info = json.loads(self.fs.cat_file(self._lock_path(gen)))   # one GET: no cached size
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            return {}
+        return info if isinstance(info, dict) else {}
 
-        def release():
-            stop.set()
-            t.join(timeout=5)
-            self._remove_if_owner(path, owner)
-        return release
+    def _takeable(self, holder: Optional[dict]) -> bool:
+        """Whether the current generation may be followed: none yet, released, or stale (a dead holder's).
+        Stale by the holder's own ``stale_after`` (recorded in it), the time it promised to refresh within."""
+        if holder is None or holder.get("released"):
+            return True
+        idle = time.time() - float(holder.get("refreshed", 0) or 0)
+        limit = float(holder.get("stale_after") or self.stale_after)
+        if idle <= limit:
+            return False
+        log.warning("breaking a stale registry lock held by %s (not refreshed for %.0f s, stale after %g s)",
+                    _describe_holder(holder), idle, limit)
+        return True
+
+    def _drop_locks(self, gens: list[int]) -> None:
+        """Delete superseded generations (all below the one just taken): no holder can own them any more."""
+        for g in gens:
+            try:
+                self.fs.rm(self._lock_path(g))
+            except Exception as e:                      # tidying only: a later holder tries again
+                log.debug("could not delete old registry lock generation %s: %s", g, e)
+
+    def _claim(self, path: str, obj: dict) -> bool:
+        """Create ``path`` holding ``obj`` if absent; True when it holds ``obj`` afterwards (ours). A retry
+        of a create whose reply was lost finds its own object, so it is read back rather than trusted."""
+        data = json.dumps(obj, indent=2, sort_keys=True, default=str).encode()
+        try:
+            call_with_retry(lambda: self._create_exclusive(path, data), f"creating {path}")
+        except FileExistsError:
+            pass
+        try:
+            held = call_with_retry(lambda: self.fs.cat_file(path), f"reading {path}")
+        except FileNotFoundError:
+            return False
+        return held == data
 
     def _create_exclusive(self, path: str, data: bytes) -> None:
-        """Create ``path`` only if absent (FileExistsError otherwise): fsspec mode "xb", which s3fs sends
-        as a conditional PUT (``If-None-Match: *``). A store that does not honour it (checked once per
-        Registry by :meth:`conditional_writes`) gets a check-then-write and a warning saying so."""
+        """Create ``path`` only if absent (FileExistsError otherwise), never visible half-written. Local disk:
+        written aside, then hard-linked to its name (``link`` fails if the name exists). Object stores:
+        fsspec mode "xb", which s3fs sends as a conditional PUT (``If-None-Match: *``); a store that does not
+        honour it (checked once per Registry by :meth:`conditional_writes`) gets a check-then-write and a
+        warning saying so."""
+        if storage.is_local(self.fs):
+            name = f"{uuid.uuid4().hex}.{posixpath.basename(path)}"
+            tmp = storage.join(posixpath.dirname(path), storage.TMP_DIR, name)
+            os.makedirs(posixpath.dirname(tmp), exist_ok=True)
+            with open(tmp, "wb") as f:
+                f.write(data)
+            try:
+                os.link(tmp, path)
+            finally:
+                os.unlink(tmp)
+            return
         if self.conditional_writes():
             with self.fs.open(path, "xb") as f:
                 f.write(data)
@@ -437,17 +486,115 @@ class Registry:
                             "register, promote or rollback at a time", self.uri)
         return self._conditional
 
-    def _remove_if_owner(self, path: str, owner: Optional[str]) -> None:
-        cur = storage.read_json(self.fs, path)
-        if cur is None or cur.get("owner") == owner:
-            try:
-                self.fs.rm(path)
-            except FileNotFoundError:
-                pass
+    def _names(self, path: str) -> list[str]:
+        """The names directly under ``path`` (a fresh listing: s3fs would answer from its cache)."""
+        try:
+            return [posixpath.basename(p.rstrip("/")) for p in self.fs.ls(path, detail=False, refresh=True)]
+        except FileNotFoundError:
+            return []
 
     def _locked_message(self, holder: Optional[dict], timeout: float) -> str:
         return (f"registry {self.uri} is locked by {_describe_holder(holder)}: another retrain, register, "
                 f"promote or rollback is running (waited {timeout:g} s). Try again when it has finished.")
+
+
+class _LocalLock:
+    """The OS file lock on ``<root>/_lock``. The OS keeps it for this process until it is released, so
+    no other writer can take it over; the owner file only names the holder to a waiting writer."""
+
+    def __init__(self, reg: Registry, lk, owner: str):
+        self.reg, self.lk, self.owner = reg, lk, owner
+
+    def check(self, what: str) -> None:
+        """Nothing to check: an OS lock is not broken while its holder lives."""
+
+    def release(self) -> None:
+        try:
+            self.reg.fs.rm(self.reg._p(LOCK_OWNER))
+        except FileNotFoundError:
+            pass
+        finally:
+            self.lk.release()
+
+
+class _ObjectLock:
+    """Lock generation ``gen`` on an object store, held by this process, and its heartbeat thread.
+
+    Only its holder writes a generation's object: refreshing it every ``stale_after / 4`` s, then marking
+    it released. A writer breaking a stale lock creates the next generation instead (put-if-absent), so
+    nothing is removed or overwritten from under a holder; the holder has lost the lock once a higher
+    generation exists, and :meth:`check` (before each write) says so.
+    """
+
+    def __init__(self, reg: Registry, gen: int, info: dict, refreshed: float):
+        self.reg, self.gen, self.info = reg, gen, info
+        self.owner, self.path = info["owner"], reg._lock_path(gen)
+        self.interval = max(reg.stale_after / 4.0, 0.05)
+        self.refreshed = refreshed          # monotonic time before the last successful write of the object
+        self.lost = False
+        self._mutex = threading.Lock()      # a late refresh never overwrites the release
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="mmbatch-registry-lock", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        """Refresh every ``interval`` s. A refresh that fails (transient errors are retried with backoff
+        first) is logged and tried again at the next beat: only losing the lock ends the heartbeat."""
+        while not self._stop.wait(self.interval):
+            try:
+                call_with_retry(self._refresh, f"refreshing the registry lock {self.path}",
+                                backoff_s=self.interval / 8)
+            except LockLost as e:
+                log.error("%s", e)
+                return
+            except Exception as e:
+                log.warning("registry lock %s: could not refresh it (%s); next try in %.1f s",
+                            self.path, e, self.interval)
+
+    def _refresh(self) -> None:
+        started = time.monotonic()
+        with self._mutex:
+            if self._stop.is_set():
+                return
+            self._verify("refreshing its lock")
+            self._write({"refreshed": time.time()})
+        self.refreshed = started
+
+    def _write(self, fields: dict) -> None:
+        self.reg.fs.pipe_file(self.path, json.dumps({**self.info, **fields}).encode())
+
+    def _verify(self, what: str) -> None:
+        """LockLost unless this generation is still the highest one."""
+        if not self.lost:
+            self.lost = self.reg._lock_generations()[-1:] != [self.gen]
+        if self.lost:
+            raise LockLost(f"registry {self.reg.uri}: this writer's lock was taken over by another writer (it went "
+                           f"more than {self.reg.stale_after:g} s without a refresh: a stall or a lost connection); "
+                           f"stopped before {what}. Run it again once the other writer has finished.")
+
+    def check(self, what: str) -> None:
+        """Before each write: LockLost if another writer took the lock over, or may do so now (it was not
+        refreshed for ``3/4 * stale_after``: the rest is the margin for the write itself)."""
+        call_with_retry(lambda: self._verify(what), f"checking the registry lock {self.path}")
+        idle = time.monotonic() - self.refreshed
+        if idle > 0.75 * self.reg.stale_after:
+            raise LockLost(f"registry {self.reg.uri}: this writer could not refresh its lock for {idle:.1f} s, so "
+                           f"another writer may take it over (after {self.reg.stale_after:g} s); stopped before "
+                           f"{what}. Run it again.")
+
+    def release(self) -> None:
+        """Mark this generation released: its own object, and only while it is still the highest."""
+        self._stop.set()
+        with self._mutex:
+            try:
+                call_with_retry(lambda: self._verify("releasing it"), f"checking the registry lock {self.path}")
+                call_with_retry(lambda: self._write({"released": time.time()}), f"releasing {self.path}")
+            except LockLost:
+                pass                                    # taken over: the other writer's now
+            except Exception as e:
+                log.warning("could not release the registry lock %s (%s): the next writer takes it once it "
+                            "is %g s old", self.path, e, self.reg.stale_after)
+        self._thread.join(timeout=1)
 
 
 # --- helpers ----------------------------------------------------------------------------
