@@ -128,16 +128,12 @@ def _is_input(p: Path, exts: tuple[str, ...]) -> bool:
     return p.is_file() and p.suffix.lower() in exts and not p.name.startswith(".")
 
 
-def refuse_overwrite(src: str, dst: str, folder: bool) -> None:
-    """UsageError when the output ``dst`` would replace the input ``src`` (both normalised: realpaths, or
-    a URI's paths): the same file or, for a folder input, an output folder that is the input folder,
-    holds it or lies inside it."""
-    src, dst = src.rstrip("/") or "/", dst.rstrip("/") or "/"
-    if not folder and src == dst:
-        raise UsageError(f"--out {dst} is the input file itself: the output would replace it; choose another --out")
-    if folder and os.path.commonpath([src, dst]) in (src, dst):
-        raise UsageError(f"--out {dst} is, holds or lies inside the input folder {src}: outputs would mix with "
-                         "(or replace) the inputs; choose an output folder outside it")
+def refuse_overwrite(src: str, dst: str) -> None:
+    """UsageError when the output ``dst`` is the input ``src``, holds it or lies inside it (URIs
+    normalised: mmbatch.ownership.check_disjoint)."""
+    from mmbatch import ownership
+
+    ownership.check_disjoint({"--out": str(dst)}, {"INPUT": str(src)})
 
 
 def plan(direction: str, input: Path | str, out: Path | str) -> list[tuple[Path, Path]]:
@@ -155,13 +151,13 @@ def plan(direction: str, input: Path | str, out: Path | str) -> list[tuple[Path,
         allowed = ALLOWED_OUT_EXTS[direction]
         if allowed and dst.suffix.lower() not in allowed:
             raise UsageError(f"{direction}: output {dst} must end in one of {', '.join(allowed)}")
-        refuse_overwrite(os.path.realpath(src), os.path.realpath(dst), folder=False)
+        refuse_overwrite(src, dst)
         return [(src, dst)]
     if not src.is_dir():
         raise UsageError(f"input {src} does not exist")
     if out.exists() and not out.is_dir():
         raise UsageError(f"input {src} is a folder, so --out must be a folder; {out} is a file")
-    refuse_overwrite(os.path.realpath(src), os.path.realpath(out), folder=True)
+    refuse_overwrite(src, out)
     pairs = []
     for p in sorted(src.rglob("*")):
         if not _is_input(p, exts):
@@ -229,9 +225,8 @@ def convert_remote(direction: str, input: str, out: str, **kwargs) -> int:
     # the output is a file name only for a file input whose --out has an extension and is no folder
     file_out = (not folder_in and bool(Path(out_path).suffix) and not str(out).endswith("/")
                 and not out_fs.isdir(out_path))
-    if type(in_fs) is type(out_fs) and (folder_in or file_out):      # one store: compare the paths
-        norm = os.path.realpath if storage.is_local(in_fs) else str
-        refuse_overwrite(norm(in_path), norm(out_path), folder=folder_in)
+    if folder_in or file_out:
+        refuse_overwrite(input, out)
     with tempfile.TemporaryDirectory(prefix="mmbatch-convert-") as tmp:
         src, dst = Path(tmp) / "in", Path(tmp) / "out"
         if folder_in:
