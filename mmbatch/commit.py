@@ -26,7 +26,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable, TypeVar
 
-from mmbatch import ownership, progress, storage
+from mmbatch import progress, storage
 
 T = TypeVar("T")
 
@@ -151,16 +151,16 @@ class Committer:
         input or plan changed), then the files of units planned by this run or by the last one that have
         no marker (a killed run's output), then temp files; record this run's plan, so that the next run
         can recognise what this one leaves half done. Nothing else is touched: a name is removed only
-        when a marker or a planned unit id of this folder names it (mmbatch.ownership). Returns the
+        when a marker or a planned unit id of this folder names it (docs/data-safety.md). Returns the
         removed paths, relative to the folder."""
         keep = sorted(set(keep_units))
         removed = [f"{storage.SHARDS_DIR}/{u}.json" for u in storage.remove_stale(self.fs, self.out_dir, keep)]
         named: set[str] = set()
         for marker_path in storage.marker_paths(self.fs, self.out_dir):
-            named.update(ownership.marker_files(storage.read_json(self.fs, marker_path), marker_path))
+            named.update(storage.marker_files(storage.read_json(self.fs, marker_path), marker_path))
         planned = set(keep) | set(storage.read_plan(self.fs, self.out_dir))
         dirs = {d.rstrip("/") for d in data_dirs}
-        for rel in ownership.unit_files(sorted(planned)):
+        for rel in storage.unit_files(sorted(planned)):
             if rel in named or (posixpath.dirname(rel) not in dirs):
                 continue
             path = storage.join(self.out_dir, rel)

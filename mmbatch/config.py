@@ -25,7 +25,7 @@ class WorkflowError(ValueError):
 
 def plain_name(v: str) -> str:
     """``v`` if it is a plain name, safe as one folder or file name (it becomes part of output paths)."""
-    from mmbatch.ownership import plain_name as is_plain
+    from mmbatch.storage import plain_name as is_plain
 
     if not is_plain(v):
         raise ValueError(f"{v!r} is not a plain name: use letters, digits, '.', '_', '-', '=', '+', starting "

@@ -12,14 +12,13 @@ Two rules, checked before a command writes anything (docs/data-safety.md):
 
 Both refusals are :class:`~mmbatch.errors.UsageError` (one line, exit 2); nothing is touched.
 Inside an owned folder, cleanup removes only names that its markers or mmbatch's own temp names
-identify (:func:`plain_name` validates every name a marker holds; mmbatch.commit).
+identify (``storage.marker_files`` validates every name a marker holds; mmbatch.commit).
 """
 from __future__ import annotations
 
 import logging
 import os
 import posixpath
-import re
 import time
 from dataclasses import dataclass
 from typing import Iterable, Mapping
@@ -32,27 +31,22 @@ log = logging.getLogger("mmbatch.ownership")
 RECORD = "_mmbatch.json"
 
 # Top-level names an mmbatch output of each kind holds, for folders written before the record.
-# Parquet data files and run folders are checked separately (_legacy_foreign).
-_COMMIT_NAMES = {storage.MANIFEST, storage.SHARDS_DIR, storage.TMP_DIR, storage.QUARANTINE_DIR}
+# Parquet data files and run folders are checked separately (_foreign_entries).
+_COMMIT_NAMES = {storage.MANIFEST, storage.SHARDS_DIR, storage.TMP_DIR, storage.QUARANTINE_DIR, storage.PLAN}
 KNOWN_NAMES: dict[str, set[str]] = {
     "canonical": _COMMIT_NAMES,
     "fused": _COMMIT_NAMES | {"_features"},
     "train": {storage.TMP_DIR},
     "evaluation": {storage.TMP_DIR, "metrics.json", "report.html", "summary.json"},
     "duplicates": {storage.TMP_DIR, "pairs.parquet", "summary.json", "report.html", "groups.parquet"},
-    "registry": {storage.TMP_DIR},
+    "registry": {storage.TMP_DIR, "versions", "aliases", "history", "last_cycle.json", "_lock", "_lock.owner.json",
+                 "_locks"},
     "demo": {"corpus", "canonical", "features", "features_completed", "features_timit", "train", "registry",
              "workflow.yaml"},
 }
 KINDS = tuple(KNOWN_NAMES)
 
 _SCHEME_ALIASES = {"s3a": "s3", "s3n": "s3", "gcs": "gs", "local": "file"}
-_PLAIN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]*$")
-
-
-def plain_name(name: object) -> bool:
-    """True for one plain file or folder name: no separator, not ``.``/``..``, no leading ``_``/``.``."""
-    return isinstance(name, str) and bool(_PLAIN.match(name)) and name not in (".", "..") and len(name) <= 255
 
 
 @dataclass(frozen=True)
@@ -169,7 +163,7 @@ def _marker_named(fs, root: str) -> set[str]:
     """Top-level data file names the markers under ``root/_shards`` name."""
     named: set[str] = set()
     for marker_path in storage.marker_paths(fs, root):
-        named.update(f for f in marker_files(storage.read_json(fs, marker_path), marker_path) if "/" not in f)
+        named.update(f for f in storage.marker_files(storage.read_json(fs, marker_path), marker_path) if "/" not in f)
     return named
 
 
@@ -181,47 +175,3 @@ def _is_train_run(fs, path: str) -> bool:
         return any(posixpath.basename(p).startswith("experiment_state") for p in fs.ls(path, detail=False))
     except FileNotFoundError:
         return False
-
-
-def _named(marker: object) -> list:
-    """Every entry a unit marker's ``files`` and ``quarantine_file`` hold, as found."""
-    if not isinstance(marker, dict):
-        return []
-    listed = marker.get("files") or []
-    return [*(listed if isinstance(listed, list) else [listed]),
-            *([marker["quarantine_file"]] if marker.get("quarantine_file") else [])]
-
-
-def marker_files(marker: object, where: str = "") -> list[str]:
-    """The data files a unit marker names (``files`` and ``quarantine_file``), relative to its folder.
-    Only ``NAME.parquet`` and ``quarantine/NAME.parquet`` with a plain NAME are kept; any other entry
-    (``../x``, ``/abs``, another bucket) is dropped with a warning, never followed."""
-    out = []
-    for f in _named(marker):
-        if is_data_name(f):
-            if f not in out:
-                out.append(f)
-        else:
-            log.warning("ignoring %r named by the marker %s: not a data file name of its folder", f, where)
-    return out
-
-
-def marker_is_clean(marker: object) -> bool:
-    """True when every name the marker holds is a data file name of its folder."""
-    return all(is_data_name(f) for f in _named(marker))
-
-
-def is_data_name(rel: object) -> bool:
-    """True for ``NAME.parquet`` or ``quarantine/NAME.parquet`` with a plain NAME."""
-    if not isinstance(rel, str) or not rel.endswith(".parquet"):
-        return False
-    parts = rel.split("/")
-    if len(parts) == 2 and parts[0] != storage.QUARANTINE_DIR:
-        return False
-    return len(parts) <= 2 and plain_name(parts[-1])
-
-
-def unit_files(units: Iterable[str]) -> list[str]:
-    """The data file names a unit id writes (``ID.parquet``, ``quarantine/ID.parquet``), for ids that
-    are plain names."""
-    return [f for u in units if plain_name(u) for f in (f"{u}.parquet", f"{storage.QUARANTINE_DIR}/{u}.parquet")]

@@ -16,13 +16,17 @@ import hashlib
 import json
 import math
 import os
+import logging
 import posixpath
+import re
 import uuid
 from typing import Any, Iterable
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+_log = logging.getLogger("mmbatch.storage")
 
 MANIFEST = "_manifest.json"
 SHARDS_DIR = "_shards"
@@ -320,6 +324,59 @@ def list_parquet(fs, directory: str) -> list[str]:
     return sorted(out)
 
 
+# --- names that markers and plans hold (validated before a cleanup follows them) ------------
+_PLAIN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]*$")
+
+
+def plain_name(name: object) -> bool:
+    """True for one plain file or folder name: no separator, not ``.``/``..``, no leading ``_``/``.``."""
+    return isinstance(name, str) and bool(_PLAIN.match(name)) and name not in (".", "..") and len(name) <= 255
+
+
+def _named(marker: object) -> list:
+    """Every entry a unit marker's ``files`` and ``quarantine_file`` hold, as found."""
+    if not isinstance(marker, dict):
+        return []
+    listed = marker.get("files") or []
+    return [*(listed if isinstance(listed, list) else [listed]),
+            *([marker["quarantine_file"]] if marker.get("quarantine_file") else [])]
+
+
+def marker_files(marker: object, where: str = "") -> list[str]:
+    """The data files a unit marker names (``files`` and ``quarantine_file``), relative to its folder.
+    Only ``NAME.parquet`` and ``quarantine/NAME.parquet`` with a plain NAME are kept; any other entry
+    (``../x``, ``/abs``, another bucket) is dropped with a warning, never followed."""
+    out = []
+    for f in _named(marker):
+        if is_data_name(f):
+            if f not in out:
+                out.append(f)
+        else:
+            _log.warning("ignoring %r named by the marker %s: not a data file name of its folder", f, where)
+    return out
+
+
+def marker_is_clean(marker: object) -> bool:
+    """True when every name the marker holds is a data file name of its folder."""
+    return all(is_data_name(f) for f in _named(marker))
+
+
+def is_data_name(rel: object) -> bool:
+    """True for ``NAME.parquet`` or ``quarantine/NAME.parquet`` with a plain NAME."""
+    if not isinstance(rel, str) or not rel.endswith(".parquet"):
+        return False
+    parts = rel.split("/")
+    if len(parts) == 2 and parts[0] != QUARANTINE_DIR:
+        return False
+    return len(parts) <= 2 and plain_name(parts[-1])
+
+
+def unit_files(units: Iterable[str]) -> list[str]:
+    """The data file names a unit id writes (``ID.parquet``, ``quarantine/ID.parquet``), for ids that
+    are plain names."""
+    return [f for u in units if plain_name(u) for f in (f"{u}.parquet", f"{QUARANTINE_DIR}/{u}.parquet")]
+
+
 def read_marker(fs, out_dir: str, shard_id: str) -> dict | None:
     return read_json(fs, join(out_dir, SHARDS_DIR, f"{shard_id}.json"))
 
@@ -331,9 +388,7 @@ def write_marker(fs, out_dir: str, shard_id: str, marker: dict) -> None:
 
 def committed(fs, out_dir: str, shard_id: str, fp: str) -> dict | None:
     """The marker of a unit committed with fingerprint ``fp`` whose files exist, else None. A marker
-    naming anything but its folder's data files (mmbatch.ownership.marker_files) is not a commit."""
-    from mmbatch.ownership import marker_files, marker_is_clean
-
+    naming anything but its folder's data files (marker_files) is not a commit."""
     m = read_marker(fs, out_dir, shard_id)
     if not (isinstance(m, dict) and m.get("fingerprint") == fp and marker_is_clean(m)):
         return None
@@ -342,9 +397,7 @@ def committed(fs, out_dir: str, shard_id: str, fp: str) -> dict | None:
 
 def remove_stale(fs, out_dir: str, keep_shards: Iterable[str]) -> list[str]:
     """Delete committed units (their files + markers) not in ``keep_shards``. Only the data file names
-    a marker may hold are followed (mmbatch.ownership.marker_files). Returns the removed unit ids."""
-    from mmbatch.ownership import marker_files
-
+    a marker may hold are followed (marker_files). Returns the removed unit ids."""
     keep = set(keep_shards)
     removed = []
     for marker_path in marker_paths(fs, out_dir):
@@ -360,21 +413,18 @@ def remove_stale(fs, out_dir: str, keep_shards: Iterable[str]) -> list[str]:
     return removed
 
 
-PLAN = "_plan.json"         # under _shards/: the unit ids the last run planned (mmbatch.commit.Committer.begin)
+PLAN = "_plan.json"         # the unit ids the last run in a folder planned (mmbatch.commit.Committer.begin)
 
 
 def read_plan(fs, out_dir: str) -> list[str]:
     """The unit ids the last run in ``out_dir`` planned (plain names only)."""
-    from mmbatch.ownership import plain_name
-
-    got = read_json(fs, join(out_dir, SHARDS_DIR, PLAN))
+    got = read_json(fs, join(out_dir, PLAN))
     units = got.get("units") if isinstance(got, dict) else None
     return [u for u in units if plain_name(u)] if isinstance(units, list) else []
 
 
 def write_plan(fs, out_dir: str, units: list[str]) -> None:
-    fs.makedirs(join(out_dir, SHARDS_DIR), exist_ok=True)
-    write_json(fs, join(out_dir, SHARDS_DIR, PLAN), {"units": list(units)})
+    write_json(fs, join(out_dir, PLAN), {"units": list(units)})
 
 
 def clean_tmp(fs, out_dir: str) -> None:

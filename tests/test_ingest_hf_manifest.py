@@ -130,7 +130,7 @@ def test_hub_parquet_shards(ray_session, tmp_path):
     inner = tmp_path / "hub" / "ingested"
     opts = IngestOptions(columns="transcript=text,uid=sample_id")
     before = sorted(p.name for p in src.iterdir())
-    with pytest.raises(UsageError, match="lies inside the input"):
+    with pytest.raises(UsageError, match="lies inside INPUT"):
         run_ingest("hf", str(tmp_path / "hub"), str(inner), opts, echo=False)
     assert not inner.exists() and sorted(p.name for p in src.iterdir()) == before
     with pytest.raises(UsageError, match="no column 'nope'"):
