@@ -6,7 +6,8 @@
 - every bash block passes ``bash -n``; each ``mmbatch ...`` command in it parses with the real CLI parser,
   and ``mmbatch <command> --help`` runs (the real console script) for every command README shows;
 - the workflow reference table in docs/workflow-reference.md is exactly what ``python -m mmbatch.config --reference``
-  renders.
+  renders;
+- every relative link in README and docs/ names a file that exists (and, with ``#anchor``, a heading in it).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from mmbatch.config import REFERENCE_DOC, REFERENCE_END, REFERENCE_START, Workfl
 
 ROOT = Path(mmbatch.__file__).resolve().parents[1]
 README = ROOT / "README.md"
+LINK = re.compile(r"\]\(([^)\s]+)\)")
 FENCE = re.compile(r"^```([^\n`]*)\n(.*?)^```\s*$", re.S | re.M)
 
 
@@ -102,3 +104,25 @@ def test_keys_users_asked_about_are_documented_with_defaults(key):
 
 def test_readme_links_to_the_workflow_reference():
     assert "](docs/workflow-reference.md)" in README.read_text()
+
+
+def _anchors(md: Path) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens."""
+    text = FENCE.sub("", md.read_text())
+    heads = re.findall(r"^#+ +(.+?) *$", text, re.M)
+    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in heads}
+
+
+def test_every_relative_link_in_readme_and_docs_resolves():
+    broken = []
+    for md in [README, *sorted((ROOT / "docs").glob("*.md"))]:
+        for target in LINK.findall(FENCE.sub("", md.read_text())):
+            if re.match(r"[a-z]+:", target):                       # http:, https:, mailto:
+                continue
+            path, _, anchor = target.partition("#")
+            dest = (md.parent / path).resolve() if path else md
+            if not dest.exists():
+                broken.append(f"{md.relative_to(ROOT)}: {target}")
+            elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
+                broken.append(f"{md.relative_to(ROOT)}: {target} (no such heading)")
+    assert not broken, broken
