@@ -5,7 +5,9 @@
 - every YAML block parses and validates as a workflow (mmbatch/config.py);
 - every bash block passes ``bash -n``; each ``mmbatch ...`` command in it parses with the real CLI parser,
   and ``mmbatch <command> --help`` runs (the real console script) for every command README shows;
-- the workflow reference table is exactly what ``python -m mmbatch.config --reference`` renders.
+- the workflow reference table in docs/workflow-reference.md is exactly what ``python -m mmbatch.config --reference``
+  renders;
+- every relative link in README and docs/ names a file that exists (and, with ``#anchor``, a heading in it).
 """
 from __future__ import annotations
 
@@ -20,9 +22,11 @@ import yaml
 
 import mmbatch
 from mmbatch.cli import build_parser
-from mmbatch.config import REFERENCE_END, REFERENCE_START, Workflow, workflow_from_dict, workflow_reference
+from mmbatch.config import REFERENCE_DOC, REFERENCE_END, REFERENCE_START, Workflow, workflow_from_dict, workflow_reference
 
-README = Path(mmbatch.__file__).resolve().parents[1] / "README.md"
+ROOT = Path(mmbatch.__file__).resolve().parents[1]
+README = ROOT / "README.md"
+LINK = re.compile(r"\]\(([^)\s]+)\)")
 FENCE = re.compile(r"^```([^\n`]*)\n(.*?)^```\s*$", re.S | re.M)
 
 
@@ -82,16 +86,43 @@ def test_help_of_every_command_readme_shows_runs():
         assert r.returncode == 0 and "example:" in r.stdout, (c, r.stderr[-500:])
 
 
-def test_readme_workflow_reference_matches_the_model():
-    text = README.read_text()
+def test_workflow_reference_matches_the_model():
+    assert REFERENCE_DOC == ROOT / "docs" / "workflow-reference.md"
+    text = REFERENCE_DOC.read_text()
     assert REFERENCE_START in text and REFERENCE_END in text
     section = text[text.index(REFERENCE_START):text.index(REFERENCE_END) + len(REFERENCE_END)]
-    assert section == workflow_reference(), "README is stale: python -m mmbatch.config --update README.md"
+    assert section == workflow_reference(), "stale: python -m mmbatch.config --update docs/workflow-reference.md"
     for key in ("train.out", "train.name", "train.baselines", "train.val_fraction", "output.path"):
         assert f"| `{key}` |" in section
 
 
 @pytest.mark.parametrize("key", ["train.out", "train.name", "train.baselines", "train.val_fraction"])
 def test_keys_users_asked_about_are_documented_with_defaults(key):
-    row = next(ln for ln in README.read_text().splitlines() if ln.startswith(f"| `{key}` |"))
+    row = next(ln for ln in REFERENCE_DOC.read_text().splitlines() if ln.startswith(f"| `{key}` |"))
     assert row.count("|") >= 5 and row.split("|")[2].strip()       # a default column
+
+
+def test_readme_links_to_the_workflow_reference():
+    assert "](docs/workflow-reference.md)" in README.read_text()
+
+
+def _anchors(md: Path) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens."""
+    text = FENCE.sub("", md.read_text())
+    heads = re.findall(r"^#+ +(.+?) *$", text, re.M)
+    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in heads}
+
+
+def test_every_relative_link_in_readme_and_docs_resolves():
+    broken = []
+    for md in [README, *sorted((ROOT / "docs").glob("*.md"))]:
+        for target in LINK.findall(FENCE.sub("", md.read_text())):
+            if re.match(r"[a-z]+:", target):                       # http:, https:, mailto:
+                continue
+            path, _, anchor = target.partition("#")
+            dest = (md.parent / path).resolve() if path else md
+            if not dest.exists():
+                broken.append(f"{md.relative_to(ROOT)}: {target}")
+            elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
+                broken.append(f"{md.relative_to(ROOT)}: {target} (no such heading)")
+    assert not broken, broken
