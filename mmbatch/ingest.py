@@ -284,11 +284,13 @@ class IngestWorker:
 
 
 def _run_shards(pending: list[ShardTask], ctx: dict, on_result, max_workers: int | None = None) -> None:
-    from mmbatch.units import Resources, pool_size, run_units
+    from mmbatch import capacity
+    from mmbatch.units import Resources, run_units
 
     res = Resources(num_cpus=1)
+    workers = capacity.pool_size(capacity.snapshot(), res.num_cpus, res.num_gpus, len(pending), max_workers)
     run_units(IngestWorker, ctx, sorted(pending, key=lambda t: -t.nbytes), on_result,
-              workers=pool_size(res, max_workers), resources=res, name=lambda t: t.shard_id,
+              workers=workers, resources=res, name=lambda t: t.shard_id,
               label=f"mmbatch ingest {ctx['kind']}")
 
 

@@ -341,12 +341,3 @@ def _quiet_ray_logs() -> None:
     for name in ("ray.data", "ray.train", "ray.tune"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
-
-def cluster_gpus() -> float:
-    import ray
-    return float(ray.cluster_resources().get("GPU", 0.0))
-
-
-def cluster_cpus() -> float:
-    import ray
-    return float(ray.cluster_resources().get("CPU", 1.0))

@@ -12,11 +12,9 @@ job whose actors get each unit's first result (one row, pickled) and return the 
 preprocess split shape runs a model's decode in the first (CPU actors) and its embed, fuse and
 write in the second (one actor per GPU; docs/data-path.md, "The GPU shape").
 
-The pool has a fixed size, :func:`pool_size`: what the cluster can hold once its autoscaler has
-added every node it may (its node types' limits, as the autoscaler reports them to the GCS or the cluster
-launcher's config on the head node says them), one worker per unit where neither says them, and at most
-``ray.max_workers``. The
-actors that do not fit yet are pending demand: the autoscaler starts nodes for them, and each takes
+The pool has a fixed size, which the caller asks :func:`mmbatch.capacity.pool_size`: what the cluster
+can hold once its autoscaler has added every node it may (its node types' limits), at most one worker per
+unit and ``ray.max_workers``. The actors that do not fit yet are pending demand: the autoscaler starts nodes for them, and each takes
 units as soon as its node joins. (Measured on Ray's fake autoscaling cluster: an autoscaling pool,
 min < max, stayed on one node; docs/data-path.md.)
 
@@ -162,7 +160,7 @@ def run_units(make_worker: Callable[[Any], Callable], job: Any, units: Iterable[
               resources: Resources | None = None, max_deaths: int = 4, name: Callable[[Any], str] = str,
               label: str = "units", step: str = "unit", then: Optional[Step] = None) -> None:
     """Run ``make_worker(job)(unit)`` for every unit on a Ray Data actor pool of ``workers`` actors
-    (None: one per unit; see :func:`pool_size`). With ``then``, each unit's result goes on to
+    (None: one per unit; see :func:`mmbatch.capacity.pool_size`). With ``then``, each unit's result goes on to
     ``then.make_worker(job)(result)`` on a second pool, whose results are the units' results.
     ``step`` names the first pool's actors in a result's ``actors`` (``then.name`` the second's).
 
@@ -215,122 +213,3 @@ def run_units(make_worker: Callable[[Any], Callable], job: Any, units: Iterable[
         if index:
             log.warning("%d unit(s) lost with their worker; running them again", len(index))
 
-
-# --- what to ask the cluster for -------------------------------------------------------------------
-LAUNCHER_CONFIG = "~/ray_bootstrap_config.yaml"    # where `ray up` puts the config on the head node
-
-
-@dataclass
-class NodeGroup:
-    """One node type the autoscaler may start: its resources and its most nodes (-1: no limit)."""
-    resources: dict
-    max_count: int
-
-
-@dataclass
-class ClusterConfig:
-    node_group_configs: list[NodeGroup]
-
-
-def _autoscaler_config():
-    """The node types of the cluster's autoscaler: as it reports them to the GCS (autoscaler v2,
-    KubeRay: ``ray._private.state.state.get_cluster_config``, the call Ray Data's own cluster
-    autoscaler uses), else, for the v1 autoscaler that does not report them, the cluster launcher's
-    config on the head node (:func:`launcher_config`). None: no autoscaler, or its types unknown."""
-    import ray
-    try:
-        config = ray._private.state.state.get_cluster_config()
-    except Exception:  # noqa: BLE001 - another Ray version, a client connection
-        config = None
-    if config is not None and config.node_group_configs:
-        return config
-    return launcher_config(_autoscaler_node_types())
-
-
-def launcher_config(running_types: set[str], path: str = LAUNCHER_CONFIG) -> Optional[ClusterConfig]:
-    """The node types of the launcher's config file (``ray up`` writes it on the head node, where job
-    drivers run, and starts the v1 autoscaler on it: ``--autoscaling-config=~/ray_bootstrap_config.yaml``;
-    Ray Tune looks for the same file). Used only while an autoscaler runs whose node types
-    (``running_types``) are all in the file, so a file left from another cluster is not believed."""
-    import yaml
-
-    path = os.path.expanduser(path)
-    if not running_types or not os.path.exists(path):
-        return None
-    try:
-        with open(path) as f:
-            config = yaml.safe_load(f) or {}
-        types = config.get("available_node_types") or {}
-    except (OSError, yaml.YAMLError, AttributeError) as e:
-        log.debug("launcher config %s unreadable: %s", path, e)
-        return None
-    if not isinstance(types, dict) or not running_types <= set(types):
-        log.debug("launcher config %s does not describe this cluster's node types %s", path, running_types)
-        return None
-    cap = config.get("max_workers", -1)
-    groups = [NodeGroup({k: float(v) for k, v in (t.get("resources") or {}).items()},
-                        1 if name == config.get("head_node_type") else int(t.get("max_workers", cap)))
-              for name, t in types.items()]
-    return ClusterConfig(groups)
-
-
-def _autoscaler_node_types() -> set[str]:
-    """The node types of the nodes that an autoscaler manages, as its status in the GCS key-value store
-    maps them (v1: the cluster launcher's, ``ray start --autoscaling-config``). Empty where there is
-    none: a local Ray, a fixed set of ``ray start`` nodes, whose read-only monitor names each node's
-    type after its own id."""
-    from ray._private.ray_constants import DEBUG_AUTOSCALING_STATUS
-    from ray.autoscaler._private.util import format_readonly_node_type
-    from ray.experimental.internal_kv import _internal_kv_get
-    try:
-        status = json.loads(_internal_kv_get(DEBUG_AUTOSCALING_STATUS) or "{}")
-    except Exception:  # noqa: BLE001 - another Ray version, a client connection
-        return set()
-    mapping = (status.get("autoscaler_report") or {}).get("node_type_mapping") or {}
-    return {t for n, t in mapping.items() if t != format_readonly_node_type(n)}
-
-
-def cluster_capacity() -> Optional[dict[str, Optional[float]]]:
-    """The most of each resource the cluster can have (a value None: a node type without a limit):
-    its nodes' totals, or what its autoscaler's node types add up to. None: it has an autoscaler
-    whose limits are unknown."""
-    import ray
-
-    now = {k: float(v) for k, v in ray.cluster_resources().items()}
-    config = _autoscaler_config()
-    if config is None:
-        return None if _autoscaler_node_types() else now
-    most: dict[str, Optional[float]] = {}
-    for group in config.node_group_configs:
-        for k, v in group.resources.items():
-            if k in most and most[k] is None:
-                continue
-            most[k] = None if group.max_count < 0 else most.get(k, 0.0) + float(v) * group.max_count
-    return {k: (None if most.get(k, 0.0) is None else max(now.get(k, 0.0), most.get(k, 0.0)))
-            for k in {*now, *most}}
-
-
-def gpu_share() -> float:
-    """GPU per worker when nothing is asked: a GPU node's GPUs shared by its CPUs (one worker per CPU),
-    the smallest share over the GPU nodes that run and the GPU node types the autoscaler can start.
-    0: no GPU to be had (as far as the cluster tells)."""
-    import ray
-
-    kinds = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    config = _autoscaler_config()
-    kinds += [g.resources for g in (config.node_group_configs if config else []) if g.max_count != 0]
-    shares = [min(1.0, r["GPU"] / max(1.0, r.get("CPU", 1.0))) for r in kinds if r.get("GPU", 0) > 0]
-    return min(shares) if shares else 0.0
-
-
-def pool_size(res: Resources, max_workers: Optional[int] = None) -> Optional[int]:
-    """How many unit workers of ``res`` the cluster can hold once its autoscaler has added every node
-    it may, bounded by ``max_workers``. None: no limit known (an autoscaler that does not report its
-    node types): one worker per unit, and the autoscaler's own limits decide how many start."""
-    cap = cluster_capacity()
-    if cap is None:
-        return max_workers
-    fits = [cap.get(key, 0.0) / need for key, need in (("CPU", res.num_cpus), ("GPU", res.num_gpus))
-            if need and cap.get(key, 0.0) is not None]
-    size = max(1, int(min(fits))) if fits else None
-    return size if max_workers is None else min(size or max_workers, max_workers)

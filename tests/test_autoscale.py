@@ -15,7 +15,7 @@ processes (its session), never with ``ray stop``, which would stop every Ray on 
 This autoscaler (v1, as `ray start --autoscaling-config` and the cluster launcher run it) does not
 report its node types to the GCS. As `ray up` does, the config is at ~/ray_bootstrap_config.yaml of
 the head node, where the drivers run (HOME is the cluster's own folder here); the job reads its node
-types there (mmbatch.units.launcher_config): the pool is sized from them and the CNN asks for a GPU
+types there (mmbatch.capacity.launcher_types): the pool is sized from them and the CNN asks for a GPU
 share unasked. (The v2 monitor, which reports them to the GCS, cannot run the fake provider from the
 Ray 2.60 wheel, which lacks its example.yaml.)
 """

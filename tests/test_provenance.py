@@ -438,9 +438,10 @@ import ray
 ray.init(address=cluster.address)
 from ray.util.placement_group import placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-from mmbatch.training.run import cluster_gpu_capacity, rank_placement
+from mmbatch import capacity
+from mmbatch.training.run import rank_placement
 
-place = rank_placement("auto", 2, 0.5, *cluster_gpu_capacity())
+place = rank_placement("auto", 2, 0.5, *capacity.gpus(capacity.snapshot()))
 pg = placement_group([place.resources_per_worker] * place.num_workers)     # what Ray Train reserves
 ray.get(pg.ready())
 
@@ -451,7 +452,7 @@ def rank():
 gpus = ray.get([rank.options(num_cpus=place.resources_per_worker["CPU"], num_gpus=place.resources_per_worker["GPU"],
                              scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i))
                 .remote() for i in range(place.num_workers)])
-print("RESULT " + json.dumps({"capacity": cluster_gpu_capacity(), "where": place.where(), "gpus": gpus}))
+print("RESULT " + json.dumps({"capacity": capacity.gpus(capacity.snapshot()), "where": place.where(), "gpus": gpus}))
 ray.shutdown()
 cluster.shutdown()
 """

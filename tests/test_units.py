@@ -8,7 +8,8 @@ import threading
 
 import pytest
 
-from mmbatch.units import Resources, Step, UnitFailed, launcher_config, pool_size, run_units
+from mmbatch import capacity
+from mmbatch.units import Resources, Step, UnitFailed, run_units
 
 
 def run_in_thread(deadline_s: float = 120, after_each=None, **kwargs) -> dict:
@@ -159,30 +160,15 @@ def test_a_warning_from_building_the_workers_is_said_once_per_job(ray_session, c
     assert said == ["model has random weights"]                 # two workers built it; said once
 
 
-def test_pool_size_is_what_the_cluster_holds_bounded_by_max_workers(ray_session):
-    assert pool_size(Resources(num_cpus=1)) == 2                # the shared Ray: 2 CPUs, no autoscaler
-    assert pool_size(Resources(num_cpus=0.5)) == 4
-    assert pool_size(Resources(num_cpus=1), max_workers=1) == 1
-    assert pool_size(Resources(num_cpus=1, num_gpus=0.5)) == 1  # no GPU here: at least one worker asks
-
-
-def test_launcher_config_gives_the_node_types_of_the_running_autoscaler(tmp_path):
-    """The v1 autoscaler does not report its node types to the GCS: on the head node they come from the
-    launcher's config (our own cluster.yaml here), believed only for the autoscaler that runs them."""
-    import shutil
-    from pathlib import Path
-
-    path = tmp_path / "ray_bootstrap_config.yaml"
-    shutil.copy(Path(__file__).parent.parent / "cluster.yaml", path)
-    running = {"ray.head.cpu", "ray.worker.cpu"}
-    config = launcher_config(running, str(path))
-    groups = sorted((g.max_count, g.resources) for g in config.node_group_configs)
-    assert groups == [(1, {"CPU": 0.0}), (4, {"CPU": 4.0, "GPU": 1.0}), (8, {"CPU": 16.0})]
-    assert launcher_config(set(), str(path)) is None                     # no autoscaler runs
-    assert launcher_config(running | {"other.type"}, str(path)) is None  # a file from another cluster
-    assert launcher_config(running, str(tmp_path / "missing.yaml")) is None
-    path.write_text("available_node_types: [not, a, mapping")            # unreadable: ignored
-    assert launcher_config(running, str(path)) is None
+def test_pool_size_is_what_the_cluster_holds_bounded_by_max_workers_and_units(ray_session):
+    """capacity.snapshot on the shared Ray (2 CPUs, no autoscaler): its node, no node types."""
+    cluster = capacity.snapshot()
+    assert cluster.types == [] and sum(n.get("CPU", 0) for n in cluster.nodes) == 2
+    assert capacity.pool_size(cluster, 1, 0, units=10) == 2
+    assert capacity.pool_size(cluster, 0.5, 0, units=10) == 4
+    assert capacity.pool_size(cluster, 0.5, 0, units=3) == 3
+    assert capacity.pool_size(cluster, 1, 0, units=10, max_workers=1) == 1
+    assert capacity.pool_size(cluster, 1, 0.5, units=10) == 1   # no GPU here: at least one worker asks
 
 
 def test_two_steps_a_unit_lost_in_the_second_reruns_and_a_first_step_error_is_named(ray_session, tmp_path):

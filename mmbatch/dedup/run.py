@@ -161,10 +161,13 @@ class RayVerifier:
     def __init__(self, heavy_refs: list):
         import ray
 
+        from mmbatch import capacity
+
         self.heavy = heavy_refs
         self.pick = ray.remote(pick_payloads)
         self.task = ray.remote(verify_pairs)
-        self.parallel = max(1, 2 * int(ray.cluster_resources().get("CPU", 1)))
+        # two tasks per CPU the cluster can have for CPU work: pending tasks make the autoscaler add nodes
+        self.parallel = max(1, 2 * int(capacity.task_cpus(capacity.snapshot())))
 
     def __call__(self, m, sa, la, sb, lb):
         import ray

@@ -86,7 +86,7 @@ class _Runner:
             from mmbatch.units import run_units
 
             init_ray(self.wf.ray.address, self.wf.ray.num_cpus, self.wf.ray.num_gpus, self.wf.ray.object_store_memory)
-            workers, resources, then, note = _placement(self.wf, plan, job)
+            workers, resources, then, note = _placement(self.wf, plan, job, len(pending))
             if note and note not in self.said:
                 self.said.add(note)
                 log.warning("%s", note)
@@ -118,10 +118,10 @@ class _Runner:
         return [records[u.id] for u in units]
 
 
-def _placement(wf: Workflow, plan: DatasetPlan, job: UnitJob):
+def _placement(wf: Workflow, plan: DatasetPlan, job: UnitJob, units: int):
     """(workers, per-worker resources, the split shape's GPU step or None, a warning or ""): one worker
-    per CPU the cluster has or its autoscaler can add, at most ``ray.max_workers``
-    (mmbatch.units.pool_size). When an extractor needs a model and GPUs are asked for
+    per CPU the cluster has or its autoscaler can add, at most one per unit of the ``units`` and
+    ``ray.max_workers`` (mmbatch.capacity.pool_size). When an extractor needs a model and GPUs are asked for
     (``features.*.num_gpus``) or the cluster has GPUs (an embedded Ray's ``ray.num_gpus``) or can start
     GPU nodes, the model gets a GPU; asking for it is what makes the autoscaler start GPU nodes.
 
@@ -130,20 +130,26 @@ def _placement(wf: Workflow, plan: DatasetPlan, job: UnitJob):
     - ``split``: the workers hold no GPU and only decode for the model; a second step of one actor
       per GPU the cluster can have (a whole GPU each, :data:`EMBED_CPUS` CPUs) embeds, fuses and writes
       (docs/data-path.md, "The GPU shape"). Without a GPU to be had: fused, with a warning."""
-    from mmbatch.units import Resources, Step, cluster_capacity, gpu_share, pool_size
+    from mmbatch import capacity
+    from mmbatch.units import Resources, Step
+
+    cluster = capacity.snapshot()
+
+    def pool_size(r: Resources) -> int:
+        return capacity.pool_size(cluster, r.num_cpus, r.num_gpus, units, wf.ray.max_workers)
 
     res, then, note = Resources(num_cpus=1), None, ""
     model_mods = [m for m in plan.modalities if extractor(m, job.specs[m]).needs_model]
     if model_mods:
         asked = [getattr(wf.features, m).num_gpus for m in model_mods if getattr(wf.features, m).num_gpus]
-        frac = min(1.0, max(asked)) if asked else gpu_share()
+        frac = min(1.0, max(asked)) if asked else capacity.gpu_share(cluster)
         if frac:
             for m in model_mods:
                 job.devices[m] = "gpu"
             if wf.features.gpu_shape == "split":
-                cap = (cluster_capacity() or {}).get("GPU")
+                cap = (capacity.can_have(cluster) or {}).get("GPU")
                 per_gpu = cap if cap and cap < 1 else 1.0       # an embedded Ray's ray.num_gpus: 0.5
-                then = Step(make_embedder, pool_size(Resources(num_cpus=0, num_gpus=per_gpu), wf.ray.max_workers),
+                then = Step(make_embedder, pool_size(Resources(num_cpus=0, num_gpus=per_gpu)),
                             Resources(num_cpus=EMBED_CPUS, num_gpus=per_gpu), "embed")
             else:
                 res = Resources(num_cpus=1, num_gpus=frac)
@@ -151,7 +157,7 @@ def _placement(wf: Workflow, plan: DatasetPlan, job: UnitJob):
             note = ("features.gpu_shape: split needs a GPU, and this cluster has none nor can start one "
                     "(nor does features.*.num_gpus ask for one): running the fused shape on CPU")
     job.shape = "split" if then else "fused"
-    return pool_size(res, wf.ray.max_workers), res, then, note
+    return pool_size(res), res, then, note
 
 
 def _check_completions(plans: list[DatasetPlan]) -> None:

@@ -27,10 +27,10 @@ from typing import Optional, Sequence
 import torch
 
 import mmbatch
-from mmbatch import ownership, progress, runtime, schema, storage
+from mmbatch import capacity, ownership, progress, runtime, schema, storage
 from mmbatch.config import Workflow
 from mmbatch.errors import UsageError
-from mmbatch.runtime import cluster_gpus, init_ray
+from mmbatch.runtime import init_ray
 from mmbatch.training import report
 from mmbatch.training.data import FusedData
 from mmbatch.training.evaluate import evaluate_model
@@ -162,10 +162,11 @@ def rank_placement(use_gpu, num_workers: int, cpus_per_worker: float, gpus_now: 
                    gpus_max: Optional[float]) -> RankPlacement:
     """Ray Train's resources for ``train.use_gpu`` (auto / true / false). Ranks never share a GPU
     (NCCL refuses two ranks on one device): each asks for a whole one. ``gpus_now``: GPUs in the cluster
-    now; ``gpus_max``: the most its autoscaler can add up to (None: no autoscaler). ``auto`` uses GPUs
-    when the cluster has or can add a whole one, with no more ranks than GPUs; ``true`` needs one per rank."""
+    now; ``gpus_max``: the most it can have once its autoscaler adds every node it may (``inf``: no limit;
+    None: no autoscaler with known node types; mmbatch.capacity.gpus). ``auto`` uses GPUs when the cluster
+    has or can add a whole one, with no more ranks than GPUs; ``true`` needs one per rank."""
     cpu = RankPlacement(num_workers, False, {"CPU": cpus_per_worker})
-    whole = int(max(gpus_now, gpus_max or 0) + 1e-9)
+    whole = int(min(max(gpus_now, gpus_max or 0), num_workers) + 1e-9)
     if use_gpu is False or (use_gpu == "auto" and whole < 1):
         return cpu
     if whole < num_workers:
@@ -181,19 +182,6 @@ def rank_placement(use_gpu, num_workers: int, cpus_per_worker: float, gpus_now: 
     if gpus_now + 1e-9 < n:
         note = (note + "; " if note else "") + f"asking the autoscaler for {n - int(gpus_now)} more GPU(s)"
     return RankPlacement(n, True, {"CPU": cpus_per_worker, "GPU": 1.0}, note)
-
-
-def cluster_gpu_capacity() -> tuple[float, Optional[float]]:
-    """(GPUs in the cluster now, the most its autoscaler config allows, or None without one)."""
-    most = None
-    try:
-        from ray._private.state import state        # what Ray Train itself checks before it waits
-
-        limits = state.get_max_resources_from_cluster_config()
-        most = float(limits.get("GPU", 0)) if limits else None
-    except Exception as e:                           # an older Ray or no GCS access: no autoscaler known
-        log.debug("no autoscaler config: %s", e)
-    return cluster_gpus(), most
 
 
 def storage_root(out: str) -> str:
@@ -269,7 +257,7 @@ def train_one(wf: Workflow, data: FusedData, mods: list[str], name: str,
                     "give it more rows", data.uri, split, why)
 
     # -- Ray Train
-    place = rank_placement(t.use_gpu, t.num_workers, t.cpus_per_worker, *cluster_gpu_capacity())
+    place = rank_placement(t.use_gpu, t.num_workers, t.cpus_per_worker, *capacity.gpus(capacity.snapshot()))
     if place.note:
         log.warning("%s: %s", name, place.note)
     use_gpu = place.use_gpu
