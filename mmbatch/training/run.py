@@ -413,6 +413,7 @@ def make_summary(fused: TrainResult, data: FusedData, base: dict[str, TrainResul
         "history": fused.history,
         "starts": fused.starts,
         "best_epoch": (spec.get("training") or {}).get("best_epoch"),
+        "selection_metric": (spec.get("train") or {}).get("metric"),   # what picked best_epoch
         "placement": (spec.get("training") or {}).get("placement"),
         "checkpoint": fused.checkpoint_path,
         "baselines": {m: _slim(r.metrics) for m, r in base.items()},
