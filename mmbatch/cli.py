@@ -5,7 +5,7 @@ Exit codes (documented in README):
   1  the command failed
   2  bad usage or an invalid workflow/config
   3  the command finished, but some input rows were quarantined (see quarantine/)
-  130 interrupted (Ctrl-C or SIGTERM); committed shards are kept, rerun the same command to resume
+  130 interrupted (Ctrl-C or SIGTERM); committed units are kept, rerun the same command to resume
 """
 from __future__ import annotations
 
@@ -13,8 +13,11 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import sys
 import textwrap
+from dataclasses import dataclass
+from typing import Callable
 
 from mmbatch.errors import EXIT_FAIL, EXIT_INTERRUPTED, EXIT_OK, EXIT_QUARANTINED, EXIT_USAGE
 
@@ -34,6 +37,15 @@ def _add_allow_incomplete(p: argparse.ArgumentParser) -> None:
                    help="read a fused folder that has no manifest or mixes settings (refused by default: exit 2)")
 
 
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: its help line, an example, its arguments and what it runs (returns the exit code)."""
+    help: str
+    example: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mmbatch",
@@ -47,97 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true",
                    help="log more: Ray's INFO logs, its workers' chatter and Ray Data's own progress bars")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    def cmd(name, help_, example):
-        sp = sub.add_parser(name, help=help_, description=help_, epilog="example:\n  " + example,
+    for name, c in COMMANDS.items():
+        sp = sub.add_parser(name, help=c.help, description=c.help, epilog="example:\n  " + c.example,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
-        return sp
-
-    sp = cmd("demo", "generate a small multimodal corpus and run every stage end to end",
-             "mmbatch demo --out /tmp/mmdemo")
-    sp.add_argument("--out", default="mmbatch-demo", help="output folder (default ./mmbatch-demo)")
-    sp.add_argument("--per-class", type=int, default=48, help="samples per class per corpus (default 48)")
-    sp.add_argument("--epochs", type=int, default=12, help="training epochs (default 12)")
-    sp.add_argument("--num-cpus", type=int, default=None, help="CPUs for the embedded Ray (default: all)")
-
-    sp = cmd("ingest", "read a corpus into canonical Arrow rows (sharded Parquet)",
-             "mmbatch ingest librispeech /data/LibriSpeech --out /data/canonical/librispeech")
-    sp.add_argument("kind", choices=["imagenet", "librispeech", "timit", "hf", "manifest"])
-    sp.add_argument("input", help="corpus root: local path or fsspec URI (s3://..., gs://...)")
-    sp.add_argument("--out", required=True, help="output folder for Parquet shards")
-    sp.add_argument("--shard-mb", type=float, default=256.0, help="target shard size in MB of raw media (default 256)")
-    sp.add_argument("--shard-rows", type=int, default=None, help="cap rows per shard")
-    sp.add_argument("--include-sa", action="store_true", help="timit: include SA1/SA2 dialect sentences")
-    sp.add_argument("--phones", type=int, choices=[61, 48, 39], default=61, help="timit: phone set (default 61)")
-    sp.add_argument("--columns", default=None,
-                    help="hf/manifest: column mapping, e.g. 'img=image,transcript=text,class=label'")
-    sp.add_argument("--split", default=None, help="hf/manifest: split to assign when the data has none")
-    sp.add_argument("--allow-outside", action="store_true",
-                    help="manifest: allow paths outside the manifest's folder (refused by default)")
-    sp.add_argument("--max-file-mb", type=float, default=512.0,
-                    help="quarantine (too_large), unread, a sample whose files exceed this many MiB (default 512)")
-    sp.add_argument("--address", default=None, help="Ray address (default: embedded local Ray or RAY_ADDRESS)")
-    sp.add_argument("--max-workers", type=int, default=None,
-                    help="most shard readers (default: one per CPU the cluster has or its autoscaler can add)")
-
-    sp = cmd("preprocess", "extract per-modality features and write fused per-sample Parquet",
-             "mmbatch preprocess workflows/imagenet_features.yaml --set output.path=/data/features")
-    _add_workflow_args(sp)
-
-    sp = cmd("train", "train a fusion model with Ray Train on fused Parquet",
-             "mmbatch train workflows/train_fusion.yaml --baselines")
-    _add_workflow_args(sp)
-    sp.add_argument("--baselines", action="store_true", help="also train each modality alone and compare")
-    _add_allow_incomplete(sp)
-
-    sp = cmd("evaluate", "score a checkpoint on fused Parquet and write the report",
-             "mmbatch evaluate out/train/fusion/model --data out/features --out out/eval")
-    sp.add_argument("checkpoint", help="exported model folder (model.pt + model.json) or a Ray Train checkpoint")
-    sp.add_argument("--data", required=True, help="fused feature Parquet folder")
-    sp.add_argument("--split", default="test", help="split to score (default test; 'all' for every row)")
-    sp.add_argument("--out", default=None, help="report folder (default: eval beside the model folder)")
-    _add_allow_incomplete(sp)
-
-    sp = cmd("retrain", "one idempotent retraining cycle: preprocess new data, train, compare, promote",
-             "mmbatch retrain workflows/retrain.yaml")
-    _add_workflow_args(sp)
-    _add_allow_incomplete(sp)
-
-    sp = cmd("registry", "list, show, promote or roll back model versions",
-             "mmbatch registry list out/registry")
-    sp.add_argument("action", choices=["list", "show", "promote", "rollback"])
-    sp.add_argument("registry", help="registry folder or URI")
-    sp.add_argument("version", nargs="?", help="version for show/promote")
-
-    sp = cmd("submit", "submit an mmbatch command to a Ray cluster through the Jobs API",
-             "mmbatch submit --address http://127.0.0.1:8265 --wait -- preprocess workflows/librispeech_features.yaml")
-    sp.add_argument("--address", default=None, help="Ray dashboard address (default RAY_ADDRESS or http://127.0.0.1:8265)")
-    sp.add_argument("--wait", action="store_true", help="stream the logs and exit with the job's status")
-    sp.add_argument("--working-dir", default=None, help="upload this folder as the job's working dir")
-    sp.add_argument("--pip", action="append", default=[], help="pip requirement for the job's runtime_env (repeatable)")
-    sp.add_argument("--job-id", default=None, help="submission id (default: generated)")
-    sp.add_argument("--insecure", action="store_true", help="send the cluster token over plain http:// to a "
-                    "non-loopback address (refused otherwise: use https:// or a tunnel to 127.0.0.1)")
-    sp.add_argument("args", nargs=argparse.REMAINDER, help="-- then the mmbatch subcommand and its arguments")
-
-    sp = cmd("inspect", "describe any Parquet folder mmbatch wrote",
-             "mmbatch inspect out/features --json")
-    sp.add_argument("path")
-    sp.add_argument("--json", action="store_true", help="print one JSON object")
-    _add_allow_incomplete(sp)
-
-    sp = cmd("convert", "convert between modalities (image/text to speech, OCR, text rendering)",
-             "mmbatch convert image-to-speech photo.jpg --out photo.wav")
-    sp.add_argument("direction", choices=["image-to-speech", "image-to-text", "text-to-image", "text-to-speech"])
-    sp.add_argument("input", help="a file or a folder of files")
-    sp.add_argument("--out", required=True, help="output file (single input) or folder")
-    sp.add_argument("--style", choices=["plain", "wordcloud"], default="plain", help="text-to-image rendering")
-
-    sp = cmd("duplicates", "exact and near duplicates within and across canonical datasets, per modality",
-             "mmbatch duplicates /data/canonical/librispeech /data/canonical/timit --out out/dups")
-    sp.add_argument("datasets", nargs="+", metavar="CANONICAL", help="canonical folders written by `mmbatch ingest`")
-    sp.add_argument("--out", required=True, help="folder for pairs.parquet, summary.json and report.html")
-    sp.add_argument("--address", default=None, help="Ray address (default: embedded local Ray or RAY_ADDRESS)")
+        c.add_arguments(sp)
     return p
 
 
@@ -153,11 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:            # the real command line: SIGTERM stops it like Ctrl-C
         runtime.handle_sigterm_as_interrupt()
     try:
-        return int(_dispatch(args) or 0)
-    except WorkflowError as e:
-        print(f"mmbatch {args.command}: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except UsageError as e:
+        return int(COMMANDS[args.command].run(args) or 0)
+    except (WorkflowError, UsageError) as e:
         print(f"mmbatch {args.command}: {e}", file=sys.stderr)
         return EXIT_USAGE
     except LockLost as e:
@@ -173,15 +95,62 @@ def _interrupted(args, committed: int) -> int:
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)        # a second Ctrl-C must not cut the clean-up short
     _stdout_to_devnull()                                 # `| tee log`: Ctrl-C killed tee too
-    shards = f"{committed} shard{'s' if committed != 1 else ''} committed"
-    print(f"\nmmbatch {args.command}: interrupted; {shards}, rerun the same command to resume",
-          file=sys.stderr, flush=True)
+    units = f"{committed} unit{'s' if committed != 1 else ''} committed"
+    tell_user(f"\nmmbatch {args.command}: interrupted; {units}, rerun the same command to resume\n")
     import ray
 
     from mmbatch.runtime import shutdown_ray
     if ray.is_initialized():
         shutdown_ray()
     return EXIT_INTERRUPTED
+
+
+def tell_user(text: str) -> None:
+    """Write ``text`` where the user sees it after Ctrl-C. stderr first; when stderr is a pipe whose reader
+    the same Ctrl-C killed (``2>&1 | tee log``: EPIPE), or a file, the terminal (/dev/tty) gets it too.
+    A stderr that refused it goes to /dev/null from then on (Ray's shutdown still logs there)."""
+    try:
+        sys.stderr.write(text)
+        sys.stderr.flush()
+        delivered = True
+    except (OSError, ValueError):                        # EPIPE: the reader is gone
+        delivered = False
+        _to_devnull(_fd_of(sys.stderr))
+    fd = _fd_of(sys.stderr)
+    if fd is None or _is_terminal(fd) or (delivered and _is_pipe(fd)):
+        return                                           # the terminal, or a living reader (tee), shows it
+    try:
+        tty = os.open("/dev/tty", os.O_WRONLY | os.O_NOCTTY)
+    except OSError:                                      # no controlling terminal (a service, a test)
+        return
+    try:
+        os.write(tty, text.encode())
+    except OSError:
+        pass
+    finally:
+        os.close(tty)
+
+
+def _fd_of(stream) -> int | None:
+    try:
+        return stream.fileno()
+    except (OSError, ValueError, AttributeError):        # a test's capture: no descriptor
+        return None
+
+
+def _is_terminal(fd: int) -> bool:
+    try:
+        return os.isatty(fd)
+    except OSError:
+        return False
+
+
+def _is_pipe(fd: int) -> bool:
+    import stat
+    try:
+        return stat.S_ISFIFO(os.fstat(fd).st_mode)
+    except OSError:
+        return False
 
 
 def _stdout_to_devnull() -> None:
@@ -192,11 +161,17 @@ def _stdout_to_devnull() -> None:
         sys.stdout.flush()
     except OSError:
         pass
+    _to_devnull(_fd_of(sys.stdout))
+
+
+def _to_devnull(fd: int | None) -> None:
+    if fd is None:                                       # no real stream (a test's capture): nothing to protect
+        return
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        os.dup2(devnull, fd)
         os.close(devnull)
-    except (OSError, ValueError):       # no real stdout (a test's capture): nothing to protect
+    except OSError:
         pass
 
 
@@ -239,76 +214,214 @@ def storage_join(*parts: str) -> str:
     return storage.join(*parts)
 
 
-def _dispatch(args) -> int:
+def _with_overrides(command: str, args) -> str:
+    """``command`` plus the ``--set`` overrides this run was given, so that the next step sees the same workflow."""
+    return " ".join([command, *(f"--set {shlex.quote(o)}" for o in args.overrides)])
+
+
+# --- the commands: arguments, then what each runs ----------------------------------------------------
+def _demo_args(sp) -> None:
+    sp.add_argument("--out", default="mmbatch-demo", help="output folder (default ./mmbatch-demo)")
+    sp.add_argument("--per-class", type=int, default=48, help="samples per class per corpus (default 48)")
+    sp.add_argument("--epochs", type=int, default=12, help="training epochs (default 12)")
+    sp.add_argument("--num-cpus", type=int, default=None, help="CPUs for the embedded Ray (default: all)")
+
+
+def _demo(args) -> int:
+    from mmbatch.demo.run import run_demo
+    return run_demo(args.out, per_class=args.per_class, epochs=args.epochs, num_cpus=args.num_cpus)
+
+
+def _ingest_args(sp) -> None:
+    sp.add_argument("kind", choices=["imagenet", "librispeech", "timit", "hf", "manifest"])
+    sp.add_argument("input", help="corpus root: local path or fsspec URI (s3://..., gs://...)")
+    sp.add_argument("--out", required=True, help="output folder for Parquet shards")
+    sp.add_argument("--shard-mb", type=float, default=256.0, help="target shard size in MB of raw media (default 256)")
+    sp.add_argument("--shard-rows", type=int, default=None, help="cap rows per shard")
+    sp.add_argument("--include-sa", action="store_true", help="timit: include SA1/SA2 dialect sentences")
+    sp.add_argument("--phones", type=int, choices=[61, 48, 39], default=61, help="timit: phone set (default 61)")
+    sp.add_argument("--columns", default=None,
+                    help="hf/manifest: column mapping, e.g. 'img=image,transcript=text,class=label'")
+    sp.add_argument("--split", default=None, help="hf/manifest: split to assign when the data has none")
+    sp.add_argument("--allow-outside", action="store_true",
+                    help="manifest: allow paths outside the manifest's folder (refused by default)")
+    sp.add_argument("--max-file-mb", type=float, default=512.0,
+                    help="quarantine (too_large), unread, a sample whose files exceed this many MiB (default 512)")
+    sp.add_argument("--address", default=None, help="Ray address (default: embedded local Ray or RAY_ADDRESS)")
+    sp.add_argument("--max-workers", type=int, default=None,
+                    help="most shard readers (default: one per CPU the cluster has or its autoscaler can add)")
+
+
+def _ingest(args) -> int:
+    from mmbatch.ingest import IngestOptions, run_ingest
+    opts = IngestOptions(shard_mb=args.shard_mb, shard_rows=args.shard_rows, include_sa=args.include_sa,
+                         phones=args.phones, columns=args.columns, split=args.split,
+                         allow_outside=args.allow_outside, max_file_mb=args.max_file_mb)
+    summary = run_ingest(args.kind, args.input, args.out, opts, address=args.address, max_workers=args.max_workers)
+    print_next_steps(f"wrote {summary.ingested} canonical rows to {summary.out} (_manifest.json lists the "
+                     f"shards)", summary.out, summary.quarantined,
+                     [f"mmbatch inspect {summary.out}",
+                      "list it under `datasets:` in a workflow, then: mmbatch preprocess WORKFLOW.yaml"])
+    return EXIT_QUARANTINED if summary.quarantined else EXIT_OK
+
+
+def _retrain_args(sp) -> None:
+    _add_workflow_args(sp)
+    _add_allow_incomplete(sp)
+
+
+def _preprocess(args) -> int:
+    from mmbatch.preprocess import run_preprocess
+    summary = run_preprocess(_load(args))
+    print_next_steps(f"wrote {summary.rows_out} fused feature rows to {summary.out}", summary.out,
+                     summary.quarantined,
+                     [f"mmbatch inspect {summary.out}", _with_overrides(f"mmbatch train {args.workflow} --baselines",
+                                                                        args)])
+    return EXIT_QUARANTINED if summary.quarantined else EXIT_OK
+
+
+def _train_args(sp) -> None:
+    _add_workflow_args(sp)
+    sp.add_argument("--baselines", action="store_true", help="also train each modality alone and compare")
+    _add_allow_incomplete(sp)
+
+
+def _train(args) -> int:
+    from mmbatch.training.run import run_training
+    wf = _load(args)
+    result = run_training(wf, baselines=args.baselines or None, allow_incomplete=args.allow_incomplete)
+    print_next_steps(f"wrote the model to {result.model_dir} (model.pt + model.json)", None, 0,
+                     [f"open {result.report_path}" if result.report_path else f"see {result.run_dir}",
+                      f"mmbatch evaluate {shlex.quote(str(result.model_dir))} --data {shlex.quote(wf.train_data())}"])
+    return EXIT_OK
+
+
+def _evaluate_args(sp) -> None:
+    sp.add_argument("checkpoint", help="exported model folder (model.pt + model.json) or a Ray Train checkpoint")
+    sp.add_argument("--data", required=True, help="fused feature Parquet folder")
+    sp.add_argument("--split", default="test", help="split to score (default test; 'all' for every row)")
+    sp.add_argument("--out", default=None, help="report folder (default: eval beside the model folder)")
+    _add_allow_incomplete(sp)
+
+
+def _evaluate(args) -> int:
+    from mmbatch.training.evaluate import evaluate_cli
+    evaluate_cli(args.checkpoint, args.data, split=args.split, out=args.out, allow_incomplete=args.allow_incomplete)
+    return EXIT_OK
+
+
+def _retrain(args) -> int:
+    from mmbatch.ops.retrain import run_retrain
+    run_retrain(_load(args), allow_incomplete=args.allow_incomplete)
+    return EXIT_OK
+
+
+def _registry_args(sp) -> None:
+    sp.add_argument("action", choices=["list", "show", "promote", "rollback"])
+    sp.add_argument("registry", help="registry folder or URI")
+    sp.add_argument("version", nargs="?", help="version for show/promote")
+
+
+def _registry(args) -> int:
+    from mmbatch.ops.registry import registry_cli
+    return registry_cli(args.action, args.registry, args.version)
+
+
+def _submit_args(sp) -> None:
+    sp.add_argument("--address", default=None, help="Ray dashboard address (default RAY_ADDRESS or http://127.0.0.1:8265)")
+    sp.add_argument("--wait", action="store_true", help="stream the logs and exit with the job's status")
+    sp.add_argument("--working-dir", default=None, help="upload this folder as the job's working dir")
+    sp.add_argument("--pip", action="append", default=[], help="pip requirement for the job's runtime_env (repeatable)")
+    sp.add_argument("--job-id", default=None, help="submission id (default: generated)")
+    sp.add_argument("--insecure", action="store_true", help="send the cluster token over plain http:// to a "
+                    "non-loopback address (refused otherwise: use https:// or a tunnel to 127.0.0.1)")
+    sp.add_argument("args", nargs=argparse.REMAINDER, help="-- then the mmbatch subcommand and its arguments")
+
+
+def _submit(args) -> int:
     from mmbatch.errors import UsageError
-    c = args.command
-    if c == "demo":
-        from mmbatch.demo.run import run_demo
-        return run_demo(args.out, per_class=args.per_class, epochs=args.epochs, num_cpus=args.num_cpus)
-    if c == "ingest":
-        from mmbatch.ingest import IngestOptions, run_ingest
-        opts = IngestOptions(shard_mb=args.shard_mb, shard_rows=args.shard_rows, include_sa=args.include_sa,
-                             phones=args.phones, columns=args.columns, split=args.split,
-                             allow_outside=args.allow_outside, max_file_mb=args.max_file_mb)
-        summary = run_ingest(args.kind, args.input, args.out, opts, address=args.address,
-                             max_workers=args.max_workers)
-        print_next_steps(f"wrote {summary.ingested} canonical rows to {summary.out} (_manifest.json lists the "
-                         f"shards)", summary.out, summary.quarantined,
-                         [f"mmbatch inspect {summary.out}",
-                          "list it under `datasets:` in a workflow, then: mmbatch preprocess WORKFLOW.yaml"])
-        return EXIT_QUARANTINED if summary.quarantined else EXIT_OK
-    if c == "preprocess":
-        from mmbatch.preprocess import run_preprocess
-        summary = run_preprocess(_load(args))
-        print_next_steps(f"wrote {summary.rows_out} fused feature rows to {summary.out}", summary.out,
-                         summary.quarantined,
-                         [f"mmbatch inspect {summary.out}", f"mmbatch train {args.workflow} --baselines"])
-        return EXIT_QUARANTINED if summary.quarantined else EXIT_OK
-    if c == "train":
-        from mmbatch.training.run import run_training
-        result = run_training(_load(args), baselines=args.baselines or None, allow_incomplete=args.allow_incomplete)
-        print_next_steps(f"wrote the model to {result.model_dir} (model.pt + model.json)", None, 0,
-                         [f"open {result.report_path}" if result.report_path else f"see {result.run_dir}",
-                          f"mmbatch evaluate {result.model_dir} --data FUSED_PARQUET_FOLDER"])
-        return EXIT_OK
-    if c == "evaluate":
-        from mmbatch.training.evaluate import evaluate_cli
-        evaluate_cli(args.checkpoint, args.data, split=args.split, out=args.out, allow_incomplete=args.allow_incomplete)
-        return EXIT_OK
-    if c == "retrain":
-        from mmbatch.ops.retrain import run_retrain
-        run_retrain(_load(args), allow_incomplete=args.allow_incomplete)
-        return EXIT_OK
-    if c == "registry":
-        from mmbatch.ops.registry import registry_cli
-        return registry_cli(args.action, args.registry, args.version)
-    if c == "submit":
-        from mmbatch.ops.submit import submit_cli
-        rest = list(args.args)
-        if rest and rest[0] == "--":
-            rest = rest[1:]
-        if not rest:
-            raise UsageError("nothing to submit: give the mmbatch command after --, "
-                             "e.g. mmbatch submit --wait -- preprocess wf.yaml")
-        return submit_cli(rest, address=args.address, wait=args.wait, working_dir=args.working_dir,
-                          pip=args.pip, job_id=args.job_id, insecure=args.insecure)
-    if c == "inspect":
-        from mmbatch.describe_output import describe, render_text
-        info = describe(args.path, allow_incomplete=args.allow_incomplete)
-        print(json.dumps(info, indent=2, default=str) if args.json else render_text(info))
-        return EXIT_OK
-    if c == "convert":
-        from mmbatch.convert.cli import convert_cli
-        return convert_cli(args.direction, args.input, args.out, style=args.style)
-    if c == "duplicates":
-        from mmbatch.dedup.run import render_summary, run_duplicates
-        res = run_duplicates(args.datasets, args.out, address=args.address)
-        print(render_summary(res.summary))
-        print_next_steps(f"wrote {res.pairs.num_rows} pairs to {storage_join(args.out, 'pairs.parquet')}", None, 0,
-                         [f"open {storage_join(args.out, 'report.html')}",
-                          "set `dedup: {leakage: report}` in a preprocess workflow to count leaked rows there"])
-        return EXIT_OK
-    raise UsageError(f"unknown command {c}")
+    from mmbatch.ops.submit import submit_cli
+    rest = list(args.args)
+    if rest and rest[0] == "--":
+        rest = rest[1:]
+    if not rest:
+        raise UsageError("nothing to submit: give the mmbatch command after --, "
+                         "e.g. mmbatch submit --wait -- preprocess wf.yaml")
+    return submit_cli(rest, address=args.address, wait=args.wait, working_dir=args.working_dir,
+                      pip=args.pip, job_id=args.job_id, insecure=args.insecure)
+
+
+def _inspect_args(sp) -> None:
+    sp.add_argument("path")
+    sp.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_allow_incomplete(sp)
+
+
+def _inspect(args) -> int:
+    from mmbatch.describe_output import describe, render_text
+    info = describe(args.path, allow_incomplete=args.allow_incomplete)
+    print(json.dumps(info, indent=2, default=str) if args.json else render_text(info))
+    return EXIT_OK
+
+
+def _convert_args(sp) -> None:
+    sp.add_argument("direction", choices=["image-to-speech", "image-to-text", "text-to-image", "text-to-speech"])
+    sp.add_argument("input", help="a file or a folder of files")
+    sp.add_argument("--out", required=True, help="output file (single input) or folder")
+    sp.add_argument("--style", choices=["plain", "wordcloud"], default="plain", help="text-to-image rendering")
+
+
+def _convert(args) -> int:
+    from mmbatch.convert.cli import convert_cli
+    return convert_cli(args.direction, args.input, args.out, style=args.style)
+
+
+def _duplicates_args(sp) -> None:
+    sp.add_argument("datasets", nargs="+", metavar="CANONICAL", help="canonical folders written by `mmbatch ingest`")
+    sp.add_argument("--out", required=True, help="folder for pairs.parquet, summary.json and report.html")
+    sp.add_argument("--address", default=None, help="Ray address (default: embedded local Ray or RAY_ADDRESS)")
+
+
+def _duplicates(args) -> int:
+    from mmbatch.dedup.run import render_summary, run_duplicates
+    res = run_duplicates(args.datasets, args.out, address=args.address)
+    print(render_summary(res.summary))
+    print_next_steps(f"wrote {res.pairs.num_rows} pairs to {storage_join(args.out, 'pairs.parquet')}", None, 0,
+                     [f"open {storage_join(args.out, 'report.html')}",
+                      "set `dedup: {leakage: report}` in a preprocess workflow to count leaked rows there"])
+    return EXIT_OK
+
+
+COMMANDS: dict[str, Command] = {
+    "demo": Command("generate a small multimodal corpus and run every stage end to end",
+                    "mmbatch demo --out /tmp/mmdemo", _demo_args, _demo),
+    "ingest": Command("read a corpus into canonical Arrow rows (sharded Parquet)",
+                      "mmbatch ingest librispeech /data/LibriSpeech --out /data/canonical/librispeech",
+                      _ingest_args, _ingest),
+    "preprocess": Command("extract per-modality features and write fused per-sample Parquet",
+                          "mmbatch preprocess workflows/imagenet_features.yaml --set output.path=/data/features",
+                          _add_workflow_args, _preprocess),
+    "train": Command("train a fusion model with Ray Train on fused Parquet",
+                     "mmbatch train workflows/train_fusion.yaml --baselines", _train_args, _train),
+    "evaluate": Command("score a checkpoint on fused Parquet and write the report",
+                        "mmbatch evaluate out/train/fusion/model --data out/features --out out/eval",
+                        _evaluate_args, _evaluate),
+    "retrain": Command("one idempotent retraining cycle: preprocess new data, train, compare, promote",
+                       "mmbatch retrain workflows/retrain.yaml",
+                       _retrain_args, _retrain),
+    "registry": Command("list, show, promote or roll back model versions", "mmbatch registry list out/registry",
+                        _registry_args, _registry),
+    "submit": Command("submit an mmbatch command to a Ray cluster through the Jobs API",
+                      "mmbatch submit --address http://127.0.0.1:8265 --wait -- preprocess "
+                      "workflows/librispeech_features.yaml", _submit_args, _submit),
+    "inspect": Command("describe any Parquet folder mmbatch wrote", "mmbatch inspect out/features --json",
+                       _inspect_args, _inspect),
+    "convert": Command("convert between modalities (image/text to speech, OCR, text rendering)",
+                       "mmbatch convert image-to-speech photo.jpg --out photo.wav", _convert_args, _convert),
+    "duplicates": Command("exact and near duplicates within and across canonical datasets, per modality",
+                          "mmbatch duplicates /data/canonical/librispeech /data/canonical/timit --out out/dups",
+                          _duplicates_args, _duplicates),
+}
 
 
 if __name__ == "__main__":  # pragma: no cover

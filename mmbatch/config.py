@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import logging
 from pathlib import Path
 from typing import Any, Literal, Optional, get_args, get_origin
 
@@ -17,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from mmbatch.schema import MODALITIES
 
 Modality = Literal["image", "audio", "text"]
+log = logging.getLogger(__name__)
 
 
 class WorkflowError(ValueError):
@@ -219,11 +221,19 @@ class TrainConfig(Strict):
     use_gpu: Literal["auto", True, False] = Field("auto", description="auto: when the cluster has GPUs")
     cpus_per_worker: float = Field(0.5, gt=0, description="CPUs per worker (fractional leaves CPUs to Ray Data)")
     max_failures: int = Field(2, ge=0, description="worker failures to recover from (from the last checkpoint)")
-    seed: int = Field(0, description="seed of the split, the initialisation and the batches")
+    seed: int = Field(0, description="seed of the initialisation and the batches (the split's seed is "
+                      "splits.seed)")
+    encoders: EncodersConfig = EncodersConfig()
+
+
+class SplitsConfig(Strict):
+    """Which rows are train, validation and test: decided by `mmbatch preprocess` (the fused `split` column is
+    final), read as is by train, evaluate and retrain."""
+    seed: int = Field(0, description="seed of the carving: rows without a split value, and a missing "
+                      "validation or test split, are carved by a hash of seed:sample_id")
     val_fraction: float = Field(0.15, ge=0, lt=1, description="validation share, used when the data has no "
                                 "validation split")
     test_fraction: float = Field(0.15, ge=0, lt=1, description="test share, used when the data has no test split")
-    encoders: EncodersConfig = EncodersConfig()
 
 
 class RetrainConfig(Strict):
@@ -252,6 +262,7 @@ class Workflow(Strict):
     pairing: PairingConfig = PairingConfig()
     fusion: FusionConfig = FusionConfig()
     output: OutputConfig = OutputConfig()
+    splits: SplitsConfig = SplitsConfig()
     train: TrainConfig = TrainConfig()
     retrain: RetrainConfig = RetrainConfig()
     dedup: DedupConfig = DedupConfig()
@@ -282,6 +293,12 @@ class Workflow(Strict):
 
     def train_data(self) -> str:
         return self.train.data or self.output.path
+
+    def train_record(self) -> dict:
+        """``train`` as model specs and fingerprints record it: its settings plus the split fractions, which
+        were ``train`` keys before the ``splits`` section (kept there so no fingerprint changes)."""
+        return {**self.train.model_dump(mode="json"), "val_fraction": self.splits.val_fraction,
+                "test_fraction": self.splits.test_fraction}
 
 
 # --- loading -----------------------------------------------------------------------
@@ -320,7 +337,7 @@ def unknown_key_message(loc: tuple) -> str:
     hint = f"did you mean '{close[0]}'? " if close else ""
     section = ".".join(str(p) for p in loc[:-1] if not isinstance(p, int)) or "the top level"
     return (f"unknown key '{key}': {hint}allowed keys in {section}: {', '.join(allowed)} "
-            "(README 'Workflow reference')")
+            "(docs/workflow-reference.md)")
 
 
 def _format_error(err: ValidationError) -> str:
@@ -394,7 +411,7 @@ def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
 def workflow_from_dict(data: dict, overrides: list[str] | None = None, base_dir: Path | None = None) -> Workflow:
     """Validate a workflow. With ``base_dir``, relative paths (except those given by ``overrides``,
     which stay relative to the current folder, as typed) are made relative to ``base_dir``."""
-    data = apply_overrides(data or {}, overrides)
+    data = move_split_keys(apply_overrides(data or {}, overrides))
     try:
         wf = Workflow.model_validate(data)
     except ValidationError as e:
@@ -407,6 +424,32 @@ def workflow_from_dict(data: dict, overrides: list[str] | None = None, base_dir:
     if wf.train.out is None:
         wf.train.out = default_train_out(wf.train_data())
     return wf
+
+
+def move_split_keys(data: dict) -> dict:
+    """Map the deprecated ``train.val_fraction`` / ``train.test_fraction`` into ``splits`` (one warning
+    each); both set differently is an error naming both. ``train.seed`` stays the training seed and, when
+    ``splits.seed`` is not set, also seeds the split, as it did before the ``splits`` section."""
+    train, splits = data.get("train"), data.get("splits")
+    if not isinstance(train, dict) or (splits is not None and not isinstance(splits, dict)):
+        return data                                    # not mappings: validation names the problem
+    data = {**data, "train": dict(train), "splits": dict(splits or {})}
+    train, splits = data["train"], data["splits"]
+    for key in ("val_fraction", "test_fraction"):
+        if key not in train:
+            continue
+        old = train.pop(key)
+        if key in splits and splits[key] != old:
+            raise WorkflowError(f"train.{key} ({old!r}) and splits.{key} ({splits[key]!r}) disagree: set only "
+                                f"splits.{key} (train.{key} is its deprecated name)")
+        splits[key] = old
+        log.warning("train.%s is deprecated: use splits.%s (read as splits.%s=%r)", key, key, key, old)
+    if "seed" in train and "seed" not in splits:
+        splits["seed"] = train["seed"]
+        log.warning("train.seed also seeds the split (splits.seed=%r), as before the splits section; set "
+                    "splits.seed to choose the split's seed (train.seed then seeds only the training)",
+                    train["seed"])
+    return data
 
 
 def default_train_out(train_data: str) -> str:

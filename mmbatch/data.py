@@ -3,18 +3,24 @@
     import ray
     from mmbatch.data import Embed, read_canonical, read_fused
 
-    ds = read_canonical("out/canonical/imagenet")                       # what `mmbatch ingest` wrote
-    ds = ds.map_batches(Embed, fn_constructor_args=("image", {"image": {"extractor": "hog", "size": 32}}),
-                        batch_format="pyarrow", concurrency=1)           # adds image_emb (+ image_error)
-    fused = read_fused("out/features")                                  # what `mmbatch preprocess` wrote
+    # after `mmbatch demo --out out`: its ingest output and its preprocess output, with its image features
+    ds = read_canonical("out/canonical/imagenet").map_batches(
+        Embed, fn_constructor_args=("image", {"image": {"extractor": "hog", "size": 64}}),
+        batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=1))     # adds image_emb, image_error
+    fused = read_fused("out/features")                                          # image_emb is the same there
 
 :class:`Embed` gives the embeddings that ``mmbatch preprocess`` gives for the same rows and the same
-``features`` settings: the same extractor, in chunks of the same ``features.batch_size`` rows (a model's
-float results depend on the batch it ran in). A row that cannot be decoded keeps a null embedding and its
+``features`` settings (the demo's: ``image: {extractor: hog, size: 64}``, ``batch_size: 64``): the same
+extractor, in chunks of the same ``features.batch_size`` rows (a model's float results depend on the
+batch it ran in). A row that cannot be decoded keeps a null embedding and its
 reason in ``<modality>_error`` (preprocess quarantines such rows).
 
 On a small machine leave a CPU free for Ray Data's read tasks: Embed actors holding every CPU starve
 them (the job waits for ever).
+
+The readers start Ray when it is not running (:func:`mmbatch.runtime.ensure_ray`) so that its workers
+import this package even when the current folder holds a folder named ``mmbatch`` (the folder above a
+clone). If you call ``ray.init()`` yourself, pass ``job_config=mmbatch.runtime.worker_path_job_config()``.
 
 Both readers read the files the output's ``_manifest.json`` lists: an output without one is incomplete
 (a job still running or killed) and is refused unless ``allow_incomplete=True``.
@@ -56,6 +62,8 @@ def read_canonical(path: str, *, columns: Optional[list[str]] = None, allow_inco
 def _read(files: list[str], fs, columns: Optional[list[str]], kwargs: dict):
     import ray
 
+    from mmbatch.runtime import ensure_ray
+    ensure_ray()                 # before Ray Data starts it: workers must import this package, not a cwd folder
     ds = ray.data.read_parquet(files, filesystem=fs, **kwargs)
     return ds.select_columns(columns) if columns else ds
 

@@ -72,7 +72,8 @@ class Bar:
             if figures:
                 self._tqdm.set_postfix_str(_format_figures(self.figures), refresh=False)
             self._tqdm.update(n)
-        elif enabled and time.monotonic() - self._last_line >= PLAIN_INTERVAL_S:
+        elif enabled and self.n != self.total and time.monotonic() - self._last_line >= PLAIN_INTERVAL_S:
+            # the last step is left to close(): one "done" line, not a 100 % line and then "done"
             self._plain_line()
 
     def show(self, **figures) -> None:

@@ -91,6 +91,17 @@ def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None,
         _filter_worker_logs()
 
 
+def ensure_ray() -> None:
+    """Start Ray as Ray Data's own auto-start (a plain ``ray.init()``) would, when it is not running, but with
+    :func:`worker_path_job_config`: run from the folder above a clone, Ray's workers would otherwise import
+    that folder's ``mmbatch/`` (a namespace package without ``__version__``). For library use
+    (:mod:`mmbatch.data`): no thread pinning or log filtering, which are the CLI's choices."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(job_config=worker_path_job_config())
+
+
 def check_token_auth(address: str) -> None:
     """Fail with one line naming the fix when the cluster at ``address`` wants a token this process
     will not send (Ray >= 2.52 `ray start --head` turns token auth on). Without it, ray.init logs
@@ -225,10 +236,9 @@ class _WorkerCodePaths(list):
 
 
 def shadows_package(folder: str) -> bool:
-    """True when ``import mmbatch`` from ``folder`` would not be the package this process runs."""
-    import mmbatch
-
-    ours = os.path.realpath(os.path.dirname(mmbatch.__file__))
+    """True when ``import mmbatch`` from ``folder`` would not be the package this process runs (this file's
+    folder: ``mmbatch.__file__`` is None when the driver itself already imported a shadowing namespace folder)."""
+    ours = os.path.realpath(os.path.dirname(os.path.abspath(__file__)))
     for name in ("mmbatch", "mmbatch.py"):
         candidate = os.path.join(folder, name)
         if os.path.exists(candidate) and os.path.realpath(candidate) != ours:

@@ -100,7 +100,7 @@ def test_unknown_keys_get_a_suggestion_and_the_allowed_keys():
     with pytest.raises(WorkflowError) as e:
         workflow_from_dict({"train": {"epochz": 3}})
     msg = str(e.value)
-    assert "did you mean 'epochs'?" in msg and "allowed keys in train:" in msg and "val_fraction" in msg
+    assert "did you mean 'epochs'?" in msg and "allowed keys in train:" in msg and "max_failures" in msg
     with pytest.raises(WorkflowError) as e:
         workflow_from_dict({"datasets": [{"name": "a", "path": "p", "modalites": ["image"]}]})
     assert "unknown key 'datasets.0.modalites': did you mean 'modalities'?" in str(e.value)
@@ -136,3 +136,52 @@ def test_paths_in_a_workflow_file_are_relative_to_the_file(tmp_path, monkeypatch
     # without a file (a dict), train.out still defaults next to the training data
     assert workflow_from_dict({"train": {"data": "s3://b/feats"}}).train.out == "s3://b/train"
     assert workflow_from_dict({}).train.out == "out/train"
+
+
+def test_splits_section_owns_the_split_settings_and_the_old_train_keys_still_work(caplog):
+    wf = workflow_from_dict({"splits": {"seed": 7, "val_fraction": 0.2, "test_fraction": 0.1}, "train": {"seed": 1}})
+    assert (wf.splits.seed, wf.splits.val_fraction, wf.splits.test_fraction, wf.train.seed) == (7, 0.2, 0.1, 1)
+    caplog.clear()
+    old = workflow_from_dict({"train": {"val_fraction": 0.3, "seed": 5}}, overrides=["train.test_fraction=0.05"])
+    assert (old.splits.seed, old.splits.val_fraction, old.splits.test_fraction, old.train.seed) == (5, 0.3, 0.05, 5)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 3, warnings                        # one line per deprecated key
+    assert any("train.val_fraction is deprecated: use splits.val_fraction" in w for w in warnings)
+    assert any("train.test_fraction is deprecated: use splits.test_fraction" in w for w in warnings)
+    assert any("set splits.seed" in w for w in warnings)
+    same = workflow_from_dict({"train": {"val_fraction": 0.2}, "splits": {"val_fraction": 0.2}})
+    assert same.splits.val_fraction == 0.2
+
+
+def test_old_and_new_split_keys_that_disagree_are_an_error_naming_both():
+    with pytest.raises(WorkflowError) as e:
+        workflow_from_dict({"train": {"test_fraction": 0.2}, "splits": {"test_fraction": 0.1}})
+    assert "train.test_fraction" in str(e.value) and "splits.test_fraction" in str(e.value)
+    with pytest.raises(WorkflowError) as e:
+        workflow_from_dict({"splits": {"val_fraction": 1.5}})
+    assert "splits.val_fraction" in str(e.value) and "less than 1" in str(e.value)
+
+
+def test_train_record_keeps_the_fingerprinted_keys_of_before_the_splits_section():
+    """Model specs, run and retrain fingerprints hash the train settings: the fractions stay in them."""
+    from mmbatch.ops.retrain import train_fingerprint
+
+    new = workflow_from_dict({"splits": {"val_fraction": 0.2}})
+    old = workflow_from_dict({"train": {"val_fraction": 0.2}})
+    assert new.train_record()["val_fraction"] == 0.2 and new.train_record()["test_fraction"] == 0.15
+    assert train_fingerprint(new) == train_fingerprint(old)
+    assert train_fingerprint(new) != train_fingerprint(workflow_from_dict({}))
+
+
+def test_the_next_hint_after_preprocess_keeps_the_set_overrides():
+    """Following the hint must train on what preprocess wrote: the same --set values, quoted for a shell."""
+    import shlex
+
+    from mmbatch.cli import _with_overrides
+
+    args = build_parser().parse_args(["preprocess", "wf.yaml", "--set", "output.path=/tmp/my features",
+                                      "--set", "features.image.size=32"])
+    hint = _with_overrides("mmbatch train wf.yaml --baselines", args)
+    again = build_parser().parse_args(shlex.split(hint)[1:])
+    assert again.command == "train" and again.baselines
+    assert again.overrides == ["output.path=/tmp/my features", "features.image.size=32"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -14,11 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 
+import mmbatch as mmbatch_pkg
+
 pytestmark = pytest.mark.slow          # the fast tier (`pytest -m "not slow"`) skips this module
 
 def mmbatch(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     exe = shutil.which("mmbatch") or str(Path(sys.executable).parent / "mmbatch")
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    # the package under test (this checkout), not whatever the console script's install points at
+    env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONPATH=str(Path(mmbatch_pkg.__file__).resolve().parents[1]))
     return subprocess.run([exe, *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -41,10 +45,18 @@ def test_demo_leaves_features_model_and_report(demo):
     assert reports and "<img" in reports[0].read_text()
     assert "test accuracy" in stdout and "fused" in stdout and "audio only" in stdout
     assert "modality completion" in stdout and list(out.glob("train/completed/model/model.pt"))
+    # the result table comes once (training's, columns model / accuracy / macro-F1 / loss), the closing
+    # screen sums it up in one line and lists the completion outputs; partner rows are named as such
+    assert sum(ln.startswith("image only ") for ln in stdout.splitlines()) == 1, stdout[-4000:]
+    assert "speech rows (LibriSpeech-style) used only as pairing partners" in stdout
+    assert "completion: model" in stdout and "best single modality" in stdout
     # the fused model beats every single modality on this corpus (built to need two modalities)
-    lines = {ln.split()[0]: float(ln.split()[-2]) for ln in stdout.splitlines()
-             if ln.strip().startswith(("fused", "image", "audio", "text")) and ln.count(".") >= 2}
-    assert lines["fused"] > max(v for k, v in lines.items() if k != "fused") + 0.2
+    acc = {}
+    for ln in stdout.splitlines():
+        m = re.match(r"^(fused \(\w+\)|\w+ only)\s+([\d.]+)\s+[\d.]+\s+[\d.]+$", ln.strip())
+        if m:
+            acc.setdefault(m.group(1).split()[0], float(m.group(2)))       # the first table: the demo's model
+    assert acc["fused"] > max(v for k, v in acc.items() if k != "fused") + 0.2, acc
 
 
 def test_inspect_reads_the_demo_output(demo):

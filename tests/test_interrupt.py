@@ -7,6 +7,7 @@ exited 1 and left Ray processes behind.
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import pty
 import re
@@ -16,6 +17,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import termios
 import time
 from pathlib import Path
 
@@ -29,7 +31,7 @@ from mmbatch.ingest import IngestOptions, run_ingest
 
 PACKAGE_ROOT = Path(mmbatch.__file__).resolve().parents[1]
 MMBATCH_SCRIPT = Path(sys.executable).parent / "mmbatch"
-INTERRUPTED_LINE = re.compile(r"interrupted; (\d+) shards? committed, rerun the same command to resume")
+INTERRUPTED_LINE = re.compile(r"interrupted; (\d+) units? committed, rerun the same command to resume")
 
 
 def ray_processes(session_id: int, ray_tmp: str) -> list[str]:
@@ -178,6 +180,55 @@ def test_ctrl_c_with_stdout_to_a_pipe_exits_130_and_leaves_no_ray(workflow_env, 
     assert codes[0] == "130", (codes, stderr[-3000:])
     assert len([ln for ln in stderr.splitlines() if INTERRUPTED_LINE.search(ln)]) == 1, stderr[-3000:]
     assert "Traceback" not in stderr, stderr[-3000:]
+    time.sleep(5)
+    left = ray_processes(shell.pid, ray_tmp)
+    assert not left, "processes left 5 s after the interrupt:\n" + "\n".join(left)
+
+
+def _controlling_terminal() -> None:
+    """In the child: a new session whose controlling terminal is stdin (the pty), as a login shell has."""
+    os.setsid()
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+@pytest.mark.slow
+def test_ctrl_c_with_stdout_and_stderr_to_a_pipe_exits_130_and_tells_the_terminal(workflow_env, tmp_path):
+    """`mmbatch preprocess wf 2>&1 | tee log`, then Ctrl-C: tee dies, so the interrupted line written to
+    stderr hits a pipe without reader (EPIPE). It used to exit 1 with a BrokenPipeError and the line was lost;
+    now exit 130 and the line reaches the terminal (/dev/tty), once."""
+    base, workflow = workflow_env
+    out = tmp_path / "piped2"
+    ray_tmp = tempfile.mkdtemp(prefix="raypp2", dir="/tmp")
+    rc = tmp_path / "rc"
+    pipeline = (f"{shlex.quote(str(MMBATCH_SCRIPT))} preprocess {shlex.quote(str(workflow(out)))} 2>&1 "
+                f"| tee {shlex.quote(str(tmp_path / 'log'))} >/dev/null; "
+                f"echo ${{PIPESTATUS[0]}} ${{PIPESTATUS[1]}} >{shlex.quote(str(rc))}")
+    env = {**os.environ, "PYTHONPATH": str(PACKAGE_ROOT), "RAY_TMPDIR": ray_tmp, "RAY_ADDRESS": ""}
+    master, tty = pty.openpty()                  # the terminal: the session's controlling tty, nothing else
+    shell = subprocess.Popen(["bash", "-c", pipeline], env=env, stdin=tty, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, preexec_fn=_controlling_terminal)
+    os.close(tty)
+    screen: list = []
+    reader = threading.Thread(target=drain, args=(master, screen), daemon=True)
+    reader.start()
+    deadline = time.time() + 240
+    while not committed_markers(out) and shell.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert shell.poll() is None and committed_markers(out), "no unit committed while the job ran"
+
+    os.killpg(shell.pid, signal.SIGINT)          # Ctrl-C: the driver, its Ray, and tee, which dies at once
+    try:
+        shell.wait(timeout=60)
+    finally:
+        if shell.poll() is None:
+            os.killpg(shell.pid, signal.SIGKILL)
+    time.sleep(1)
+    terminal = b"".join(screen).decode(errors="replace").replace("\r\n", "\n")
+    codes = rc.read_text().split()
+    assert codes[1] == str(128 + signal.SIGINT), codes          # tee died of the Ctrl-C: a pipe without reader
+    assert codes[0] == "130", (codes, terminal[-3000:])
+    assert len([ln for ln in terminal.splitlines() if INTERRUPTED_LINE.search(ln)]) == 1, terminal[-3000:]
+    assert "Traceback" not in terminal and "BrokenPipeError" not in terminal, terminal[-3000:]
     time.sleep(5)
     left = ray_processes(shell.pid, ray_tmp)
     assert not left, "processes left 5 s after the interrupt:\n" + "\n".join(left)

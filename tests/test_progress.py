@@ -54,3 +54,16 @@ def test_epoch_watcher_reads_checkpoint_meta(tmp_path, monkeypatch):
             (d / "meta.json").write_text(json.dumps({"epoch": epoch, "best_score": best}))
     text = out.getvalue()
     assert "train fusion: 2/4 epochs (50%), done" in text and "best val accuracy 0.750" in text
+
+
+def test_the_last_step_is_reported_once_by_the_done_line(monkeypatch):
+    """The demo printed the training line twice: at 100 %, then again with "done"."""
+    out = io.StringIO()
+    monkeypatch.setattr(progress, "PLAIN_INTERVAL_S", 0.0)
+    with progress.bar("train fusion", total=3, unit="epochs", stream=out) as b:
+        for _ in range(3):
+            b.update(1)
+    lines = out.getvalue().splitlines()
+    assert [ln.split(",")[0] for ln in lines] == ["  train fusion: 1/3 epochs (33%)", "  train fusion: 2/3 epochs (67%)",
+                                                  "  train fusion: 3/3 epochs (100%)"]
+    assert "done" in lines[-1] and sum("3/3" in ln for ln in lines) == 1

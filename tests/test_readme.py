@@ -92,11 +92,11 @@ def test_workflow_reference_matches_the_model():
     assert REFERENCE_START in text and REFERENCE_END in text
     section = text[text.index(REFERENCE_START):text.index(REFERENCE_END) + len(REFERENCE_END)]
     assert section == workflow_reference(), "stale: python -m mmbatch.config --update docs/workflow-reference.md"
-    for key in ("train.out", "train.name", "train.baselines", "train.val_fraction", "output.path"):
+    for key in ("train.out", "train.name", "train.baselines", "splits.val_fraction", "output.path"):
         assert f"| `{key}` |" in section
 
 
-@pytest.mark.parametrize("key", ["train.out", "train.name", "train.baselines", "train.val_fraction"])
+@pytest.mark.parametrize("key", ["train.out", "train.name", "train.baselines", "splits.val_fraction"])
 def test_keys_users_asked_about_are_documented_with_defaults(key):
     row = next(ln for ln in REFERENCE_DOC.read_text().splitlines() if ln.startswith(f"| `{key}` |"))
     assert row.count("|") >= 5 and row.split("|")[2].strip()       # a default column

@@ -503,3 +503,26 @@ def test_best_epoch_breaks_score_ties_by_validation_loss():
     assert improves(0.6, 2.0, 0.5, 1.0)                        # a better score, whatever the loss
     assert improves(0.5, 0.9, 0.5, 1.0)                        # the same score, a lower loss
     assert not improves(0.5, 1.1, 0.5, 1.0) and not improves(0.4, 0.1, 0.5, 1.0)
+
+
+def test_report_header_names_the_model_the_best_epoch_rule_the_test_uncertainty_and_what_plots_show():
+    from mmbatch.training.report import render_html, wilson_interval
+
+    hist = [{"epoch": e, "train_loss": 1.0, "val_loss": 1.0, "val_accuracy": 0.5, "val_macro_f1": 0.5}
+            for e in range(12)]
+    summary = {"title": "t", "run_dir": "/runs/fusion", "status": "trained", "history": hist,
+               "model": {"arch": {"fusion": "early", "dims": {"image": 1764, "audio": 186}, "hidden": 128,
+                                  "dropout": 0.1, "num_classes": 4}},
+               "best_epoch": 6, "selection_metric": "macro_f1", "metrics": {"n": 24, "accuracy": 0.875}}
+    page = render_html(summary, {"loss.png": b"png", "confusion.png": b"png"})
+    assert "<tr><th></th>" not in page and '"fusion": "early"' not in page        # no empty row, no raw JSON
+    assert "early fusion of image (1764 features), audio (186 features)" in page and "4 classes" in page
+    assert "7 of 12: the highest validation macro-F1" in page
+    lo, hi = wilson_interval(0.875, 24)
+    assert 0.68 < lo < 0.70 and 0.95 < hi < 0.96                 # Wilson 95 % for 21 of 24
+    assert f"test split of 24 rows: \u00b1{(hi - lo) / 2:.2f} accuracy at 95 %" in page
+    assert 'class="warning">Small test split' in page
+    assert "<figcaption>Training and validation loss per epoch</figcaption>" in page
+    assert "Confusion matrix on the test split" in page and "<figcaption>loss.png" not in page
+    big = render_html({**summary, "metrics": {"n": 5000, "accuracy": 0.875}}, {})
+    assert "test split of 5000 rows" in big and "Small test split" not in big

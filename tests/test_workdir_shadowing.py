@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 import mmbatch
@@ -93,3 +94,34 @@ def test_ingest_from_the_parent_of_a_clone_with_an_editable_install(tmp_path, ti
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "__version__" not in p.stderr
     assert (out / "_manifest.json").exists()
+
+
+DATA_PIPELINE = """
+from mmbatch.data import Embed, read_canonical
+
+ds = read_canonical({canonical!r}).map_batches(
+    Embed, fn_constructor_args=("image", {{"image": {{"extractor": "hog", "size": 32}}}}),
+    batch_format="pyarrow", compute=__import__("ray").data.ActorPoolStrategy(size=1))
+rows = ds.take_all()
+print("embedded", len(rows), sum(r["image_error"] is None for r in rows))
+"""
+
+
+def test_mmbatch_data_pipeline_from_a_folder_holding_an_empty_mmbatch_folder(tmp_path, tiny_corpus):
+    """README's `mmbatch.data` example run from the folder above a clone (an editable install): Ray's workers
+    put that folder first on sys.path, where `mmbatch/` is a namespace package without `__version__`."""
+    canonical = tmp_path / "canonical"
+    p = run_cli(["ingest", "imagenet", str(tiny_corpus), "--out", str(canonical)], cwd=tmp_path, tmp_path=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(EDITABLE_FINDER.format(package_dir=str(PACKAGE_ROOT / "mmbatch")))
+    home = tmp_path / "home"
+    (home / "mmbatch").mkdir(parents=True)             # the clone's top folder, seen from its parent
+    env = {**os.environ, "PYTHONPATH": str(site), "RAY_ADDRESS": ""}
+    p = subprocess.run([sys.executable, "-c", DATA_PIPELINE.format(canonical=str(canonical))], cwd=home, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rows = sum(pq.ParquetFile(f).metadata.num_rows for f in canonical.glob("*.parquet"))
+    assert rows > 0 and f"embedded {rows} {rows}" in p.stdout, p.stdout[-2000:]      # every row, no error
+    assert "__version__" not in p.stderr

@@ -102,7 +102,7 @@ _NOT_LEARNING = {"out", "name", "data", "baselines", "num_workers", "use_gpu", "
 
 def train_fingerprint(wf: Workflow) -> str:
     """What, besides the data, decides the candidate: the learning settings of ``train``."""
-    return storage.fingerprint({k: v for k, v in wf.train.model_dump(mode="json").items() if k not in _NOT_LEARNING})
+    return storage.fingerprint({k: v for k, v in wf.train_record().items() if k not in _NOT_LEARNING})
 
 
 def candidate_run_name(wf: Workflow, fingerprints: dict, champion: Optional[ModelVersion],

@@ -201,8 +201,8 @@ def run_preprocess(wf: Workflow, progress: bool = True) -> PreprocessSummary:
     from mmbatch.fusion import fused_dim
     from mmbatch.splits import FINAL_KEY, split_plan
 
-    splits = split_plan(present_splits(primaries), wf.train.val_fraction, wf.train.test_fraction)
-    specs = with_vocabulary(specs, plans, splits, wf.train.seed)     # tokens: vocabulary of the train split
+    splits = split_plan(present_splits(primaries), wf.splits.val_fraction, wf.splits.test_fraction)
+    specs = with_vocabulary(specs, plans, splits, wf.splits.seed)     # tokens: vocabulary of the train split
     descriptions = {m: extractor(m, specs[m]).describe() for m in used}
     dims = {m: descriptions[m]["dim"] for m in used}
     sequences = sequence_run_fields({m: extractor(m, specs[m]) for m in used})
@@ -212,10 +212,10 @@ def run_preprocess(wf: Workflow, progress: bool = True) -> PreprocessSummary:
         "fusion": wf.fusion.model_dump(mode="json"), "pairing": wf.pairing.model_dump(mode="json"),
         "datasets": {p.cfg.name: {"path": p.cfg.path, "modalities": p.modalities, "label_map": p.label_map}
                      for p in plans},
-        FINAL_KEY: True, "split_plan": {**splits, "seed": wf.train.seed},
+        FINAL_KEY: True, "split_plan": {**splits, "seed": wf.splits.seed},
     }
     from mmbatch.dedup.leakage import find_leakage
-    leak = find_leakage(wf.dedup.leakage, primaries, splits, wf.train.seed, out_fs, out_root, wf.ray)
+    leak = find_leakage(wf.dedup.leakage, primaries, splits, wf.splits.seed, out_fs, out_root, wf.ray)
     schema = fused_schema(dims, fdim, sequences)
     if partners:
         schema = schema.append(pa.field("paired_with", pa.string()))
@@ -252,7 +252,7 @@ def run_preprocess(wf: Workflow, progress: bool = True) -> PreprocessSummary:
     Committer(out_fs, out_root).begin(keep_units, data_dirs=("", storage.QUARANTINE_DIR))
     for p in primaries:
         job = job_for(p, "fused", "", schema=schema, keep_splits=p.cfg.splits, split_plan=splits,
-                      split_seed=wf.train.seed, fusion=wf.fusion.model_dump(mode="json"),
+                      split_seed=wf.splits.seed, fusion=wf.fusion.model_dump(mode="json"),
                       pairing=wf.pairing.model_dump(mode="json"), partners=partner_indexes,
                       exclude=leak.for_dataset(p.cfg.name))
         fused_records += runner.run(p, job, fused=True, exclude=leak.by_unit(p))

@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import math
 from typing import Mapping
 
@@ -178,15 +177,84 @@ def _table(header: list[str], rows: list[list]) -> str:
     return f"<table><tr>{th}</tr>{trs}</table>"
 
 
+# what each plot shows (its caption and alt text)
+CAPTIONS = {
+    "loss.png": "Training and validation loss per epoch",
+    "val_metric.png": "Validation accuracy and macro-F1 per epoch",
+    "confusion.png": "Confusion matrix on the test split (rows: true class, columns: predicted class)",
+    "baselines.png": "Test accuracy of the fused model and of each modality alone",
+    "modality_weights.png": "Learned weight of each modality",
+}
+METRIC_NAMES = {"accuracy": "accuracy", "macro_f1": "macro-F1", "loss": "loss"}
+Z95 = 1.959964                     # two-sided 95 % normal quantile
+SMALL_SAMPLE_HALF_WIDTH = 0.05     # a test accuracy less certain than +-5 points gets the caveat as a warning
+
+
+def wilson_interval(accuracy: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """95 % Wilson score interval of an accuracy measured on ``n`` rows (a binomial proportion)."""
+    centre = (accuracy + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(accuracy * (1 - accuracy) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def accuracy_uncertainty(metrics: Mapping) -> str | None:
+    """"test split of N rows: ±X accuracy at 95 % (a to b)", or None without an accuracy."""
+    n, acc = metrics.get("n"), metrics.get("accuracy")
+    if not n or not isinstance(acc, (int, float)) or math.isnan(acc):
+        return None
+    lo, hi = wilson_interval(float(acc), int(n))
+    return f"test split of {int(n)} rows: \u00b1{(hi - lo) / 2:.2f} accuracy at 95 % ({lo:.2f} to {hi:.2f})"
+
+
+def describe_model(arch: Mapping | None) -> str:
+    """``arch`` in words: fusion, inputs and their sizes, layers, classes."""
+    if not arch:
+        return "-"
+    inputs = ", ".join(f"{m} ({d} features)" for m, d in (arch.get("dims") or {}).items())
+    learned = ", ".join(f"{m}: {e.get('kind')}" for m, e in (arch.get("encoders") or {}).items())
+    return (f"{arch.get('fusion')} fusion of {inputs}; hidden size {arch.get('hidden')}, dropout "
+            f"{arch.get('dropout')}, {arch.get('num_classes')} classes"
+            + (f"; learned encoders: {learned}" if learned else ""))
+
+
+def best_epoch_rule(summary: Mapping) -> str:
+    """The best epoch and the rule that picked it."""
+    if summary.get("best_epoch") is None:
+        return "-"
+    metric = METRIC_NAMES.get(summary.get("selection_metric") or "", "the validation metric")
+    better = "lowest" if summary.get("selection_metric") == "loss" else "highest"
+    return (f"{summary['best_epoch'] + 1} of {len(summary.get('history') or []) or '?'}: the {better} validation "
+            f"{metric} (ties: the lower validation loss); the saved model is that epoch's")
+
+
+def _facts(rows: list[tuple[str, str]]) -> str:
+    """A two-column table of named facts, no header row."""
+    return "<table>" + "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows) + \
+        "</table>"
+
+
+def _figure(name: str, blob: bytes) -> str:
+    caption = html.escape(CAPTIONS.get(name, name))
+    b64 = base64.b64encode(blob).decode()
+    return f'<figure><img alt="{caption}" src="data:image/png;base64,{b64}"/><figcaption>{caption}</figcaption></figure>'
+
+
 def render_html(summary: Mapping, images: Mapping[str, bytes]) -> str:
     m = summary.get("metrics") or {}
     parts = [f"<h1>{html.escape(summary.get('title', 'mmbatch report'))}</h1>"]
-    facts = [["run", summary.get("run_dir") or summary.get("checkpoint") or ""],
-             ["status", summary.get("status", "")],
-             ["model", json.dumps((summary.get("model") or {}).get("arch"), sort_keys=True)],
-             ["best epoch", _f(None if summary.get("best_epoch") is None else summary["best_epoch"] + 1)],
-             ["test rows", _f(m.get("n"))]]
-    parts.append(_table(["", ""], facts))
+    parts.append(_facts([("run", str(summary.get("run_dir") or summary.get("checkpoint") or "-")),
+                         ("status", str(summary.get("status") or "-")),
+                         ("model", describe_model((summary.get("model") or {}).get("arch"))),
+                         ("best epoch", best_epoch_rule(summary)),
+                         ("test rows", _f(m.get("n")))]))
+    caveat = accuracy_uncertainty(m)
+    if caveat:
+        lo, hi = wilson_interval(float(m["accuracy"]), int(m["n"]))
+        if (hi - lo) / 2 >= SMALL_SAMPLE_HALF_WIDTH:
+            parts.append(f'<p class="warning">Small test split: {html.escape(caveat)}; accuracy differences '
+                         'smaller than that are noise</p>')
+        else:
+            parts.append(f"<p>{html.escape(caveat)}</p>")
     parts.append("<h2>Fused model vs unimodal baselines (test split)</h2>")
     parts.append(_table(["model", "accuracy", "macro-F1", "loss"], [list(r) for r in comparison_rows(summary)]))
     g = summary.get("gain")
@@ -216,10 +284,7 @@ def render_html(summary: Mapping, images: Mapping[str, bytes]) -> str:
             classes = list(cb["counts"])
             parts.append(_table(["class"] + splits, [[c] + [data["counts"][s].get(c, 0) for s in splits] for c in classes]))
         parts.append(f"<p>max/min rows per class (train): {_f(cb.get('max_min_ratio'))}</p>")
-    for name, blob in images.items():
-        b64 = base64.b64encode(blob).decode()
-        name = html.escape(name)
-        parts.append(f'<figure><img alt="{name}" src="data:image/png;base64,{b64}"/><figcaption>{name}</figcaption></figure>')
+    parts += [_figure(name, blob) for name, blob in images.items()]
     if summary.get("history"):
         parts.append("<h2>Epochs</h2>")
         hist = summary["history"]
@@ -228,7 +293,7 @@ def render_html(summary: Mapping, images: Mapping[str, bytes]) -> str:
                               h.get("lr"), h.get("epoch_time_s"), h.get("attempt")] for h in hist]))
     style = ("body{font-family:sans-serif;max-width:980px;margin:2em auto;color:#222}"
              "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
-             "td:first-child,th:first-child{text-align:left}figure{display:inline-block;margin:.5em}"
+             "td:first-child,th:first-child{text-align:left}th{background:#f4f4f4}figure{display:inline-block;margin:.5em}"
              ".warning{background:#fde2e1;border:1px solid #c0392b;padding:.5em;font-weight:bold}")
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(summary.get('title', ''))}</title>"
             f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")
@@ -257,4 +322,4 @@ def write_report(out_dir: str, summary: Mapping) -> str:
     return storage.join(out_dir.rstrip("/"), REPORT_FILE)
 
 
-__all__ = ["write_report", "summary_table", "render_html", "fusion_gain"]
+__all__ = ["write_report", "summary_table", "render_html", "fusion_gain", "wilson_interval", "accuracy_uncertainty"]

@@ -77,7 +77,8 @@ def run_training(wf: Workflow, baselines: bool | None = None, warm_start: str | 
     check_fused_uri(wf.train_data(), allow_incomplete=allow_incomplete)
     ownership.claim(t.out, "train", wf.name)
     init_ray(wf.ray.address, wf.ray.num_cpus, wf.ray.num_gpus, wf.ray.object_store_memory)
-    data = FusedData.open(wf.train_data(), seed=t.seed, val_fraction=t.val_fraction, test_fraction=t.test_fraction)
+    sp = wf.splits
+    data = FusedData.open(wf.train_data(), seed=sp.seed, val_fraction=sp.val_fraction, test_fraction=sp.test_fraction)
     mods = resolve_modalities(modalities or t.modalities, data)
     log.info("training %s on %s (%s), classes %s", t.name, data.uri, mods, [c["name"] for c in data.classes])
 
@@ -120,11 +121,11 @@ def model_spec(wf: Workflow, data: FusedData, mods: list[str], name: str) -> dic
         "classes": data.classes,
         "features": data.features(mods),
         "fusion": data.meta.get("fusion"),
-        "split": {"seed": t.seed, "val_fraction": t.val_fraction, "test_fraction": t.test_fraction,
-                  "plan": data.plan},
+        "split": {"seed": wf.splits.seed, "val_fraction": wf.splits.val_fraction,
+                  "test_fraction": wf.splits.test_fraction, "plan": data.plan},
         "data": {"uri": data.uri, "fingerprint": data.fingerprint, "counts": data.counts,
                  "class_balance": data.imbalance("train")},
-        "train": t.model_dump(mode="json"),
+        "train": wf.train_record(),
     }
 
 
@@ -251,7 +252,7 @@ def train_one(wf: Workflow, data: FusedData, mods: list[str], name: str,
     for split in ("validation", "test"):
         if sizes[split] == 0:
             raise UsageError(f"{data.uri}: the {split} split is empty after splitting ({sizes}); add a "
-                             f"{split} split or raise train.val_fraction / train.test_fraction")
+                             f"{split} split or raise splits.val_fraction / splits.test_fraction (then rerun preprocess)")
     for split, why in data.unscorable().items():
         log.warning("%s: the %s split has %s: its scores (and model selection on it) mean nothing; "
                     "give it more rows", data.uri, split, why)
@@ -400,6 +401,7 @@ def make_summary(fused: TrainResult, data: FusedData, base: dict[str, TrainResul
         "history": fused.history,
         "starts": fused.starts,
         "best_epoch": (spec.get("training") or {}).get("best_epoch"),
+        "selection_metric": (spec.get("train") or {}).get("metric"),   # what picked best_epoch
         "placement": (spec.get("training") or {}).get("placement"),
         "checkpoint": fused.checkpoint_path,
         "baselines": {m: _slim(r.metrics) for m, r in base.items()},
