@@ -143,29 +143,26 @@ def drain(fd: int, into: list) -> None:
         pass
 
 
-@pytest.mark.slow
-def test_ctrl_c_with_stdout_to_a_pipe_exits_130_and_leaves_no_ray(workflow_env, tmp_path):
-    """`mmbatch preprocess wf | tee log`, then Ctrl-C: the terminal's SIGINT reaches tee too, so the
-    driver's stdout is a pipe with no reader. Exit 130, the line on stderr, no Ray process left."""
-    base, workflow = workflow_env
-    out = tmp_path / "piped"
-    ray_tmp = tempfile.mkdtemp(prefix="raypip", dir="/tmp")
+def interrupt_a_pipeline(workflow, out: Path, tmp_path: Path, redirect: str, **popen) -> tuple[list, str]:
+    """Run ``mmbatch preprocess WF REDIRECT | tee log`` in bash on a pty (``popen`` says how the pty is
+    attached), Ctrl-C the process group once a unit is committed; returns (the exit codes of mmbatch and
+    tee, what the terminal showed). Also asserts that no Ray process is left 5 s later."""
+    ray_tmp = tempfile.mkdtemp(prefix="raypipe", dir="/tmp")
     rc = tmp_path / "rc"
-    # a shell pipeline in its own session: bash, mmbatch and tee share its process group, as in a terminal
-    pipeline = (f"{shlex.quote(str(MMBATCH_SCRIPT))} preprocess {shlex.quote(str(workflow(out)))} "
+    pipeline = (f"{shlex.quote(str(MMBATCH_SCRIPT))} preprocess {shlex.quote(str(workflow(out)))} {redirect}"
                 f"| tee {shlex.quote(str(tmp_path / 'log'))} >/dev/null; "
                 f"echo ${{PIPESTATUS[0]}} ${{PIPESTATUS[1]}} >{shlex.quote(str(rc))}")
     env = {**os.environ, "PYTHONPATH": str(PACKAGE_ROOT), "RAY_TMPDIR": ray_tmp, "RAY_ADDRESS": ""}
-    master, tty = pty.openpty()                  # the terminal: stdin and stderr (progress bars, the last line)
-    shell = subprocess.Popen(["bash", "-c", pipeline], env=env, start_new_session=True, stdin=tty, stderr=tty)
+    master, tty = pty.openpty()
+    shell = subprocess.Popen(["bash", "-c", pipeline], env=env, stdin=tty,
+                             **{k: (tty if v == "tty" else v) for k, v in popen.items()})
     os.close(tty)
     screen: list = []
-    reader = threading.Thread(target=drain, args=(master, screen), daemon=True)
-    reader.start()
+    threading.Thread(target=drain, args=(master, screen), daemon=True).start()
     deadline = time.time() + 240
     while not committed_markers(out) and shell.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    assert shell.poll() is None and committed_markers(out), "no shard committed while the job ran"
+    assert shell.poll() is None and committed_markers(out), "no unit committed while the job ran"
 
     os.killpg(shell.pid, signal.SIGINT)          # Ctrl-C: the driver, its Ray, and tee, which dies at once
     try:
@@ -173,16 +170,24 @@ def test_ctrl_c_with_stdout_to_a_pipe_exits_130_and_leaves_no_ray(workflow_env, 
     finally:
         if shell.poll() is None:
             os.killpg(shell.pid, signal.SIGKILL)
-    time.sleep(1)
-    stderr = b"".join(screen).decode(errors="replace").replace("\r\n", "\n")
-    codes = rc.read_text().split()
+    time.sleep(6)
+    left = ray_processes(shell.pid, ray_tmp)
+    assert not left, "processes left 5 s after the interrupt:\n" + "\n".join(left)
+    return rc.read_text().split(), b"".join(screen).decode(errors="replace").replace("\r\n", "\n")
+
+
+@pytest.mark.slow
+def test_ctrl_c_with_stdout_to_a_pipe_exits_130_and_leaves_no_ray(workflow_env, tmp_path):
+    """`mmbatch preprocess wf | tee log`, then Ctrl-C: the terminal's SIGINT reaches tee too, so the
+    driver's stdout is a pipe with no reader. Exit 130, the line on stderr, no Ray process left."""
+    base, workflow = workflow_env
+    # a shell pipeline in its own session: bash, mmbatch and tee share its process group, as in a terminal
+    codes, stderr = interrupt_a_pipeline(workflow, tmp_path / "piped", tmp_path, "", start_new_session=True,
+                                         stderr="tty")
     assert codes[1] == str(128 + signal.SIGINT), codes          # tee died of the Ctrl-C: a pipe without reader
     assert codes[0] == "130", (codes, stderr[-3000:])
     assert len([ln for ln in stderr.splitlines() if INTERRUPTED_LINE.search(ln)]) == 1, stderr[-3000:]
     assert "Traceback" not in stderr, stderr[-3000:]
-    time.sleep(5)
-    left = ray_processes(shell.pid, ray_tmp)
-    assert not left, "processes left 5 s after the interrupt:\n" + "\n".join(left)
 
 
 def _controlling_terminal() -> None:
@@ -197,38 +202,10 @@ def test_ctrl_c_with_stdout_and_stderr_to_a_pipe_exits_130_and_tells_the_termina
     stderr hits a pipe without reader (EPIPE). It used to exit 1 with a BrokenPipeError and the line was lost;
     now exit 130 and the line reaches the terminal (/dev/tty), once."""
     base, workflow = workflow_env
-    out = tmp_path / "piped2"
-    ray_tmp = tempfile.mkdtemp(prefix="raypp2", dir="/tmp")
-    rc = tmp_path / "rc"
-    pipeline = (f"{shlex.quote(str(MMBATCH_SCRIPT))} preprocess {shlex.quote(str(workflow(out)))} 2>&1 "
-                f"| tee {shlex.quote(str(tmp_path / 'log'))} >/dev/null; "
-                f"echo ${{PIPESTATUS[0]}} ${{PIPESTATUS[1]}} >{shlex.quote(str(rc))}")
-    env = {**os.environ, "PYTHONPATH": str(PACKAGE_ROOT), "RAY_TMPDIR": ray_tmp, "RAY_ADDRESS": ""}
-    master, tty = pty.openpty()                  # the terminal: the session's controlling tty, nothing else
-    shell = subprocess.Popen(["bash", "-c", pipeline], env=env, stdin=tty, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, preexec_fn=_controlling_terminal)
-    os.close(tty)
-    screen: list = []
-    reader = threading.Thread(target=drain, args=(master, screen), daemon=True)
-    reader.start()
-    deadline = time.time() + 240
-    while not committed_markers(out) and shell.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert shell.poll() is None and committed_markers(out), "no unit committed while the job ran"
-
-    os.killpg(shell.pid, signal.SIGINT)          # Ctrl-C: the driver, its Ray, and tee, which dies at once
-    try:
-        shell.wait(timeout=60)
-    finally:
-        if shell.poll() is None:
-            os.killpg(shell.pid, signal.SIGKILL)
-    time.sleep(1)
-    terminal = b"".join(screen).decode(errors="replace").replace("\r\n", "\n")
-    codes = rc.read_text().split()
+    codes, terminal = interrupt_a_pipeline(workflow, tmp_path / "piped2", tmp_path, "2>&1 ",
+                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                           preexec_fn=_controlling_terminal)
     assert codes[1] == str(128 + signal.SIGINT), codes          # tee died of the Ctrl-C: a pipe without reader
     assert codes[0] == "130", (codes, terminal[-3000:])
     assert len([ln for ln in terminal.splitlines() if INTERRUPTED_LINE.search(ln)]) == 1, terminal[-3000:]
     assert "Traceback" not in terminal and "BrokenPipeError" not in terminal, terminal[-3000:]
-    time.sleep(5)
-    left = ray_processes(shell.pid, ray_tmp)
-    assert not left, "processes left 5 s after the interrupt:\n" + "\n".join(left)
