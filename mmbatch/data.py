@@ -23,7 +23,8 @@ import this package even when the current folder holds a folder named ``mmbatch`
 clone). If you call ``ray.init()`` yourself, pass ``job_config=mmbatch.runtime.worker_path_job_config()``.
 
 Both readers read the files the output's ``_manifest.json`` lists: an output without one is incomplete
-(a job still running or killed) and is refused unless ``allow_incomplete=True``.
+(a job still running or killed) and is refused unless ``allow_incomplete=True``, which reads the files
+committed on disk (mmbatch.manifest.data_files).
 """
 from __future__ import annotations
 
@@ -32,24 +33,17 @@ from typing import Any, Optional
 import numpy as np
 import pyarrow as pa
 
-from mmbatch import storage
 from mmbatch.errors import UsageError
+from mmbatch.manifest import Manifest, data_files
 from mmbatch.schema import emb_column
 
 
-def _files(path: str, allow_incomplete: bool) -> tuple[Any, list[str], Optional[dict]]:
-    """(filesystem, data files, manifest or None) of an mmbatch output folder."""
-    fs, root = storage.url_to_fs(path)
-    manifest = storage.read_manifest(path)
-    if manifest is not None:
-        return fs, [storage.join(root, f) for f in manifest["files"]], manifest
-    if not allow_incomplete:
-        raise UsageError(f"{path}: no {storage.MANIFEST}, the output is incomplete (a job still running or "
-                         "stopped); rerun the command that writes it, or pass allow_incomplete=True")
-    files = sorted(p for p in fs.glob(storage.join(root, "*.parquet")))
+def _files(path: str, allow_incomplete: bool) -> tuple[Any, list[str], Optional[Manifest]]:
+    """(filesystem, data files, manifest or None) of an mmbatch output folder (mmbatch.manifest.data_files)."""
+    fs, files, manifest = data_files(path, allow_incomplete)
     if not files:
         raise UsageError(f"{path}: no Parquet files")
-    return fs, files, None
+    return fs, files, manifest
 
 
 def read_canonical(path: str, *, columns: Optional[list[str]] = None, allow_incomplete: bool = False, **kwargs):
@@ -77,8 +71,8 @@ def read_fused(path: str, *, columns: Optional[list[str]] = None, allow_incomple
     from mmbatch.provenance import check_fused_uri
 
     fs, files, manifest = _files(path, allow_incomplete)
-    if manifest is not None and manifest.get("kind") != "fused":
-        raise UsageError(f"{path}: not a fused output (manifest kind {manifest.get('kind')!r}); "
+    if manifest is not None and manifest.kind != "fused":
+        raise UsageError(f"{path}: not a fused output (manifest kind {manifest.kind!r}); "
                          "use read_canonical for what `mmbatch ingest` wrote")
     check_fused_uri(path, allow_incomplete=allow_incomplete)
     return _read(files, fs, columns, kwargs)

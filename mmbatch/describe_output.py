@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 
 from mmbatch import storage
 from mmbatch.errors import UsageError
+from mmbatch.manifest import data_files
 from mmbatch.schema import MODALITIES, read_mmbatch_meta
 
 _COUNT_COLUMNS = ("split", "label", "label_name", "reason", "source")
@@ -21,14 +22,11 @@ def describe(path: str, allow_incomplete: bool = False) -> dict:
     """Schema, row count, counts per split/label, modality presence and stored metadata. A fused
     folder must be complete and consistent (mmbatch.provenance.check_fused) unless ``allow_incomplete``."""
     fs, root = storage.url_to_fs(path)
-    if fs.isfile(root):
-        files = [root]
-        manifest = None
-    else:
-        if not fs.exists(root):
-            raise UsageError(f"{path} does not exist")
-        files = storage.list_parquet(fs, root)
-        manifest = storage.read_json(fs, storage.join(root, storage.MANIFEST))
+    if not fs.exists(root):
+        raise UsageError(f"{path} does not exist")
+    # what is on disk, as it is: a fused folder is checked against its manifest below
+    fs, files, m = data_files(path, allow_incomplete=True)
+    manifest = m.to_dict() if m is not None else None
     if not files:
         raise UsageError(f"{path}: no Parquet files (is it an mmbatch output folder?)")
     schema = pq.read_schema(files[0], filesystem=fs)

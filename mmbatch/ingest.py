@@ -35,6 +35,7 @@ from mmbatch import ownership, progress, schema, storage
 from mmbatch.commit import CommitRecord, Committer, write_table
 from mmbatch.dedup.signatures import HASH_NAME, add_content_hashes
 from mmbatch.errors import UsageError
+from mmbatch.manifest import Manifest
 from mmbatch.sources import KINDS, common, source_module
 
 log = logging.getLogger("mmbatch.ingest")
@@ -294,6 +295,50 @@ def _run_shards(pending: list[ShardTask], ctx: dict, on_result, max_workers: int
               label=f"mmbatch ingest {ctx['kind']}")
 
 
+def _summary(kind: str, input: str, out: str, plan, shards: list[ShardTask], records: dict[str, CommitRecord],
+             problems: list, skipped: int, t0: float) -> IngestSummary:
+    """The run's counts, from the commit records of its shards and the planning-time problems."""
+    splits: Counter = Counter()
+    labels: Counter = Counter()
+    reasons: Counter = Counter(p.reason for p in problems)
+    ingested = quarantined = 0
+    for t in shards:
+        r = records[t.shard_id]
+        ingested += r.rows
+        quarantined += r.quarantined
+        splits.update(r.counts.get("split") or {})
+        labels.update(r.counts.get("label") or {})
+        reasons.update(r.reasons)
+    quarantined += len(problems)
+    rows_in = sum(len(t.samples) for t in shards) + len(problems)
+    if rows_in != ingested + quarantined:
+        raise RuntimeError(f"ingest bug: rows_in {rows_in} != ingested {ingested} + quarantined {quarantined}")
+    return IngestSummary(kind=kind, input=input, out=out, rows_in=rows_in, ingested=ingested,
+                         quarantined=quarantined, shards_total=len(shards), shards_skipped=skipped,
+                         splits=dict(splits), labels=dict(labels), reasons=dict(reasons),
+                         skipped=dict(plan.skipped), elapsed=time.time() - t0)
+
+
+def ingest_manifest(s: IngestSummary, opts: IngestOptions, plan, shards: list[ShardTask],
+                    records: dict[str, CommitRecord], qrows: list[dict]) -> Manifest:
+    """The canonical folder's manifest (mmbatch.manifest): its data shards, counts and the run's facts."""
+    return Manifest(
+        stage="ingest", kind=s.kind,
+        files=[f"{t.shard_id}.parquet" for t in shards],
+        counts={"split": s.splits, "label": s.labels, "quarantine_reasons": s.reasons, **s.skipped},
+        extra={
+            "input": s.input, "options": asdict(opts),
+            "rows_in": s.rows_in, "ingested": s.ingested, "quarantined": s.quarantined,
+            "input_fingerprint": storage.fingerprint([t.fingerprint for t in shards] + qrows),
+            "mmbatch_version": mmbatch.__version__, "schema_version": schema.SCHEMA_VERSION,
+            "quarantine_files": [f"{storage.QUARANTINE_DIR}/{PLANNING_QUARANTINE}.parquet"] + sorted(
+                f for t in shards for f in records[t.shard_id].files if f.startswith(storage.QUARANTINE_DIR)),
+            "info": plan.info,
+            "shards_total": s.shards_total, "shards_skipped": s.shards_skipped,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "elapsed_s": round(s.elapsed, 3),
+        })
+
+
 # --- the stage ----------------------------------------------------------------------------
 def run_ingest(kind: str, input: str, out: str, opts: IngestOptions | None = None,
                address: str | None = None, echo: bool = True, max_workers: int | None = None) -> IngestSummary:
@@ -346,41 +391,8 @@ def run_ingest(kind: str, input: str, out: str, opts: IngestOptions | None = Non
             _run_shards(pending, ctx, on_result, max_workers)
     storage.clean_tmp(fs, out_path)
 
-    splits: Counter = Counter()
-    labels: Counter = Counter()
-    reasons: Counter = Counter(p.reason for p in problems)
-    ingested = quarantined = 0
-    for t in shards:
-        r = records[t.shard_id]
-        ingested += r.rows
-        quarantined += r.quarantined
-        splits.update(r.counts.get("split") or {})
-        labels.update(r.counts.get("label") or {})
-        reasons.update(r.reasons)
-    quarantined += len(problems)
-    rows_in = sum(len(t.samples) for t in shards) + len(problems)
-    if rows_in != ingested + quarantined:
-        raise RuntimeError(f"ingest bug: rows_in {rows_in} != ingested {ingested} + quarantined {quarantined}")
-
-    summary = IngestSummary(kind=kind, input=input, out=out, rows_in=rows_in, ingested=ingested,
-                            quarantined=quarantined, shards_total=len(shards), shards_skipped=skipped,
-                            splits=dict(splits), labels=dict(labels), reasons=dict(reasons),
-                            skipped=dict(plan.skipped), elapsed=time.time() - t0)
-    manifest = {
-        "stage": "ingest", "kind": kind, "input": input, "options": asdict(opts),
-        "rows_in": rows_in, "ingested": ingested, "quarantined": quarantined,
-        "counts": {"splits": dict(splits), "labels": dict(labels), "quarantine_reasons": dict(reasons),
-                   **{k: v for k, v in plan.skipped.items()}},
-        "input_fingerprint": storage.fingerprint([t.fingerprint for t in shards] + qrows),
-        "mmbatch_version": mmbatch.__version__, "schema_version": schema.SCHEMA_VERSION,
-        "files": [f"{t.shard_id}.parquet" for t in shards],   # the data shards, as in every mmbatch manifest
-        "quarantine_files": [f"{storage.QUARANTINE_DIR}/{PLANNING_QUARANTINE}.parquet"] + sorted(
-            f for t in shards for f in records[t.shard_id].files if f.startswith(storage.QUARANTINE_DIR)),
-        "info": plan.info,
-        "shards_total": len(shards), "shards_skipped": skipped,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "elapsed_s": round(summary.elapsed, 3),
-    }
-    storage.write_json(fs, storage.join(out_path, storage.MANIFEST), manifest)
+    summary = _summary(kind, input, out, plan, shards, records, problems, skipped, t0)
+    ingest_manifest(summary, opts, plan, shards, records, qrows).write(fs, out_path)
     storage.clean_tmp(fs, out_path)          # the temp dirs of the manifest's and markers' atomic writes
     if echo:
         print(summary.render())

@@ -31,6 +31,7 @@ import pyarrow as pa
 
 from mmbatch import storage
 from mmbatch.errors import UsageError
+from mmbatch.manifest import Manifest
 
 log = logging.getLogger("mmbatch.provenance")
 
@@ -184,16 +185,16 @@ def check_fused(fs, root: str, allow_incomplete: bool = False) -> dict:
     """
     files = storage.list_parquet(fs, root)
     names = [f.rstrip("/").rsplit("/", 1)[-1] for f in files]
-    manifest = storage.read_json(fs, storage.join(root, storage.MANIFEST))
+    manifest = Manifest.read_at(fs, root)
     problems: list[str] = []
     if manifest is None:
         problems.append(f"{root} has no {storage.MANIFEST}: the preprocess run that writes it did not finish "
                         f"({len(files)} data file(s) present); rerun preprocess")
         want_meta, want_fps = None, {}
     else:
-        want_meta = manifest.get("metadata") or {}
+        want_meta = manifest.metadata
         want_fps = manifest.get("unit_fingerprints") or {}
-        listed = set(manifest.get("files") or [])
+        listed = set(manifest.files or [])
         missing, extra = sorted(listed - set(names)), sorted(set(names) - listed)
         if missing:
             problems.append(f"{len(missing)} file(s) the manifest lists are missing: {_few(missing)}; rerun preprocess")

@@ -447,9 +447,3 @@ def remove_manifest(fs, out_dir: str) -> None:
     path = join(out_dir, MANIFEST)
     if fs.exists(path):
         fs.rm(path)
-
-
-def read_manifest(uri: str) -> dict | None:
-    fs, path = url_to_fs(uri)
-    return read_json(fs, join(path, MANIFEST))
-

@@ -177,9 +177,9 @@ def read_rows(out) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from mmbatch import storage
+    from mmbatch.manifest import Manifest
 
-    m = storage.read_manifest(str(out))
+    m = Manifest.read(str(out)).to_dict()
     t = pa.concat_tables([pq.read_table(str(Path(out) / f)) for f in m["files"]])
     return {r["sample_id"]: r for r in t.to_pylist()}
 

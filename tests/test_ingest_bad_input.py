@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 
 from corpora_ingest import TIMIT, flac, imagenet_train, jpeg, png_bomb, read_quarantine, read_rows, timit, write
-from mmbatch import storage
+from mmbatch.manifest import Manifest
 from mmbatch.cli import main
 from mmbatch.errors import UsageError
 from mmbatch.ingest import IngestOptions, plan_ingest, run_ingest
@@ -47,7 +47,7 @@ def test_imagenet_bad_files(ray_session, tmp_path):
     rows = read_rows(out)
     assert "truncated" in rows and "inside_link" in rows
     assert rows["n01000001_10"]["wnid"] == "n01000001"
-    m = storage.read_manifest(str(out))
+    m = Manifest.read(str(out)).to_dict()
     assert m["rows_in"] == m["ingested"] + m["quarantined"] == 14
     assert Counter(m["counts"]["quarantine_reasons"]) == Counter(got.values())
 
@@ -130,7 +130,7 @@ def test_cli_exit_codes(ray_session, tmp_path, capsys):
     imagenet_train(clean, per_class=1)
     assert main(["ingest", "imagenet", str(clean), "--out", str(tmp_path / "o1")]) == 0
     assert "ingested" in capsys.readouterr().out
-    assert storage.read_manifest(str(tmp_path / "o1"))["ingested"] == 3
+    assert Manifest.read(str(tmp_path / "o1")).to_dict()["ingested"] == 3
 
     dirty = tmp_path / "dirty"
     imagenet_train(dirty, per_class=1)

@@ -11,7 +11,7 @@ import pytest
 import soundfile as sf
 
 from corpora_ingest import flac, jpeg, read_rows, write
-from mmbatch import storage
+from mmbatch.manifest import Manifest
 from mmbatch.errors import UsageError
 from mmbatch.ingest import IngestOptions, run_ingest
 from mmbatch.sources import hf, manifest
@@ -72,7 +72,7 @@ def test_save_to_disk_dataset_and_dict(ray_session, tmp_path):
         frames = sf.info(io.BytesIO(r["audio"]["bytes"])).frames
         assert r["num_samples"] == frames and r["duration"] == pytest.approx(frames / 16000)
         assert json.loads(r["extra"])["score"] == 0.5 * i                      # unmapped scalar -> extra
-    assert storage.read_manifest(str(out))["info"]["label_names"] == CLASSES
+    assert Manifest.read(str(out)).to_dict()["info"]["label_names"] == CLASSES
 
     dd = datasets.DatasetDict({"train": hf_dataset(4), "test": hf_dataset(2, offset=10)})
     dd.save_to_disk(str(tmp_path / "dict"))
@@ -105,7 +105,7 @@ def test_save_to_disk_in_shards_row_by_row(ray_session, tmp_path):
         assert r["text"] == f"utterance number {i}" and json.loads(r["extra"])["uid"] == uid
         assert (r["label"], r["label_name"]) == (i % 3, CLASSES[i % 3])
         assert r["image"]["bytes"] == jpeg(seed=i, c=i % 4) and r["audio"]["bytes"] == flac(seed=i, seconds=0.25 + 0.05 * i)
-    assert storage.read_manifest(str(out))["info"]["label_names"] == CLASSES
+    assert Manifest.read(str(out)).to_dict()["info"]["label_names"] == CLASSES
     # the same folder again: nothing changed, every shard is skipped
     again = run_ingest("hf", str(tmp_path / "sharded"), str(out), IngestOptions(), echo=False)
     assert again.ingested == 7 and again.shards_skipped == again.shards_total
@@ -176,7 +176,7 @@ def test_manifest_csv_paths_and_hf_load(ray_session, tmp_path):
     assert rows["s2"]["audio"] is None and rows["s3"]["image"] is None
 
     # HF datasets reads the output with Image/Audio features and decodes them
-    files = [str(out / f) for f in storage.read_manifest(str(out))["files"]]
+    files = [str(out / f) for f in Manifest.read(str(out)).to_dict()["files"]]
     d = datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=str(tmp_path / "hf"))
     assert type(d.features["image"]).__name__ == "Image" and type(d.features["audio"]).__name__ == "Audio"
     by_id = {sid: i for i, sid in enumerate(d["sample_id"])}

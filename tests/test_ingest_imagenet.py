@@ -10,6 +10,7 @@ import pytest
 from corpora_ingest import (DEVKIT_IDS, NAMES, SORTED_WNIDS, WNIDS, imagenet_devkit, imagenet_kaggle, jpeg,
                             meta_mat, read_rows)
 from mmbatch import schema, storage
+from mmbatch.manifest import Manifest
 from mmbatch.ingest import IngestOptions, run_ingest
 from mmbatch.sources import imagenet
 
@@ -51,7 +52,7 @@ def test_kaggle_layout_labels_rerun_and_hf_features(ray_session, tmp_path):
     assert rows["ILSVRC2012_val_00000001"]["label"] == 2 and rows["ILSVRC2012_val_00000002"]["label"] == 0
     assert json.loads(rows["ILSVRC2012_val_00000001"]["extra"])["image_format"] == "JPEG"
 
-    manifest = storage.read_manifest(str(out))
+    manifest = Manifest.read(str(out)).to_dict()
     assert manifest["ingested"] == 9 and manifest["info"]["classes"] == SORTED_WNIDS
     assert manifest["schema_version"] == schema.SCHEMA_VERSION
     assert sorted(os.listdir(out / storage.QUARANTINE_DIR)) == ["planning.parquet"]
@@ -113,7 +114,7 @@ def test_foldered_val_and_bare_class_tree(ray_session, tmp_path):
     # fewer, bigger shards next time: the old ones are removed, only the new plan's files remain
     s_again = run_ingest("imagenet", str(base), str(out), IngestOptions(), echo=False)
     assert s_again.shards_total < s.shards_total and s_again.ingested == 12
-    m = storage.read_manifest(str(out))
+    m = Manifest.read(str(out)).to_dict()
     assert sorted(p.name for p in out.glob("*.parquet")) == sorted(m["files"])
     assert sorted(p.stem for p in (out / storage.SHARDS_DIR).glob("*.json")) == \
         sorted(f[:-len(".parquet")] for f in m["files"])
@@ -143,7 +144,7 @@ def test_val_only_download_with_the_devkit_takes_classes_from_meta_mat(ray_sessi
     s = run_ingest("imagenet", str(root), str(out), IngestOptions(), echo=False)
     assert (s.rows_in, s.ingested, s.quarantined) == (5, 5, 0)
     classes = sorted(ids.values())
-    assert storage.read_manifest(str(out))["info"]["classes"] == classes
+    assert Manifest.read(str(out)).to_dict()["info"]["classes"] == classes
     rows = read_rows(out)
     for n, i in enumerate(gt, start=1):
         r = rows[f"ILSVRC2012_val_{n:08d}"]

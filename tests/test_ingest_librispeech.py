@@ -8,6 +8,7 @@ import soundfile as sf
 
 from corpora_ingest import read_rows
 from mmbatch import storage
+from mmbatch.manifest import Manifest
 from mmbatch.ingest import IngestOptions, run_ingest
 from mmbatch.sources import librispeech
 from mmbatch.sources.common import Reject
@@ -75,7 +76,7 @@ def test_librispeech_corpus_and_part_folder(ray_session, tmp_path):
     (out / storage.SHARDS_DIR / "part-00001.json").unlink()
     s_resume = run_ingest("librispeech", str(base), str(out), IngestOptions(), echo=False)
     assert (s_resume.shards_total - s_resume.shards_skipped, s_resume.ingested) == (1, 12)
-    assert storage.read_manifest(str(out))["ingested"] == 12
+    assert Manifest.read(str(out)).to_dict()["ingested"] == 12
 
     # INPUT = one part folder: SPEAKERS.TXT is found next to it
     out2 = tmp_path / "out2"

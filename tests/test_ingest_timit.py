@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from corpora_ingest import PHN, TIMIT, TIMIT_UTTS, read_rows, timit
-from mmbatch import storage
+from mmbatch.manifest import Manifest
 from mmbatch.ingest import IngestOptions, run_ingest
 from mmbatch.media import decode_audio, is_sphere
 from mmbatch.sources import sphere
@@ -92,7 +92,7 @@ def test_ldc_upper_case(ray_session, tmp_path):
     assert s.splits == {"train": 4, "dev": 2, "test": 2}
     assert s.skipped == {"skipped_sa": 4, "skipped_non_core": 3, "skipped_riff_copies": 0}
     check_rows(read_rows(out), facts, 61, include_sa=False)
-    m = storage.read_manifest(str(out))
+    m = Manifest.read(str(out)).to_dict()
     assert m["counts"]["skipped_non_core"] == 3 and m["counts"]["skipped_sa"] == 4 and m["rows_in"] == 8
     assert "q" in [p["symbol"] for p in read_rows(out)["FCJF0-SX101"]["phones"]]
 

@@ -42,7 +42,7 @@ from faults import (
     wav_bytes,
 )
 
-from mmbatch import storage
+from mmbatch.manifest import Manifest
 from mmbatch.config import workflow_from_dict
 from mmbatch.fusion import embeddings_to_numpy
 from mmbatch.ingest import IngestOptions, run_ingest
@@ -330,7 +330,7 @@ def test_killed_ingest_driver_resumes_without_recomputing(ray_session, tmp_path,
     watcher.stop()
 
     counts = summary_counts(capsys.readouterr().out)
-    manifest = storage.read_manifest(str(out))
+    manifest = Manifest.read(str(out)).to_dict()
     assert counts == {"total": manifest["shards_total"], "skipped": manifest["shards_skipped"]}
     assert counts["total"] == 20 and counts["skipped"] == len(committed)
     assert _mtimes(data_files) == before
@@ -467,7 +467,7 @@ def test_hostile_input_end_to_end(ray_session, tmp_path):
     pre_q = Counter(f.split("--")[0] for f in os.listdir(out / "quarantine") if f.endswith(".parquet")
                     for _ in range(pq.read_metadata(out / "quarantine" / f).num_rows))
     for name, n_in in (("hostile", n_manifest), ("speech", 3)):
-        im = storage.read_manifest(str(ing[name]))
+        im = Manifest.read(str(ing[name])).to_dict()
         n_fused = sum(t.num_rows for f, t in read_tables(out).items() if f.startswith(name + "--"))
         assert im["rows_in"] == n_in == n_fused + im["quarantined"] + pre_q[name], (name, im, pre_q)
     assert pre["rows_in"] == pre["features_rows"] + pre["quarantined"] and pre["rows"] == pre["features_rows"]

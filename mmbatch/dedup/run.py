@@ -25,6 +25,7 @@ from mmbatch import schema, storage
 from mmbatch.dedup import candidates as cand
 from mmbatch.dedup import signatures as sig
 from mmbatch.errors import UsageError
+from mmbatch.manifest import data_files
 from mmbatch.schema import normalize_split
 
 log = logging.getLogger("mmbatch.dedup")
@@ -54,11 +55,12 @@ class Shard:
 
 
 def list_shards(datasets: list[str]) -> list[Shard]:
-    """Canonical Parquet shards of each dataset; the dataset name is its folder's name."""
+    """Canonical Parquet shards of each dataset (a folder's committed data files, with or without a manifest:
+    mmbatch.manifest.data_files, or a single file); the dataset name is its folder's name."""
     shards, names = [], set()
     for uri in datasets:
-        fs, root = storage.url_to_fs(uri)
-        files = [root] if fs.isfile(root) else storage.list_parquet(fs, root)
+        fs, files, _ = data_files(uri, allow_incomplete=True)
+        root = storage.url_to_fs(uri)[1]
         if not files:
             raise UsageError(f"{uri}: no Parquet shards (is it a canonical folder written by `mmbatch ingest`?)")
         name = root.rstrip("/").rsplit("/", 1)[-1] or "dataset"

@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 from mmbatch import storage
 from mmbatch.config import DatasetConfig, Workflow
 from mmbatch.errors import UsageError
+from mmbatch.manifest import Manifest
 from mmbatch.schema import MODALITIES, normalize_split
 
 FEATURES_DIR = "_features"      # per-modality features of pairing partners (read by the primary's units)
@@ -118,13 +119,13 @@ def plan_dataset(ds: DatasetConfig) -> DatasetPlan:
     fs, root = storage.url_to_fs(ds.path)
     if not fs.exists(root):
         raise UsageError(f"dataset '{ds.name}': path {ds.path} does not exist (run `mmbatch ingest` first)")
-    # with their scheme: a unit's path travels to a worker, which must not take s3://b/k for a local b/k
-    files = [storage.uri(fs, f) for f in storage.list_parquet(fs, root)]
-    if not files:
-        raise UsageError(f"dataset '{ds.name}': no Parquet shards under {ds.path}")
-    manifest = storage.read_json(fs, storage.join(root, storage.MANIFEST))
+    manifest = Manifest.read_at(fs, root)
     if manifest is None:
         raise UsageError(f"dataset '{ds.name}': {ds.path} has no _manifest.json: the ingest did not finish")
+    # with their scheme: a unit's path travels to a worker, which must not take s3://b/k for a local b/k
+    files = [storage.uri(fs, f) for f in manifest.paths(fs, root)]
+    if not files:
+        raise UsageError(f"dataset '{ds.name}': no Parquet shards under {ds.path}")
     modalities = _dataset_modalities(fs, files, ds)
     if ds.complete and not ds.modalities:
         from mmbatch.convert.transforms import KINDS
@@ -139,7 +140,7 @@ def plan_dataset(ds: DatasetConfig) -> DatasetPlan:
         info = fs.info(f) if marker is None else {}
         input_fps[f] = marker["fingerprint"] if marker else [info.get("size"), str(info.get("mtime", ""))]
         row_groups[f] = row_group_sizes(fs, f)
-    split_counts = dict((manifest.get("counts") or {}).get("splits") or {})
+    split_counts = dict(manifest.counts.get("split") or {})
     columns = [*META_COLS, *modalities]
     if label_map:
         columns.append(label_map["column"])

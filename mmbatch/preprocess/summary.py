@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from mmbatch import __version__, storage
 from mmbatch.commit import CommitRecord
+from mmbatch.manifest import Manifest
 
 
 @dataclass
@@ -66,33 +67,34 @@ class PreprocessSummary:
 
 
 def write_manifest(fs, out_root: str, records: list[CommitRecord], summary: PreprocessSummary,
-                   meta: dict, t0: float, workflow_hash: str = "") -> dict:
+                   meta: dict, t0: float, workflow_hash: str = "") -> Manifest:
     """``_manifest.json`` from the fused units' records of this run's plan (no data file is read): what
     readers check the data files against (mmbatch.provenance.check_fused)."""
     counts: dict[str, Counter] = {"split": Counter(), "label": Counter(), "presence": Counter()}
     for r in records:
         for k in counts:
             counts[k].update(r.counts.get(k, {}))
-    manifest = {
-        "kind": "fused", "mmbatch_version": __version__, "rows": summary.rows_out, "rows_in": summary.rows_in,
-        "features_rows": summary.features_rows, "quarantined": summary.quarantined,
-        "quarantine_reasons": summary.quarantine_reasons, "dropped": summary.dropped,
-        "quarantine_files": sorted(summary.quarantine_files),
-        "counts": {k: dict(v) for k, v in counts.items()},
-        "files": sorted(f for r in records for f in r.files),
-        "fingerprint": summary.fingerprint,
-        "unit_fingerprints": {f: r.fingerprint for r in records for f in r.files},
-        "workflow_hash": workflow_hash,
-        "metadata": meta,
-        "shards": {"processed": summary.shards_processed, "skipped": summary.shards_skipped,
-                   "fused_processed": summary.fused_processed, "fused_skipped": summary.fused_skipped},
-        "stages": {k: {"rows": v.rows, "busy_seconds": round(v.seconds, 3)} for k, v in summary.stages.items()},
-        "placement": storage.jsonable(summary.placement),
-        "driver_cpu_seconds": round(summary.driver_cpu_s, 3),
-        **({"leakage": summary.leakage} if summary.leakage else {}),
-        "elapsed_seconds": round(time.time() - t0, 3),
-    }
-    storage.write_json(fs, storage.join(out_root, storage.MANIFEST), manifest)
+    manifest = Manifest(
+        stage="preprocess", kind="fused",
+        files=sorted(f for r in records for f in r.files),
+        counts={**{k: dict(v) for k, v in counts.items()}, "quarantine_reasons": summary.quarantine_reasons},
+        metadata=meta,
+        extra={
+            "mmbatch_version": __version__, "rows": summary.rows_out, "rows_in": summary.rows_in,
+            "features_rows": summary.features_rows, "quarantined": summary.quarantined, "dropped": summary.dropped,
+            "quarantine_files": sorted(summary.quarantine_files),
+            "fingerprint": summary.fingerprint,
+            "unit_fingerprints": {f: r.fingerprint for r in records for f in r.files},
+            "workflow_hash": workflow_hash,
+            "shards": {"processed": summary.shards_processed, "skipped": summary.shards_skipped,
+                       "fused_processed": summary.fused_processed, "fused_skipped": summary.fused_skipped},
+            "stages": {k: {"rows": v.rows, "busy_seconds": round(v.seconds, 3)} for k, v in summary.stages.items()},
+            "placement": storage.jsonable(summary.placement),
+            "driver_cpu_seconds": round(summary.driver_cpu_s, 3),
+            **({"leakage": summary.leakage} if summary.leakage else {}),
+            "elapsed_seconds": round(time.time() - t0, 3),
+        })
+    manifest.write(fs, out_root)
     return manifest
 
 

@@ -16,7 +16,6 @@ Three layers, so tests and the scoring path can use them without Ray:
 from __future__ import annotations
 
 import logging
-import posixpath
 from dataclasses import dataclass, field
 from typing import Mapping, Optional, Sequence
 
@@ -26,6 +25,7 @@ import pyarrow.parquet as pq
 
 from mmbatch import schema, storage
 from mmbatch.errors import UsageError
+from mmbatch.manifest import Manifest, data_files
 from mmbatch.splits import (assign_splits, final_plan, normalized_splits, row_uniform, split_plan,  # noqa: F401
                             splits_are_final)
 from mmbatch.training.sequences import sequence_column_names, sequence_dims, sequence_input
@@ -117,17 +117,14 @@ def _column_or_none(table: pa.Table, name: str) -> list:
 
 # --- files -------------------------------------------------------------------------------------
 def parquet_files(uri: str) -> tuple[object, list[str]]:
-    """(fsspec filesystem, data files) of a fused Parquet folder or single file."""
+    """(fsspec filesystem, data files) of a fused Parquet folder or single file: the files committed on
+    disk (mmbatch.manifest.data_files). Train and evaluate check the folder against its manifest first
+    (mmbatch.provenance.check_fused), so these are the files the manifest names unless an incomplete
+    folder was allowed."""
     fs, path = storage.url_to_fs(uri)
     if not fs.exists(path):
         raise UsageError(f"fused feature data not found: {uri}")
-    if fs.isfile(path):
-        return fs, [path]
-    files = storage.list_parquet(fs, path)
-    if not files:  # partitioned layouts: look one level down, skipping _tmp/_shards/quarantine
-        files = sorted(p for p in fs.glob(posixpath.join(path, "**", "*.parquet"))
-                       if not any(part.startswith(("_", ".")) or part == storage.QUARANTINE_DIR
-                                  for part in posixpath.relpath(p, path).split("/")))
+    fs, files, _ = data_files(uri, allow_incomplete=True)
     if not files:
         raise UsageError(f"no Parquet files under {uri} (expected fused features written by `mmbatch preprocess`)")
     return fs, files
@@ -178,6 +175,7 @@ class FusedData:
     counts: dict[str, dict[str, int]] = field(default_factory=dict)   # split -> class name -> rows
     dropped_unlabeled: int = 0
     fingerprint: str = ""
+    leakage: Optional[dict] = None   # validation/test rows duplicating train (the manifest's, preprocess dedup.leakage)
 
     @classmethod
     def open(cls, uri: str, seed: int = 0, val_fraction: float = 0.15,
@@ -190,7 +188,7 @@ class FusedData:
         if not dims:
             raise UsageError(f"{uri}: no <modality>_emb columns: not fused feature data")
         meta = schema.read_mmbatch_meta(sch)
-        manifest = storage.read_manifest(uri) if not uri.endswith(".parquet") else None
+        manifest = Manifest.read(uri) if not uri.endswith(".parquet") else None
         light = read_table(uri, LIGHT_COLUMNS)
         raw_splits = light.column("split").to_pylist()
         plan = data_split_plan(meta, manifest, raw_splits, val_fraction, test_fraction)
@@ -219,10 +217,11 @@ class FusedData:
         if sum(counts["train"].values()) == 0:
             raise UsageError(f"{uri}: no training rows after the split (plan: {plan})")
         fs, files = parquet_files(uri)
-        fp = storage.fingerprint({"manifest": manifest or [(f, fs.size(f)) for f in files],
+        fp = storage.fingerprint({"manifest": manifest.to_dict() if manifest else [(f, fs.size(f)) for f in files],
                                   "meta": meta, "counts": counts})
         return cls(uri=uri, meta=meta, dims=dims, classes=classes, plan=plan, seed=seed,
-                   counts=counts, dropped_unlabeled=dropped, fingerprint=fp)
+                   counts=counts, dropped_unlabeled=dropped, fingerprint=fp,
+                   leakage=manifest.get("leakage") if manifest else None)
 
     # -- facts for the model spec and the report
     @property
@@ -279,12 +278,12 @@ class FusedData:
                                  max_rows=max_rows)
 
 
-def data_split_plan(meta: Optional[Mapping], manifest: Optional[Mapping], raw_splits: Sequence[Optional[str]],
+def data_split_plan(meta: Optional[Mapping], manifest: Optional[Manifest], raw_splits: Sequence[Optional[str]],
                     val_fraction: float, test_fraction: float) -> dict:
     """The split plan of fused data: ``final`` (read the split column as is) when its Parquet
     metadata or its manifest's ``metadata`` says ``"splits_final": true``, else decided from
     the split values it has (:func:`split_plan`)."""
-    if splits_are_final(meta) or splits_are_final((manifest or {}).get("metadata")):
+    if splits_are_final(meta) or splits_are_final(manifest.metadata if manifest else None):
         return final_plan()
     return split_plan(normalized_splits(raw_splits), val_fraction, test_fraction)
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from mmbatch import schema, storage
 from mmbatch.errors import UsageError
+from mmbatch.manifest import Manifest
 
 log = logging.getLogger("mmbatch.training")
 
@@ -172,7 +173,7 @@ def evaluate_model(model_dir: str, data_path: str, split: str = "test", allow_in
     # final splits are read as they are; otherwise the plan depends on which split values the
     # data has: same rule, same seed as training
     raw_splits = read_table(data_path, ["split"]).column("split").to_pylist()
-    manifest = storage.read_manifest(data_path) if not data_path.endswith(".parquet") else None
+    manifest = Manifest.read(data_path) if not data_path.endswith(".parquet") else None
     plan = data_split_plan(schema.read_mmbatch_meta(sch), manifest, raw_splits,
                            sp.get("val_fraction", 0.15), sp.get("test_fraction", 0.15))
     class_ids = [c["id"] for c in spec["classes"]]

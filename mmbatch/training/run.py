@@ -408,7 +408,7 @@ def make_summary(fused: TrainResult, data: FusedData, base: dict[str, TrainResul
         "unscorable_splits": data.unscorable(),
         "mmbatch_version": mmbatch.__version__,
         # validation/test rows duplicating train (preprocess dedup.leakage), when that was checked
-        "leakage": (storage.read_manifest(data.uri) or {}).get("leakage") if not data.uri.endswith(".parquet") else None,
+        "leakage": data.leakage,
     }
     summary["gain"] = report.fusion_gain(summary)
     return summary
