@@ -96,6 +96,23 @@ def url_to_fs(uri: str):
     return fs, path
 
 
+def read_bytes(uri: str) -> bytes:
+    """The bytes of a local path or fsspec URI (s3://, gs://, file://, ...), read through
+    :func:`url_to_fs` (so with the options :func:`configure` set for its scheme)."""
+    fs, path = url_to_fs(uri)
+    return fs.cat_file(path)
+
+
+def modified(info: dict) -> Any:
+    """What changes when a file's bytes do, from its fsspec ``info``: the modification time (local,
+    S3, GCS, ...) or, where a store gives none, its ETag / MD5; None when the store gives neither."""
+    for k in ("mtime", "LastModified", "last_modified", "updated", "ETag", "etag", "md5Hash"):
+        if info.get(k) is not None:
+            v = info[k]
+            return v if isinstance(v, (int, float, str)) else str(v)
+    return None
+
+
 def uri(fs, path: str) -> str:
     """``path`` of ``fs`` with its scheme (``s3://bucket/key``); a local path as it is. A path handed
     to another process (a unit's input, a partner's file) must carry its scheme: without it, the

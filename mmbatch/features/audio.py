@@ -49,7 +49,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from mmbatch import media
+from mmbatch import media, storage
 from mmbatch.features.base import Decoded, Error, Extractor
 from mmbatch.runtime import pin_threads
 
@@ -578,8 +578,7 @@ class AudioCNNExtractor(AudioExtractor):
             p["init"] = f"random(seed={self.seed})"
         else:
             if self._weights_sha256 is None:
-                from mmbatch.features.resnet import read_bytes
-                self._weights_sha256 = hashlib.sha256(read_bytes(self.weights)).hexdigest()
+                self._weights_sha256 = hashlib.sha256(storage.read_bytes(self.weights)).hexdigest()
             p["weights_sha256"] = self._weights_sha256
         return p
 

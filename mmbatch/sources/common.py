@@ -132,14 +132,6 @@ class Listing:
     problems: list[Problem]
 
 
-def _mtime(info: dict) -> Any:
-    for k in ("mtime", "LastModified", "last_modified", "updated", "ETag", "etag", "md5Hash"):
-        if info.get(k) is not None:
-            v = info[k]
-            return v if isinstance(v, (int, float, str)) else str(v)
-    return None
-
-
 def resolve_root(uri: str) -> tuple[Any, str]:
     """(fs, root path) for INPUT; UsageError when it does not exist."""
     fs, root = storage.url_to_fs(uri)
@@ -207,7 +199,7 @@ def list_tree(fs, root: str, *, allow_outside: bool = False, exclude: Iterable[s
                 continue
             if info.get("type") == "directory":
                 continue
-            files[rel] = Entry(rel, int(info.get("size") or 0), _mtime(info))
+            files[rel] = Entry(rel, int(info.get("size") or 0), storage.modified(info))
 
     walk(root, "")
     return Listing(root=root, files=files, problems=problems)
@@ -448,8 +440,7 @@ def fetch(fs, paths: list[str], chunk: int = 64, max_bytes: int | None = None) -
                 out[p] = got.get(p, got.get(fs._strip_protocol(p), FileNotFoundError(p)))
     for p in urls:
         try:
-            rfs, rp = storage.url_to_fs(p)
-            out[p] = rfs.cat_file(rp)
+            out[p] = storage.read_bytes(p)
         except Exception as e:
             out[p] = e
     if max_bytes is not None:

@@ -207,7 +207,7 @@ def plan(uri: str, opts, exclude=()) -> Plan:
         root = posixpath.dirname(root)
         info = fs.info(posixpath.join(root, only))
         listing = common.Listing(root, {only: common.Entry(only, int(info.get("size") or 0),
-                                                          common._mtime(info))}, [])
+                                                          storage.modified(info))}, [])
     else:
         listing = common.list_tree(fs, root, allow_outside=opts.allow_outside, exclude=exclude)
     files = listing.files

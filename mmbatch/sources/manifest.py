@@ -245,7 +245,7 @@ def _outside(fs, path: str, role: str, sid: str):
             info = fs.info(path)
     except FileNotFoundError:
         return None, None, Problem(common.MISSING_FILE, f"{role} file {path} not found", path=path, sample_id=sid)
-    return path, common.Entry(path, int(info.get("size") or 0), common._mtime(info)), None
+    return path, common.Entry(path, int(info.get("size") or 0), storage.modified(info)), None
 
 
 # --- reading --------------------------------------------------------------------------------

@@ -242,7 +242,7 @@ def train_one(wf: Workflow, data: FusedData, mods: list[str], name: str,
     run_dir = storage.join(storage_root(t.out), name)
     model_dir = storage.join(run_dir, "model")
     spec = model_spec(wf, data, mods, name)
-    blob = _read_bytes(storage.join(warm_start, MODEL_FILE)) if warm_start else None
+    blob = _warm_start_bytes(storage.join(warm_start, MODEL_FILE)) if warm_start else None
     spec["fingerprint"] = fp = run_fingerprint(spec, blob)
 
     # -- already done? (same settings) / someone else's run? (different settings)
@@ -382,12 +382,11 @@ def _load_state(ckpt) -> dict:
         return torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
 
 
-def _read_bytes(uri: str) -> bytes:
-    fs, p = storage.url_to_fs(uri)
-    if not fs.exists(p):
-        raise UsageError(f"warm start: {uri} not found (expected an exported model folder)")
-    with fs.open(p, "rb") as f:
-        return f.read()
+def _warm_start_bytes(uri: str) -> bytes:
+    try:
+        return storage.read_bytes(uri)
+    except FileNotFoundError:
+        raise UsageError(f"warm start: {uri} not found (expected an exported model folder)") from None
 
 
 def _slim(m: dict) -> dict:
