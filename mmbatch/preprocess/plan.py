@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 from mmbatch import storage
 from mmbatch.config import DatasetConfig, Workflow
 from mmbatch.errors import UsageError
-from mmbatch.schema import MODALITIES, normalize_split
+from mmbatch.schema import MODALITIES, label_indices, normalize_split
 
 FEATURES_DIR = "_features"      # per-modality features of pairing partners (read by the primary's units)
 PLAN_VERSION = "units-1"
@@ -110,7 +110,7 @@ def _label_map(fs, files: list[str], column: str) -> dict:
     for f in files:
         col = pq.read_table(f, columns=[column], filesystem=fs).column(column)
         values.update(str(v) for v in pc.unique(col).to_pylist() if v is not None)
-    return {"column": column, "mapping": {v: i for i, v in enumerate(sorted(values))}}
+    return {"column": column, "mapping": label_indices(values)}
 
 
 def plan_dataset(ds: DatasetConfig) -> DatasetPlan:

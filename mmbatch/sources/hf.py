@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 
 from mmbatch import storage
 from mmbatch.errors import UsageError
+from mmbatch.schema import label_indices
 from mmbatch.sources import common
 from mmbatch.sources.common import Plan, Problem, Reject, Sample
 
@@ -264,7 +265,7 @@ def plan(uri: str, opts, exclude=()) -> Plan:
     if missing:
         raise UsageError(f"hf --columns: no column {', '.join(map(repr, missing))} in the data "
                          f"(columns: {', '.join(sorted(seen_sources))})")
-    vocab = {v: i for i, v in enumerate(sorted(label_values))}
+    vocab = label_indices(label_values)
 
     samples: list[Sample] = []
     counters: dict[str, int] = {}

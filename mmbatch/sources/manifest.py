@@ -21,6 +21,7 @@ from typing import Any
 
 from mmbatch import storage
 from mmbatch.errors import UsageError
+from mmbatch.schema import label_indices
 from mmbatch.sources import common
 from mmbatch.sources.common import Plan, Problem, Sample
 
@@ -222,7 +223,7 @@ def plan(uri: str, opts, exclude=()) -> Plan:
             files=located, extra={**extra, "manifest_line": line},
             nbytes=sum(e.size for e in entries) or len(text or ""), stamp=[common.stamp(e) for e in entries])
         pending.append(s)
-    vocab = {n: i for i, n in enumerate(sorted(names))}
+    vocab = label_indices(names)
     for s in pending:
         if s.label is None and s.label_name is not None:
             s.label = vocab[s.label_name]
