@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from mmbatch.schema import MODALITIES
 
-Modality = Literal["image", "audio", "text"]
+Modality = Literal[MODALITIES]
 
 
 class WorkflowError(ValueError):
@@ -150,6 +150,12 @@ class FeaturesConfig(Strict):
         "docs/data-path.md). Same output either way")
 
 
+def feature_config(modality: str, spec: dict | None = None):
+    """The ``features.<modality>`` config (its class is the field's type in :class:`FeaturesConfig`)
+    validated from ``spec``; its defaults when ``spec`` is None."""
+    return FeaturesConfig.model_fields[modality].annotation.model_validate(spec or {})
+
+
 class PairingConfig(Strict):
     """How rows of several datasets become one multimodal sample."""
     by: Literal["none", "key", "label"] = Field("none", description="none: one sample per row; key: join on "
@@ -224,6 +230,12 @@ class TrainConfig(Strict):
                                 "validation split")
     test_fraction: float = Field(0.15, ge=0, lt=1, description="test share, used when the data has no test split")
     encoders: EncodersConfig = EncodersConfig()
+
+
+# train settings that do not change what is learned (where it runs and is written): a training run
+# that differs only in these resumes, and retrain's candidate fingerprint leaves them out
+NOT_LEARNING = frozenset({"out", "name", "data", "baselines", "num_workers", "use_gpu", "cpus_per_worker",
+                          "max_failures"})
 
 
 class RetrainConfig(Strict):

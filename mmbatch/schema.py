@@ -76,6 +76,8 @@ QUARANTINE = pa.schema([
 
 # --- fused rows (preprocess output) ----------------------------------------------
 MODALITIES = ("image", "audio", "text")
+# the extractor of each modality whose output is a sequence column (seq_column), not an embedding
+SEQUENCE_EXTRACTORS = {"image": "pixels", "audio": "logmel_frames", "text": "tokens"}
 
 
 def emb_column(modality: str) -> str:

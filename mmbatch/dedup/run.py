@@ -25,11 +25,10 @@ from mmbatch import schema, storage
 from mmbatch.dedup import candidates as cand
 from mmbatch.dedup import signatures as sig
 from mmbatch.errors import UsageError
-from mmbatch.schema import normalize_split
+from mmbatch.schema import MODALITIES, normalize_split
 
 log = logging.getLogger("mmbatch.dedup")
 
-MODALITIES = ("image", "audio", "text")
 SPLIT_ORDER = {"train": 0, "validation": 1, "test": 2}
 VERIFY_CHUNK = 4000
 THRESHOLDS = {"image": sig.IMAGE_THRESHOLD, "audio": sig.AUDIO_THRESHOLD, "text": sig.TEXT_THRESHOLD}
