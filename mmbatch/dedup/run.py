@@ -143,14 +143,6 @@ def pick_payloads(payloads, slots: list[int]) -> dict:
     return {s: payloads[s] for s in slots}
 
 
-def local_verifier(payloads: list):
-    """Verification as plain calls, with every shard's payloads at hand (tests, benchmarks)."""
-    def verify(m, sa, la, sb, lb):
-        ids = sorted(set(sa.tolist()) | set(sb.tolist()))
-        return verify_pairs(m, sa, la, sb, lb, ids, *[payloads[i] for i in ids])
-    return verify
-
-
 class RayVerifier:
     """Verification on Ray: one task per shard picks the payloads of its rows in candidate pairs
     (few), then a few verify tasks, each with the picked payloads of the shards its pairs touch.
@@ -233,7 +225,7 @@ def find_duplicates(shards: list, signature_fn, *, address: str | None = None,
 def find_pairs(shards: list[Shard], tables: list[pa.Table], verify, seconds: dict | None = None) -> pa.Table:
     """All verified pairs from the signature tables: exact groups, then near candidates among one
     representative per group. ``verify(modality, shard_a, slot_a, shard_b, slot_b) -> similarities``
-    scores candidate pairs (:class:`RayVerifier`, or :func:`local_verifier`); ``seconds`` collects
+    scores candidate pairs (:class:`RayVerifier`); ``seconds`` collects
     the time spent finding candidates and verifying them."""
     seconds = defaultdict(float) if seconds is None else seconds
     if tables:

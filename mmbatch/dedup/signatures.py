@@ -10,7 +10,7 @@ Each modality has three parts, used in the order candidate -> verify:
 * a **verify payload** and a verifier that scores one candidate pair with a
   stronger check, so that look-alikes are not flagged.
 
-Measured on the look-alike corpus of :mod:`mmbatch.dedup.testcorpus`
+Measured on the look-alike corpus of ``benchmarks/dedup_corpus.py``
 (docs/duplicates.md has the figures): a perceptual hash or an embedding alone
 puts different objects on the same background within the distance of
 re-encoded copies; the block-wise verifiers separate them.

@@ -115,8 +115,3 @@ def embedding_dim(modality: str, cfg: Any = None) -> int:
         return int(cfg.dim)
     from mmbatch.features.text import SentenceExtractor
     return SentenceExtractor(model_path=cfg.model_path).dim   # reads config files; loads only if it must
-
-
-def describe(modality: str, cfg: Any = None) -> dict:
-    """``build_extractor(...).describe()``: name, version, dim and params (no model load)."""
-    return build_extractor(modality, cfg).describe()

@@ -1,6 +1,6 @@
 """`mmbatch retrain`: one idempotent retraining cycle, safe to run from cron.
 
-1. preprocess (only new or changed shards are processed: preprocess skips committed ones);
+1. preprocess (only new or changed units are processed: preprocess skips committed ones);
 2. if the fused features' fingerprint equals the champion's recorded one (and
    ``retrain.force_train`` is off): "no new data", stop. Likewise when this
    data was already trained with this training config and that candidate lost:
