@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import logging
 from pathlib import Path
 from typing import Any, Literal, Optional, get_args, get_origin
 
@@ -105,7 +106,9 @@ class AudioFeatures(Strict):
         "encoder; logmel_frames: the log-mel frames themselves, for train.encoders.audio: lstm")
     max_frames: int = Field(100, ge=1, description="logmel_frames: frames kept per clip (longer clips are "
                             "cropped, shorter ones padded in training; the true length is stored)")
-    backend: Literal["librosa", "torch"] = Field("librosa", description="STFT implementation")
+    backend: Literal["numpy", "torch"] = Field("numpy", description="logmel_stats: numpy (CPU; librosa's "
+                                               "computation) or torch (GPU when there is one); 'librosa' is "
+                                               "the old name of numpy")
     sample_rate: int = Field(16000, ge=1000, description="resample to this rate (Hz)")
     win_ms: float = Field(25.0, gt=0, description="frame length (ms)")
     hop_ms: float = Field(10.0, gt=0, description="frame shift (ms)")
@@ -118,6 +121,15 @@ class AudioFeatures(Strict):
     weights: Optional[str] = Field(None, description="cnn: encoder weights (null: random)")
     batch_size: int = Field(32, ge=1, description="clips per model call")
     num_gpus: Optional[float] = Field(None, ge=0, description="GPU per actor (null: a fraction when GPUs exist)")
+
+    @field_validator("backend", mode="before")
+    @classmethod
+    def _old_backend_name(cls, v):
+        if v == "librosa":
+            logging.getLogger("mmbatch.config").warning(
+                "features.audio.backend: 'librosa' is deprecated, it is now called 'numpy' (the same computation)")
+            return "numpy"
+        return v
 
 
 class TextFeatures(Strict):

@@ -15,8 +15,7 @@ Frame features (:class:`FrameParams`; the choices stated here are recorded in
   clip of N samples has ``1 + N // hop`` frames (librosa's defaults);
 - power spectrum -> ``n_mels`` Slaney-normalised mel filters (``librosa.filters.mel``'s
   formulas, ``htk=False``, ``fmin``..``fmax``, fmax None = Nyquist; built in numpy,
-  equal to librosa's matrix -- tested -- without importing librosa/scipy, ~1.6 s of
-  CPU per worker process);
+  equal to librosa's matrix -- tested -- without importing librosa/scipy in the workers);
 - log-mel = ``10 * log10(max(mel, 1e-10))`` (= ``librosa.power_to_db(S, ref=1.0,
   amin=1e-10, top_db=None)``, no per-clip top_db clipping);
 - MFCC = first ``n_mfcc`` coefficients of the orthonormal DCT-II of the log-mel
@@ -26,16 +25,16 @@ Frame features (:class:`FrameParams`; the choices stated here are recorded in
 Extractors:
 
 - ``logmel_stats`` (no model): [mean, std over time of log-mel, mean, std of MFCC]
-  -> ``2 * n_mels + 2 * n_mfcc`` (186 by default). Backend ``librosa``: librosa's
-  computation (``librosa.stft`` and ``librosa.feature.melspectrogram``'s mel
+  -> ``2 * n_mels + 2 * n_mfcc`` (186 by default). Backend ``numpy`` (called
+  ``librosa`` before; outputs still record that name, see :data:`RECORDED_BACKEND`):
+  librosa's computation (``librosa.stft`` and ``librosa.feature.melspectrogram``'s mel
   matmul, same float64 FFT and float32 rounding) done one clip at a time in numpy
-  by :class:`NumpyFrontend`, with window, filterbank and DCT built once; equal to
-  the librosa calls to 1e-5 (tested; bit-identical when measured) and about 2x
-  cheaper per 1 s clip, since librosa's per-call set-up is gone. Or ``torch``
-  (``torch.stft`` over a zero-padded batch of clips grouped by length, per-clip
-  frame masks for the statistics; runs on GPU after ``to("cuda")``). The two agree
-  to :data:`BACKEND_RTOL` (tested; measured about 1e-7 on CPU). On one CPU thread
-  the librosa backend is the faster; torch is for GPUs.
+  by :class:`NumpyFrontend`, with window, filterbank and DCT built once, without
+  librosa's per-call set-up; tests hold it equal to the librosa calls to 1e-5. Or
+  ``torch`` (``torch.stft`` over a zero-padded batch of clips grouped by length,
+  per-clip frame masks for the statistics; runs on GPU after ``to("cuda")``). The
+  two agree to :data:`BACKEND_RTOL` (tested). numpy runs on CPU only; torch is for GPUs
+  (docs/performance.md compares them).
 - ``cnn``: a small 2-D conv encoder over the log-mel (:class:`AudioCNN`) with
   masked global pooling over time -> ``embedding_dim``.
 """
@@ -55,9 +54,13 @@ from mmbatch.runtime import pin_threads
 
 log = logging.getLogger("mmbatch.features.audio")
 
-# The torch and librosa backends of logmel_stats agree to within this, as
-# max |torch - librosa| / max(1, max |librosa|) over a batch of embeddings.
+# The torch and numpy backends of logmel_stats agree to within this, as
+# max |torch - numpy| / max(1, max |numpy|) over a batch of embeddings.
 BACKEND_RTOL = 1e-4
+# The backend name each logmel_stats output records in its params. The numpy backend was
+# named "librosa" (after the computation it reproduces) and records that name still, so its
+# files (rows and metadata) are the bytes they were before the rename.
+RECORDED_BACKEND = {"numpy": "librosa", "torch": "torch"}
 
 RESAMPLER = "soxr HQ"
 
@@ -440,11 +443,11 @@ class LogMelStatsExtractor(AudioExtractor):
 
     def __init__(self, sample_rate: int = 16000, win_ms: float = 25.0, hop_ms: float = 10.0,
                  n_mels: int = 80, n_mfcc: int = 13, fmin: float = 0.0, fmax: Optional[float] = None,
-                 max_seconds: Optional[float] = 30.0, backend: str = "librosa", batch_size: int = 32,
+                 max_seconds: Optional[float] = 30.0, backend: str = "numpy", batch_size: int = 32,
                  device: str = "cpu"):
         pin_threads()
-        if backend not in ("librosa", "torch"):
-            raise ValueError(f"backend must be 'librosa' or 'torch', got {backend!r}")
+        if backend not in RECORDED_BACKEND:
+            raise ValueError(f"backend must be 'numpy' or 'torch', got {backend!r}")
         super().__init__(FrameParams.from_ms(sample_rate, win_ms, hop_ms, n_mels, n_mfcc, fmin, fmax),
                          max_seconds)
         self.backend = backend
@@ -457,7 +460,7 @@ class LogMelStatsExtractor(AudioExtractor):
 
     def params(self) -> dict:
         # the backend is recorded: outputs agree only to BACKEND_RTOL
-        return {**self.decode_params(), "backend": self.backend,
+        return {**self.decode_params(), "backend": RECORDED_BACKEND[self.backend],
                 "stats": ["logmel_mean", "logmel_std", "mfcc_mean", "mfcc_std"], "std_ddof": 0}
 
     def to(self, device: str) -> "LogMelStatsExtractor":
@@ -465,7 +468,7 @@ class LogMelStatsExtractor(AudioExtractor):
         if self.backend == "torch":
             self._frontend().to(self.device)
         elif not self.device.startswith("cpu"):
-            log.warning("audio logmel_stats: backend 'librosa' runs on CPU; set backend: torch to use %s",
+            log.warning("audio logmel_stats: backend 'numpy' runs on CPU; set backend: torch to use %s",
                         self.device)
         return self
 
@@ -476,7 +479,7 @@ class LogMelStatsExtractor(AudioExtractor):
 
     def encode(self, values: Sequence[Any]) -> np.ndarray:
         out = np.empty((len(values), self.dim), dtype=np.float32)
-        if self.backend == "librosa":
+        if self.backend == "numpy":
             front = numpy_frontend(self.p)
             for i, x in enumerate(values):
                 out[i] = front.stats(x)
