@@ -130,8 +130,7 @@ def is_local(fs) -> bool:
 
 def arrow_fs(fs):
     """The ``filesystem=`` argument for pyarrow: None (Arrow's native local I/O) for local paths,
-    else the fsspec filesystem. Reading a 64 MB row group natively costs ~40 % less CPU than
-    through the fsspec wrapper."""
+    else the fsspec filesystem, whose wrapper costs more CPU per read (docs/performance.md)."""
     return None if is_local(fs) else fs
 
 
@@ -193,9 +192,8 @@ def leaf_columns(schema: pa.Schema) -> list[str]:
 _LEAVES: dict[str, list[str]] = {}
 
 
-# Float columns (embeddings) are written byte-stream-split + LZ4: measured on 456 fused rows of
-# the large benchmark (4,668 floats a row) against zstd: write 0.057 vs 0.085 ms a row, read 0.06
-# vs 0.22 ms a row, 14.0 vs 13.2 KB a row (README, "Performance").
+# Float columns (embeddings) are written byte-stream-split + LZ4 (against zstd: cheaper to write
+# and read, a little larger; docs/performance.md has the figures).
 FLOAT_CODEC = "lz4"
 
 

@@ -116,8 +116,8 @@ DEFAULT_FRAMES = FrameParams()
 
 
 # --- filterbank, window, DCT (numpy only: no librosa/scipy import in the workers) ------
-# librosa.filters pulls in scipy.signal and scipy.stats: ~1.6 s of CPU per fresh worker
-# process, for a matrix computed once. These are librosa's formulas (0.11), written out
+# librosa.filters pulls in scipy.signal and scipy.stats, a CPU cost per fresh worker process
+# (docs/performance.md), for a matrix computed once. These are librosa's formulas (0.11), written out
 # in numpy; tests/test_features_audio.py checks them against librosa and scipy.
 def _hz_to_mel(hz: np.ndarray, htk: bool) -> np.ndarray:
     hz = np.asarray(hz, dtype=np.float64)
@@ -193,11 +193,8 @@ class NumpyFrontend:
     rounded to complex64, power in float32, float32 mel matmul with the same
     memory layout -- so the result equals today's librosa path to float32
     rounding (tested). Window, filterbank and DCT are built once per frontend.
-    The FFT runs over 64 frames at a time: the float64 frames and spectra then
-    stay in the CPU cache (measured on a 12 s clip: 1.7 ms instead of 7 ms for
-    the power spectrum on a busy 2-core machine, and never slower). For the
-    same reason batching clips does not pay here (one FFT over a 64-clip batch
-    cost more per clip than clip by clip).
+    The FFT runs over 64 frames at a time, so the float64 frames and spectra
+    stay in the CPU cache; clips are not batched (docs/performance.md).
     """
 
     FRAMES_PER_FFT = 64

@@ -1,4 +1,5 @@
-"""Planning a preprocess run (driver, no Ray, no row data): datasets, units, fingerprints.
+"""Planning a preprocess run (driver, no Ray; of row data only the label column, for a label map):
+datasets, units, fingerprints.
 
 A **unit** is one row group of one canonical input shard. Its output is one
 Parquet file with a deterministic name (``<dataset>--<shard>-rg<k>.parquet``),

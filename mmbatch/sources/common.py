@@ -7,7 +7,8 @@ reader: either ``build_row(sample, blobs, opts) -> dict`` (file kinds: the
 generic :func:`read_file_shard` fetches ``sample.files`` and calls it) or a
 whole ``read_shard(samples, ctx) -> (rows, problems)`` (``hf``).
 
-Everything here is JSON-able so shards can travel to Ray tasks as strings.
+Samples and contexts are plain dataclasses: they travel to the ingest workers
+(mmbatch.units) pickled, and :meth:`Sample.to_dict` is what a shard's fingerprint covers.
 """
 from __future__ import annotations
 
@@ -369,7 +370,7 @@ def shard_name(i: int) -> str:
 # --- reading a shard of file-based samples -------------------------------------------------------
 @dataclass
 class ReadContext:
-    """What a shard reader needs (rebuilt inside each Ray task from JSON)."""
+    """What a shard reader needs (built in the ingest worker from the job's context)."""
     kind: str
     uri: str
     root: str
