@@ -142,10 +142,10 @@ def run_one(rows: int, num_cpus: int | None) -> dict:
 
 
 def accuracy(images: int, audio: int, texts: int, out: Path) -> dict:
-    """Recall per modality and kind, and rows in false pairs, on mmbatch.dedup.testcorpus."""
+    """Recall per modality and kind, and rows in false pairs, on benchmarks/dedup_corpus.py."""
     import tempfile
 
-    from mmbatch.dedup import testcorpus as tc
+    from benchmarks import dedup_corpus as tc
 
     with tempfile.TemporaryDirectory() as tmp:
         corpus = tc.build_corpus(Path(tmp) / "corpus", images=images, audio=audio, texts=texts)
@@ -156,7 +156,7 @@ def accuracy(images: int, audio: int, texts: int, out: Path) -> dict:
            "seconds": res.summary["seconds"]}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(doc, indent=2))
-    lines = [f"Planted corpus: {corpus.rows} rows (mmbatch.dedup.testcorpus, images={images}, audio={audio}, "
+    lines = [f"Planted corpus: {corpus.rows} rows (benchmarks/dedup_corpus.py, images={images}, audio={audio}, "
              f"texts={texts}).", "", "| modality | exact pairs | exact recall | near pairs | near recall | false pairs |",
              "|---|---:|---:|---:|---:|---:|"]
     for m, r in score["modalities"].items():

@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mmbatch {args.command}: {e}", file=sys.stderr)
         return EXIT_FAIL
     except KeyboardInterrupt:
-        return _interrupted(args, progress.committed_shards())
+        return _interrupted(args, progress.committed_units())
 
 
 def _interrupted(args, committed: int) -> int:

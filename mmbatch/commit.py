@@ -134,7 +134,6 @@ class Committer:
 
     def __init__(self, fs, out_dir: str):
         self.fs, self.out_dir = fs, out_dir
-        self.committed = 0
 
     def marker(self, unit: str, fingerprint: str) -> CommitRecord | None:
         """The record of ``unit`` if it is committed with ``fingerprint`` (files present), else None."""
@@ -143,8 +142,7 @@ class Committer:
 
     def on_write_complete(self, rec: CommitRecord) -> None:
         storage.write_marker(self.fs, self.out_dir, rec.unit, rec.to_marker())
-        self.committed += 1
-        progress.shard_committed()
+        progress.unit_committed()
 
     def begin(self, keep_units: Iterable[str], data_dirs: Iterable[str] = ("",)) -> list[str]:
         """Before a run writes anything here: drop committed units not in ``keep_units`` (stale: their

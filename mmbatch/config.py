@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from mmbatch.schema import MODALITIES
 
-Modality = Literal["image", "audio", "text"]
+Modality = Literal[MODALITIES]
 log = logging.getLogger(__name__)
 
 
@@ -107,7 +107,9 @@ class AudioFeatures(Strict):
         "encoder; logmel_frames: the log-mel frames themselves, for train.encoders.audio: lstm")
     max_frames: int = Field(100, ge=1, description="logmel_frames: frames kept per clip (longer clips are "
                             "cropped, shorter ones padded in training; the true length is stored)")
-    backend: Literal["librosa", "torch"] = Field("librosa", description="STFT implementation")
+    backend: Literal["numpy", "torch"] = Field("numpy", description="logmel_stats: numpy (CPU; librosa's "
+                                               "computation) or torch (GPU when there is one); 'librosa' is "
+                                               "the old name of numpy")
     sample_rate: int = Field(16000, ge=1000, description="resample to this rate (Hz)")
     win_ms: float = Field(25.0, gt=0, description="frame length (ms)")
     hop_ms: float = Field(10.0, gt=0, description="frame shift (ms)")
@@ -120,6 +122,15 @@ class AudioFeatures(Strict):
     weights: Optional[str] = Field(None, description="cnn: encoder weights (null: random)")
     batch_size: int = Field(32, ge=1, description="clips per model call")
     num_gpus: Optional[float] = Field(None, ge=0, description="GPU per actor (null: a fraction when GPUs exist)")
+
+    @field_validator("backend", mode="before")
+    @classmethod
+    def _old_backend_name(cls, v):
+        if v == "librosa":
+            logging.getLogger("mmbatch.config").warning(
+                "features.audio.backend: 'librosa' is deprecated, it is now called 'numpy' (the same computation)")
+            return "numpy"
+        return v
 
 
 class TextFeatures(Strict):
@@ -150,6 +161,12 @@ class FeaturesConfig(Strict):
         "fused", description="a model extractor (cnn, sentence) on GPU. fused: each unit worker decodes and embeds "
         "on its GPU share; split: CPU workers decode, one actor per GPU embeds (GPU nodes short of CPUs; "
         "docs/data-path.md). Same output either way")
+
+
+def feature_config(modality: str, spec: dict | None = None):
+    """The ``features.<modality>`` config (its class is the field's type in :class:`FeaturesConfig`)
+    validated from ``spec``; its defaults when ``spec`` is None."""
+    return FeaturesConfig.model_fields[modality].annotation.model_validate(spec or {})
 
 
 class PairingConfig(Strict):
@@ -234,6 +251,12 @@ class SplitsConfig(Strict):
     val_fraction: float = Field(0.15, ge=0, lt=1, description="validation share, used when the data has no "
                                 "validation split")
     test_fraction: float = Field(0.15, ge=0, lt=1, description="test share, used when the data has no test split")
+
+
+# train settings that do not change what is learned (where it runs and is written): a training run
+# that differs only in these resumes, and retrain's candidate fingerprint leaves them out
+NOT_LEARNING = frozenset({"out", "name", "data", "baselines", "num_workers", "use_gpu", "cpus_per_worker",
+                          "max_failures"})
 
 
 class RetrainConfig(Strict):

@@ -66,19 +66,18 @@ def fuse(embs: Mapping[str, np.ndarray], present: Mapping[str, np.ndarray], dims
 
 
 def embeddings_to_numpy(col: pa.ChunkedArray | pa.Array, dim: int) -> np.ndarray:
-    """fixed_size_list<float32> column -> [n, dim] float32 (nulls -> zeros)."""
+    """fixed_size_list<float32>[dim] column (or a list column of that length) -> a new writable
+    [n, dim] float32 array. A null row becomes zeros; every other value is kept as stored (a NaN
+    stays NaN). Preprocess (fusion) and training read embeddings through this one function."""
     arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    if not pa.types.is_fixed_size_list(arr.type):
+        arr = arr.cast(pa.list_(pa.float32(), dim))
     n = len(arr)
-    if n == 0:
-        return np.zeros((0, dim), np.float32)
+    values = arr.values.slice(arr.offset * dim, n * dim).to_numpy(zero_copy_only=False)
+    mat = values.astype(np.float32, copy=True).reshape(n, dim)
     if arr.null_count:
-        filled = np.zeros((n, dim), np.float32)
-        valid = np.asarray(arr.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
-        if valid.any():
-            filled[valid] = embeddings_to_numpy(arr.filter(pa.array(valid)), dim)
-        return filled
-    values = arr.flatten().to_numpy(zero_copy_only=False)
-    return np.asarray(values, dtype=np.float32).reshape(n, dim)
+        mat[np.asarray(arr.is_null().to_numpy(zero_copy_only=False), dtype=bool)] = 0.0
+    return mat
 
 
 def embeddings_to_arrow(x: np.ndarray, present: np.ndarray | None = None) -> pa.Array:

@@ -5,9 +5,10 @@
    (missing audio/transcripts, paths outside INPUT, ...); duplicates of a
    ``sample_id`` are quarantined here (the first in sorted path order wins).
 2. Shard: records in a fixed order, grouped by estimated raw bytes
-   (``shard_mb``, ``shard_rows``, and at least two shards per CPU so small inputs
-   still read in parallel). A shard's fingerprint covers its records (with file
-   sizes and mtimes), the options and the schema version.
+   (``shard_mb``, ``shard_rows``; a small input is still cut into up to
+   ``PARALLEL_SHARDS`` shards of at least ``MIN_SHARD_ROWS`` rows, whatever the
+   cluster's size, so it reads in parallel). A shard's fingerprint covers its
+   records (with file sizes and mtimes), the options and the schema version.
 3. Read (a Ray Data job, one unit per shard: mmbatch.units): fetch the files, probe each image/audio
    header, write ``OUT/<shard>.parquet`` (CANONICAL + HF feature metadata) and
    ``OUT/quarantine/<shard>.parquet`` atomically, then the shard marker.

@@ -149,7 +149,7 @@ def probe_audio(data: bytes | None) -> AudioInfo:
     import soundfile as sf
 
     try:
-        # the open file's header fields, not sf.info (which also formats an extra-info text: 15 % more)
+        # the open file's header fields, not sf.info (which also formats an extra-info text)
         with sf.SoundFile(io.BytesIO(data)) as f:
             rate, frames, channels, fmt = f.samplerate, f.frames, f.channels, f.format
     except Exception as e:

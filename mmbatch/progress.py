@@ -1,4 +1,4 @@
-"""One progress bar per long step, and the count of shards this process committed.
+"""One progress bar per long step, and the count of units this process committed.
 
 For stage code on the driver (ingest, preprocess, training)::
 
@@ -6,14 +6,14 @@ For stage code on the driver (ingest, preprocess, training)::
 
     with progress.bar("extract features", total=rows_to_do, unit="rows") as bar:
         ...
-        bar.update(rows_done_now)                 # rows (or shards, epochs) finished since the last call
+        bar.update(rows_done_now)                 # rows (or units, epochs) finished since the last call
         bar.show(val_accuracy=0.93)               # optional: figures shown next to the bar
-    progress.shard_committed()                    # once per shard, right after its commit (marker written)
+    progress.unit_committed()                     # once per unit, right after its commit (marker written)
 
 On a terminal (stderr is a TTY) the bar is a tqdm bar. Otherwise (a log file, CI, a pipe) it
 prints a plain line at most every ``PLAIN_INTERVAL_S`` seconds and one when the step ends, so
-a log stays short. ``progress.committed_shards()`` is what ``mmbatch`` reports when a command is
-interrupted ("interrupted; N shards committed, rerun the same command to resume").
+a log stays short. ``progress.committed_units()`` is what ``mmbatch`` reports when a command is
+interrupted ("interrupted; N units committed, rerun the same command to resume").
 """
 from __future__ import annotations
 
@@ -26,25 +26,20 @@ PLAIN_INTERVAL_S = 15.0      # seconds between plain progress lines when stderr 
 
 _lock = threading.Lock()
 _committed = 0
-enabled = True               # the CLI turns bars off for --json style output; stages never need to
 
 
-def shard_committed(n: int = 1) -> None:
-    """Count ``n`` shards committed by this process (call after each shard's marker is written)."""
+def unit_committed(n: int = 1) -> None:
+    """Count ``n`` units committed by this process (call after each unit's marker is written)."""
     global _committed
     with _lock:
         _committed += n
 
 
-def committed_shards() -> int:
-    """Shards committed by this process since start (or the last :func:`reset`)."""
+def committed_units() -> int:
+    """Units committed by this process since it started."""
     return _committed
 
 
-def reset() -> None:
-    global _committed
-    with _lock:
-        _committed = 0
 
 
 class Bar:
@@ -59,7 +54,7 @@ class Bar:
         self._last_line = self.started
         self._tqdm = None
         self._closed = False
-        if enabled and _isatty(self._stream):
+        if _isatty(self._stream):
             from tqdm import tqdm
             self._tqdm = tqdm(total=total, desc=desc, unit=f" {unit}", file=self._stream, leave=True,
                               dynamic_ncols=True, mininterval=0.5)
@@ -72,7 +67,7 @@ class Bar:
             if figures:
                 self._tqdm.set_postfix_str(_format_figures(self.figures), refresh=False)
             self._tqdm.update(n)
-        elif enabled and self.n != self.total and time.monotonic() - self._last_line >= PLAIN_INTERVAL_S:
+        elif self.n != self.total and time.monotonic() - self._last_line >= PLAIN_INTERVAL_S:
             # the last step is left to close(): one "done" line, not a 100 % line and then "done"
             self._plain_line()
 
@@ -92,7 +87,7 @@ class Bar:
         self._closed = True
         if self._tqdm is not None:
             self._tqdm.close()
-        elif enabled:
+        else:
             self._plain_line(final=True)
 
     def _plain_line(self, final: bool = False) -> None:

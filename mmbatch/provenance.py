@@ -47,8 +47,7 @@ def _signature(fs, path: str) -> list:
     info = fs.info(path)
     if info.get("type") == "directory":
         return [_signature(fs, p) for p in sorted(fs.find(path))]
-    stamp = info.get("mtime") or info.get("LastModified") or info.get("ETag") or info.get("etag")
-    return [path, info.get("size"), str(stamp)]
+    return [path, info.get("size"), str(storage.modified(info))]
 
 
 _DIGESTS: dict[str, str] = {}

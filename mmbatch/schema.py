@@ -58,6 +58,12 @@ CANONICAL_FIELDS = [
 CANONICAL = pa.schema(CANONICAL_FIELDS)
 CANONICAL_COLUMNS = [f.name for f in CANONICAL_FIELDS]
 
+def label_indices(names) -> dict[str, int]:
+    """``{name: label}`` for class names: the sorted names numbered from 0. Every source and the
+    preprocess label column map names to the ``label`` column this way."""
+    return {n: i for i, n in enumerate(sorted(names))}
+
+
 # --- quarantine rows (any stage) -------------------------------------------------
 QUARANTINE = pa.schema([
     pa.field("path", pa.string()),
@@ -70,6 +76,8 @@ QUARANTINE = pa.schema([
 
 # --- fused rows (preprocess output) ----------------------------------------------
 MODALITIES = ("image", "audio", "text")
+# the extractor of each modality whose output is a sequence column (seq_column), not an embedding
+SEQUENCE_EXTRACTORS = {"image": "pixels", "audio": "logmel_frames", "text": "tokens"}
 
 
 def emb_column(modality: str) -> str:

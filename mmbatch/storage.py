@@ -96,6 +96,23 @@ def url_to_fs(uri: str):
     return fs, path
 
 
+def read_bytes(uri: str) -> bytes:
+    """The bytes of a local path or fsspec URI (s3://, gs://, file://, ...), read through
+    :func:`url_to_fs` (so with the options :func:`configure` set for its scheme)."""
+    fs, path = url_to_fs(uri)
+    return fs.cat_file(path)
+
+
+def modified(info: dict) -> Any:
+    """What changes when a file's bytes do, from its fsspec ``info``: the modification time (local,
+    S3, GCS, ...) or, where a store gives none, its ETag / MD5; None when the store gives neither."""
+    for k in ("mtime", "LastModified", "last_modified", "updated", "ETag", "etag", "md5Hash"):
+        if info.get(k) is not None:
+            v = info[k]
+            return v if isinstance(v, (int, float, str)) else str(v)
+    return None
+
+
 def uri(fs, path: str) -> str:
     """``path`` of ``fs`` with its scheme (``s3://bucket/key``); a local path as it is. A path handed
     to another process (a unit's input, a partner's file) must carry its scheme: without it, the
@@ -113,8 +130,7 @@ def is_local(fs) -> bool:
 
 def arrow_fs(fs):
     """The ``filesystem=`` argument for pyarrow: None (Arrow's native local I/O) for local paths,
-    else the fsspec filesystem. Reading a 64 MB row group natively costs ~40 % less CPU than
-    through the fsspec wrapper."""
+    else the fsspec filesystem, whose wrapper costs more CPU per read (docs/performance.md)."""
     return None if is_local(fs) else fs
 
 
@@ -176,9 +192,8 @@ def leaf_columns(schema: pa.Schema) -> list[str]:
 _LEAVES: dict[str, list[str]] = {}
 
 
-# Float columns (embeddings) are written byte-stream-split + LZ4: measured on 456 fused rows of
-# the large benchmark (4,668 floats a row) against zstd: write 0.057 vs 0.085 ms a row, read 0.06
-# vs 0.22 ms a row, 14.0 vs 13.2 KB a row (README, "Performance").
+# Float columns (embeddings) are written byte-stream-split + LZ4 (against zstd: cheaper to write
+# and read, a little larger; docs/performance.md has the figures).
 FLOAT_CODEC = "lz4"
 
 

@@ -7,9 +7,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from benchmarks import dedup_corpus as tc
 from mmbatch.dedup import candidates as cand
 from mmbatch.dedup import signatures as sig
-from mmbatch.dedup import testcorpus as tc
+
+
+def local_verifier(payloads: list):
+    """Verification as plain calls (no Ray), with every shard's payloads at hand."""
+    from mmbatch.dedup.run import verify_pairs
+
+    def verify(m, sa, la, sb, lb):
+        ids = sorted(set(sa.tolist()) | set(sb.tolist()))
+        return verify_pairs(m, sa, la, sb, lb, ids, *[payloads[i] for i in ids])
+    return verify
 
 
 def test_exact_keys():
@@ -150,9 +160,9 @@ def test_scale_benchmark_finds_what_an_exact_search_finds(monkeypatch):
         return {(m, k): sum(1 for r in pairs.to_pylist() if (r["modality"], r["kind"]) == (m, k))
                 for m in ("image", "text") for k in ("exact", "near")}
 
-    got = count(drun.find_pairs(shards, tables, drun.local_verifier(payloads)))
+    got = count(drun.find_pairs(shards, tables, local_verifier(payloads)))
     monkeypatch.setattr(cand, "IVF_LIST_ROWS", 10**9)          # one list: the exact search
-    exact = count(drun.find_pairs(shards, tables, drun.local_verifier(payloads)))
+    exact = count(drun.find_pairs(shards, tables, local_verifier(payloads)))
     assert got == exact
     assert got[("image", "near")] == got[("text", "near")] > 500
     assert got[("image", "exact")] == got[("text", "exact")] > 150

@@ -1,5 +1,5 @@
 """`mmbatch duplicates` on a generated corpus with planted duplicates of every kind and
-look-alike negatives (mmbatch.dedup.testcorpus), on the real local Ray: recall >= 0.95 near and
+look-alike negatives (benchmarks/dedup_corpus.py), on the real local Ray: recall >= 0.95 near and
 1.0 exact per modality, rows in false pairs <= 1 %, and outputs that agree with the pairs."""
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
+from benchmarks import dedup_corpus as tc
 from mmbatch.cli import main
-from mmbatch.dedup import testcorpus as tc
 from mmbatch.dedup.run import PAIR_SCHEMA
 
 

@@ -9,8 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from benchmarks import dedup_corpus as tc
 from mmbatch.config import workflow_from_dict
-from mmbatch.dedup import testcorpus as tc
 from mmbatch.preprocess import run_preprocess
 from mmbatch.schema import CANONICAL, with_metadata
 

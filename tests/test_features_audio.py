@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import warnings
 
 import librosa
@@ -71,10 +72,10 @@ def test_stated_frame_parameters():
 
 
 # --- backends ------------------------------------------------------------------------
-def test_torch_backend_agrees_with_librosa_on_a_ragged_batch():
+def test_torch_backend_agrees_with_numpy_on_a_ragged_batch():
     clips = [_speechlike(1.0), _speechlike(0.37, seed=1), np.zeros(400, np.float32),
              _speechlike(2.2, seed=2) * 3, _tone(3000, 0.05, SR)]
-    lib = LogMelStatsExtractor(backend="librosa").encode(clips)
+    lib = LogMelStatsExtractor(backend="numpy").encode(clips)
     tor = LogMelStatsExtractor(backend="torch", batch_size=4).encode(clips)
     assert lib.shape == tor.shape == (5, 186)
     assert np.isfinite(lib).all() and np.isfinite(tor).all()
@@ -86,7 +87,7 @@ def test_torch_backend_agrees_with_librosa_on_a_ragged_batch():
     # and the embedding is [mean, std] of log-mel, then of MFCC
     L = logmel(clips[0])
     assert np.allclose(lib[0, :80], L.mean(1), atol=1e-4) and np.allclose(lib[0, 80:160], L.std(1), atol=1e-4)
-    assert np.array_equal(lib, LogMelStatsExtractor(backend="librosa").encode(clips))
+    assert np.array_equal(lib, LogMelStatsExtractor(backend="numpy").encode(clips))
     assert np.array_equal(tor, LogMelStatsExtractor(backend="torch", batch_size=4).encode(clips))
 
 
@@ -175,6 +176,18 @@ def test_audio_cnn_dims_determinism_batching_and_weights(tmp_path):
         warnings.simplefilter("error")
         assert np.array_equal(loaded.encode(clips), a)
     assert len(loaded.params()["weights_sha256"]) == 64
+
+
+def test_old_backend_name_librosa_is_numpy_with_one_warning(caplog):
+    with caplog.at_level(logging.WARNING, logger="mmbatch.config"):
+        cfg = AudioFeatures(backend="librosa")
+    assert cfg.backend == "numpy"
+    assert [r.getMessage() for r in caplog.records if "deprecated" in r.getMessage()] == [
+        "features.audio.backend: 'librosa' is deprecated, it is now called 'numpy' (the same computation)"]
+    clips = [_speechlike(0.5)]
+    ex = build_extractor("audio", cfg)
+    assert np.array_equal(ex.encode(clips), LogMelStatsExtractor(backend="numpy").encode(clips))
+    assert ex.params()["backend"] == "librosa"          # outputs record the name they always did
 
 
 def test_registry_audio():

@@ -33,13 +33,11 @@ def test_an_interrupted_step_prints_no_done_line():
     assert "done" not in out.getvalue()
 
 
-def test_committed_shard_counter():
-    progress.reset()
-    progress.shard_committed()
-    progress.shard_committed(2)
-    assert progress.committed_shards() == 3
-    progress.reset()
-    assert progress.committed_shards() == 0
+def test_committed_unit_counter():
+    before = progress.committed_units()
+    progress.unit_committed()
+    progress.unit_committed(2)
+    assert progress.committed_units() == before + 3
 
 
 def test_epoch_watcher_reads_checkpoint_meta(tmp_path, monkeypatch):

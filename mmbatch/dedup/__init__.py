@@ -2,6 +2,5 @@
 
 signatures.py: pure per-modality signature and verify functions; candidates.py:
 candidate pairs without an all-pairs comparison; run.py: the Ray wiring and the
-outputs (pairs.parquet, summary.json, report.html); testcorpus.py: a generated
-corpus with planted duplicates and look-alikes. Method and figures: docs/duplicates.md.
+outputs (pairs.parquet, summary.json, report.html). Method and figures: docs/duplicates.md.
 """

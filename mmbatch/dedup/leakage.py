@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from mmbatch import storage
+from mmbatch.schema import MODALITIES
 
 CACHE = "_dedup/leakage.json"
 REASON = "duplicate_of_train"
@@ -107,6 +108,6 @@ def find_leakage(mode: str, plans: list, split_plan: dict, seed: int, fs, out_ro
         for m in sorted({d[0] for d in dups}):
             counts[split][m] = counts[split].get(m, 0) + 1
         # one reason per row: image before audio before text, then the smallest train id
-        modality, _, train_id = min(dups, key=lambda d: (("image", "audio", "text").index(d[0]), d[2]))
+        modality, _, train_id = min(dups, key=lambda d: (MODALITIES.index(d[0]), d[2]))
         exclude.setdefault(ds, {})[sid] = reason(modality, train_id)
     return Leakage(mode, counts, exclude)

@@ -26,11 +26,10 @@ from mmbatch.dedup import candidates as cand
 from mmbatch.dedup import signatures as sig
 from mmbatch.errors import UsageError
 from mmbatch.manifest import data_files
-from mmbatch.schema import normalize_split
+from mmbatch.schema import MODALITIES, normalize_split
 
 log = logging.getLogger("mmbatch.dedup")
 
-MODALITIES = ("image", "audio", "text")
 SPLIT_ORDER = {"train": 0, "validation": 1, "test": 2}
 VERIFY_CHUNK = 4000
 THRESHOLDS = {"image": sig.IMAGE_THRESHOLD, "audio": sig.AUDIO_THRESHOLD, "text": sig.TEXT_THRESHOLD}
@@ -146,14 +145,6 @@ def pick_payloads(payloads, slots: list[int]) -> dict:
     return {s: payloads[s] for s in slots}
 
 
-def local_verifier(payloads: list):
-    """Verification as plain calls, with every shard's payloads at hand (tests, benchmarks)."""
-    def verify(m, sa, la, sb, lb):
-        ids = sorted(set(sa.tolist()) | set(sb.tolist()))
-        return verify_pairs(m, sa, la, sb, lb, ids, *[payloads[i] for i in ids])
-    return verify
-
-
 class RayVerifier:
     """Verification on Ray: one task per shard picks the payloads of its rows in candidate pairs
     (few), then a few verify tasks, each with the picked payloads of the shards its pairs touch.
@@ -239,7 +230,7 @@ def find_duplicates(shards: list, signature_fn, *, address: str | None = None,
 def find_pairs(shards: list[Shard], tables: list[pa.Table], verify, seconds: dict | None = None) -> pa.Table:
     """All verified pairs from the signature tables: exact groups, then near candidates among one
     representative per group. ``verify(modality, shard_a, slot_a, shard_b, slot_b) -> similarities``
-    scores candidate pairs (:class:`RayVerifier`, or :func:`local_verifier`); ``seconds`` collects
+    scores candidate pairs (:class:`RayVerifier`); ``seconds`` collects
     the time spent finding candidates and verifying them."""
     seconds = defaultdict(float) if seconds is None else seconds
     if tables:

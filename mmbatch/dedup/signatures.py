@@ -10,7 +10,7 @@ Each modality has three parts, used in the order candidate -> verify:
 * a **verify payload** and a verifier that scores one candidate pair with a
   stronger check, so that look-alikes are not flagged.
 
-Measured on the look-alike corpus of :mod:`mmbatch.dedup.testcorpus`
+Measured on the look-alike corpus of ``benchmarks/dedup_corpus.py``
 (docs/duplicates.md has the figures): a perceptual hash or an embedding alone
 puts different objects on the same background within the distance of
 re-encoded copies; the block-wise verifiers separate them.
@@ -28,9 +28,9 @@ import xxhash
 # exact
 # ---------------------------------------------------------------------------------------------
 # XXH3-128 (xxhash, a dependency of HF datasets): 128 bits keep collisions out of reach at corpus
-# scale, and it hashes ~25x faster than BLAKE2b-128 (0.6 against 14.8 us for a 1 s FLAC + a 28 px PNG
-# here), which was 3 % of ingest's CPU. Not cryptographic: a duplicate key, not a signature. Written
-# into the canonical files' metadata (``content_hash``): data hashed otherwise is hashed again.
+# scale, and it is far cheaper than BLAKE2b-128 (docs/performance.md). Not cryptographic: a
+# duplicate key, not a signature. Written into the canonical files' metadata (``content_hash``):
+# data hashed otherwise is hashed again.
 HASH_NAME = "xxh3_128"
 
 

@@ -15,8 +15,7 @@ Frame features (:class:`FrameParams`; the choices stated here are recorded in
   clip of N samples has ``1 + N // hop`` frames (librosa's defaults);
 - power spectrum -> ``n_mels`` Slaney-normalised mel filters (``librosa.filters.mel``'s
   formulas, ``htk=False``, ``fmin``..``fmax``, fmax None = Nyquist; built in numpy,
-  equal to librosa's matrix -- tested -- without importing librosa/scipy, ~1.6 s of
-  CPU per worker process);
+  equal to librosa's matrix -- tested -- without importing librosa/scipy in the workers);
 - log-mel = ``10 * log10(max(mel, 1e-10))`` (= ``librosa.power_to_db(S, ref=1.0,
   amin=1e-10, top_db=None)``, no per-clip top_db clipping);
 - MFCC = first ``n_mfcc`` coefficients of the orthonormal DCT-II of the log-mel
@@ -26,16 +25,16 @@ Frame features (:class:`FrameParams`; the choices stated here are recorded in
 Extractors:
 
 - ``logmel_stats`` (no model): [mean, std over time of log-mel, mean, std of MFCC]
-  -> ``2 * n_mels + 2 * n_mfcc`` (186 by default). Backend ``librosa``: librosa's
-  computation (``librosa.stft`` and ``librosa.feature.melspectrogram``'s mel
+  -> ``2 * n_mels + 2 * n_mfcc`` (186 by default). Backend ``numpy`` (called
+  ``librosa`` before; outputs still record that name, see :data:`RECORDED_BACKEND`):
+  librosa's computation (``librosa.stft`` and ``librosa.feature.melspectrogram``'s mel
   matmul, same float64 FFT and float32 rounding) done one clip at a time in numpy
-  by :class:`NumpyFrontend`, with window, filterbank and DCT built once; equal to
-  the librosa calls to 1e-5 (tested; bit-identical when measured) and about 2x
-  cheaper per 1 s clip, since librosa's per-call set-up is gone. Or ``torch``
-  (``torch.stft`` over a zero-padded batch of clips grouped by length, per-clip
-  frame masks for the statistics; runs on GPU after ``to("cuda")``). The two agree
-  to :data:`BACKEND_RTOL` (tested; measured about 1e-7 on CPU). On one CPU thread
-  the librosa backend is the faster; torch is for GPUs.
+  by :class:`NumpyFrontend`, with window, filterbank and DCT built once, without
+  librosa's per-call set-up; tests hold it equal to the librosa calls to 1e-5. Or
+  ``torch`` (``torch.stft`` over a zero-padded batch of clips grouped by length,
+  per-clip frame masks for the statistics; runs on GPU after ``to("cuda")``). The
+  two agree to :data:`BACKEND_RTOL` (tested). numpy runs on CPU only; torch is for GPUs
+  (docs/performance.md compares them).
 - ``cnn``: a small 2-D conv encoder over the log-mel (:class:`AudioCNN`) with
   masked global pooling over time -> ``embedding_dim``.
 """
@@ -49,15 +48,19 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from mmbatch import media
+from mmbatch import media, storage
 from mmbatch.features.base import Decoded, Error, Extractor
 from mmbatch.runtime import pin_threads
 
 log = logging.getLogger("mmbatch.features.audio")
 
-# The torch and librosa backends of logmel_stats agree to within this, as
-# max |torch - librosa| / max(1, max |librosa|) over a batch of embeddings.
+# The torch and numpy backends of logmel_stats agree to within this, as
+# max |torch - numpy| / max(1, max |numpy|) over a batch of embeddings.
 BACKEND_RTOL = 1e-4
+# The backend name each logmel_stats output records in its params. The numpy backend was
+# named "librosa" (after the computation it reproduces) and records that name still, so its
+# files (rows and metadata) are the bytes they were before the rename.
+RECORDED_BACKEND = {"numpy": "librosa", "torch": "torch"}
 
 RESAMPLER = "soxr HQ"
 
@@ -113,8 +116,8 @@ DEFAULT_FRAMES = FrameParams()
 
 
 # --- filterbank, window, DCT (numpy only: no librosa/scipy import in the workers) ------
-# librosa.filters pulls in scipy.signal and scipy.stats: ~1.6 s of CPU per fresh worker
-# process, for a matrix computed once. These are librosa's formulas (0.11), written out
+# librosa.filters pulls in scipy.signal and scipy.stats, a CPU cost per fresh worker process
+# (docs/performance.md), for a matrix computed once. These are librosa's formulas (0.11), written out
 # in numpy; tests/test_features_audio.py checks them against librosa and scipy.
 def _hz_to_mel(hz: np.ndarray, htk: bool) -> np.ndarray:
     hz = np.asarray(hz, dtype=np.float64)
@@ -190,11 +193,8 @@ class NumpyFrontend:
     rounded to complex64, power in float32, float32 mel matmul with the same
     memory layout -- so the result equals today's librosa path to float32
     rounding (tested). Window, filterbank and DCT are built once per frontend.
-    The FFT runs over 64 frames at a time: the float64 frames and spectra then
-    stay in the CPU cache (measured on a 12 s clip: 1.7 ms instead of 7 ms for
-    the power spectrum on a busy 2-core machine, and never slower). For the
-    same reason batching clips does not pay here (one FFT over a 64-clip batch
-    cost more per clip than clip by clip).
+    The FFT runs over 64 frames at a time, so the float64 frames and spectra
+    stay in the CPU cache; clips are not batched (docs/performance.md).
     """
 
     FRAMES_PER_FFT = 64
@@ -440,11 +440,11 @@ class LogMelStatsExtractor(AudioExtractor):
 
     def __init__(self, sample_rate: int = 16000, win_ms: float = 25.0, hop_ms: float = 10.0,
                  n_mels: int = 80, n_mfcc: int = 13, fmin: float = 0.0, fmax: Optional[float] = None,
-                 max_seconds: Optional[float] = 30.0, backend: str = "librosa", batch_size: int = 32,
+                 max_seconds: Optional[float] = 30.0, backend: str = "numpy", batch_size: int = 32,
                  device: str = "cpu"):
         pin_threads()
-        if backend not in ("librosa", "torch"):
-            raise ValueError(f"backend must be 'librosa' or 'torch', got {backend!r}")
+        if backend not in RECORDED_BACKEND:
+            raise ValueError(f"backend must be 'numpy' or 'torch', got {backend!r}")
         super().__init__(FrameParams.from_ms(sample_rate, win_ms, hop_ms, n_mels, n_mfcc, fmin, fmax),
                          max_seconds)
         self.backend = backend
@@ -457,7 +457,7 @@ class LogMelStatsExtractor(AudioExtractor):
 
     def params(self) -> dict:
         # the backend is recorded: outputs agree only to BACKEND_RTOL
-        return {**self.decode_params(), "backend": self.backend,
+        return {**self.decode_params(), "backend": RECORDED_BACKEND[self.backend],
                 "stats": ["logmel_mean", "logmel_std", "mfcc_mean", "mfcc_std"], "std_ddof": 0}
 
     def to(self, device: str) -> "LogMelStatsExtractor":
@@ -465,7 +465,7 @@ class LogMelStatsExtractor(AudioExtractor):
         if self.backend == "torch":
             self._frontend().to(self.device)
         elif not self.device.startswith("cpu"):
-            log.warning("audio logmel_stats: backend 'librosa' runs on CPU; set backend: torch to use %s",
+            log.warning("audio logmel_stats: backend 'numpy' runs on CPU; set backend: torch to use %s",
                         self.device)
         return self
 
@@ -476,7 +476,7 @@ class LogMelStatsExtractor(AudioExtractor):
 
     def encode(self, values: Sequence[Any]) -> np.ndarray:
         out = np.empty((len(values), self.dim), dtype=np.float32)
-        if self.backend == "librosa":
+        if self.backend == "numpy":
             front = numpy_frontend(self.p)
             for i, x in enumerate(values):
                 out[i] = front.stats(x)
@@ -578,8 +578,7 @@ class AudioCNNExtractor(AudioExtractor):
             p["init"] = f"random(seed={self.seed})"
         else:
             if self._weights_sha256 is None:
-                from mmbatch.features.resnet import read_bytes
-                self._weights_sha256 = hashlib.sha256(read_bytes(self.weights)).hexdigest()
+                self._weights_sha256 = hashlib.sha256(storage.read_bytes(self.weights)).hexdigest()
             p["weights_sha256"] = self._weights_sha256
         return p
 

@@ -4,9 +4,13 @@ An extractor turns one modality's raw values into a fixed-size float32
 embedding, in two steps so the pipeline can place them apart:
 
 - ``decode(items)`` -- CPU work (JPEG/FLAC/SPHERE decode, resize, text
-  normalisation). Runs in CPU tasks; output is compact (fixed-size arrays).
-- ``encode(decoded)`` -- the model part. Runs in an actor pool, on a GPU when
-  the cluster has one and ``needs_model`` is true.
+  normalisation); output is compact (fixed-size arrays).
+- ``encode(decoded)`` -- the model part; on a GPU when the worker has one and
+  ``needs_model`` is true.
+
+Preprocess runs both in the unit's worker; with ``features.gpu_shape: split`` a
+model extractor's decode runs in CPU workers and its encode in one actor per GPU
+(mmbatch.preprocess.run).
 
 Both work on whole batches. A row that cannot be decoded gets an error
 ``(reason, detail)`` instead of a value; the pipeline quarantines it.
@@ -35,7 +39,7 @@ class Extractor(ABC):
     name: str = ""
     version: str = "1"
     dim: int = 0
-    needs_model: bool = False   # True: encode() loads a model (actor pool, GPU-capable)
+    needs_model: bool = False   # True: encode() loads a model (GPU-capable)
     sequence: bool = False      # True: per-row arrays, not a [n, dim] embedding (mmbatch.features.sequence)
 
     @abstractmethod

@@ -35,7 +35,7 @@ from typing import Any, Optional, Sequence
 import cv2
 import numpy as np
 
-from mmbatch import media
+from mmbatch import media, storage
 from mmbatch.features.base import Decoded, Error, Extractor
 from mmbatch.runtime import pin_threads
 
@@ -374,8 +374,7 @@ class ResNetExtractor(ImageExtractor):
     # model ---------------------------------------------------------------------
     def _weights_digest(self) -> str:
         if self._weights_sha256 is None:
-            from mmbatch.features.resnet import read_bytes
-            self._weights_sha256 = hashlib.sha256(read_bytes(self.weights)).hexdigest()
+            self._weights_sha256 = hashlib.sha256(storage.read_bytes(self.weights)).hexdigest()
         return self._weights_sha256
 
     def build_model(self):

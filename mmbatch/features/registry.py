@@ -24,13 +24,13 @@ from __future__ import annotations
 from typing import Any
 
 from mmbatch.features.base import Extractor
+from mmbatch.schema import MODALITIES, SEQUENCE_EXTRACTORS
 
 # cfg.extractor values (as in mmbatch.config) -> the extractor's name; "hog_color" is
 # accepted as an alias of "hog".
 IMAGE_EXTRACTORS = {"hog": "hog_color", "hog_color": "hog_color", "cnn": "cnn", "pixels": "pixels"}
 AUDIO_EXTRACTORS = {"logmel_stats": "logmel_stats", "cnn": "cnn", "logmel_frames": "logmel_frames"}
 TEXT_EXTRACTORS = {"hashing": "hashing", "sentence": "sentence", "tokens": "tokens"}
-SEQUENCE_EXTRACTORS = {"image": "pixels", "audio": "logmel_frames", "text": "tokens"}
 
 
 def is_sequence(modality: str, cfg: Any) -> bool:
@@ -39,9 +39,9 @@ def is_sequence(modality: str, cfg: Any) -> bool:
 
 
 def _default_cfg(modality: str):
-    from mmbatch import config
+    from mmbatch.config import feature_config
 
-    return {"image": config.ImageFeatures, "audio": config.AudioFeatures, "text": config.TextFeatures}[modality]()
+    return feature_config(modality)
 
 
 def _kind(table: dict, modality: str, cfg: Any) -> str:
@@ -54,7 +54,7 @@ def _kind(table: dict, modality: str, cfg: Any) -> str:
 
 def build_extractor(modality: str, cfg: Any = None) -> Extractor:
     """The extractor described by ``cfg`` (ImageFeatures / AudioFeatures / TextFeatures)."""
-    if modality not in ("image", "audio", "text"):
+    if modality not in MODALITIES:
         raise ValueError(f"unknown modality {modality!r}; expected image, audio or text")
     cfg = cfg if cfg is not None else _default_cfg(modality)
     if is_sequence(modality, cfg):
@@ -95,7 +95,7 @@ def _sequence_extractor(modality: str, cfg: Any) -> Extractor:
 
 def embedding_dim(modality: str, cfg: Any = None) -> int:
     """The embedding size ``build_extractor(modality, cfg)`` produces, without loading a model."""
-    if modality not in ("image", "audio", "text"):
+    if modality not in MODALITIES:
         raise ValueError(f"unknown modality {modality!r}; expected image, audio or text")
     cfg = cfg if cfg is not None else _default_cfg(modality)
     if is_sequence(modality, cfg):
@@ -115,8 +115,3 @@ def embedding_dim(modality: str, cfg: Any = None) -> int:
         return int(cfg.dim)
     from mmbatch.features.text import SentenceExtractor
     return SentenceExtractor(model_path=cfg.model_path).dim   # reads config files; loads only if it must
-
-
-def describe(modality: str, cfg: Any = None) -> dict:
-    """``build_extractor(...).describe()``: name, version, dim and params (no model load)."""
-    return build_extractor(modality, cfg).describe()

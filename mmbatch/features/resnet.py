@@ -26,6 +26,8 @@ from typing import Mapping, Optional, Type, Union
 import torch
 from torch import Tensor, nn
 
+from mmbatch import storage
+
 
 def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, kernel_size=3, stride=stride, padding=1, bias=False)
@@ -147,16 +149,6 @@ def resnet50(num_classes: int = 1000) -> ResNet:
 
 
 # --- checkpoints -----------------------------------------------------------------
-def read_bytes(uri: str) -> bytes:
-    """The bytes of a local path or fsspec URI (s3://, gs://, file://, ...), read with the workflow's
-    ``storage`` options for its scheme."""
-    from mmbatch import storage
-
-    fs, path = storage.url_to_fs(uri)
-    with fs.open(path, "rb") as f:
-        return f.read()
-
-
 def parse_state_dict(raw: bytes, source: str = "checkpoint") -> dict[str, Tensor]:
     """``torch.load(weights_only=True)`` of checkpoint bytes -> a plain ``state_dict``.
 
@@ -175,11 +167,6 @@ def parse_state_dict(raw: bytes, source: str = "checkpoint") -> dict[str, Tensor
     if all(k.startswith("module.") for k in sd):
         sd = {k[len("module."):]: v for k, v in sd.items()}
     return sd
-
-
-def read_state_dict(uri: str) -> dict[str, Tensor]:
-    """Load a checkpoint from a local path or fsspec URI (see :func:`parse_state_dict`)."""
-    return parse_state_dict(read_bytes(uri), uri)
 
 
 def load_weights(model: nn.Module, state_dict: Mapping[str, Tensor], source: str = "checkpoint") -> None:
@@ -214,7 +201,7 @@ def build_or_load(build, weights: Optional[str], seed: int, warning: str, load=N
             torch.manual_seed(seed)
             model = build()
         return model.eval(), None
-    raw = read_bytes(weights)
+    raw = storage.read_bytes(weights)
     model = build()
     state = parse_state_dict(raw, weights)
     if load is None:

@@ -1,6 +1,6 @@
 """`mmbatch retrain`: one idempotent retraining cycle, safe to run from cron.
 
-1. preprocess (only new or changed shards are processed: preprocess skips committed ones);
+1. preprocess (only new or changed units are processed: preprocess skips committed ones);
 2. if the fused features' fingerprint equals the champion's recorded one (and
    ``retrain.force_train`` is off): "no new data", stop. Likewise when this
    data was already trained with this training config and that candidate lost:
@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 from mmbatch import storage
-from mmbatch.config import Workflow
+from mmbatch.config import NOT_LEARNING, Workflow
 from mmbatch.errors import UsageError
 from mmbatch.ops.registry import ModelVersion, Registry
 
@@ -96,13 +96,9 @@ def decide(candidate: dict, champion: Optional[dict], metric: str, margin: float
     return Decision(False, f"{metric} {c:.4f} < champion {h:.4f} + margin {margin:g}", c, h)
 
 
-# train settings that do not change what is learned (where it runs and is written)
-_NOT_LEARNING = {"out", "name", "data", "baselines", "num_workers", "use_gpu", "cpus_per_worker", "max_failures"}
-
-
 def train_fingerprint(wf: Workflow) -> str:
     """What, besides the data, decides the candidate: the learning settings of ``train``."""
-    return storage.fingerprint({k: v for k, v in wf.train_record().items() if k not in _NOT_LEARNING})
+    return storage.fingerprint({k: v for k, v in wf.train_record().items() if k not in NOT_LEARNING})
 
 
 def candidate_run_name(wf: Workflow, fingerprints: dict, champion: Optional[ModelVersion],

@@ -1,6 +1,6 @@
 """`mmbatch preprocess`: canonical shards -> fused per-sample feature Parquet, written by the workers.
 
-- plan.py     units (row groups of the input shards), fingerprints; no Ray, no row data
+- plan.py     units (row groups of the input shards), fingerprints; no Ray, no media
 - unit.py     one unit start to finish in a worker: read, extract, fuse, write -> CommitRecord
 - fuse.py     pairing on light columns (PartnerIndex) and the fused table of a unit
 - run.py      the driver: skip committed units, run the rest (mmbatch.units: a Ray Data job), commit, manifest

@@ -1,4 +1,5 @@
-"""Planning a preprocess run (driver, no Ray, no row data): datasets, units, fingerprints.
+"""Planning a preprocess run (driver, no Ray; of row data only the label column, for a label map):
+datasets, units, fingerprints.
 
 A **unit** is one row group of one canonical input shard. Its output is one
 Parquet file with a deterministic name (``<dataset>--<shard>-rg<k>.parquet``),
@@ -17,7 +18,7 @@ from mmbatch import storage
 from mmbatch.config import DatasetConfig, Workflow
 from mmbatch.errors import UsageError
 from mmbatch.manifest import Manifest
-from mmbatch.schema import MODALITIES, normalize_split
+from mmbatch.schema import MODALITIES, label_indices, normalize_split
 
 FEATURES_DIR = "_features"      # per-modality features of pairing partners (read by the primary's units)
 PLAN_VERSION = "units-1"
@@ -111,7 +112,7 @@ def _label_map(fs, files: list[str], column: str) -> dict:
     for f in files:
         col = pq.read_table(f, columns=[column], filesystem=fs).column(column)
         values.update(str(v) for v in pc.unique(col).to_pylist() if v is not None)
-    return {"column": column, "mapping": {v: i for i, v in enumerate(sorted(values))}}
+    return {"column": column, "mapping": label_indices(values)}
 
 
 def plan_dataset(ds: DatasetConfig) -> DatasetPlan:

@@ -1,6 +1,9 @@
 """`mmbatch preprocess`, the driver: plan, hand units to workers, commit their records, write the manifest.
 
-The driver never touches row data. Per dataset it plans units (row groups of
+The driver reads no media and no embeddings, only light columns a plan needs: the
+label column for a label map (plan.py), the train split's texts for a tokens
+vocabulary (mmbatch.features.sequence), sample ids for dedup leakage
+(mmbatch.dedup.leakage) and partners' light columns for pairing. Per dataset it plans units (row groups of
 the canonical shards, plan.py), skips those committed with the same
 fingerprint, removes a killed run's leftovers, and runs the rest on a pool of
 actors (mmbatch.units, a Ray Data job) that read, extract, fuse and write each unit's final

@@ -87,13 +87,12 @@ def extractor(modality: str, spec: dict):
     key = storage.fingerprint([modality, spec, weights_signature(spec)])   # rewritten weights: a new one
     ex = _EXTRACTORS.get(key)
     if ex is None:
-        from mmbatch import config as C
+        from mmbatch.config import feature_config
         from mmbatch.features.registry import build_extractor
         from mmbatch.runtime import pin_threads
 
         pin_threads()
-        model = {"image": C.ImageFeatures, "audio": C.AudioFeatures, "text": C.TextFeatures}[modality]
-        ex = _EXTRACTORS[key] = build_extractor(modality, model.model_validate(spec))
+        ex = _EXTRACTORS[key] = build_extractor(modality, feature_config(modality, spec))
     return ex
 
 

@@ -7,7 +7,8 @@ reader: either ``build_row(sample, blobs, opts) -> dict`` (file kinds: the
 generic :func:`read_file_shard` fetches ``sample.files`` and calls it) or a
 whole ``read_shard(samples, ctx) -> (rows, problems)`` (``hf``).
 
-Everything here is JSON-able so shards can travel to Ray tasks as strings.
+Samples and contexts are plain dataclasses: they travel to the ingest workers
+(mmbatch.units) pickled, and :meth:`Sample.to_dict` is what a shard's fingerprint covers.
 """
 from __future__ import annotations
 
@@ -132,14 +133,6 @@ class Listing:
     problems: list[Problem]
 
 
-def _mtime(info: dict) -> Any:
-    for k in ("mtime", "LastModified", "last_modified", "updated", "ETag", "etag", "md5Hash"):
-        if info.get(k) is not None:
-            v = info[k]
-            return v if isinstance(v, (int, float, str)) else str(v)
-    return None
-
-
 def resolve_root(uri: str) -> tuple[Any, str]:
     """(fs, root path) for INPUT; UsageError when it does not exist."""
     fs, root = storage.url_to_fs(uri)
@@ -207,7 +200,7 @@ def list_tree(fs, root: str, *, allow_outside: bool = False, exclude: Iterable[s
                 continue
             if info.get("type") == "directory":
                 continue
-            files[rel] = Entry(rel, int(info.get("size") or 0), _mtime(info))
+            files[rel] = Entry(rel, int(info.get("size") or 0), storage.modified(info))
 
     walk(root, "")
     return Listing(root=root, files=files, problems=problems)
@@ -377,7 +370,7 @@ def shard_name(i: int) -> str:
 # --- reading a shard of file-based samples -------------------------------------------------------
 @dataclass
 class ReadContext:
-    """What a shard reader needs (rebuilt inside each Ray task from JSON)."""
+    """What a shard reader needs (built in the ingest worker from the job's context)."""
     kind: str
     uri: str
     root: str
@@ -448,8 +441,7 @@ def fetch(fs, paths: list[str], chunk: int = 64, max_bytes: int | None = None) -
                 out[p] = got.get(p, got.get(fs._strip_protocol(p), FileNotFoundError(p)))
     for p in urls:
         try:
-            rfs, rp = storage.url_to_fs(p)
-            out[p] = rfs.cat_file(rp)
+            out[p] = storage.read_bytes(p)
         except Exception as e:
             out[p] = e
     if max_bytes is not None:

@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 
 from mmbatch import storage
 from mmbatch.errors import UsageError
+from mmbatch.schema import label_indices
 from mmbatch.sources import common
 from mmbatch.sources.common import Plan, Problem, Reject, Sample
 
@@ -207,7 +208,7 @@ def plan(uri: str, opts, exclude=()) -> Plan:
         root = posixpath.dirname(root)
         info = fs.info(posixpath.join(root, only))
         listing = common.Listing(root, {only: common.Entry(only, int(info.get("size") or 0),
-                                                          common._mtime(info))}, [])
+                                                          storage.modified(info))}, [])
     else:
         listing = common.list_tree(fs, root, allow_outside=opts.allow_outside, exclude=exclude)
     files = listing.files
@@ -264,7 +265,7 @@ def plan(uri: str, opts, exclude=()) -> Plan:
     if missing:
         raise UsageError(f"hf --columns: no column {', '.join(map(repr, missing))} in the data "
                          f"(columns: {', '.join(sorted(seen_sources))})")
-    vocab = {v: i for i, v in enumerate(sorted(label_values))}
+    vocab = label_indices(label_values)
 
     samples: list[Sample] = []
     counters: dict[str, int] = {}

@@ -27,6 +27,7 @@ import re
 from collections import Counter
 
 from mmbatch.errors import UsageError
+from mmbatch.schema import label_indices
 from mmbatch.sources import common
 from mmbatch.sources.common import Plan, Problem, Sample
 
@@ -177,7 +178,7 @@ def plan(uri: str, opts, exclude=()) -> Plan:
         classes = sorted(meta_words)
     else:
         classes = sorted({rest[0] for items in by_split.values() for _, rest in items if len(rest) >= 2})
-    index = {w: i for i, w in enumerate(classes)}
+    index = label_indices(classes)
 
     val_labels: dict[str, str] = {}
     val_label_source = None

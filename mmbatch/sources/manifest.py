@@ -21,6 +21,7 @@ from typing import Any
 
 from mmbatch import storage
 from mmbatch.errors import UsageError
+from mmbatch.schema import label_indices
 from mmbatch.sources import common
 from mmbatch.sources.common import Plan, Problem, Sample
 
@@ -222,7 +223,7 @@ def plan(uri: str, opts, exclude=()) -> Plan:
             files=located, extra={**extra, "manifest_line": line},
             nbytes=sum(e.size for e in entries) or len(text or ""), stamp=[common.stamp(e) for e in entries])
         pending.append(s)
-    vocab = {n: i for i, n in enumerate(sorted(names))}
+    vocab = label_indices(names)
     for s in pending:
         if s.label is None and s.label_name is not None:
             s.label = vocab[s.label_name]
@@ -245,7 +246,7 @@ def _outside(fs, path: str, role: str, sid: str):
             info = fs.info(path)
     except FileNotFoundError:
         return None, None, Problem(common.MISSING_FILE, f"{role} file {path} not found", path=path, sample_id=sid)
-    return path, common.Entry(path, int(info.get("size") or 0), common._mtime(info)), None
+    return path, common.Entry(path, int(info.get("size") or 0), storage.modified(info)), None
 
 
 # --- reading --------------------------------------------------------------------------------

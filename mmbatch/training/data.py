@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 
 from mmbatch import schema, storage
 from mmbatch.errors import UsageError
+from mmbatch.fusion import embeddings_to_numpy
 from mmbatch.manifest import Manifest, data_files
 from mmbatch.splits import (assign_splits, final_plan, normalized_splits, row_uniform, split_plan,  # noqa: F401
                             splits_are_final)
@@ -38,22 +39,6 @@ LIGHT_COLUMNS = ["sample_id", "split", "label", "label_name"]
 
 
 # --- Arrow -> NumPy (pure) ------------------------------------------------------------------
-def embedding_matrix(col: pa.ChunkedArray | pa.Array, dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """fixed_size_list<float32>[dim] column -> (float32 [n, dim] with zeros for nulls, valid mask)."""
-    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    n = len(arr)
-    if n == 0:
-        return np.zeros((0, dim), np.float32), np.zeros(0, bool)
-    if not pa.types.is_fixed_size_list(arr.type):
-        arr = arr.cast(pa.list_(pa.float32(), dim))
-    valid = ~np.asarray(arr.is_null().to_numpy(zero_copy_only=False), dtype=bool)
-    values = arr.values.slice(arr.offset * dim, n * dim)
-    flat = values.to_numpy(zero_copy_only=False).astype(np.float32, copy=True)  # nulls -> nan
-    mat = np.nan_to_num(flat.reshape(n, dim), nan=0.0, posinf=0.0, neginf=0.0)
-    mat[~valid] = 0.0
-    return mat, valid
-
-
 def to_arrays(table: pa.Table, modalities: Sequence[str], dims: Mapping[str, int],
               class_ids: Sequence[int], split: Optional[str] = None, plan: Optional[Mapping] = None,
               seed: int = 0) -> dict[str, np.ndarray]:
@@ -84,7 +69,9 @@ def to_arrays(table: pa.Table, modalities: Sequence[str], dims: Mapping[str, int
         if schema.seq_column(m) in table.column_names:          # sequence features (training.sequences)
             mat, valid, lengths = sequence_input(table, m, dims[m])
         else:
-            mat, valid = embedding_matrix(table.column(schema.emb_column(m)), dims[m])
+            col = table.column(schema.emb_column(m))
+            mat = embeddings_to_numpy(col, dims[m])
+            valid = np.asarray(col.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
         flag_col = schema.has_column(m)
         if flag_col in table.column_names:
             flag = table.column(flag_col).to_numpy(zero_copy_only=False)

@@ -339,11 +339,11 @@ def load_model(model_dir: str, device: str = "cpu") -> tuple[FusionModel, dict]:
     fs, path = storage.url_to_fs(model_dir)
     spec = storage.read_json(fs, storage.join(path, SPEC_FILE))
     if spec is not None:
-        with fs.open(storage.join(path, MODEL_FILE), "rb") as f:
-            state = torch.load(io.BytesIO(f.read()), map_location=device, weights_only=True)
+        state = torch.load(io.BytesIO(fs.cat_file(storage.join(path, MODEL_FILE))), map_location=device,
+                           weights_only=True)
     elif fs.exists(storage.join(path, "state.pt")):
-        with fs.open(storage.join(path, "state.pt"), "rb") as f:
-            saved = torch.load(io.BytesIO(f.read()), map_location=device, weights_only=True)
+        saved = torch.load(io.BytesIO(fs.cat_file(storage.join(path, "state.pt"))), map_location=device,
+                           weights_only=True)
         spec = json.loads(saved["spec_json"])
         state = saved["model"]
     else:

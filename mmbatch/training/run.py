@@ -28,7 +28,7 @@ import torch
 
 import mmbatch
 from mmbatch import capacity, ownership, progress, runtime, schema, storage
-from mmbatch.config import Workflow
+from mmbatch.config import NOT_LEARNING, Workflow
 from mmbatch.errors import UsageError
 from mmbatch.runtime import init_ray
 from mmbatch.training import report
@@ -43,9 +43,6 @@ POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"   # read by the Ray Train control
 MATERIALIZE_BYTES = 256 * 2 ** 20     # train splits smaller than this are held in memory (see _train_input)
 STATS_ROWS = 100_000                  # rows of a large train split the input statistics are taken from
 KEEP_CHECKPOINTS = 3                  # best by validation score; Ray always keeps the latest too
-# settings that do not change what is learned: a rerun that differs only in these resumes the run
-_NOT_FINGERPRINTED = {"out", "name", "data", "baselines", "num_workers", "use_gpu", "cpus_per_worker",
-                      "max_failures", "modalities"}
 
 
 @dataclass
@@ -140,7 +137,8 @@ def learned_encoders(t, data: FusedData, mods: list[str]) -> dict:
 
 
 def run_fingerprint(spec: dict, warm_start_blob: Optional[bytes]) -> str:
-    train = {k: v for k, v in spec["train"].items() if k not in _NOT_FINGERPRINTED}
+    # train.modalities is left out here as it is resolved into spec["arch"]
+    train = {k: v for k, v in spec["train"].items() if k not in NOT_LEARNING | {"modalities"}}
     return storage.fingerprint({"arch": spec["arch"], "classes": spec["classes"], "features": spec["features"],
                                 "split": spec["split"], "data": spec["data"]["fingerprint"], "train": train,
                                 "warm_start": storage.fingerprint(warm_start_blob.hex()) if warm_start_blob else None})
@@ -231,7 +229,7 @@ def train_one(wf: Workflow, data: FusedData, mods: list[str], name: str,
     run_dir = storage.join(storage_root(t.out), name)
     model_dir = storage.join(run_dir, "model")
     spec = model_spec(wf, data, mods, name)
-    blob = _read_bytes(storage.join(warm_start, MODEL_FILE)) if warm_start else None
+    blob = _warm_start_bytes(storage.join(warm_start, MODEL_FILE)) if warm_start else None
     spec["fingerprint"] = fp = run_fingerprint(spec, blob)
 
     # -- already done? (same settings) / someone else's run? (different settings)
@@ -371,12 +369,11 @@ def _load_state(ckpt) -> dict:
         return torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
 
 
-def _read_bytes(uri: str) -> bytes:
-    fs, p = storage.url_to_fs(uri)
-    if not fs.exists(p):
-        raise UsageError(f"warm start: {uri} not found (expected an exported model folder)")
-    with fs.open(p, "rb") as f:
-        return f.read()
+def _warm_start_bytes(uri: str) -> bytes:
+    try:
+        return storage.read_bytes(uri)
+    except FileNotFoundError:
+        raise UsageError(f"warm start: {uri} not found (expected an exported model folder)") from None
 
 
 def _slim(m: dict) -> dict:

@@ -21,8 +21,7 @@ import pyarrow as pa
 
 from mmbatch import schema
 from mmbatch.errors import UsageError
-
-SEQUENCE_EXTRACTORS = {"image": "pixels", "audio": "logmel_frames", "text": "tokens"}
+from mmbatch.schema import SEQUENCE_EXTRACTORS
 
 
 def sequence_dims(sch: pa.Schema) -> dict[str, int]:

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mmbatch.dedup.signatures import content_hash, text_key
-from mmbatch.schema import CANONICAL, with_metadata
+from mmbatch.schema import CANONICAL, MODALITIES, with_metadata
 
 SIZE = 100
 SPEECH_SR = 16000
@@ -320,7 +320,7 @@ def score(corpus: Corpus, pairs: pa.Table) -> dict:
         found.setdefault(r["modality"], {})[key] = r["kind"]
     out = {"rows": corpus.rows, "modalities": {}}
     false_rows = set()
-    for m in ("image", "audio", "text"):
+    for m in MODALITIES:
         truth = found_m = None
         truth = corpus.truth(m)
         found_m = found.get(m, {})
