@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="originals per modality of the planted corpus (--accuracy)")
     args = p.parse_args(argv)
     if args.accuracy:
-        from mmbatch.runtime import init_ray, shutdown_ray
+        from mmbatch.engine.runtime import init_ray, shutdown_ray
 
         init_ray(num_cpus=args.num_cpus)
         try:
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             shutdown_ray()
         return 0
     if args.one:
-        from mmbatch.runtime import init_ray, shutdown_ray
+        from mmbatch.engine.runtime import init_ray, shutdown_ray
 
         t0 = time.perf_counter()
         init_ray(num_cpus=args.num_cpus)

@@ -9,8 +9,8 @@ white/pink noise at -14..-6 dB SNR; a short sentence that names the class 35 % o
 Each modality is turned into features with mmbatch's extractors in this process -- the
 sequence extractors (pixels, logmel_frames, tokens with a train-split vocabulary) and the
 frozen defaults (HOG+colour, log-mel statistics, hashing) -- and read back through
-``mmbatch.training.data.to_arrays``, the arrays ``mmbatch train`` feeds its workers. Every
-model is trained by ``mmbatch.training.loop.fit_in_memory`` (the epoch pass, optimizer,
+``mmbatch.train.data.to_arrays``, the arrays ``mmbatch train`` feeds its workers. Every
+model is trained by ``mmbatch.train.loop.fit_in_memory`` (the epoch pass, optimizer,
 schedule, modality dropout and validation-based selection of `mmbatch train`, one process):
 
 - end to end: early fusion of ImageCNN + AudioLSTM + TextLSTM, and each encoder alone;
@@ -42,13 +42,13 @@ import torch  # noqa: E402
 from benchmarks.e2e_task import generate, sequence_features  # noqa: E402
 from mmbatch import schema  # noqa: E402
 from mmbatch.config import AudioFeatures, ImageFeatures, TextFeatures, TrainConfig, Workflow  # noqa: E402
-from mmbatch.features.registry import build_extractor  # noqa: E402
-from mmbatch.features.sequence import build_vocabulary  # noqa: E402
-from mmbatch.training.data import to_arrays  # noqa: E402
-from mmbatch.training.encoders import ENCODERS, encoder_spec  # noqa: E402
-from mmbatch.training.evaluate import evaluate_arrays  # noqa: E402
-from mmbatch.training.loop import fit_in_memory  # noqa: E402
-from mmbatch.training.models import arch_spec, n_params  # noqa: E402
+from mmbatch.preprocess.features.registry import build_extractor  # noqa: E402
+from mmbatch.preprocess.features.sequence import build_vocabulary  # noqa: E402
+from mmbatch.train.data import to_arrays  # noqa: E402
+from mmbatch.train.encoders import ENCODERS, encoder_spec  # noqa: E402
+from mmbatch.train.evaluate import evaluate_arrays  # noqa: E402
+from mmbatch.train.loop import fit_in_memory  # noqa: E402
+from mmbatch.train.models import arch_spec, n_params  # noqa: E402
 
 MODALITIES = ("image", "audio", "text")
 CLASSES = [{"id": i, "name": str(i)} for i in range(10)]

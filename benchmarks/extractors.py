@@ -21,9 +21,9 @@ import argparse
 import os
 import time
 
-from mmbatch.runtime import THREAD_ENV
+from mmbatch.engine.runtime import THREAD_ENV
 
-# One BLAS thread, as in a worker (mmbatch.runtime.init_ray sets these for Ray's workers
+# One BLAS thread, as in a worker (mmbatch.engine.runtime.init_ray sets these for Ray's workers
 # before they import numpy). Set before numpy loads: OpenBLAS reads them once, and a
 # two-thread sgemm on these small matrices costs CPU time, not only wall time.
 for _k, _v in THREAD_ENV.items():
@@ -94,8 +94,8 @@ def time_extractor(ex, items: list, repeats: int) -> dict[str, float]:
 
 def measure(corpora: dict[str, dict[str, list]], repeats: int) -> dict[str, dict[str, dict[str, float]]]:
     from mmbatch.config import FeaturesConfig
-    from mmbatch.features.registry import build_extractor
-    from mmbatch.runtime import pin_threads
+    from mmbatch.preprocess.features.registry import build_extractor
+    from mmbatch.engine.runtime import pin_threads
 
     pin_threads()
     cfg = FeaturesConfig()

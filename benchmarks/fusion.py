@@ -7,7 +7,7 @@ For every task (``benchmarks.fusion_tasks``: a strong audio modality next to a w
 image and a weak text; a useless text modality; the demo's XOR task) and seed, it
 generates the media, embeds them with mmbatch's default extractors (the workflow defaults
 of ``features.image/audio/text``, in this process), and trains with
-``mmbatch.training.loop.fit_in_memory`` -- the same model classes, optimizer, schedule,
+``mmbatch.train.loop.fit_in_memory`` -- the same model classes, optimizer, schedule,
 modality dropout, epoch pass and validation-based model selection as `mmbatch train`,
 without Ray -- using the default ``train`` settings:
 
@@ -40,10 +40,10 @@ import torch  # noqa: E402
 from benchmarks.fusion_tasks import TASKS, TaskData  # noqa: E402
 from mmbatch import schema  # noqa: E402
 from mmbatch.config import TrainConfig, Workflow  # noqa: E402
-from mmbatch.features.registry import build_extractor  # noqa: E402
-from mmbatch.training.evaluate import evaluate_arrays  # noqa: E402
-from mmbatch.training.loop import fit_in_memory  # noqa: E402
-from mmbatch.training.models import FUSIONS, arch_spec  # noqa: E402
+from mmbatch.preprocess.features.registry import build_extractor  # noqa: E402
+from mmbatch.train.evaluate import evaluate_arrays  # noqa: E402
+from mmbatch.train.loop import fit_in_memory  # noqa: E402
+from mmbatch.train.models import FUSIONS, arch_spec  # noqa: E402
 
 MODALITIES = ("image", "audio", "text")
 

@@ -289,8 +289,8 @@ _POOL_JPEGS: list[bytes] = []
 
 
 def _pool_init(jpegs: list[bytes]) -> None:
-    from mmbatch.features.image import decode_image
-    from mmbatch.runtime import pin_threads
+    from mmbatch.preprocess.features.image import decode_image
+    from mmbatch.engine.runtime import pin_threads
 
     pin_threads()
     _POOL_JPEGS[:] = jpegs
@@ -298,7 +298,7 @@ def _pool_init(jpegs: list[bytes]) -> None:
 
 
 def _decode_range(start_count: tuple[int, int]) -> int:
-    from mmbatch.features.image import decode_image
+    from mmbatch.preprocess.features.image import decode_image
 
     start, count = start_count
     for i in range(start, start + count):
@@ -322,8 +322,8 @@ def decode_pool(jpegs: list[bytes], total: int, processes: int) -> dict:
 def bench_resnet(env: dict, sizes: Sizes) -> dict:
     import torch
 
-    from mmbatch.features.image import ResNetExtractor, decode_image
-    from mmbatch.features.resnet import build_resnet
+    from mmbatch.preprocess.features.image import ResNetExtractor, decode_image
+    from mmbatch.preprocess.features.resnet import build_resnet
 
     device = env["device"]
     sync = device_sync(device)
@@ -393,7 +393,7 @@ def bench_resnet(env: dict, sizes: Sizes) -> dict:
 def bench_logmel(env: dict, sizes: Sizes) -> dict:
     import torch
 
-    from mmbatch.features.audio import DEFAULT_FRAMES, TorchFrontend
+    from mmbatch.preprocess.features.audio import DEFAULT_FRAMES, TorchFrontend
 
     device = env["device"]
     sync = device_sync(device)
@@ -429,7 +429,7 @@ def bench_shape(env: dict, sizes: Sizes) -> dict:
     import ray
 
     from benchmarks.gpu_shape import Setup, gpu_model, measure, unit_costs
-    from mmbatch.runtime import init_ray
+    from mmbatch.engine.runtime import init_ray
 
     device = env["device"]
     cores = os.cpu_count() or 2
@@ -469,9 +469,9 @@ def bench_preprocess(env: dict, sizes: Sizes, samples: int, data_root: Path, sha
 
     from benchmarks.run import make_corpus
     from mmbatch.config import workflow_from_dict
-    from mmbatch.ingest import run_ingest
+    from mmbatch.ingest.run import run_ingest
     from mmbatch.preprocess import run_preprocess
-    from mmbatch.runtime import init_ray
+    from mmbatch.engine.runtime import init_ray
 
     device = env["device"]
     gpus = env["gpu_count"] if device == "cuda" else 0

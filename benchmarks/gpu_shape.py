@@ -74,7 +74,7 @@ class _ModelActor:
     """Builds the extractor on its device and runs it once; ``ready``: the wall-clock time after."""
 
     def __init__(self, arch: str, size: int, batch: int, device: str, precision: str):
-        from mmbatch.features.image import ResNetExtractor
+        from mmbatch.preprocess.features.image import ResNetExtractor
 
         self.ex = ResNetExtractor(arch=arch, size=size, batch_size=batch, precision=precision).to(_device(device))
         self.ex.encode(np.zeros((1, size, size, 3), np.uint8))      # a first call pays lazy set-up
@@ -100,8 +100,8 @@ class FusedEmbed(_ModelActor):
 def decode_batch(batch: dict, size: int) -> dict:
     """The split shape's CPU step: JPEG bytes -> uint8 [n, size, size, 3] (the tensor the object
     store carries to the embed actor)."""
-    from mmbatch.features.image import decode_image
-    from mmbatch.runtime import pin_threads
+    from mmbatch.preprocess.features.image import decode_image
+    from mmbatch.engine.runtime import pin_threads
 
     pin_threads()
     t0 = time.perf_counter()
@@ -261,8 +261,8 @@ def unit_costs(jpegs: list[bytes], s: Setup) -> dict:
     one thread: ``pin_threads``)."""
     import torch
 
-    from mmbatch.features.image import ResNetExtractor, decode_image
-    from mmbatch.runtime import pin_threads
+    from mmbatch.preprocess.features.image import ResNetExtractor, decode_image
+    from mmbatch.engine.runtime import pin_threads
 
     pin_threads()
     k = max(2, s.model_images)
@@ -385,7 +385,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.images:
         s = Setup(**{**asdict(s), "images": args.images})
     warnings.filterwarnings("ignore", message=".*RANDOM weights.*")     # speed does not depend on the weights
-    from mmbatch.runtime import init_ray
+    from mmbatch.engine.runtime import init_ray
 
     init_ray(num_cpus=os.cpu_count())        # a no-op where Ray is already up
     command = "python -m benchmarks.gpu_shape " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -60,7 +60,7 @@ class WorkerPeaks(threading.Thread):
 
 def child(where: str, canon: str, out: str, cores: int) -> dict:
     from benchmarks.run import Monitor, run_mmbatch
-    from mmbatch.runtime import init_ray
+    from mmbatch.engine.runtime import init_ray
 
     init_ray(num_cpus=cores)
     peaks = WorkerPeaks()

@@ -99,8 +99,8 @@ def _extractors():
     global _EX
     if _EX is None:
         from mmbatch.config import FeaturesConfig
-        from mmbatch.features.registry import build_extractor
-        from mmbatch.runtime import pin_threads
+        from mmbatch.preprocess.features.registry import build_extractor
+        from mmbatch.engine.runtime import pin_threads
 
         pin_threads()
         cfg = FeaturesConfig()
@@ -351,11 +351,11 @@ def _chunk_worker(_job) -> object:
 
 
 def run_raychunk(files: list[str], cores: int, out: Path) -> None:
-    """The Pool script with its pool swapped for mmbatch's Ray Data actor pool (``mmbatch.units``): the
+    """The Pool script with its pool swapped for mmbatch's Ray Data actor pool (``mmbatch.engine.units``): the
     same function on the same chunks, results back to the driver, which writes them. Against
     ``pool`` it measures what hosting the work on Ray costs; against ``mmbatch`` what mmbatch's
     data path (read, fuse and write in the worker) costs."""
-    from mmbatch.units import run_units
+    from mmbatch.engine.units import run_units
 
     results: list = []
     run_units(_chunk_worker, None, row_group_chunks(files), lambda _chunk, r: results.append(r),
@@ -404,8 +404,8 @@ def prepare_partner(n: int, data_root: str, cores: int) -> Path:
     if not (canon / "_manifest.json").exists():
         import ray
 
-        from mmbatch.ingest import run_ingest
-        from mmbatch.runtime import init_ray
+        from mmbatch.ingest.run import run_ingest
+        from mmbatch.engine.runtime import init_ray
 
         manifest = make_text_partner(data / "corpus", n)
         init_ray(num_cpus=cores)
@@ -435,7 +435,7 @@ class _RayDataExtract:
     def __call__(self, batch: pa.Table) -> pa.Table:
         res = extract_rows([r["bytes"] for r in batch.column("image").to_pylist()],
                            [r["bytes"] for r in batch.column("audio").to_pylist()], batch.column("text").to_pylist())
-        from mmbatch.fusion import embeddings_to_arrow
+        from mmbatch.preprocess.fusion import embeddings_to_arrow
         return pa.table({"sample_id": batch.column("sample_id"),
                          **{f"{m}_emb": embeddings_to_arrow(v) for m, v in res.items()}})
 
@@ -451,7 +451,7 @@ def run_raydata(files: list[str], cores: int, out: Path) -> None:
 
 
 def run_ingest_job(data: Path, out: Path) -> dict:
-    from mmbatch.ingest import run_ingest
+    from mmbatch.ingest.run import run_ingest
 
     s = run_ingest("manifest", str(data / "corpus" / "manifest.csv"), str(out / "canonical"), echo=False)
     return {"rows_out": s.ingested, "quarantined": s.quarantined}
@@ -470,7 +470,7 @@ def warm_ray_data() -> None:
     """Start Ray Data's per-cluster service actors (stats, autoscaling coordinator, actor locations)
     with a no-op job, as a cluster that has run a Ray Data job has them: the ``warm`` contender is
     mmbatch's job on such a Ray (a scheduled job on a running cluster), ``mmbatch`` on a fresh one."""
-    from mmbatch.units import run_units
+    from mmbatch.engine.units import run_units
 
     run_units(_noop_worker, None, [0, 1], lambda _unit, _result: None, workers=2)
     time.sleep(3)           # the service actors' processes finish starting (about 1 CPU s each)
@@ -484,7 +484,7 @@ def warm_up_code(files: list[str], cores: int) -> dict:
     once, untimed, before the rounds, as ``read_once`` does for the data: otherwise the first contender
     of the first round pays the cold page cache for everyone (measured: a first mmbatch run with Ray's
     start-up at 4.9 s instead of 3.3 s, and 73 instead of 69 CPU s for its job)."""
-    from mmbatch.runtime import init_ray
+    from mmbatch.engine.runtime import init_ray
 
     init_ray(num_cpus=cores)
     warm_ray_data()
@@ -507,7 +507,7 @@ def child(name: str, data: Path, cores: int, probe: int, partner: str | None = N
     target.mkdir(parents=True)
     res: dict = {}
     if name in ("mmbatch", "warm", "raychunk", "raydata", "ingest"):
-        from mmbatch.runtime import init_ray
+        from mmbatch.engine.runtime import init_ray
 
         t0 = time.perf_counter()
         init_ray(num_cpus=cores)
@@ -568,8 +568,8 @@ def prepare(n: int, data_root: str, cores: int, shape: str = "large") -> Path:
     if not (canon / "_manifest.json").exists():
         import ray
 
-        from mmbatch.ingest import run_ingest
-        from mmbatch.runtime import init_ray
+        from mmbatch.ingest.run import run_ingest
+        from mmbatch.engine.runtime import init_ray
 
         init_ray(num_cpus=cores)
         run_ingest("manifest", str(manifest), str(canon))

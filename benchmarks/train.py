@@ -4,7 +4,7 @@
     python -m benchmarks.train --rows 3000 --epochs 4  # smoke run
     python -m benchmarks.train --e2e --rows 3000 --epochs 4   # the end-to-end model (docs/e2e-model.md)
 
-Every contender trains the same model (mmbatch.training.models, ``train.model`` /
+Every contender trains the same model (mmbatch.train.models, ``train.model`` /
 ``hidden`` / ``dropout``), optimizer, LR schedule, modality dropout and global batch
 size on the same synthetic fused-feature Parquet (the schema `mmbatch preprocess`
 writes), and scores the whole validation split after every epoch:
@@ -13,7 +13,7 @@ writes), and scores the whole validation split after every epoch:
   train split in memory, a fresh permutation per epoch (``loop.in_memory_batches``);
 - torch DDP without Ray (reference): the same loop in 2 spawned processes over gloo,
   each taking half of every global batch -- what data parallelism itself costs here;
-- mmbatch: ``mmbatch.training.run.train_one`` (Ray Train V2 TorchTrainer, the same
+- mmbatch: ``mmbatch.train.run.train_one`` (Ray Train V2 TorchTrainer, the same
   path as `mmbatch train`) with 1 and 2 workers at ``--cpus-per-worker`` CPUs each.
 
 Epoch seconds = median over the epochs after the first of the wall time from the
@@ -112,7 +112,7 @@ def make_e2e_fused(path: Path, rows: int, seed: int = 0, files: int = 4) -> str:
     from benchmarks.e2e import extract
     from benchmarks.e2e_task import generate, sequence_features
     from mmbatch.config import AudioFeatures, ImageFeatures, TextFeatures
-    from mmbatch.features.sequence import build_vocabulary
+    from mmbatch.preprocess.features.sequence import build_vocabulary
 
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
@@ -152,12 +152,12 @@ def plain_loop(data_uri: str, args, rank: int = 0, world: int = 1, port: int = 0
     over gloo without Ray (the reference for what DDP alone costs per step)."""
     import torch
 
-    from mmbatch.runtime import pin_threads
-    from mmbatch.training.data import FusedData
-    from mmbatch.training.evaluate import evaluate_arrays
-    from mmbatch.training.loop import in_memory_batches, make_optimizer, make_scheduler, seed_everything
-    from mmbatch.training.models import build_model, drop_modalities
-    from mmbatch.training.run import model_spec
+    from mmbatch.engine.runtime import pin_threads
+    from mmbatch.train.data import FusedData
+    from mmbatch.train.evaluate import evaluate_arrays
+    from mmbatch.train.loop import in_memory_batches, make_optimizer, make_scheduler, seed_everything
+    from mmbatch.train.models import build_model, drop_modalities
+    from mmbatch.train.run import model_spec
 
     pin_threads()
     t_call = time.time()
@@ -252,8 +252,8 @@ def run_ddp(data_uri: str, args, world: int) -> dict:
 
 
 def run_ray(data_uri: str, args, workers: int, out: Path) -> dict:
-    from mmbatch.training.data import FusedData
-    from mmbatch.training.run import train_one
+    from mmbatch.train.data import FusedData
+    from mmbatch.train.run import train_one
 
     name = f"bench-{workers}w"
     shutil.rmtree(out / name, ignore_errors=True)
@@ -320,7 +320,7 @@ def main() -> None:
         results["runs"]["torch DDP without Ray (2 processes, reference)"] = {**r, "steal_pct": st.pct}
         print("ddp 2 processes:", _brief(r))
     if only & {"ray1", "ray2"}:
-        from mmbatch.runtime import init_ray
+        from mmbatch.engine.runtime import init_ray
         t0 = time.perf_counter()
         init_ray(num_cpus=cores)
         results["ray_startup_s"] = round(time.perf_counter() - t0, 2)

@@ -31,7 +31,7 @@ class _Captured(Exception):
 
 def capture_job(canon: Path, out: Path) -> tuple:
     """(make_worker, job, units) of a preprocess of ``canon``, without running it."""
-    import mmbatch.units as pool
+    import mmbatch.engine.units as pool
     from mmbatch.config import workflow_from_dict
     from mmbatch.preprocess import run_preprocess
 
@@ -72,7 +72,7 @@ def main() -> None:
     import ray
 
     from benchmarks.run import prepare
-    from mmbatch.runtime import init_ray
+    from mmbatch.engine.runtime import init_ray
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--samples", type=int, default=2000)

@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    from mmbatch import progress, runtime
+    from mmbatch.engine import progress, runtime
     from mmbatch.config import WorkflowError
     from mmbatch.errors import LockLost, UsageError
     runtime.VERBOSE = args.verbose
@@ -99,7 +99,7 @@ def _interrupted(args, committed: int) -> int:
     tell_user(f"\nmmbatch {args.command}: interrupted; {units}, rerun the same command to resume\n")
     import ray
 
-    from mmbatch.runtime import shutdown_ray
+    from mmbatch.engine.runtime import shutdown_ray
     if ray.is_initialized():
         shutdown_ray()
     return EXIT_INTERRUPTED
@@ -194,7 +194,7 @@ def quarantine_files(out: str) -> list[str]:
     """Names of the non-empty quarantine Parquet files under ``out/quarantine``."""
     import pyarrow.parquet as pq
 
-    from mmbatch import storage
+    from mmbatch.engine import storage
     try:
         fs, root = storage.url_to_fs(out)
         qdir = storage.join(root, storage.QUARANTINE_DIR)
@@ -210,7 +210,7 @@ def quarantine_files(out: str) -> list[str]:
 
 
 def storage_join(*parts: str) -> str:
-    from mmbatch import storage
+    from mmbatch.engine import storage
     return storage.join(*parts)
 
 
@@ -253,7 +253,7 @@ def _ingest_args(sp) -> None:
 
 
 def _ingest(args) -> int:
-    from mmbatch.ingest import IngestOptions, run_ingest
+    from mmbatch.ingest.run import IngestOptions, run_ingest
     opts = IngestOptions(shard_mb=args.shard_mb, shard_rows=args.shard_rows, include_sa=args.include_sa,
                          phones=args.phones, columns=args.columns, split=args.split,
                          allow_outside=args.allow_outside, max_file_mb=args.max_file_mb)
@@ -287,7 +287,7 @@ def _train_args(sp) -> None:
 
 
 def _train(args) -> int:
-    from mmbatch.training.run import run_training
+    from mmbatch.train.run import run_training
     wf = _load(args)
     result = run_training(wf, baselines=args.baselines or None, allow_incomplete=args.allow_incomplete)
     print_next_steps(f"wrote the model to {result.model_dir} (model.pt + model.json)", None, 0,
@@ -305,7 +305,7 @@ def _evaluate_args(sp) -> None:
 
 
 def _evaluate(args) -> int:
-    from mmbatch.training.evaluate import evaluate_cli
+    from mmbatch.train.evaluate import evaluate_cli
     evaluate_cli(args.checkpoint, args.data, split=args.split, out=args.out, allow_incomplete=args.allow_incomplete)
     return EXIT_OK
 
@@ -358,7 +358,7 @@ def _inspect_args(sp) -> None:
 
 
 def _inspect(args) -> int:
-    from mmbatch.describe_output import describe, render_text
+    from mmbatch.ops.inspect import describe, render_text
     info = describe(args.path, allow_incomplete=args.allow_incomplete)
     print(json.dumps(info, indent=2, default=str) if args.json else render_text(info))
     return EXIT_OK

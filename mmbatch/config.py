@@ -27,7 +27,7 @@ class WorkflowError(ValueError):
 
 def plain_name(v: str) -> str:
     """``v`` if it is a plain name, safe as one folder or file name (it becomes part of output paths)."""
-    from mmbatch.storage import plain_name as is_plain
+    from mmbatch.engine.storage import plain_name as is_plain
 
     if not is_plain(v):
         raise ValueError(f"{v!r} is not a plain name: use letters, digits, '.', '_', '-', '=', '+', starting "
@@ -439,7 +439,7 @@ def workflow_from_dict(data: dict, overrides: list[str] | None = None, base_dir:
         wf = Workflow.model_validate(data)
     except ValidationError as e:
         raise WorkflowError(_format_error(e)) from None
-    from mmbatch import storage
+    from mmbatch.engine import storage
     storage.configure(wf.storage)      # valid: every filesystem this process makes from now on gets these options
     if base_dir is not None:
         overridden = {".".join(parse_override(o)[0]) for o in overrides or []}

@@ -18,13 +18,13 @@ reason in ``<modality>_error`` (preprocess quarantines such rows).
 On a small machine leave a CPU free for Ray Data's read tasks: Embed actors holding every CPU starve
 them (the job waits for ever).
 
-The readers start Ray when it is not running (:func:`mmbatch.runtime.ensure_ray`) so that its workers
+The readers start Ray when it is not running (:func:`mmbatch.engine.runtime.ensure_ray`) so that its workers
 import this package even when the current folder holds a folder named ``mmbatch`` (the folder above a
-clone). If you call ``ray.init()`` yourself, pass ``job_config=mmbatch.runtime.worker_path_job_config()``.
+clone). If you call ``ray.init()`` yourself, pass ``job_config=mmbatch.engine.runtime.worker_path_job_config()``.
 
 Both readers read the files the output's ``_manifest.json`` lists: an output without one is incomplete
 (a job still running or killed) and is refused unless ``allow_incomplete=True``, which reads the files
-committed on disk (mmbatch.manifest.data_files).
+committed on disk (mmbatch.engine.manifest.data_files).
 """
 from __future__ import annotations
 
@@ -34,12 +34,12 @@ import numpy as np
 import pyarrow as pa
 
 from mmbatch.errors import UsageError
-from mmbatch.manifest import Manifest, data_files
+from mmbatch.engine.manifest import Manifest, data_files
 from mmbatch.schema import emb_column
 
 
 def _files(path: str, allow_incomplete: bool) -> tuple[Any, list[str], Optional[Manifest]]:
-    """(filesystem, data files, manifest or None) of an mmbatch output folder (mmbatch.manifest.data_files)."""
+    """(filesystem, data files, manifest or None) of an mmbatch output folder (mmbatch.engine.manifest.data_files)."""
     fs, files, manifest = data_files(path, allow_incomplete)
     if not files:
         raise UsageError(f"{path}: no Parquet files")
@@ -56,7 +56,7 @@ def read_canonical(path: str, *, columns: Optional[list[str]] = None, allow_inco
 def _read(files: list[str], fs, columns: Optional[list[str]], kwargs: dict):
     import ray
 
-    from mmbatch.runtime import ensure_ray
+    from mmbatch.engine.runtime import ensure_ray
     ensure_ray()                 # before Ray Data starts it: workers must import this package, not a cwd folder
     ds = ray.data.read_parquet(files, filesystem=fs, **kwargs)
     return ds.select_columns(columns) if columns else ds
@@ -65,10 +65,10 @@ def _read(files: list[str], fs, columns: Optional[list[str]], kwargs: dict):
 def read_fused(path: str, *, columns: Optional[list[str]] = None, allow_incomplete: bool = False, **kwargs):
     """What ``mmbatch preprocess`` wrote (per-modality embeddings, presence flags, ``fused``) as a Dataset.
 
-    Checked first as ``mmbatch train`` checks it (:func:`mmbatch.provenance.check_fused`): the manifest
+    Checked first as ``mmbatch train`` checks it (:func:`mmbatch.engine.provenance.check_fused`): the manifest
     lists exactly the files present and every file was made with the manifest's settings; else a
     UsageError names the files that disagree and how. ``allow_incomplete=True`` reads what is committed."""
-    from mmbatch.provenance import check_fused_uri
+    from mmbatch.engine.provenance import check_fused_uri
 
     fs, files, manifest = _files(path, allow_incomplete)
     if manifest is not None and manifest.kind != "fused":
@@ -99,7 +99,7 @@ class Embed:
             self.extractor = self.extractor.to("cuda" if torch.cuda.is_available() else "cpu")
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from mmbatch.fusion import embeddings_to_arrow
+        from mmbatch.preprocess.fusion import embeddings_to_arrow
         from mmbatch.preprocess.unit import raw_items
 
         items, _ = raw_items(batch, self.modality)

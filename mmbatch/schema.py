@@ -11,6 +11,7 @@ import json
 from typing import Mapping
 
 import pyarrow as pa
+import xxhash
 
 SCHEMA_VERSION = "1"
 
@@ -49,7 +50,7 @@ CANONICAL_FIELDS = [
     pa.field("sentence_type", pa.string()),
     pa.field("extra", pa.string()),                     # JSON object for anything else
     pa.field("generated", pa.string()),                 # modalities filled by a conversion ("audio", ...)
-    # content hashes of the media bytes (hex XXH3-128, mmbatch.dedup.signatures.content_hash; the
+    # content hashes of the media bytes (hex XXH3-128, mmbatch.schema.content_hash; the
     # file's metadata names the function):
     # exact duplicates without reading the media again; null in data ingested before they existed
     pa.field("image_hash", pa.string()),
@@ -239,3 +240,26 @@ def normalize_split(split: str | None) -> str | None:
     if s.startswith("test"):
         return "test"
     return split
+
+
+# --- content hashes of media bytes (the canonical image_hash / audio_hash columns) --------------
+# XXH3-128 (xxhash, a dependency of HF datasets): 128 bits keep collisions out of reach at corpus
+# scale, and it is far cheaper than BLAKE2b-128 (docs/performance.md). Not cryptographic: a
+# duplicate key, not a signature. Written into the canonical files' metadata (``content_hash``):
+# data hashed otherwise is hashed again.
+HASH_NAME = "xxh3_128"
+
+
+def content_hash(data: bytes | None) -> str | None:
+    """Hex XXH3-128 of media bytes (None for None/empty)."""
+    if not data:
+        return None
+    return xxhash.xxh3_128_hexdigest(data)
+
+
+def add_content_hashes(rows: list[dict]) -> None:
+    """Fill the canonical ``image_hash``/``audio_hash`` columns of ingest rows in place."""
+    for r in rows:
+        for m in ("image", "audio"):
+            media = r.get(m)
+            r[f"{m}_hash"] = content_hash(media.get("bytes")) if isinstance(media, dict) else None

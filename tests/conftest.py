@@ -16,7 +16,7 @@ def ray_session():
     """A real local Ray (2 CPUs), started once and shared by every test that asks for it."""
     import ray
 
-    from mmbatch.runtime import init_ray
+    from mmbatch.engine.runtime import init_ray
 
     if not ray.is_initialized():
         init_ray(num_cpus=2)

@@ -10,7 +10,7 @@ import numpy as np
 import soundfile as sf
 
 from mmbatch.demo.corpus import encode_flac, encode_jpeg, make_audio, make_image
-from mmbatch.sources import sphere
+from mmbatch.ingest.sources import sphere
 
 SR = 16000
 
@@ -177,7 +177,7 @@ def read_rows(out) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from mmbatch.manifest import Manifest
+    from mmbatch.engine.manifest import Manifest
 
     m = Manifest.read(str(out)).to_dict()
     t = pa.concat_tables([pq.read_table(str(Path(out) / f)) for f in m["files"]])

@@ -6,7 +6,7 @@ and wraps one mmbatch function. Each fault fires once: its flag file is removed 
 process SIGKILLs itself, so the restarted worker goes on (and the test can see that it fired).
 
 - :func:`kill_nth_unit` (reliability tests): when the flag file named by ``MMBATCH_TEST_KILL_UNIT``
-  exists and holds N, a unit worker of mmbatch's actor pool (mmbatch.units) dies at the start of its N-th unit.
+  exists and holds N, a unit worker of mmbatch's actor pool (mmbatch.engine.units) dies at the start of its N-th unit.
 - :func:`kill_at_epoch` (training fault tests): ``MMBATCH_TEST_KILL_EPOCH`` is
   ``<flag file>:<rank>:<epoch>``; while the flag file exists, the Ray Train worker of that rank
   dies at the start of that epoch (0-based), once the previous epoch's checkpoint is committed.
@@ -25,7 +25,7 @@ def kill_nth_unit() -> None:
     flag = os.environ.get(KILL_UNIT_ENV)
     if not flag:
         return
-    from mmbatch import units
+    from mmbatch.engine import units
 
     original = units._PoolActor.run
     calls = {"n": 0}
@@ -50,7 +50,7 @@ def kill_at_epoch() -> None:
     if not spec:
         return
     flag, rank, epoch = spec.rsplit(":", 2)
-    from mmbatch.training import loop
+    from mmbatch.train import loop
 
     original = loop.epoch_batches
 

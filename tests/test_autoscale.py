@@ -15,7 +15,7 @@ processes (its session), never with ``ray stop``, which would stop every Ray on 
 This autoscaler (v1, as `ray start --autoscaling-config` and the cluster launcher run it) does not
 report its node types to the GCS. As `ray up` does, the config is at ~/ray_bootstrap_config.yaml of
 the head node, where the drivers run (HOME is the cluster's own folder here); the job reads its node
-types there (mmbatch.capacity.launcher_types): the pool is sized from them and the CNN asks for a GPU
+types there (mmbatch.engine.capacity.launcher_types): the pool is sized from them and the CNN asks for a GPU
 share unasked. (The v2 monitor, which reports them to the GCS, cannot run the fake provider from the
 Ray 2.60 wheel, which lacks its example.yaml.)
 """
@@ -158,7 +158,7 @@ def fake_cluster():
 DRIVER = r"""
 import glob, json, sys, threading, time
 import ray
-from mmbatch.runtime import init_ray
+from mmbatch.engine.runtime import init_ray
 init_ray()                                         # RAY_ADDRESS: the fake cluster
 from mmbatch.config import workflow_from_dict
 from mmbatch.preprocess import run_preprocess
@@ -200,7 +200,7 @@ def drive(client_env: dict, wf: dict, out: Path) -> dict:
 def canon(ray_session, tmp_path_factory):
     """48 demo images in 4-row shards: 12-13 units (the shard plan cuts by content)."""
     from mmbatch.demo.corpus import write_imagenet
-    from mmbatch.ingest import IngestOptions, run_ingest
+    from mmbatch.ingest.run import IngestOptions, run_ingest
 
     root = tmp_path_factory.mktemp("autoscale")
     out = root / "canon"

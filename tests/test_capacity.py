@@ -1,4 +1,4 @@
-"""mmbatch.capacity without Ray: node types as the launcher's config file gives them (a real YAML file in a
+"""mmbatch.engine.capacity without Ray: node types as the launcher's config file gives them (a real YAML file in a
 temporary HOME) and running nodes as plain dicts; every stage's question answered from the same data."""
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from test_autoscale import autoscaling_config     # the fake cluster's config: 0-CPU head, cpu2 x3, gpu1 x2
 
-from mmbatch import capacity
-from mmbatch.capacity import Cluster
-from mmbatch.training.run import rank_placement
+from mmbatch.engine import capacity
+from mmbatch.engine.capacity import Cluster
+from mmbatch.train.run import rank_placement
 
 HEAD = {"CPU": 0.0, "memory": 2e9, "object_store_memory": 2e8}
 GPU_NODE = {"CPU": 2.0, "GPU": 1.0, "memory": 2e9, "object_store_memory": 2e8}

@@ -14,8 +14,8 @@ import mmbatch
 from mmbatch.config import workflow_from_dict
 from mmbatch.data import Embed, read_canonical, read_fused
 from mmbatch.errors import UsageError
-from mmbatch.fusion import embeddings_to_numpy
-from mmbatch.ingest import IngestOptions, run_ingest
+from mmbatch.preprocess.fusion import embeddings_to_numpy
+from mmbatch.ingest.run import IngestOptions, run_ingest
 from mmbatch.preprocess import run_preprocess
 
 README = Path(mmbatch.__file__).resolve().parents[1] / "README.md"
@@ -81,7 +81,7 @@ def test_read_fused_refuses_a_folder_whose_files_disagree_with_its_manifest(outp
 
     import pyarrow.parquet as pq
 
-    from mmbatch.provenance import UNIT_FP_KEY
+    from mmbatch.engine.provenance import UNIT_FP_KEY
 
     mixed = tmp_path / "mixed"
     shutil.copytree(outputs / "out" / "features", mixed)

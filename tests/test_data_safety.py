@@ -14,11 +14,11 @@ import pytest
 import yaml
 
 from corpora_ingest import imagenet_train, jpeg, read_quarantine, read_rows, write
-from mmbatch import ownership, storage
+from mmbatch.engine import ownership, storage
 from mmbatch.cli import main
 from mmbatch.config import WorkflowError, workflow_from_dict
 from mmbatch.errors import UsageError
-from mmbatch.ingest import IngestOptions, run_ingest
+from mmbatch.ingest.run import IngestOptions, run_ingest
 
 
 def tree(root: Path) -> dict[str, str]:

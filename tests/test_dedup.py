@@ -110,7 +110,7 @@ def test_run_pairs_equal_group_pairs_of_each_run():
 
 
 def test_ingest_writes_content_hashes(ray_session, tmp_path):
-    from mmbatch.ingest import IngestOptions, run_ingest
+    from mmbatch.ingest.run import IngestOptions, run_ingest
 
     root = tmp_path / "m"
     (root / "media").mkdir(parents=True)

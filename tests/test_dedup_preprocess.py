@@ -84,7 +84,7 @@ def test_leakage_report_then_quarantine(ray_session, canon, tmp_path, capsys):
             "(dedup.leakage: quarantine, 2 quarantined)") in text
 
     # the training report shows the figures of the fused data it trained on
-    from mmbatch.training import report
+    from mmbatch.train import report
     leak = json.loads((out / "_manifest.json").read_text())["leakage"]
     summary = {"title": "t", "leakage": leak, "metrics": {}, "baselines": {}}
     assert "test image 2, text 1" in report.summary_table(summary)

@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from benchmarks.e2e_task import VOICES, noisy_speech, sequence_features, spoken, write_task
-from mmbatch import storage
+from mmbatch.engine import storage
 from mmbatch.config import AudioFeatures, ImageFeatures, TextFeatures, WorkflowError, workflow_from_dict
 from mmbatch.errors import UsageError
-from mmbatch.features.registry import build_extractor
-from mmbatch.features.sequence import UNK_ID, build_vocabulary
+from mmbatch.preprocess.features.registry import build_extractor
+from mmbatch.preprocess.features.sequence import UNK_ID, build_vocabulary
 from mmbatch.schema import read_mmbatch_meta
 
 TEST_ONLY_WORD = "zebra"          # appears in test rows only: must not enter the vocabulary
@@ -45,7 +45,7 @@ def task(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def canonical(ray_session, task, tmp_path_factory):
-    from mmbatch.ingest import IngestOptions, run_ingest
+    from mmbatch.ingest.run import IngestOptions, run_ingest
 
     out = tmp_path_factory.mktemp("e2e_canonical")
     run_ingest("manifest", str(task[0] / "manifest.jsonl"), str(out), IngestOptions(), echo=False)
@@ -166,7 +166,7 @@ def test_preprocess_writes_sequence_columns_and_train_only_vocabulary(fused, tas
     assert np.array_equal(np.asarray(first["audio_frames"], np.float32), frames)
     assert first["text_len"] == len(first["text_tokens"]) == min(8, len(src["text"].split()))
 
-    from mmbatch.describe_output import describe, render_text
+    from mmbatch.ops.inspect import describe, render_text
     info = describe(str(out))
     assert set(info["sequences"]) == {"image", "audio", "text"}
     assert "fused vector: none" in render_text(info)
@@ -205,9 +205,9 @@ def test_sequence_columns_read_back_identically_everywhere(fused):
 
 # --- training -------------------------------------------------------------------------------------
 def test_train_end_to_end_evaluate_resume_and_baselines(fused):
-    from mmbatch.training.evaluate import evaluate_model
-    from mmbatch.training.models import load_model
-    from mmbatch.training.run import run_training
+    from mmbatch.train.evaluate import evaluate_model
+    from mmbatch.train.models import load_model
+    from mmbatch.train.run import run_training
 
     out, _, wf = fused
     r = run_training(wf, baselines=True)
@@ -227,7 +227,7 @@ def test_train_end_to_end_evaluate_resume_and_baselines(fused):
 
 def test_training_streams_sequences_through_ray_data(fused, monkeypatch):
     """A train split over MATERIALIZE_BYTES is streamed from Parquet by Ray Data into the DDP workers."""
-    from mmbatch.training import run as train_run
+    from mmbatch.train import run as train_run
 
     out, _, wf = fused
     monkeypatch.setattr(train_run, "MATERIALIZE_BYTES", 0)
@@ -238,8 +238,8 @@ def test_training_streams_sequences_through_ray_data(fused, monkeypatch):
 
 def test_exported_model_refuses_other_feature_settings(fused, canonical, tmp_path):
     from mmbatch.preprocess import run_preprocess
-    from mmbatch.training.evaluate import evaluate_model
-    from mmbatch.training.run import run_training
+    from mmbatch.train.evaluate import evaluate_model
+    from mmbatch.train.run import run_training
 
     out, _, wf = fused
     model_dir = run_training(wf, baselines=False).model_dir           # complete from the test above, or trained
@@ -256,7 +256,7 @@ def test_exported_model_refuses_other_feature_settings(fused, canonical, tmp_pat
 
 
 def test_encoders_ignore_padding_and_name_mismatched_columns():
-    from mmbatch.training.encoders import AudioLSTM, ImageCNN, InputMismatch, TextLSTM
+    from mmbatch.train.encoders import AudioLSTM, ImageCNN, InputMismatch, TextLSTM
 
     torch.manual_seed(0)
     lstm = AudioLSTM(n_mels=8, out_dim=16).eval()
@@ -279,7 +279,7 @@ def test_encoders_ignore_padding_and_name_mismatched_columns():
 def test_every_fusion_model_takes_learned_encoders(fusion):
     """The fusion models of train.model run on the encoders' outputs; a missing modality
     changes nothing in a row's logits whatever its (zeroed) input holds."""
-    from mmbatch.training.models import FusionModel
+    from mmbatch.train.models import FusionModel
 
     torch.manual_seed(0)
     enc = {"image": {"kind": "cnn", "hidden": 8, "size": 16, "channels": 1},
@@ -317,7 +317,7 @@ def test_e2e_benchmark_writes_its_table(tmp_path):
 def test_label_pairing_carries_sequence_features(ray_session, demo_corpus, tmp_path):
     """AV-MNIST-style pairing (pairing.by: label): each image row gets a speech row of its label,
     whose log-mel frames and token ids are copied from the partner's features unchanged."""
-    from mmbatch.ingest import run_ingest
+    from mmbatch.ingest.run import run_ingest
     from mmbatch.preprocess import run_preprocess
 
     for kind, path in (("imagenet", demo_corpus.imagenet), ("librispeech", demo_corpus.librispeech)):

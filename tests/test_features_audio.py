@@ -11,10 +11,10 @@ import pytest
 import soundfile as sf
 
 from mmbatch.config import AudioFeatures
-from mmbatch.features.audio import (BACKEND_RTOL, AudioCNNExtractor, FrameParams, LogMelStatsExtractor,
+from mmbatch.preprocess.features.audio import (BACKEND_RTOL, AudioCNNExtractor, FrameParams, LogMelStatsExtractor,
                                     TorchFrontend, decode_clip, logmel, logmel_stats, mfcc)
-from mmbatch.features.registry import build_extractor, embedding_dim
-from mmbatch.sources import sphere
+from mmbatch.preprocess.features.registry import build_extractor, embedding_dim
+from mmbatch.ingest.sources import sphere
 
 SR = 16000
 
@@ -278,7 +278,7 @@ def test_window_filterbank_and_dct_equal_librosa_and_scipy(p):
     import scipy.fft
     import scipy.signal
 
-    from mmbatch.features.audio import analysis_window, dct_matrix, mel_basis
+    from mmbatch.preprocess.features.audio import analysis_window, dct_matrix, mel_basis
 
     ref_fb = librosa.filters.mel(sr=p.sample_rate, n_fft=p.n_fft, n_mels=p.n_mels, fmin=p.fmin, fmax=p.fmax,
                                  htk=p.mel_htk, norm=p.mel_norm, dtype=np.float32)
@@ -293,7 +293,7 @@ def test_window_filterbank_and_dct_equal_librosa_and_scipy(p):
     x = _speechlike(0.9, p.sample_rate)
     S = librosa.stft(x, n_fft=p.n_fft, hop_length=p.hop_length, win_length=p.win_length, window="hann",
                      center=True, pad_mode="constant")
-    from mmbatch.features.audio import power_spectrogram
+    from mmbatch.preprocess.features.audio import power_spectrogram
     assert np.array_equal(power_spectrogram(x, p), S.real * S.real + S.imag * S.imag)
 
 
@@ -304,7 +304,7 @@ def test_logmel_stats_imports_neither_librosa_nor_scipy_nor_torch():
 
     code = (
         "import io, sys, numpy as np, soundfile as sf\n"
-        "from mmbatch.features.registry import build_extractor\n"
+        "from mmbatch.preprocess.features.registry import build_extractor\n"
         "buf = io.BytesIO(); sf.write(buf, np.zeros(16000, np.float32), 16000, format='FLAC')\n"
         "emb, errors = build_extractor('audio').extract([buf.getvalue()])\n"
         "assert errors == [None] and emb.shape == (1, 186)\n"

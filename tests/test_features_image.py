@@ -12,11 +12,11 @@ import pytest
 
 from mmbatch import media
 from mmbatch.config import ImageFeatures
-from mmbatch.features import image as img_mod
-from mmbatch.features.image import (HogColorExtractor, ResNetExtractor, decode_full, decode_image,
+from mmbatch.preprocess.features import image as img_mod
+from mmbatch.preprocess.features.image import (HogColorExtractor, ResNetExtractor, decode_full, decode_image,
                                     reduced_scale, resize_center_crop)
-from mmbatch.features.registry import build_extractor, embedding_dim
-from mmbatch.features.resnet import build_resnet
+from mmbatch.preprocess.features.registry import build_extractor, embedding_dim
+from mmbatch.preprocess.features.resnet import build_resnet
 
 
 def _jpeg(rgb: np.ndarray, quality: int = 95) -> bytes:

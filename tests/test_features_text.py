@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from mmbatch.config import TextFeatures
-from mmbatch.features.registry import build_extractor, embedding_dim
-from mmbatch.features.text import (HashingTextExtractor, SentenceExtractor, default_model_path, hash_vector,
+from mmbatch.preprocess.features.registry import build_extractor, embedding_dim
+from mmbatch.preprocess.features.text import (HashingTextExtractor, SentenceExtractor, default_model_path, hash_vector,
                                    normalize_text, stable_hash)
 
 SIMILAR = ("the cat sat on the mat near the door", "a cat sat on a mat by the door")
@@ -59,7 +59,7 @@ def test_hashing_dims_norm_and_similarity():
 
 _CHILD = """
 import json, sys
-from mmbatch.features.text import HashingTextExtractor
+from mmbatch.preprocess.features.text import HashingTextExtractor
 ex = HashingTextExtractor(dim=64, ngram_range=(1, 3))
 print(json.dumps(ex.extract(json.loads(sys.argv[1]))[0].tolist()))
 """

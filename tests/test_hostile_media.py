@@ -27,8 +27,8 @@ from mmbatch import media
 from mmbatch.cli import main
 from mmbatch.dedup import signatures
 from mmbatch.errors import UsageError
-from mmbatch.features.audio import decode_clip, resample
-from mmbatch.ingest import IngestOptions, run_ingest
+from mmbatch.preprocess.features.audio import decode_clip, resample
+from mmbatch.ingest.run import IngestOptions, run_ingest
 
 REPO = Path(__file__).resolve().parent.parent
 HOSTILE_SECONDS, HOSTILE_RATE, HOSTILE_CHANNELS = 1800, 48000, 8
@@ -141,8 +141,8 @@ def peak():
     return int(line.split()[1]) * 1024
 
 from mmbatch.dedup.signatures import decode_audio as dedup_decode
-from mmbatch.features.audio import decode_clip
-from mmbatch.ingest import IngestOptions, ingest_shard, plan_ingest, shard_plan
+from mmbatch.preprocess.features.audio import decode_clip
+from mmbatch.ingest.run import IngestOptions, ingest_shard, plan_ingest, shard_plan
 
 mode, normal, hostile, out = sys.argv[1:5]
 

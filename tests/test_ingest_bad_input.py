@@ -7,11 +7,11 @@ from collections import Counter
 import pytest
 
 from corpora_ingest import TIMIT, flac, imagenet_train, jpeg, png_bomb, read_quarantine, read_rows, timit, write
-from mmbatch.manifest import Manifest
+from mmbatch.engine.manifest import Manifest
 from mmbatch.cli import main
 from mmbatch.errors import UsageError
-from mmbatch.ingest import IngestOptions, plan_ingest, run_ingest
-from mmbatch.sources import common, sphere
+from mmbatch.ingest.run import IngestOptions, plan_ingest, run_ingest
+from mmbatch.ingest.sources import common, sphere
 
 
 def reasons_by_id(out) -> dict:

@@ -11,10 +11,10 @@ import pytest
 import soundfile as sf
 
 from corpora_ingest import flac, jpeg, read_rows, write
-from mmbatch.manifest import Manifest
+from mmbatch.engine.manifest import Manifest
 from mmbatch.errors import UsageError
-from mmbatch.ingest import IngestOptions, run_ingest
-from mmbatch.sources import hf, manifest
+from mmbatch.ingest.run import IngestOptions, run_ingest
+from mmbatch.ingest.sources import hf, manifest
 
 datasets = pytest.importorskip("datasets")
 
@@ -46,7 +46,7 @@ def test_column_helpers():
     assert hf.split_from_parquet_path("default/test/0000.parquet", None) == "test"
     assert hf.split_from_parquet_path("x/part.parquet", "extra") == "extra"
     with pytest.raises(UsageError):
-        from mmbatch.sources.common import parse_columns
+        from mmbatch.ingest.sources.common import parse_columns
         parse_columns("img:image")
     fields, extra = manifest.map_row({"img": "a.jpg", "image_path": "b.jpg", "note": "x"}, {"img": "image_path"})
     assert fields == {"image_path": "a.jpg"} and extra == {"image_path": "b.jpg", "note": "x"}

@@ -9,10 +9,11 @@ import pytest
 
 from corpora_ingest import (DEVKIT_IDS, NAMES, SORTED_WNIDS, WNIDS, imagenet_devkit, imagenet_kaggle, jpeg,
                             meta_mat, read_rows)
-from mmbatch import schema, storage
-from mmbatch.manifest import Manifest
-from mmbatch.ingest import IngestOptions, run_ingest
-from mmbatch.sources import imagenet
+from mmbatch import schema
+from mmbatch.engine import storage
+from mmbatch.engine.manifest import Manifest
+from mmbatch.ingest.run import IngestOptions, run_ingest
+from mmbatch.ingest.sources import imagenet
 
 
 

@@ -7,11 +7,11 @@ import pytest
 import soundfile as sf
 
 from corpora_ingest import read_rows
-from mmbatch import storage
-from mmbatch.manifest import Manifest
-from mmbatch.ingest import IngestOptions, run_ingest
-from mmbatch.sources import librispeech
-from mmbatch.sources.common import Reject
+from mmbatch.engine import storage
+from mmbatch.engine.manifest import Manifest
+from mmbatch.ingest.run import IngestOptions, run_ingest
+from mmbatch.ingest.sources import librispeech
+from mmbatch.ingest.sources.common import Reject
 
 
 def test_parsers():

@@ -8,12 +8,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from corpora_ingest import PHN, TIMIT, TIMIT_UTTS, read_rows, timit
-from mmbatch.manifest import Manifest
-from mmbatch.ingest import IngestOptions, run_ingest
+from mmbatch.engine.manifest import Manifest
+from mmbatch.ingest.run import IngestOptions, run_ingest
 from mmbatch.media import decode_audio, is_sphere
-from mmbatch.sources import sphere
-from mmbatch.sources import timit as T
-from mmbatch.sources.common import Reject
+from mmbatch.ingest.sources import sphere
+from mmbatch.ingest.sources import timit as T
+from mmbatch.ingest.sources.common import Reject
 
 
 # --- pure helpers (no Ray) --------------------------------------------------------------

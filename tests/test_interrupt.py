@@ -27,7 +27,7 @@ import yaml
 
 import mmbatch
 from mmbatch.demo.corpus import write_imagenet
-from mmbatch.ingest import IngestOptions, run_ingest
+from mmbatch.ingest.run import IngestOptions, run_ingest
 
 PACKAGE_ROOT = Path(mmbatch.__file__).resolve().parents[1]
 MMBATCH_SCRIPT = Path(sys.executable).parent / "mmbatch"

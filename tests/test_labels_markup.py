@@ -39,7 +39,7 @@ def test_mmbatch_train_draws_and_escapes_class_names(ray_session, tmp_path, monk
 
 
 def test_report_plots_and_html_directly():
-    from mmbatch.training import report
+    from mmbatch.train import report
 
     metrics = {"confusion": [[3, 1, 0, 0], [0, 4, 0, 0], [0, 0, 2, 0], [1, 0, 0, 5]], "classes": NAMES,
                "accuracy": 0.875, "per_class": {n: {"precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 1}
@@ -53,7 +53,7 @@ def test_report_plots_and_html_directly():
 def test_usetex_in_a_users_matplotlibrc_changes_nothing(monkeypatch):
     import matplotlib
 
-    from mmbatch.training import report
+    from mmbatch.train import report
 
     monkeypatch.setitem(matplotlib.rcParams, "text.usetex", True)   # would run LaTeX on every label
     assert len(report.plot_confusion({"confusion": [[1, 0], [0, 1]], "classes": [MATH, "50% & _x_"]})) == 1

@@ -18,8 +18,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "mmbatch"
 # package itself (its __init__: the version).
 LOW_LAYERS: tuple[tuple[str, ...], ...] = (
     ("mmbatch", "mmbatch.errors"),                       # exit codes, UsageError, __version__
-    ("mmbatch.schema", "mmbatch.storage"),               # the canonical schema; filesystem + JSON helpers
-    ("mmbatch.media", "mmbatch.runtime"),                # media bytes probe/decode; Ray/thread setup
+    ("mmbatch.schema", "mmbatch.engine.storage"),               # the canonical schema; filesystem + JSON helpers
+    ("mmbatch.media", "mmbatch.engine.runtime"),                # media bytes probe/decode; Ray/thread setup
 )
 
 # Known import cycles in modules that are being rewritten elsewhere, as (importer, imported) pairs.
@@ -102,9 +102,9 @@ def cycle_edges(graph: dict[str, set[str]]) -> set[tuple[str, str]]:
 
 def test_the_graph_sees_imports_inside_functions():
     graph = import_graph()
-    assert "mmbatch.media" in graph["mmbatch.sources.common"]          # imported inside a function there
+    assert "mmbatch.media" in graph["mmbatch.ingest.sources.common"]          # imported inside a function there
     assert "mmbatch.errors" in graph["mmbatch.cli"]
-    assert {"mmbatch.errors", "mmbatch.sources.common"} <= graph["mmbatch.sources.timit"]
+    assert {"mmbatch.errors", "mmbatch.ingest.sources.common"} <= graph["mmbatch.ingest.sources.timit"]
     # the cycle finder finds a planted cycle, and only its edges
     planted = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert cycle_edges(planted) == {("a", "b"), ("b", "c"), ("c", "a")}
@@ -135,3 +135,25 @@ def test_no_test_hooks_in_shipped_code():
              for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
              if "MMBATCH_TEST" in line or "fault_hooks" in line]
     assert not hooks, "test hooks in mmbatch/:\n" + "\n".join(hooks)
+
+
+STAGES = ("ingest", "preprocess", "train", "dedup", "convert", "ops", "demo")
+
+
+def test_the_top_level_is_the_stages_plus_one_engine():
+    """mmbatch/ holds the stage packages, the engine and a few shared modules (docs/architecture.md)."""
+    packages = sorted(p.name for p in PACKAGE.iterdir() if (p / "__init__.py").exists())
+    assert packages == sorted([*STAGES, "engine"])
+    modules = sorted(p.stem for p in PACKAGE.glob("*.py"))
+    assert modules == ["__init__", "cli", "config", "data", "errors", "media", "plots", "schema"]
+
+
+def test_the_engine_imports_no_stage_and_ingest_no_other_stage():
+    graph = import_graph()
+    stage_of = {m: m.split(".")[1] for m in graph if m.count(".") >= 1 and m.split(".")[1] in STAGES}
+    for mod, targets in graph.items():
+        if mod.startswith("mmbatch.engine"):
+            assert not [t for t in targets if t in stage_of], f"{mod} imports a stage: {sorted(targets)}"
+        if stage_of.get(mod) == "ingest":
+            others = sorted(t for t in targets if stage_of.get(t, "ingest") != "ingest")
+            assert not others, f"{mod} imports another stage: {others}"

@@ -1,4 +1,4 @@
-"""mmbatch.manifest: the one manifest format (round trip), the older formats it still reads, and
+"""mmbatch.engine.manifest: the one manifest format (round trip), the older formats it still reads, and
 data_files on a folder built with pyarrow. No Ray."""
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mmbatch import storage
+from mmbatch.engine import storage
 from mmbatch.errors import UsageError
-from mmbatch.manifest import Manifest, data_files
+from mmbatch.engine.manifest import Manifest, data_files
 
 INGEST = Manifest(
     stage="ingest", kind="imagenet", files=["part-00000.parquet", "part-00001.parquet"],
@@ -47,7 +47,7 @@ def test_write_then_read_gives_the_same_manifest(tmp_path, manifest):
 
 
 def test_an_older_ingest_manifest_reads_as_the_current_format(tmp_path):
-    write(tmp_path, {                                       # as ingest wrote it before mmbatch.manifest
+    write(tmp_path, {                                       # as ingest wrote it before mmbatch.engine.manifest
         "stage": "ingest", "kind": "imagenet", "input": "/data/in",
         "rows_in": 10, "ingested": 9, "quarantined": 1,
         "counts": {"splits": {"train": 6, "validation": 3}, "labels": {"0": 5, "1": 4},
@@ -58,7 +58,7 @@ def test_an_older_ingest_manifest_reads_as_the_current_format(tmp_path):
 
 
 def test_an_older_preprocess_manifest_reads_as_the_current_format(tmp_path):
-    write(tmp_path, {                                       # as preprocess wrote it before mmbatch.manifest
+    write(tmp_path, {                                       # as preprocess wrote it before mmbatch.engine.manifest
         "kind": "fused", "rows": 4, "rows_in": 6, "quarantined": 2,
         "quarantine_reasons": {"image_decode": 2},
         "counts": {"split": {"train": 4}, "label": {"1": 4}, "presence": {"image": 4}},

@@ -6,7 +6,7 @@ import pytest
 
 from mmbatch import media
 from mmbatch.media import MediaError
-from mmbatch.sources import sphere
+from mmbatch.ingest.sources import sphere
 
 
 # --- the oracle: mmbatch's own SPHERE reader before it was replaced by libsndfile (commit 9a7281b),

@@ -153,7 +153,7 @@ INGEST_ARGS = {"hf": ["--columns", "transcript=text,uid=sample_id", "--split", "
 def ingested(ray_session, s3, corpora, tmp_path_factory):
     """Every ingest KIND, from S3 to S3 and from disk to disk: {kind: (s3 out, local out, captured output)}."""
     from mmbatch.cli import main
-    from mmbatch.sources import KINDS
+    from mmbatch.ingest.sources import KINDS
 
     local_root = tmp_path_factory.mktemp("canonical")
     out = {}
@@ -167,7 +167,7 @@ def ingested(ray_session, s3, corpora, tmp_path_factory):
 
 
 def test_ingest_every_kind_on_s3_matches_a_local_ingest(s3, ingested):
-    from mmbatch.manifest import Manifest
+    from mmbatch.engine.manifest import Manifest
     for kind, (s3_out, loc_out) in ingested.items():
         got, want = s3_tables(s3, s3_out), local_tables(Path(loc_out))
         assert sorted(got) == sorted(want) and got, kind
@@ -548,7 +548,7 @@ def four_row_groups(s3):
     """An ~8 MB object of incompressible rows in 4 row groups: (uri, table, object size)."""
     import numpy as np
 
-    from mmbatch import storage
+    from mmbatch.engine import storage
 
     rng = np.random.default_rng(0)
     t = pa.table({"sample_id": [f"s{i:05d}" for i in range(4000)],
@@ -567,7 +567,7 @@ def assert_ranged(key: str, n0: int, size: int) -> None:
 
 
 def test_a_unit_reads_its_row_group_with_range_requests_through_arrow_s3(s3, four_row_groups):
-    from mmbatch import storage
+    from mmbatch.engine import storage
     from mmbatch.preprocess.plan import Unit
     from mmbatch.preprocess.unit import read_unit
 
@@ -583,7 +583,7 @@ def test_s3fs_reads_are_range_requests_too(s3, four_row_groups):
     """With an s3fs option Arrow's client cannot take, reads stay on s3fs, still ranged."""
     import s3fs
 
-    from mmbatch import storage
+    from mmbatch.engine import storage
 
     uri, t, size = four_row_groups
     fs = s3fs.S3FileSystem(endpoint_url=ENDPOINT, requester_pays=False, skip_instance_cache=True)
@@ -598,9 +598,9 @@ def test_s3fs_reads_are_range_requests_too(s3, four_row_groups):
 # --- credentials from a profile ---------------------------------------------------------------------
 PROFILE_SCRIPT = r"""
 import json, sys
-from mmbatch import storage
+from mmbatch.engine import storage
 from mmbatch.config import workflow_from_dict
-from mmbatch.describe_output import describe
+from mmbatch.ops.inspect import describe
 from mmbatch.preprocess.plan import Unit
 from mmbatch.preprocess.unit import read_unit
 if sys.argv[1]:

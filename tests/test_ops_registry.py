@@ -355,8 +355,8 @@ def _fake_stages(monkeypatch, tmp_path, calls: dict, scores: dict, fingerprint: 
         return {"accuracy": scores[tag], "macro_f1": scores[tag], "n": 10}
 
     monkeypatch.setitem(sys.modules, "mmbatch.preprocess", types.SimpleNamespace(run_preprocess=run_preprocess))
-    monkeypatch.setitem(sys.modules, "mmbatch.training.run", types.SimpleNamespace(run_training=run_training))
-    monkeypatch.setitem(sys.modules, "mmbatch.training.evaluate",
+    monkeypatch.setitem(sys.modules, "mmbatch.train.run", types.SimpleNamespace(run_training=run_training))
+    monkeypatch.setitem(sys.modules, "mmbatch.train.evaluate",
                         types.SimpleNamespace(evaluate_model=evaluate_model))
 
 

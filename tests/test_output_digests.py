@@ -55,7 +55,7 @@ def build_outputs(root: Path) -> dict[str, dict[str, str]]:
     from mmbatch.config import workflow_from_dict
     from mmbatch.demo.corpus import write_demo_corpus
     from mmbatch.demo.run import DEMO_WORKFLOW, TIMIT_WORKFLOW
-    from mmbatch.ingest import IngestOptions, run_ingest
+    from mmbatch.ingest.run import IngestOptions, run_ingest
     from mmbatch.preprocess import run_preprocess
 
     corpus = write_demo_corpus(root / "corpus", per_class=PER_CLASS)
@@ -86,7 +86,7 @@ if __name__ == "__main__":      # python tests/test_output_digests.py --record
 
     if sys.argv[1:] != ["--record"]:
         sys.exit("usage: python tests/test_output_digests.py --record")
-    from mmbatch.runtime import init_ray
+    from mmbatch.engine.runtime import init_ray
 
     init_ray(num_cpus=2)
     with tempfile.TemporaryDirectory() as d:

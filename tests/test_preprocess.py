@@ -10,16 +10,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mmbatch import storage
+from mmbatch.engine import storage
 from mmbatch.config import workflow_from_dict
-from mmbatch.fusion import embeddings_to_numpy, projection
+from mmbatch.preprocess.fusion import embeddings_to_numpy, projection
 from mmbatch.preprocess import run_preprocess
 from mmbatch.schema import read_mmbatch_meta
 
 
 @pytest.fixture(scope="session")
 def ingested(ray_session, demo_corpus, tmp_path_factory):
-    from mmbatch.ingest import run_ingest
+    from mmbatch.ingest.run import run_ingest
 
     out = tmp_path_factory.mktemp("canonical")
     for kind, path in (("imagenet", demo_corpus.imagenet), ("librispeech", demo_corpus.librispeech)):
@@ -96,7 +96,7 @@ def test_label_pairing_matches_labels_and_is_reproducible(paired, ingested, tmp_
 
 def test_ray_features_equal_plain_loop(paired, ingested):
     from mmbatch.config import ImageFeatures, TextFeatures
-    from mmbatch.features.registry import build_extractor
+    from mmbatch.preprocess.features.registry import build_extractor
 
     out, _ = paired
     t = read_dir(out)
@@ -144,7 +144,7 @@ def test_workers_are_pinned_and_model_free_extractors_skip_torch(tmp_path):
 
     code = """
 import os, sys, ray
-from mmbatch.runtime import init_ray
+from mmbatch.engine.runtime import init_ray
 init_ray(num_cpus=1)
 @ray.remote
 def probe():
@@ -288,7 +288,7 @@ def test_missing_dataset_is_a_clear_error(tmp_path, capsys):
 GPU_SCRIPT = r"""
 import json, sys
 import ray
-from mmbatch.runtime import init_ray
+from mmbatch.engine.runtime import init_ray
 init_ray(num_cpus=2, num_gpus=2)          # fake GPUs: the scheduler sees them, CUDA does not exist
 from mmbatch.config import workflow_from_dict
 from mmbatch.preprocess import run_preprocess
@@ -341,7 +341,7 @@ def test_splits_are_decided_once_and_stored(ray_session, tmp_path):
     seed:sample_id), writes the final split into the fused rows and marks the metadata final."""
     from mmbatch.demo.corpus import encode_jpeg, make_image
     from mmbatch.schema import CANONICAL, with_metadata
-    from mmbatch.splits import FINAL_KEY, assign_splits, split_plan
+    from mmbatch.preprocess.splits import FINAL_KEY, assign_splits, split_plan
 
     rng = np.random.default_rng(1)
     rows = [{"sample_id": f"s{i:03d}", "source": "manifest", "split": "train", "label": i % 2,

@@ -1,10 +1,10 @@
-"""mmbatch.progress: plain lines when the output is not a terminal, and the committed-shard counter."""
+"""mmbatch.engine.progress: plain lines when the output is not a terminal, and the committed-shard counter."""
 from __future__ import annotations
 
 import io
 import json
 
-from mmbatch import progress
+from mmbatch.engine import progress
 
 
 def test_plain_lines_are_periodic_and_end_with_done(monkeypatch):

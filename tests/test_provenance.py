@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from mmbatch import storage
+from mmbatch.engine import storage
 from mmbatch.config import workflow_from_dict
 from mmbatch.errors import UsageError
-from mmbatch.ingest import IngestOptions, run_ingest
+from mmbatch.ingest.run import IngestOptions, run_ingest
 from mmbatch.preprocess import run_preprocess
-from mmbatch.provenance import check_fused, content_digest
+from mmbatch.engine.provenance import check_fused, content_digest
 
 SHARD_ROWS = 4
 
@@ -40,7 +40,7 @@ def corpus(ray_session, tmp_path_factory):
 def weights(tmp_path_factory) -> Path:
     import torch
 
-    from mmbatch.features.resnet import build_resnet
+    from mmbatch.preprocess.features.resnet import build_resnet
 
     path = tmp_path_factory.mktemp("weights") / "r18.pth"
     torch.manual_seed(0)
@@ -335,7 +335,7 @@ def test_permanent_storage_errors_fail_at_once_naming_the_path(tmp_path):
 
     import pyarrow as pa
 
-    from mmbatch.commit import call_with_retry, write_table
+    from mmbatch.engine.commit import call_with_retry, write_table
 
     table = pa.table({"x": [1, 2, 3]})
     fs, _ = storage.url_to_fs(str(tmp_path))
@@ -356,7 +356,7 @@ def test_permanent_storage_errors_fail_at_once_naming_the_path(tmp_path):
 def test_transient_errors_are_retried_until_they_pass(tmp_path):
     import socket
 
-    from mmbatch.commit import call_with_retry
+    from mmbatch.engine.commit import call_with_retry
 
     # a real refused connection (nothing listens yet), then the service comes up
     listener = socket.socket()
@@ -387,7 +387,7 @@ def test_object_store_errors_are_classified_as_s3fs_reports_them():
     from botocore.exceptions import ClientError
     from s3fs.errors import translate_boto_error
 
-    from mmbatch.commit import is_transient
+    from mmbatch.engine.commit import is_transient
 
     def s3(code: str, status: int):
         return translate_boto_error(ClientError({"Error": {"Code": code, "Message": code},
@@ -402,7 +402,7 @@ def test_object_store_errors_are_classified_as_s3fs_reports_them():
 
 # --- 6. GPU training ranks never share a GPU --------------------------------------------------------------
 def test_each_gpu_rank_asks_for_a_whole_gpu():
-    from mmbatch.training.run import rank_placement
+    from mmbatch.train.run import rank_placement
 
     # auto, 2 ranks, 1 GPU: one rank on it (never two ranks on half a GPU each)
     p = rank_placement("auto", 2, 0.5, gpus_now=1, gpus_max=None)
@@ -438,8 +438,8 @@ import ray
 ray.init(address=cluster.address)
 from ray.util.placement_group import placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-from mmbatch import capacity
-from mmbatch.training.run import rank_placement
+from mmbatch.engine import capacity
+from mmbatch.train.run import rank_placement
 
 place = rank_placement("auto", 2, 0.5, *capacity.gpus(capacity.snapshot()))
 pg = placement_group([place.resources_per_worker] * place.num_workers)     # what Ray Train reserves

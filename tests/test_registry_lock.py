@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from mmbatch.commit import call_with_retry
+from mmbatch.engine.commit import call_with_retry
 from mmbatch.errors import LockLost
 from mmbatch.ops.registry import Registry, RegistryLocked
 

@@ -42,10 +42,10 @@ from faults import (
     wav_bytes,
 )
 
-from mmbatch.manifest import Manifest
+from mmbatch.engine.manifest import Manifest
 from mmbatch.config import workflow_from_dict
-from mmbatch.fusion import embeddings_to_numpy
-from mmbatch.ingest import IngestOptions, run_ingest
+from mmbatch.preprocess.fusion import embeddings_to_numpy
+from mmbatch.ingest.run import IngestOptions, run_ingest
 from mmbatch.preprocess import run_preprocess
 
 pytestmark = pytest.mark.slow          # the fast tier (`pytest -m "not slow"`) skips this module
@@ -129,7 +129,7 @@ from ray._private import ray_constants
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
 workers = [cluster.add_node(num_cpus=2) for _ in range(2)]
 cluster.wait_for_nodes()
-from mmbatch.runtime import init_ray
+from mmbatch.engine.runtime import init_ray
 init_ray(address=cluster.address)
 import ray
 assert ray.cluster_resources()["CPU"] == 4
@@ -181,7 +181,7 @@ def test_lost_worker_node_mid_job_gives_the_exact_output(canon, cnn_reference, t
 WORKER_SCRIPT = r"""
 import json, sys
 import ray
-from mmbatch.runtime import THREAD_ENV
+from mmbatch.engine.runtime import THREAD_ENV
 # test-only fault hook (tests/fault_hooks.py) in every worker of this job's own Ray
 ray.init(address="local", num_cpus=2, include_dashboard=False,
          runtime_env={"worker_process_setup_hook": "fault_hooks.kill_nth_unit", "env_vars": dict(THREAD_ENV)})
@@ -351,7 +351,7 @@ def hostile_corpus(root: Path) -> tuple[Path, Path, dict]:
     Returns (manifest folder, LibriSpeech folder, {sample_id: [expected outcome per row]}), an outcome
     being "fused" (with finite features) or (stage, reason) of its quarantine row."""
     from mmbatch.demo.corpus import make_audio, make_image
-    from mmbatch.sources import sphere
+    from mmbatch.ingest.sources import sphere
 
     m = root / "manifest"
     rng = np.random.default_rng(7)
@@ -428,8 +428,8 @@ def _quarantine(folder: Path) -> list[dict]:
 def test_hostile_input_end_to_end(ray_session, tmp_path):
     from mmbatch.cli import main
     from mmbatch.config import AudioFeatures, ImageFeatures
-    from mmbatch.features.image import decode_image, resize_center_crop
-    from mmbatch.features.registry import build_extractor
+    from mmbatch.preprocess.features.image import decode_image, resize_center_crop
+    from mmbatch.preprocess.features.registry import build_extractor
 
     mdir, libri, expected = hostile_corpus(tmp_path / "in")
     n_manifest = sum(len(v) for k, v in expected.items() if not k.startswith("84-"))

@@ -21,7 +21,7 @@ import uuid
 import pytest
 import yaml
 
-from mmbatch import storage
+from mmbatch.engine import storage
 from mmbatch.config import WorkflowError, load_workflow, workflow_from_dict
 
 SECRET = f"secret-{uuid.uuid4().hex}"
@@ -141,7 +141,7 @@ def test_s3_data_and_checkpoints_use_the_workflows_options_alone(ray_session, mo
 
     from fused_data import write_fused
     from mmbatch.data import read_fused
-    from mmbatch.training.run import run_training
+    from mmbatch.train.run import run_training
 
     s3, bucket = moto_s3["fs"], moto_s3["bucket"]
     s3.put(write_fused(str(tmp_path / "fused"), n=200, seed=3), f"{bucket}/fused", recursive=True)
@@ -199,7 +199,7 @@ def test_submit_refuses_a_token_over_http_to_another_machine(monkeypatch, capsys
 
 # --- private staging folders -------------------------------------------------------------------------------
 def test_staging_folders_are_private_unpredictable_and_only_ours_are_removed(monkeypatch, tmp_path):
-    from mmbatch.training.loop import STAGING_MARKER, make_staging_dir, remove_staging_dirs, staging_dirs
+    from mmbatch.train.loop import STAGING_MARKER, make_staging_dir, remove_staging_dirs, staging_dirs
 
     base = tmp_path / "tmp"
     base.mkdir()

@@ -50,7 +50,7 @@ def workflow(datasets: dict, out: Path, shape: str) -> dict:
 
 DRIVER = r"""
 import json, sys
-from mmbatch.runtime import init_ray
+from mmbatch.engine.runtime import init_ray
 init_ray(num_cpus=2, num_gpus=2)          # fake GPUs: the scheduler sees them, CUDA does not exist
 from mmbatch.config import workflow_from_dict
 from mmbatch.preprocess import run_preprocess

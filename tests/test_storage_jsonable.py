@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from mmbatch.storage import jsonable
+from mmbatch.engine.storage import jsonable
 
 
 def test_jsonable_is_strict_json():

@@ -17,14 +17,14 @@ from fused_data import CLASS_NAMES, extractor_meta, write_fused, xor_rows
 from mmbatch import schema
 from mmbatch.config import Workflow
 from mmbatch.errors import UsageError
-from mmbatch.training import run as run_mod
-from mmbatch.splits import assign_splits, split_plan
-from mmbatch.training.data import FusedData, class_balance, to_arrays
-from mmbatch.training.evaluate import check_features, compute_metrics, evaluate_arrays, evaluate_cli, evaluate_model
-from mmbatch.training.loop import fit_in_memory
-from mmbatch.training.models import FUSIONS, FusionModel, arch_spec, drop_modalities, load_model
-from mmbatch.training.report import fusion_gain
-from mmbatch.training.run import run_training
+from mmbatch.train import run as run_mod
+from mmbatch.preprocess.splits import assign_splits, split_plan
+from mmbatch.train.data import FusedData, class_balance, to_arrays
+from mmbatch.train.evaluate import check_features, compute_metrics, evaluate_arrays, evaluate_cli, evaluate_model
+from mmbatch.train.loop import fit_in_memory
+from mmbatch.train.models import FUSIONS, FusionModel, arch_spec, drop_modalities, load_model
+from mmbatch.train.report import fusion_gain
+from mmbatch.train.run import run_training
 
 DIMS = {"image": 8, "audio": 8, "text": 8}
 CHANCE = 0.25
@@ -393,8 +393,8 @@ def test_validation_on_read_only_arrays_warns_nothing():
     code = """
 import warnings
 import numpy as np
-from mmbatch.training.evaluate import evaluate_arrays
-from mmbatch.training.models import FusionModel
+from mmbatch.train.evaluate import evaluate_arrays
+from mmbatch.train.models import FusionModel
 warnings.simplefilter("error")
 dims = {"image": 4, "audio": 3, "text": 2}
 rng = np.random.default_rng(0)
@@ -485,7 +485,7 @@ def test_training_warns_when_fusion_cannot_beat_the_best_modality(ray_session, t
 
 
 def test_a_model_of_the_previous_architecture_is_refused_with_a_reason():
-    from mmbatch.training.models import build_model
+    from mmbatch.train.models import build_model
     spec = {"name": "old", "arch": {"fusion": "gated", "dims": {"image": 8}, "num_classes": 2, "hidden": 8,
                                     "dropout": 0.1}}          # no "version": written before version 2
     with pytest.raises(UsageError, match="architecture version 1.*retrain it"):
@@ -497,7 +497,7 @@ def test_a_model_of_the_previous_architecture_is_refused_with_a_reason():
 def test_best_epoch_breaks_score_ties_by_validation_loss():
     """On a small validation split accuracy ties across epochs: the lower validation loss wins the tie,
     not the first (least trained) epoch."""
-    from mmbatch.training.loop import improves
+    from mmbatch.train.loop import improves
 
     assert improves(0.5, 1.0, None, None)                      # the first epoch
     assert improves(0.6, 2.0, 0.5, 1.0)                        # a better score, whatever the loss
@@ -506,7 +506,7 @@ def test_best_epoch_breaks_score_ties_by_validation_loss():
 
 
 def test_report_header_names_the_model_the_best_epoch_rule_the_test_uncertainty_and_what_plots_show():
-    from mmbatch.training.report import render_html, wilson_interval
+    from mmbatch.train.report import render_html, wilson_interval
 
     hist = [{"epoch": e, "train_loss": 1.0, "val_loss": 1.0, "val_accuracy": 0.5, "val_macro_f1": 0.5}
             for e in range(12)]

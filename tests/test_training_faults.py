@@ -16,7 +16,7 @@ from faults import run_cmd
 from fused_data import write_fused
 
 from mmbatch.config import Workflow
-from mmbatch.training.run import run_training
+from mmbatch.train.run import run_training
 
 # A driver of its own Ray job on the shared Ray: its workers (the Ray Train controller and
 # workers included) run the setup hook fault_hooks.kill_at_epoch, with tests/ on their path.
@@ -28,7 +28,7 @@ import ray
 ray.init(address=sys.argv[1], runtime_env={"worker_process_setup_hook": "fault_hooks.kill_at_epoch",
                                            "env_vars": json.loads(sys.argv[3])})
 from mmbatch.config import Workflow
-from mmbatch.training.run import run_training
+from mmbatch.train.run import run_training
 try:
     res = run_training(Workflow.model_validate(json.loads(sys.argv[2])), baselines=False)
 except RuntimeError as e:

@@ -1,4 +1,4 @@
-"""mmbatch.units.run_units (a Ray Data actor pool) on the shared real Ray (2 CPUs): every unit once,
+"""mmbatch.engine.units.run_units (a Ray Data actor pool) on the shared real Ray (2 CPUs): every unit once,
 dead workers replaced, failing units named, warnings said once. The worker factories are defined
 inside functions so Ray ships them by value."""
 from __future__ import annotations
@@ -8,8 +8,8 @@ import threading
 
 import pytest
 
-from mmbatch import capacity
-from mmbatch.units import Resources, Step, UnitFailed, run_units
+from mmbatch.engine import capacity
+from mmbatch.engine.units import Resources, Step, UnitFailed, run_units
 
 
 def run_in_thread(deadline_s: float = 120, after_each=None, **kwargs) -> dict:
@@ -149,7 +149,7 @@ def test_a_warning_from_building_the_workers_is_said_once_per_job(ray_session, c
 
     def make_worker(job):
         warnings.warn("model has random weights", RuntimeWarning)
-        logging.getLogger("mmbatch.features").warning("model has random weights")
+        logging.getLogger("mmbatch.preprocess.features").warning("model has random weights")
         return lambda unit: unit
 
     with caplog.at_level(logging.WARNING, logger="mmbatch"):

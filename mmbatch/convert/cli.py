@@ -130,8 +130,8 @@ def _is_input(p: Path, exts: tuple[str, ...]) -> bool:
 
 def refuse_overwrite(src: str, dst: str) -> None:
     """UsageError when the output ``dst`` is the input ``src``, holds it or lies inside it (URIs
-    normalised: mmbatch.ownership.check_disjoint)."""
-    from mmbatch import ownership
+    normalised: mmbatch.engine.ownership.check_disjoint)."""
+    from mmbatch.engine import ownership
 
     ownership.check_disjoint({"--out": str(dst)}, {"INPUT": str(src)})
 
@@ -215,7 +215,7 @@ def convert_remote(direction: str, input: str, out: str, **kwargs) -> int:
     import posixpath
     import tempfile
 
-    from mmbatch import storage
+    from mmbatch.engine import storage
 
     in_fs, in_path = storage.url_to_fs(input)
     out_fs, out_path = storage.url_to_fs(out)

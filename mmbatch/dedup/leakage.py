@@ -1,6 +1,6 @@
 """Preprocess's `dedup: {leakage: off|report|quarantine}`: validation and test rows that duplicate
 a train row, found by `mmbatch duplicates`' pipeline over the workflow's primary datasets with
-the final splits (mmbatch.splits), before any unit runs.
+the final splits (mmbatch.preprocess.splits), before any unit runs.
 
 * ``report``: counts per split and modality go into the preprocess summary and ``_manifest.json``;
   the units and their fingerprints are untouched (their output does not change).
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mmbatch import storage
+from mmbatch.engine import storage
 from mmbatch.schema import MODALITIES
 
 CACHE = "_dedup/leakage.json"
@@ -82,7 +82,7 @@ def find_leakage(mode: str, plans: list, split_plan: dict, seed: int, fs, out_ro
         return Leakage(mode)
     from mmbatch.dedup.run import Shard, find_duplicates, leaked_rows, shard_signatures
     from mmbatch.dedup.signatures import AUDIO_THRESHOLD, IMAGE_THRESHOLD, TEXT_THRESHOLD
-    from mmbatch.splits import assign_splits
+    from mmbatch.preprocess.splits import assign_splits
 
     key = storage.fingerprint({"v": VERSION, "inputs": {p.cfg.name: sorted(map(str, p.input_fps.values()))
                                                         for p in plans},
@@ -93,7 +93,7 @@ def find_leakage(mode: str, plans: list, split_plan: dict, seed: int, fs, out_ro
     if cached and cached.get("key") == key:
         found = cached["found"]
     else:
-        from mmbatch.runtime import init_ray
+        from mmbatch.engine.runtime import init_ray
 
         if ray_cfg is not None:           # the workflow's Ray settings (find_duplicates would use defaults)
             init_ray(ray_cfg.address, ray_cfg.num_cpus, ray_cfg.num_gpus, ray_cfg.object_store_memory)

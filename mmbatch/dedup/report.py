@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from mmbatch import storage
+from mmbatch.engine import storage
 
 TOP = 12
 THUMB_PX = 112

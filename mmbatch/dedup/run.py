@@ -21,11 +21,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from mmbatch import schema, storage
+from mmbatch import schema
+from mmbatch.engine import storage
 from mmbatch.dedup import candidates as cand
 from mmbatch.dedup import signatures as sig
 from mmbatch.errors import UsageError
-from mmbatch.manifest import data_files
+from mmbatch.engine.manifest import data_files
 from mmbatch.schema import MODALITIES, normalize_split
 
 log = logging.getLogger("mmbatch.dedup")
@@ -55,7 +56,7 @@ class Shard:
 
 def list_shards(datasets: list[str]) -> list[Shard]:
     """Canonical Parquet shards of each dataset (a folder's committed data files, with or without a manifest:
-    mmbatch.manifest.data_files, or a single file); the dataset name is its folder's name."""
+    mmbatch.engine.manifest.data_files, or a single file); the dataset name is its folder's name."""
     shards, names = [], set()
     for uri in datasets:
         fs, files, _ = data_files(uri, allow_incomplete=True)
@@ -154,7 +155,7 @@ class RayVerifier:
     def __init__(self, heavy_refs: list):
         import ray
 
-        from mmbatch import capacity
+        from mmbatch.engine import capacity
 
         self.heavy = heavy_refs
         self.pick = ray.remote(pick_payloads)
@@ -188,7 +189,7 @@ class DuplicatesResult:
 
 def run_duplicates(datasets: list[str], out: str, *, address: str | None = None,
                    report: bool = True) -> DuplicatesResult:
-    from mmbatch import ownership
+    from mmbatch.engine import ownership
 
     ownership.check_disjoint({"--out": out}, {f"CANONICAL {i + 1}": d for i, d in enumerate(datasets)})
     shards = list_shards(datasets)
@@ -205,7 +206,7 @@ def find_duplicates(shards: list, signature_fn, *, address: str | None = None,
     sample_ids, splits) -> splits`` replaces the rows' split values (preprocess: the final split)."""
     import ray
 
-    from mmbatch.runtime import init_ray
+    from mmbatch.engine.runtime import init_ray
 
     t0 = time.time()
     init_ray(address)

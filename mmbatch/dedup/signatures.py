@@ -22,33 +22,13 @@ import re
 import unicodedata
 
 import numpy as np
-import xxhash
+
+from mmbatch.schema import HASH_NAME, content_hash  # noqa: F401 (the exact key of every modality)
 
 # ---------------------------------------------------------------------------------------------
 # exact
 # ---------------------------------------------------------------------------------------------
-# XXH3-128 (xxhash, a dependency of HF datasets): 128 bits keep collisions out of reach at corpus
-# scale, and it is far cheaper than BLAKE2b-128 (docs/performance.md). Not cryptographic: a
-# duplicate key, not a signature. Written into the canonical files' metadata (``content_hash``):
-# data hashed otherwise is hashed again.
-HASH_NAME = "xxh3_128"
-
-
-def content_hash(data: bytes | None) -> str | None:
-    """Hex XXH3-128 of media bytes (None for None/empty)."""
-    if not data:
-        return None
-    return xxhash.xxh3_128_hexdigest(data)
-
-
-def add_content_hashes(rows: list[dict]) -> None:
-    """Fill the canonical ``image_hash``/``audio_hash`` columns of ingest rows in place."""
-    for r in rows:
-        for m in ("image", "audio"):
-            media = r.get(m)
-            r[f"{m}_hash"] = content_hash(media.get("bytes")) if isinstance(media, dict) else None
-
-
+# the exact key: the content hash ingest writes into every canonical row (mmbatch.schema)
 _PUNCT = re.compile(r"[^\w\s]+", re.UNICODE)
 _SPACE = re.compile(r"\s+", re.UNICODE)
 

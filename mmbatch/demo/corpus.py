@@ -6,7 +6,7 @@ audio ``b = c % 2`` (low vs high pitch), the transcript ``a xor b`` (two word
 pools). Each modality alone is ambiguous (about 50 % on 4 classes); image +
 audio, or audio + text, together are not.
 
-Layouts written (the layouts the ingest readers in ``mmbatch.sources`` document):
+Layouts written (the layouts the ingest readers in ``mmbatch.ingest.sources`` document):
 - ImageNet: ``imagenet/train/<wnid>/<wnid>_<n>.JPEG``, ``imagenet/val/<wnid>/...``, ``LOC_synset_mapping.txt``
 - LibriSpeech: ``LibriSpeech/<part>/<reader>/<chapter>/<reader>-<chapter>-NNNN.flac``,
   ``<reader>-<chapter>.trans.txt``, ``SPEAKERS.TXT``
@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 import soundfile as sf
 
-from mmbatch.sources import sphere
+from mmbatch.ingest.sources import sphere
 
 NUM_CLASSES = 4
 WNIDS = [f"n0{1000000 + 1111 * c:07d}"[:9] for c in range(NUM_CLASSES)]  # sorted == class order

@@ -66,12 +66,12 @@ def run_demo(out: str, per_class: int = 48, epochs: int = 12, num_cpus: int | No
     from mmbatch.config import workflow_from_dict
     from mmbatch.convert import MissingTool
     from mmbatch.demo.corpus import write_demo_corpus
-    from mmbatch.ingest import run_ingest
+    from mmbatch.ingest.run import run_ingest
     from mmbatch.preprocess import run_preprocess
-    from mmbatch.runtime import init_ray
-    from mmbatch.training.run import run_training
+    from mmbatch.engine.runtime import init_ray
+    from mmbatch.train.run import run_training
 
-    from mmbatch import ownership
+    from mmbatch.engine import ownership
 
     t_start = time.time()
     root = Path(out).resolve()

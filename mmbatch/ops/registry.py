@@ -1,6 +1,6 @@
 """Model registry in a folder or any fsspec URI (s3://, gs://, ...).
 
-Layout (every JSON file written atomically through :mod:`mmbatch.storage`)::
+Layout (every JSON file written atomically through :mod:`mmbatch.engine.storage`)::
 
     <root>/versions/v0001/model/...       model files, copied from the training output
     <root>/versions/v0001/workflow.yaml   the workflow that produced it
@@ -62,8 +62,9 @@ from typing import Any, Iterator, Optional
 
 import yaml
 
-from mmbatch import __version__, storage
-from mmbatch.commit import call_with_retry
+from mmbatch import __version__
+from mmbatch.engine import storage
+from mmbatch.engine.commit import call_with_retry
 from mmbatch.errors import LockLost, UsageError
 
 log = logging.getLogger("mmbatch.registry")

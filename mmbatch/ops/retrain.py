@@ -28,7 +28,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
-from mmbatch import storage
+from mmbatch.engine import storage
 from mmbatch.config import NOT_LEARNING, Workflow
 from mmbatch.errors import UsageError
 from mmbatch.ops.registry import ModelVersion, Registry
@@ -158,10 +158,10 @@ def conclude_cycle(registry: Registry, wf: Workflow, candidate_model_dir: str, c
 def run_retrain(wf: Workflow, lock_timeout: float = 0.0, allow_incomplete: bool = False) -> RetrainResult:
     """One retraining cycle (see the module docstring); prints a short summary."""
     from mmbatch.preprocess import run_preprocess
-    from mmbatch.training.evaluate import evaluate_model
-    from mmbatch.training.run import run_training
+    from mmbatch.train.evaluate import evaluate_model
+    from mmbatch.train.run import run_training
 
-    from mmbatch import ownership
+    from mmbatch.engine import ownership
     from mmbatch.preprocess.run import workflow_inputs
 
     t0 = time.time()

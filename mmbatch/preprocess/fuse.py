@@ -30,9 +30,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mmbatch import storage
-from mmbatch.fusion import embeddings_to_arrow, embeddings_to_numpy, fuse, stable_u64
-from mmbatch.features.sequence import columns_in_schema, row_arrays
+from mmbatch.engine import storage
+from mmbatch.preprocess.fusion import embeddings_to_arrow, embeddings_to_numpy, fuse, stable_u64
+from mmbatch.preprocess.features.sequence import columns_in_schema, row_arrays
 from mmbatch.schema import MODALITIES, emb_column, has_column, normalize_split, seq_column
 
 PARTNER_CACHE_BYTES = 256 * 2**20      # partner feature files kept per worker
@@ -50,7 +50,7 @@ class PartnerIndex:
     groups: dict                     # label pairing: (label, split) -> positions; label -> positions
     keys: dict                       # key pairing: key value -> position
     fingerprint: str = ""            # of the partner units it indexes (part of the primary units' fingerprint)
-    sequences: tuple = ()            # modalities stored as sequence features (mmbatch.features.sequence)
+    sequences: tuple = ()            # modalities stored as sequence features (mmbatch.preprocess.features.sequence)
 
     @classmethod
     def build(cls, fs, name: str, modalities: list[str], files: list[str], by: str, key: str) -> "PartnerIndex":

@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 
 import pyarrow.parquet as pq
 
-from mmbatch import storage
+from mmbatch.engine import storage
 from mmbatch.config import DatasetConfig, Workflow
 from mmbatch.errors import UsageError
-from mmbatch.manifest import Manifest
+from mmbatch.engine.manifest import Manifest
 from mmbatch.schema import MODALITIES, label_indices, normalize_split
 
 FEATURES_DIR = "_features"      # per-modality features of pairing partners (read by the primary's units)

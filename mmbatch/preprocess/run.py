@@ -2,13 +2,13 @@
 
 The driver reads no media and no embeddings, only light columns a plan needs: the
 label column for a label map (plan.py), the train split's texts for a tokens
-vocabulary (mmbatch.features.sequence), sample ids for dedup leakage
+vocabulary (mmbatch.preprocess.features.sequence), sample ids for dedup leakage
 (mmbatch.dedup.leakage) and partners' light columns for pairing. Per dataset it plans units (row groups of
 the canonical shards, plan.py), skips those committed with the same
 fingerprint, removes a killed run's leftovers, and runs the rest on a pool of
-actors (mmbatch.units, a Ray Data job) that read, extract, fuse and write each unit's final
+actors (mmbatch.engine.units, a Ray Data job) that read, extract, fuse and write each unit's final
 file (unit.py). Each unit comes back as a CommitRecord; the driver writes its
-marker (mmbatch.commit) and, at the end, ``_manifest.json`` from the records.
+marker (mmbatch.engine.commit) and, at the end, ``_manifest.json`` from the records.
 
 With pairing, partner datasets run first and write their features to
 ``OUT/_features/<dataset>/``; the driver then indexes their light columns
@@ -22,16 +22,17 @@ import time
 
 import pyarrow as pa
 
-from mmbatch import __version__, ownership, storage
-from mmbatch.progress import bar as progress_bar
-from mmbatch.commit import CommitRecord, Committer
+from mmbatch import __version__
+from mmbatch.engine import ownership, storage
+from mmbatch.engine.progress import bar as progress_bar
+from mmbatch.engine.commit import CommitRecord, Committer
 from mmbatch.config import Workflow
 from mmbatch.errors import UsageError
 from mmbatch.preprocess.fuse import PartnerIndex
 from mmbatch.preprocess.plan import FEATURES_DIR, META_COLS, DatasetPlan, feature_specs, plan_dataset, present_splits
 from mmbatch.preprocess.summary import PreprocessSummary, render_summary, write_manifest
 from mmbatch.preprocess.unit import UnitJob, extractor, make_decoder, make_embedder, make_worker
-from mmbatch.provenance import job_fingerprint, weights_digests
+from mmbatch.engine.provenance import job_fingerprint, weights_digests
 from mmbatch.schema import MODALITIES, embedding_type, emb_column, fused_schema, has_column, with_metadata
 
 log = logging.getLogger("mmbatch.preprocess")
@@ -85,8 +86,8 @@ class _Runner:
             else:
                 pending.append(u)
         if pending:
-            from mmbatch.runtime import init_ray
-            from mmbatch.units import run_units
+            from mmbatch.engine.runtime import init_ray
+            from mmbatch.engine.units import run_units
 
             init_ray(self.wf.ray.address, self.wf.ray.num_cpus, self.wf.ray.num_gpus, self.wf.ray.object_store_memory)
             workers, resources, then, note = _placement(self.wf, plan, job, len(pending))
@@ -124,7 +125,7 @@ class _Runner:
 def _placement(wf: Workflow, plan: DatasetPlan, job: UnitJob, units: int):
     """(workers, per-worker resources, the split shape's GPU step or None, a warning or ""): one worker
     per CPU the cluster has or its autoscaler can add, at most one per unit of the ``units`` and
-    ``ray.max_workers`` (mmbatch.capacity.pool_size). When an extractor needs a model and GPUs are asked for
+    ``ray.max_workers`` (mmbatch.engine.capacity.pool_size). When an extractor needs a model and GPUs are asked for
     (``features.*.num_gpus``) or the cluster has GPUs (an embedded Ray's ``ray.num_gpus``) or can start
     GPU nodes, the model gets a GPU; asking for it is what makes the autoscaler start GPU nodes.
 
@@ -133,8 +134,8 @@ def _placement(wf: Workflow, plan: DatasetPlan, job: UnitJob, units: int):
     - ``split``: the workers hold no GPU and only decode for the model; a second step of one actor
       per GPU the cluster can have (a whole GPU each, :data:`EMBED_CPUS` CPUs) embeds, fuses and writes
       (docs/data-path.md, "The GPU shape"). Without a GPU to be had: fused, with a warning."""
-    from mmbatch import capacity
-    from mmbatch.units import Resources, Step
+    from mmbatch.engine import capacity
+    from mmbatch.engine.units import Resources, Step
 
     cluster = capacity.snapshot()
 
@@ -200,9 +201,9 @@ def run_preprocess(wf: Workflow, progress: bool = True) -> PreprocessSummary:
     ownership.claim(out_uri, "fused", wf.name)
     used = [m for m in MODALITIES if any(m in p.modalities for p in plans)]
 
-    from mmbatch.features.sequence import sequence_run_fields, with_vocabulary
-    from mmbatch.fusion import fused_dim
-    from mmbatch.splits import FINAL_KEY, split_plan
+    from mmbatch.preprocess.features.sequence import sequence_run_fields, with_vocabulary
+    from mmbatch.preprocess.fusion import fused_dim
+    from mmbatch.preprocess.splits import FINAL_KEY, split_plan
 
     splits = split_plan(present_splits(primaries), wf.splits.val_fraction, wf.splits.test_fraction)
     specs = with_vocabulary(specs, plans, splits, wf.splits.seed)     # tokens: vocabulary of the train split

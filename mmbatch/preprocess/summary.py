@@ -5,9 +5,10 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from mmbatch import __version__, storage
-from mmbatch.commit import CommitRecord
-from mmbatch.manifest import Manifest
+from mmbatch import __version__
+from mmbatch.engine import storage
+from mmbatch.engine.commit import CommitRecord
+from mmbatch.engine.manifest import Manifest
 
 
 @dataclass
@@ -69,7 +70,7 @@ class PreprocessSummary:
 def write_manifest(fs, out_root: str, records: list[CommitRecord], summary: PreprocessSummary,
                    meta: dict, t0: float, workflow_hash: str = "") -> Manifest:
     """``_manifest.json`` from the fused units' records of this run's plan (no data file is read): what
-    readers check the data files against (mmbatch.provenance.check_fused)."""
+    readers check the data files against (mmbatch.engine.provenance.check_fused)."""
     counts: dict[str, Counter] = {"split": Counter(), "label": Counter(), "presence": Counter()}
     for r in records:
         for k in counts:

@@ -17,7 +17,7 @@ batches given to the model, so the output bits are the same.
 Batches are Arrow in, NumPy per modality, Arrow out (embeddings as
 fixed-size lists built once per batch). Timings and quarantine reasons are
 fields of the returned record, not columns. The same class serves a test, a
-plain loop and the Ray Data actor pool (mmbatch.units).
+plain loop and the Ray Data actor pool (mmbatch.engine.units).
 """
 from __future__ import annotations
 
@@ -32,13 +32,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from mmbatch import storage
-from mmbatch.commit import CommitRecord, write_table
-from mmbatch.features.sequence import columns_in_schema
-from mmbatch.fusion import embeddings_to_arrow
+from mmbatch.engine import storage
+from mmbatch.engine.commit import CommitRecord, write_table
+from mmbatch.preprocess.features.sequence import columns_in_schema
+from mmbatch.preprocess.fusion import embeddings_to_arrow
 from mmbatch.preprocess.fuse import PartnerIndex, PartnerRows, fused_table
 from mmbatch.preprocess.plan import META_COLS, Unit
-from mmbatch.provenance import UNIT_FP_KEY, weights_signature
+from mmbatch.engine.provenance import UNIT_FP_KEY, weights_signature
 from mmbatch.schema import MODALITIES, QUARANTINE, emb_column, has_column, normalize_split, quarantine_row
 
 QUARANTINE_DIR = storage.QUARANTINE_DIR
@@ -48,7 +48,7 @@ QUARANTINE_DIR = storage.QUARANTINE_DIR
 class UnitJob:
     """What every worker of one dataset's units needs (shipped once per worker).
 
-    Every field is part of the units' fingerprint (mmbatch.provenance.job_fingerprint) unless its
+    Every field is part of the units' fingerprint (mmbatch.engine.provenance.job_fingerprint) unless its
     metadata says otherwise: a new field that changes the output needs no other change."""
     dataset: str
     out_uri: str = field(metadata={"fingerprint": False})   # output directory of this dataset's units
@@ -62,7 +62,7 @@ class UnitJob:
     label_map: dict | None = None
     completions: list[dict] = field(default_factory=list)
     keep_splits: list[str] | None = None
-    split_plan: dict | None = None   # decide the final split (mmbatch.splits) when set
+    split_plan: dict | None = None   # decide the final split (mmbatch.preprocess.splits) when set
     split_seed: int = 0
     fusion: dict = field(default_factory=dict)
     pairing: dict = field(default_factory=dict)
@@ -88,8 +88,8 @@ def extractor(modality: str, spec: dict):
     ex = _EXTRACTORS.get(key)
     if ex is None:
         from mmbatch.config import feature_config
-        from mmbatch.features.registry import build_extractor
-        from mmbatch.runtime import pin_threads
+        from mmbatch.preprocess.features.registry import build_extractor
+        from mmbatch.engine.runtime import pin_threads
 
         pin_threads()
         ex = _EXTRACTORS[key] = build_extractor(modality, feature_config(modality, spec))
@@ -147,7 +147,7 @@ class UnitState:
     present: dict                        # modality -> row has a value
     decoded: dict                        # modality -> [(row indices, decoded values)] per batch
     seconds: Counter
-    actors: dict = field(default_factory=dict)     # step -> the actor that ran it (mmbatch.units)
+    actors: dict = field(default_factory=dict)     # step -> the actor that ran it (mmbatch.engine.units)
 
 
 class UnitWorker:
@@ -267,7 +267,7 @@ class UnitWorker:
         if job.partners:       # partners share the dataset's own split (as ingested) where they have it
             keep, paired_with = self._attach_partners(meta, table, embs, present, keep)
         if job.split_plan is not None:
-            from mmbatch.splits import assign_splits
+            from mmbatch.preprocess.splits import assign_splits
             final = assign_splits(meta["sample_id"].to_pylist(), meta["split"].to_pylist(), job.split_plan,
                                   job.split_seed)
             meta["split"] = pa.array(final.tolist(), pa.string())
@@ -283,7 +283,7 @@ class UnitWorker:
         for m in job.modalities:
             if emb_column(m) in job.schema.names:
                 cols[emb_column(m)] = embeddings_to_arrow(embs[m], present[m])
-            else:                                       # sequence features (mmbatch.features.sequence)
+            else:                                       # sequence features (mmbatch.preprocess.features.sequence)
                 cols.update(columns_in_schema(m, embs[m], present[m], job.schema))
             cols[has_column(m)] = pa.array(present[m])
         return pa.table(cols, schema=job.schema)

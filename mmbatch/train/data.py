@@ -1,0 +1,325 @@
+"""Fused feature rows -> train / validation / test tensors.
+
+Three layers, so tests and the scoring path can use them without Ray:
+
+- :mod:`mmbatch.preprocess.splits` -- which split each row belongs to. Data written with
+  ``"splits_final": true`` in its metadata carries its final split in the
+  ``split`` column, read as it is; older data gets its splits decided here by the
+  same pure functions (:func:`split_plan` / :func:`assign_splits`).
+- :func:`to_arrays` -- one Arrow batch -> model-ready NumPy columns
+  (``<m>_emb`` float32 [n, dim], ``has_<m>`` bool, ``y`` class index).
+- :class:`FusedData` -- opens a fused Parquet folder (local path or fsspec
+  URI), scans the light columns once on the driver (split, label, label_name,
+  sample_id) to fix the split plan, the classes and the class counts, and
+  hands out lazy Ray Datasets per split for Ray Train.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Mapping, Optional, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mmbatch import schema
+from mmbatch.engine import storage
+from mmbatch.errors import UsageError
+from mmbatch.preprocess.fusion import embeddings_to_numpy
+from mmbatch.engine.manifest import Manifest, data_files
+from mmbatch.preprocess.splits import (assign_splits, final_plan, normalized_splits, row_uniform, split_plan,  # noqa: F401
+                            splits_are_final)
+from mmbatch.train.sequences import sequence_column_names, sequence_dims, sequence_input
+
+log = logging.getLogger("mmbatch.train")
+
+SPLITS = schema.SPLITS
+MIN_SCORABLE_ROWS = 10               # a validation/test split smaller than this is reported, not scored
+LIGHT_COLUMNS = ["sample_id", "split", "label", "label_name"]
+
+
+# --- Arrow -> NumPy (pure) ------------------------------------------------------------------
+def to_arrays(table: pa.Table, modalities: Sequence[str], dims: Mapping[str, int],
+              class_ids: Sequence[int], split: Optional[str] = None, plan: Optional[Mapping] = None,
+              seed: int = 0) -> dict[str, np.ndarray]:
+    """Model-ready columns for the rows of ``table`` in ``split`` (all rows when None).
+
+    Rows with a null label or a label outside ``class_ids`` are dropped.
+    ``has_<m>`` is true only where the flag is set (or absent) *and* the
+    embedding is not null.
+    """
+    if split is not None and split != "all":
+        splits = assign_splits(table.column("sample_id").to_pylist(),
+                               _column_or_none(table, "split"), plan, seed)
+        table = table.filter(pa.array(splits == split))
+    labels = table.column("label").to_numpy(zero_copy_only=False) if table.num_rows else np.zeros(0)
+    labels = np.asarray(nulls_to_nan(labels), dtype=np.float64)
+    ids = np.asarray(sorted(class_ids), dtype=np.int64)
+    y = np.full(len(labels), -1, dtype=np.int64)
+    ok = ~np.isnan(labels)
+    pos = np.searchsorted(ids, labels[ok].astype(np.int64)) if len(ids) else np.zeros(ok.sum(), np.int64)
+    pos = np.clip(pos, 0, max(len(ids) - 1, 0))
+    known = ids[pos] == labels[ok].astype(np.int64) if len(ids) else np.zeros(ok.sum(), bool)
+    y_ok = np.where(known, pos, -1)
+    y[ok] = y_ok
+    keep = y >= 0
+    out: dict[str, np.ndarray] = {"y": y[keep]}
+    for m in modalities:
+        lengths = None
+        if schema.seq_column(m) in table.column_names:          # sequence features (training.sequences)
+            mat, valid, lengths = sequence_input(table, m, dims[m])
+        else:
+            col = table.column(schema.emb_column(m))
+            mat = embeddings_to_numpy(col, dims[m])
+            valid = np.asarray(col.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+        flag_col = schema.has_column(m)
+        if flag_col in table.column_names:
+            flag = table.column(flag_col).to_numpy(zero_copy_only=False)
+            flag = np.array([bool(f) if f is not None else True for f in flag], dtype=bool) \
+                if flag.dtype == object else flag.astype(bool)
+        else:
+            flag = np.ones(len(valid), bool)
+        present = valid & flag
+        mat[~present] = 0
+        out[schema.emb_column(m)] = mat[keep]
+        out[schema.has_column(m)] = present[keep]
+        if lengths is not None:
+            out[f"{m}_len"] = (lengths * present)[keep]
+    return out
+
+
+def nulls_to_nan(a: np.ndarray) -> np.ndarray:
+    """Labels as read from Arrow: an object array with None (a nullable column) becomes a float
+    array with nan in their place; any other array is returned as it is."""
+    if a.dtype == object:
+        return np.array([np.nan if v is None else v for v in a], dtype=np.float64)
+    return a
+
+
+def _column_or_none(table: pa.Table, name: str) -> list:
+    if name in table.column_names:
+        return table.column(name).to_pylist()
+    return [None] * table.num_rows
+
+
+# --- files -------------------------------------------------------------------------------------
+def parquet_files(uri: str) -> tuple[object, list[str]]:
+    """(fsspec filesystem, data files) of a fused Parquet folder or single file: the files committed on
+    disk (mmbatch.engine.manifest.data_files). Train and evaluate check the folder against its manifest first
+    (mmbatch.engine.provenance.check_fused), so these are the files the manifest names unless an incomplete
+    folder was allowed."""
+    fs, path = storage.url_to_fs(uri)
+    if not fs.exists(path):
+        raise UsageError(f"fused feature data not found: {uri}")
+    fs, files, _ = data_files(uri, allow_incomplete=True)
+    if not files:
+        raise UsageError(f"no Parquet files under {uri} (expected fused features written by `mmbatch preprocess`)")
+    return fs, files
+
+
+def read_schema(uri: str) -> pa.Schema:
+    fs, files = parquet_files(uri)
+    return pq.read_schema(files[0], filesystem=fs)
+
+
+def data_modalities(sch: pa.Schema) -> dict[str, int]:
+    """modality -> embedding size, from the columns of a fused schema."""
+    dims = {}
+    for m in schema.MODALITIES:
+        name = schema.emb_column(m)
+        if name in sch.names:
+            t = sch.field(name).type
+            if not pa.types.is_fixed_size_list(t):
+                raise UsageError(f"column {name} is {t}, expected fixed_size_list<float32> (fused features)")
+            dims[m] = t.list_size
+    dims.update(sequence_dims(sch))
+    return dims
+
+
+def read_table(uri: str, columns: list[str]) -> pa.Table:
+    """All rows of ``columns`` (driver-side read through fsspec; used for the light scan and scoring)."""
+    fs, files = parquet_files(uri)
+    tables = []
+    for f in files:
+        avail = pq.read_schema(f, filesystem=fs).names
+        t = pq.read_table(f, filesystem=fs, columns=[c for c in columns if c in avail])
+        for c in columns:
+            if c not in t.column_names:
+                t = t.append_column(c, pa.nulls(t.num_rows, pa.string() if c in ("split", "label_name") else pa.int64()))
+        tables.append(t.select(columns))
+    return pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
+
+
+# --- the data set as training sees it -------------------------------------------------------
+@dataclass
+class FusedData:
+    uri: str
+    meta: dict                       # the `mmbatch` Parquet metadata of the fused data
+    dims: dict[str, int]             # modality -> embedding size (every modality in the data)
+    classes: list[dict]              # [{"id": label id, "name": label name}], sorted by id
+    plan: dict                       # split plan (see split_plan)
+    seed: int
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)   # split -> class name -> rows
+    dropped_unlabeled: int = 0
+    fingerprint: str = ""
+    leakage: Optional[dict] = None   # validation/test rows duplicating train (the manifest's, preprocess dedup.leakage)
+
+    @classmethod
+    def open(cls, uri: str, seed: int = 0, val_fraction: float = 0.15,
+             test_fraction: float = 0.15) -> "FusedData":
+        sch = read_schema(uri)
+        for col in ("sample_id", "label"):
+            if col not in sch.names:
+                raise UsageError(f"{uri}: column '{col}' missing: not fused feature data")
+        dims = data_modalities(sch)
+        if not dims:
+            raise UsageError(f"{uri}: no <modality>_emb columns: not fused feature data")
+        meta = schema.read_mmbatch_meta(sch)
+        manifest = Manifest.read(uri) if not uri.endswith(".parquet") else None
+        light = read_table(uri, LIGHT_COLUMNS)
+        raw_splits = light.column("split").to_pylist()
+        plan = data_split_plan(meta, manifest, raw_splits, val_fraction, test_fraction)
+        splits = assign_splits(light.column("sample_id").to_pylist(), raw_splits, plan, seed)
+        labels = light.column("label").to_pylist()
+        names = light.column("label_name").to_pylist()
+        id_to_name: dict[int, str] = {}
+        for lab, nm in zip(labels, names):
+            if lab is not None and int(lab) not in id_to_name:
+                id_to_name[int(lab)] = str(nm) if nm is not None else str(lab)
+        if len(id_to_name) < 2:
+            raise UsageError(f"{uri}: found {len(id_to_name)} label value(s); training needs at least 2 classes")
+        classes = [{"id": i, "name": id_to_name[i]} for i in sorted(id_to_name)]
+        counts: dict[str, dict[str, int]] = {s: {c["name"]: 0 for c in classes} for s in SPLITS}
+        dropped = unassigned = 0
+        for s, lab in zip(splits, labels):
+            if lab is None:
+                dropped += 1
+            elif s is None:
+                unassigned += 1
+            else:
+                counts[s][id_to_name[int(lab)]] += 1
+        if unassigned:
+            log.warning("%s: %d labelled row(s) have no train/validation/test value in their final split "
+                        "column; they are left out", uri, unassigned)
+        if sum(counts["train"].values()) == 0:
+            raise UsageError(f"{uri}: no training rows after the split (plan: {plan})")
+        fs, files = parquet_files(uri)
+        fp = storage.fingerprint({"manifest": manifest.to_dict() if manifest else [(f, fs.size(f)) for f in files],
+                                  "meta": meta, "counts": counts})
+        return cls(uri=uri, meta=meta, dims=dims, classes=classes, plan=plan, seed=seed,
+                   counts=counts, dropped_unlabeled=dropped, fingerprint=fp,
+                   leakage=manifest.get("leakage") if manifest else None)
+
+    # -- facts for the model spec and the report
+    @property
+    def class_ids(self) -> list[int]:
+        return [c["id"] for c in self.classes]
+
+    def features(self, modalities: Sequence[str]) -> dict:
+        """Extractor metadata (name, version, dim, params) per modality, from the data's metadata."""
+        feats = self.meta.get("features") or {}
+        out = {}
+        for m in modalities:
+            f = dict(feats.get(m) or {})
+            f.setdefault("dim", self.dims[m])
+            out[m] = f
+        return out
+
+    def imbalance(self, split: str = "train") -> dict:
+        return class_balance(self.counts.get(split, {}))
+
+    def split_sizes(self) -> dict[str, int]:
+        return {s: int(sum(c.values())) for s, c in self.counts.items()}
+
+    def unscorable(self) -> dict[str, str]:
+        """split -> why its accuracy would mean nothing (validation / test only; see :func:`unscorable_reason`)."""
+        out = {}
+        for split in ("validation", "test"):
+            why = unscorable_reason(self.counts.get(split, {}))
+            if why:
+                out[split] = why
+        return out
+
+    # -- Ray Data
+    def dataset(self, split: str, modalities: Sequence[str]):
+        """Lazy Ray Dataset of model-ready columns for ``split`` (read with ``ray.data.read_parquet``)."""
+        import ray.data
+        fs, files = parquet_files(self.uri)
+        columns = LIGHT_COLUMNS + [schema.emb_column(m) for m in modalities] + \
+            [schema.has_column(m) for m in modalities] + sequence_column_names(modalities)
+        sch = read_schema(self.uri)
+        columns = [c for c in columns if c in sch.names]
+        if storage.is_local(fs):
+            ds = ray.data.read_parquet(files)
+        else:
+            from pyarrow.fs import FSSpecHandler, PyFileSystem
+            ds = ray.data.read_parquet(files, filesystem=PyFileSystem(FSSpecHandler(fs)))
+        return ds.select_columns(columns).map_batches(batch_to_arrays, batch_format="pyarrow", batch_size=1024, zero_copy_batch=True,
+                              fn_kwargs=dict(modalities=list(modalities), dims=dict(self.dims),
+                                             class_ids=self.class_ids, split=split, plan=self.plan,
+                                             seed=self.seed))
+
+    def arrays(self, split: str, modalities: Sequence[str], max_rows: Optional[int] = None) -> dict[str, np.ndarray]:
+        """The same columns as :meth:`dataset`, read in this process (validation, scoring)."""
+        return read_split_arrays(self.uri, split, modalities, self.dims, self.class_ids, self.plan, self.seed,
+                                 max_rows=max_rows)
+
+
+def data_split_plan(meta: Optional[Mapping], manifest: Optional[Manifest], raw_splits: Sequence[Optional[str]],
+                    val_fraction: float, test_fraction: float) -> dict:
+    """The split plan of fused data: ``final`` (read the split column as is) when its Parquet
+    metadata or its manifest's ``metadata`` says ``"splits_final": true``, else decided from
+    the split values it has (:func:`split_plan`)."""
+    if splits_are_final(meta) or splits_are_final(manifest.metadata if manifest else None):
+        return final_plan()
+    return split_plan(normalized_splits(raw_splits), val_fraction, test_fraction)
+
+
+def unscorable_reason(class_counts: Mapping[str, int]) -> Optional[str]:
+    """Why a split with these rows per class cannot be scored meaningfully (None when it can):
+    fewer than MIN_SCORABLE_ROWS rows, or a single class."""
+    n = int(sum(class_counts.values()))
+    present = sum(1 for v in class_counts.values() if v > 0)
+    if n < MIN_SCORABLE_ROWS:
+        return f"only {n} row(s) (fewer than {MIN_SCORABLE_ROWS})"
+    if present < 2:
+        return "only one class"
+    return None
+
+
+def read_split_arrays(uri: str, split: str, modalities: Sequence[str], dims: Mapping[str, int],
+                      class_ids: Sequence[int], plan: Mapping, seed: int,
+                      max_rows: Optional[int] = None) -> dict[str, np.ndarray]:
+    """Model-ready arrays of one split, read row group by row group (memory bounded by the split);
+    with ``max_rows``, reading stops once that many rows are in (for statistics)."""
+    fs, files = parquet_files(uri)
+    wanted = LIGHT_COLUMNS + [schema.emb_column(m) for m in modalities] + [schema.has_column(m) for m in modalities] \
+        + sequence_column_names(modalities)
+    parts, rows = [], 0
+    for f in files:
+        pf = pq.ParquetFile(f, filesystem=fs)
+        cols = [c for c in wanted if c in pf.schema_arrow.names]
+        for rg in range(pf.num_row_groups):
+            if max_rows is not None and rows >= max_rows:
+                break
+            parts.append(to_arrays(pf.read_row_group(rg, columns=cols), modalities, dims, class_ids, split, plan, seed))
+            rows += len(parts[-1]["y"])
+    if not parts:
+        parts = [to_arrays(pa.table({"sample_id": pa.array([], pa.string()), "label": pa.array([], pa.int64()),
+                                     **{schema.emb_column(m): pa.array([], schema.embedding_type(dims[m]))
+                                        for m in modalities}}), modalities, dims, class_ids)]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def batch_to_arrays(batch: pa.Table, **kw) -> dict[str, np.ndarray]:
+    """:func:`to_arrays` of one Ray Data batch (the ``map_batches`` function of :meth:`FusedData.dataset`)."""
+    return to_arrays(batch, **kw)
+
+
+def class_balance(counts: Mapping[str, int]) -> dict:
+    """Counts per class and the max/min ratio (inf when a class has no rows)."""
+    vals = [int(v) for v in counts.values()]
+    lo, hi = (min(vals), max(vals)) if vals else (0, 0)
+    return {"counts": {k: int(v) for k, v in counts.items()},
+            "max_min_ratio": (hi / lo) if lo > 0 else (float("inf") if hi > 0 else None)}

@@ -1,0 +1,358 @@
+"""The training loop each Ray Train worker runs, top to bottom.
+
+Ray Train adds only the wrapping: ``prepare_model`` (DDP when there is more
+than one worker), ``get_dataset_shard`` (this worker's stream of a large train
+split) and ``report`` (metrics + a checkpoint every epoch). Everything else is
+a plain PyTorch loop.
+
+- Train data: a small train split (see ``run._train_input``) arrives as NumPy
+  arrays in the object store; each epoch every rank takes its share of a fresh
+  permutation (:func:`in_memory_batches`), with no per-step Ray Data work. A
+  large split is streamed from Parquet by Ray Data, shuffled locally.
+- Timing: each epoch's metrics carry ``train_time_s`` (training pass),
+  ``epoch_time_s`` (+ validation) and ``started_at`` (wall clock, seconds).
+- Resume: ``ray.train.get_checkpoint()`` returns the latest checkpoint after a
+  worker failure (FailureConfig.max_failures) and when a run with the same name
+  and storage path is started again. The loop restarts at the epoch after it.
+- Validation: every worker holds the whole (small) validation split in memory
+  (NumPy arrays shipped with the loop config) and scores it after each epoch.
+  The replicas are identical under DDP, so every rank computes the same
+  metrics; rank 0's early-stopping decision is broadcast anyway, so all ranks
+  always stop together.
+- Inputs: the model standardises each feature with the train split's mean/std, computed
+  once on the driver (``config["input_stats"]``) and saved with the weights.
+- The epoch pass (:func:`train_epoch`) is shared with :func:`fit_in_memory`, the same loop
+  in one process without Ray (the fusion benchmark and the model tests use it).
+- ``batch_size`` is the global batch: each of N workers takes batch_size / N.
+- Each epoch starts with :func:`epoch_batches` (this rank's batches of the epoch),
+  a module-level function called by name, after the previous epoch's report: the
+  place to wrap to observe or act at the start of every epoch of every worker.
+- Ray Train V2 registers a reported checkpoint when its controller next polls
+  the workers (every ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, set to 0.5 s by
+  run.py); reports are handed over in the background, so the next epoch does
+  not wait for that poll. A crash before a checkpoint is registered resumes
+  from the checkpoint before it.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import stat
+import tempfile
+import time
+from typing import Any, Mapping, Optional
+
+import numpy as np
+import torch
+
+from mmbatch.engine.runtime import pin_threads, quiet_worker_logs
+from mmbatch.engine.storage import fingerprint
+from mmbatch.train.evaluate import evaluate_arrays
+from mmbatch.train.models import build_model, drop_modalities, warm_start_state
+
+STATE_FILE = "state.pt"       # everything needed to resume (torch.load(weights_only=True))
+META_FILE = "meta.json"       # the same facts, readable without torch
+SHUFFLE_BUFFER = 2048
+
+
+def make_optimizer(model: torch.nn.Module, cfg: Mapping) -> torch.optim.Optimizer:
+    """The optimizer of ``cfg``, as its fused implementation where this torch has one for the
+    device: the same update in one kernel per step instead of a Python loop over the
+    parameters (for the small fusion models, ~1/4 of a CPU training step)."""
+    if cfg["optimizer"] == "sgd":
+        cls, kw = torch.optim.SGD, {"momentum": 0.9}
+    else:
+        cls, kw = (torch.optim.Adam if cfg["optimizer"] == "adam" else torch.optim.AdamW), {}
+    kw.update(lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    try:
+        return cls(model.parameters(), fused=True, **kw)
+    except (RuntimeError, ValueError, TypeError):      # no fused kernel for this device / torch version
+        return cls(model.parameters(), **kw)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: Mapping):
+    if cfg["schedule"] == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg["epochs"])
+    if cfg["schedule"] == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, cfg["epochs"] // 3), gamma=0.1)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+
+def improves(score: float, loss: float, best_score: Optional[float], best_loss: Optional[float]) -> bool:
+    """A better validation score, or the same score at a lower validation loss (on a small validation
+    split accuracy ties across epochs, and the first epoch is the least trained)."""
+    if best_score is None or score > best_score:
+        return True
+    return score == best_score and best_loss is not None and loss < best_loss
+
+
+def score_of(metrics: Mapping, metric: str) -> float:
+    """Higher is better: accuracy / macro_f1 as they are, loss negated."""
+    return -float(metrics["loss"]) if metric == "loss" else float(metrics[metric])
+
+
+def seed_everything(seed: int) -> None:
+    import random
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def _all_reduce_sum(values: list[float]) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+def _broadcast_flag(flag: bool) -> bool:
+    t = torch.tensor([1 if flag else 0], dtype=torch.int64)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.broadcast(t, src=0)
+    return bool(t.item())
+
+
+def in_memory_batches(arrays: Mapping[str, np.ndarray], batch_size: int, seed: int, epoch: int,
+                      rank: int, world: int, device="cpu"):
+    """This rank's batches of one epoch over a split held in memory (dicts of tensors, like
+    ``iter_torch_batches``). Every rank draws the same permutation of the whole split (a new
+    one each epoch) and takes every ``world``-th row of it from ``rank`` on; the last
+    ``n % world`` rows of the permutation are left out, so all ranks run the same number of
+    steps (DDP), as Ray Data's equal split does."""
+    n = len(arrays["y"])
+    mine = np.random.default_rng([seed % 2 ** 32, epoch]).permutation(n)[rank:n - n % world:world]
+    for s in range(0, len(mine), batch_size):
+        idx = mine[s:s + batch_size]
+        yield {k: torch.from_numpy(v[idx]).to(device) for k, v in arrays.items()}
+
+
+def epoch_batches(train_arrays, train_shard, batch_size: int, seed: int, epoch: int, rank: int, world: int,
+                  device="cpu"):
+    """This rank's batches of epoch ``epoch`` in a Ray Train worker: from the train split held in
+    memory (``train_arrays``, see :func:`in_memory_batches`) or, when there is none, streamed from
+    this worker's Ray Data shard (``train_shard``) with a local shuffle. Called once at the start of
+    every epoch, after the previous epoch's report."""
+    if train_arrays is not None:
+        return in_memory_batches(train_arrays, batch_size, seed, epoch, rank, world, device)
+    return train_shard.iter_torch_batches(batch_size=batch_size, local_shuffle_buffer_size=SHUFFLE_BUFFER,
+                                          local_shuffle_seed=seed + epoch * 7919 + rank)
+
+
+def train_epoch(model: torch.nn.Module, raw_model, batches, optimizer: torch.optim.Optimizer,
+                modality_dropout: float, generator: torch.Generator, device="cpu") -> tuple[torch.Tensor, int]:
+    """One pass over ``batches``: (sum of the batch losses times their rows, rows). ``model`` is
+    what runs forward (the DDP wrapper under Ray Train), ``raw_model`` the FusionModel itself."""
+    loss_sum, n_rows = torch.zeros((), dtype=torch.float64, device=device), 0
+    for batch in batches:
+        y = batch.pop("y")
+        mask = drop_modalities(raw_model.presence(batch), modality_dropout, generator)
+        loss = raw_model.loss(model(batch, mask, with_aux=True), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.detach() * len(y)       # no per-step .item(): it would wait for the device
+        n_rows += len(y)
+    return loss_sum, n_rows
+
+
+def fit_in_memory(spec: Mapping, train: Mapping[str, np.ndarray], validation: Mapping[str, np.ndarray],
+                  cfg: Mapping) -> tuple[torch.nn.Module, list[dict]]:
+    """The training loop of `mmbatch train` in this process, without Ray: one worker, the train
+    split in memory, the same model, optimizer, schedule, modality dropout, epoch pass and
+    model selection (best validation ``cfg["metric"]``, early stopping). Returns the model at
+    its best epoch (eval mode) and one record per epoch. Used by the fusion benchmark and tests."""
+    class_names = [c["name"] for c in spec["classes"]]
+    seed_everything(cfg["seed"])
+    model = build_model(spec)
+    model.fit_input_stats(train)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = make_scheduler(optimizer, cfg)
+    best, best_score, best_loss, bad, history = None, None, None, 0, []
+    for epoch in range(cfg["epochs"]):
+        model.train()
+        gen = torch.Generator().manual_seed(cfg["seed"] * 100003 + epoch * 1009)
+        batches = in_memory_batches(train, cfg["batch_size"], cfg["seed"], epoch, 0, 1)
+        loss_sum, n_rows = train_epoch(model, model, batches, optimizer, cfg["modality_dropout"], gen)
+        scheduler.step()
+        vm = evaluate_arrays(model, validation, class_names)
+        score = score_of(vm, cfg["metric"])
+        history.append({"epoch": epoch, "train_loss": float(loss_sum) / max(n_rows, 1), "val_loss": vm["loss"],
+                        "val_accuracy": vm["accuracy"], "val_macro_f1": vm["macro_f1"], "val_score": score})
+        if improves(score, vm["loss"], best_score, best_loss):
+            best_score, best_loss, bad = score, vm["loss"], 0
+            best = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            bad += 1
+            if cfg.get("early_stopping_patience") and bad >= cfg["early_stopping_patience"]:
+                break
+    model.load_state_dict(best)
+    return model.eval(), history
+
+
+STAGING_PREFIX = "mmbatch-ckpt-"       # + the run's key + a random part (tempfile.mkdtemp)
+STAGING_MARKER = ".mmbatch-staging"    # inside each staging folder: the run's key
+
+
+def _staging_key(config: Mapping) -> str:
+    return fingerprint([config.get("fingerprint"), config["train"].get("out"), config["train"].get("name")])
+
+
+def make_staging_dir(config: Mapping) -> str:
+    """A new private folder (``tempfile.mkdtemp``: mode 0700, an unpredictable name) where rank 0 writes
+    each epoch's checkpoint until Ray Train has uploaded it and deleted it. Its name starts with the
+    run's key and a marker file inside holds that key, so :func:`remove_staging_dirs` can find it again."""
+    key = _staging_key(config)
+    d = tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{key}-")
+    with open(os.path.join(d, STAGING_MARKER), "w") as f:
+        f.write(key)
+    return d
+
+
+def staging_dirs(config: Mapping) -> list[str]:
+    """This run's staging folders on this machine, made by :func:`make_staging_dir`: under the temp
+    folder, named for the run, a folder (no link) owned by this user with mode 0700 and the marker
+    naming the run inside. Anything else there, whoever made it, is never one of them."""
+    key = _staging_key(config)
+    base = tempfile.gettempdir()
+    found = []
+    for name in sorted(os.listdir(base)):
+        if not name.startswith(f"{STAGING_PREFIX}{key}-"):
+            continue
+        path = os.path.join(base, name)
+        try:
+            st = os.lstat(path)
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+                continue
+            with open(os.path.join(path, STAGING_MARKER)) as f:
+                if f.read() == key:
+                    found.append(path)
+        except OSError:
+            continue
+    return found
+
+
+def remove_staging_dirs(config: Mapping) -> None:
+    """Remove this run's staging folders on this machine (:func:`staging_dirs`): a killed predecessor's
+    unuploaded epochs when a rank 0 starts, and every one left when the run ends (the driver)."""
+    for d in staging_dirs(config):
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def fresh_staging_dir(config: Mapping) -> str:
+    """Rank 0's staging folder for this start: a killed predecessor's (its unuploaded epochs) removed,
+    a new one made."""
+    remove_staging_dirs(config)
+    return make_staging_dir(config)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+    quiet_worker_logs()
+    pin_threads()
+    cfg = config["train"]                 # TrainConfig.model_dump()
+    spec = config["spec"]                 # model spec: arch, classes, features, ...
+    class_names = [c["name"] for c in spec["classes"]]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    seed_everything(cfg["seed"])          # same init on every rank (DDP also broadcasts rank 0's)
+
+    # -- model, optimizer, schedule
+    model = build_model(spec)
+    model.set_input_stats(config["input_stats"])      # train-split feature statistics (driver)
+    model = model.to(device)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = make_scheduler(optimizer, cfg)
+    state = {"epoch": -1, "best_score": None, "best_loss": None, "best_epoch": -1, "bad_epochs": 0,
+             "stopped_early": False, "history": [], "starts": []}
+
+    staging = fresh_staging_dir(config) if rank == 0 else None
+
+    # -- resume from the latest checkpoint (worker restart, or the same run started again)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            saved = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        state = json.loads(saved["state_json"])
+    elif config.get("warm_start"):      # bytes of an exported model.pt
+        ws = torch.load(io.BytesIO(config["warm_start"]), map_location="cpu", weights_only=True)
+        state["warm_started"] = len(warm_start_state(model, ws))
+    start_epoch = state["epoch"] + 1
+    state["starts"].append(start_epoch)
+
+    model = ray.train.torch.prepare_model(model)      # DDP when world > 1
+    raw_model = model.module if hasattr(model, "module") else model
+
+    train_arrays = config.get("train_arrays")         # small split: ObjectRef of NumPy arrays (else streamed)
+    train_arrays = ray.get(train_arrays) if train_arrays is not None else None
+    train_shard = ray.train.get_dataset_shard("train") if train_arrays is None else None
+    val = config["validation"]                        # model-ready NumPy arrays of the whole split
+    batch_size = max(1, cfg["batch_size"] // world)
+
+    for epoch in range(start_epoch, cfg["epochs"]):
+        if state["stopped_early"]:
+            break
+        t0 = time.time()
+
+        # -- one pass over this worker's shard of the train split
+        batches = epoch_batches(train_arrays, train_shard, batch_size, cfg["seed"], epoch, rank, world, device)
+        model.train()
+        gen = torch.Generator().manual_seed(cfg["seed"] * 100003 + epoch * 1009 + rank)
+        loss_sum, n_rows = train_epoch(model, raw_model, batches, optimizer, cfg["modality_dropout"], gen, device)
+        scheduler.step()
+        train_time = time.time() - t0
+        loss_sum, n_rows = _all_reduce_sum([float(loss_sum), n_rows])
+        train_loss = loss_sum / max(n_rows, 1)
+
+        # -- validation (the whole split, on every rank)
+        vm = evaluate_arrays(raw_model, val, class_names, device=device)
+        score = score_of(vm, cfg["metric"])
+        improved = improves(score, vm["loss"], state["best_score"], state.get("best_loss"))
+        if improved:
+            state.update(best_score=score, best_loss=vm["loss"], best_epoch=epoch, bad_epochs=0)
+        else:
+            state["bad_epochs"] += 1
+        patience = cfg.get("early_stopping_patience")
+        stop = _broadcast_flag(bool(patience) and state["bad_epochs"] >= patience)
+        record = {"epoch": epoch, "train_loss": train_loss, "train_rows": int(n_rows),
+                  "val_loss": vm["loss"], "val_accuracy": vm["accuracy"], "val_macro_f1": vm["macro_f1"],
+                  "val_score": score, "lr": optimizer.param_groups[0]["lr"],
+                  "epoch_time_s": time.time() - t0, "train_time_s": train_time, "started_at": t0,
+                  "world_size": world, "attempt": len(state["starts"])}
+        if "modality_weights" in vm:
+            record["modality_weights"] = vm["modality_weights"]
+        state["history"].append(record)
+        state.update(epoch=epoch, stopped_early=stop)
+
+        # -- checkpoint every epoch (rank 0 writes; every rank reports). The report is handed over
+        # in the background (ASYNC): Ray Train V2 takes one report per worker each time its
+        # controller polls, and a SYNC report would hold the next epoch until that poll.
+        metrics = {k: v for k, v in record.items() if not isinstance(v, dict)}
+        metrics.update(best_epoch=state["best_epoch"], best_score=state["best_score"], stopped_early=stop)
+        ckpt = None
+        if rank == 0:
+            d = os.path.join(staging, f"epoch_{epoch:04d}")      # removed by Ray once uploaded
+            os.makedirs(d)
+            torch.save({"model": {k: v.detach().cpu() for k, v in raw_model.state_dict().items()},
+                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                        "epoch": epoch, "best_score": state["best_score"],
+                        "state_json": json.dumps(state), "spec_json": json.dumps(spec),
+                        "workflow_json": json.dumps(config.get("workflow", {}))},
+                       os.path.join(d, STATE_FILE))
+            with open(os.path.join(d, META_FILE), "w") as f:
+                json.dump({"epoch": epoch, "fingerprint": config.get("fingerprint"),
+                           "best_epoch": state["best_epoch"], "best_score": state["best_score"],
+                           "classes": spec["classes"], "features": spec["features"],
+                           "arch": spec["arch"], "stopped_early": stop}, f, indent=2)
+            ckpt = ray.train.Checkpoint.from_directory(d)
+        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_epoch_{epoch:04d}",
+                         checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+                         delete_local_checkpoint_after_upload=True)
+        if stop:
+            break
