@@ -358,7 +358,7 @@ def _inspect_args(sp) -> None:
 
 
 def _inspect(args) -> int:
-    from mmbatch.ops.inspect import describe, render_text
+    from mmbatch.ops.describe import describe, render_text
     info = describe(args.path, allow_incomplete=args.allow_incomplete)
     print(json.dumps(info, indent=2, default=str) if args.json else render_text(info))
     return EXIT_OK

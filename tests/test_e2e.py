@@ -166,7 +166,7 @@ def test_preprocess_writes_sequence_columns_and_train_only_vocabulary(fused, tas
     assert np.array_equal(np.asarray(first["audio_frames"], np.float32), frames)
     assert first["text_len"] == len(first["text_tokens"]) == min(8, len(src["text"].split()))
 
-    from mmbatch.ops.inspect import describe, render_text
+    from mmbatch.ops.describe import describe, render_text
     info = describe(str(out))
     assert set(info["sequences"]) == {"image", "audio", "text"}
     assert "fused vector: none" in render_text(info)

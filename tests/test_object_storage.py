@@ -600,7 +600,7 @@ PROFILE_SCRIPT = r"""
 import json, sys
 from mmbatch.engine import storage
 from mmbatch.config import workflow_from_dict
-from mmbatch.ops.inspect import describe
+from mmbatch.ops.describe import describe
 from mmbatch.preprocess.plan import Unit
 from mmbatch.preprocess.unit import read_unit
 if sys.argv[1]:

@@ -309,7 +309,7 @@ def test_submit_ingest_imagenet_runs_on_the_cluster(ray_head, tmp_path):
     assert "SUCCEEDED" in p.stderr
     assert ray_head.token not in p.stdout + p.stderr
     assert (out_dir / "_manifest.json").exists()
-    from mmbatch.ops.inspect import describe
+    from mmbatch.ops.describe import describe
     info = describe(str(out_dir))
     assert info["rows"] == 3 * 4                               # 4 classes x 3 images
     assert info["counts"]["split"] == {"train": 8, "validation": 4}

@@ -238,7 +238,7 @@ class _WorkerCodePaths(list):
 def shadows_package(folder: str) -> bool:
     """True when ``import mmbatch`` from ``folder`` would not be the package this process runs (this file's
     folder: ``mmbatch.__file__`` is None when the driver itself already imported a shadowing namespace folder)."""
-    ours = os.path.realpath(os.path.dirname(os.path.abspath(__file__)))
+    ours = os.path.realpath(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # mmbatch/, above engine/
     for name in ("mmbatch", "mmbatch.py"):
         candidate = os.path.join(folder, name)
         if os.path.exists(candidate) and os.path.realpath(candidate) != ours:

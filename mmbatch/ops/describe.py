@@ -1,6 +1,6 @@
 """`mmbatch inspect`: describe any Parquet folder mmbatch writes (canonical, fused, quarantine).
 
-(Named describe_output, not inspect, so it does not shadow the standard library's ``inspect``.)
+(Named describe, not inspect, so that it never shadows the standard library's ``inspect``.)
 """
 from __future__ import annotations
 
