@@ -201,66 +201,127 @@ def _saved_parts(fs, root: str, files: dict, default_split: str | None) -> list[
     return parts
 
 
-def plan(uri: str, opts, exclude=()) -> Plan:
-    fs, root = common.resolve_root(uri)
+def _listing(fs, root: str, opts, exclude) -> tuple[str, common.Listing]:
+    """(root, listing): the folder's tree, or the one file ``root`` names (then root is its folder)."""
     if fs.isfile(root):
         only = posixpath.basename(root)
         root = posixpath.dirname(root)
         info = fs.info(posixpath.join(root, only))
-        listing = common.Listing(root, {only: common.Entry(only, int(info.get("size") or 0),
-                                                          storage.modified(info))}, [])
-    else:
-        listing = common.list_tree(fs, root, allow_outside=opts.allow_outside, exclude=exclude)
-    files = listing.files
-    explicit = common.parse_columns(opts.columns)
+        return root, common.Listing(root, {only: common.Entry(only, int(info.get("size") or 0),
+                                                              storage.modified(info))}, [])
+    return root, common.list_tree(fs, root, allow_outside=opts.allow_outside, exclude=exclude)
+
+
+def _explicit_columns(columns) -> dict[str, str]:
+    """``--columns`` as {source: canonical target}, targets checked."""
+    explicit = common.parse_columns(columns)
     for dst in explicit.values():
         if dst not in MAPPABLE:
             raise UsageError(f"hf --columns: unknown target {dst!r}; choose from {', '.join(MAPPABLE)}")
+    return explicit
 
-    parts = _saved_parts(fs, root, files, opts.split)
-    layout = "save_to_disk"
-    if not parts:
-        layout = "parquet"
-        for rel in sorted(r for r in files if r.endswith(".parquet")):
-            parts.append({"file": rel, "format": "parquet", "split": split_from_parquet_path(rel, opts.split),
-                          "features": None, "size": files[rel].size, "stamp": common.stamp(files[rel])})
+
+def _find_parts(fs, root: str, files: dict, default_split: str | None, uri: str) -> tuple[str, list[dict]]:
+    """(layout, parts): the ``save_to_disk`` folders, else the Parquet files."""
+    parts = _saved_parts(fs, root, files, default_split)
+    if parts:
+        return "save_to_disk", parts
+    for rel in sorted(r for r in files if r.endswith(".parquet")):
+        parts.append({"file": rel, "format": "parquet", "split": split_from_parquet_path(rel, default_split),
+                      "features": None, "size": files[rel].size, "stamp": common.stamp(files[rel])})
     if not parts:
         raise UsageError(f"hf: no save_to_disk folder (state.json + .arrow) or Parquet files under {uri!r}")
+    return "parquet", parts
+
+
+def _scan_part(fs, root: str, part: dict, explicit: dict[str, str]) -> list[str]:
+    """Read one part's schema, row count and driver-side columns into ``part``; its column names."""
+    path = posixpath.join(root, part["file"])
+    try:
+        ds = part.pop("dataset", None)
+        if ds is not None:
+            schema, num_rows = ds.features.arrow_schema, ds.num_rows
+        else:
+            pf = parquet_file(fs, path)
+            schema, num_rows = pf.schema_arrow, pf.metadata.num_rows
+    except Exception as e:
+        raise UsageError(f"hf: cannot read {part['file']}: {type(e).__name__}: {e}") from None
+    feats = part["features"] or features_from_schema(schema)
+    mapping = resolve_columns(schema, feats, explicit)
+    want = [mapping[t] for t in PLANNING_TARGETS if t in mapping]
+    cols = {}
+    if want:
+        if ds is not None:
+            table = ds.select_columns(want).with_format("arrow")[:]
+        else:
+            table = parquet_file(fs, path).read(columns=want)
+        cols = {t: table.column(mapping[t]).to_pylist() for t in PLANNING_TARGETS if t in mapping}
+    part.update(features=feats, mapping=mapping, num_rows=num_rows, planned=cols,
+                label_names=class_names(feats, mapping.get("label")),
+                extra_columns=scalar_columns(schema, set(mapping.values())))
+    return list(schema.names)
+
+
+def _string_labels(cols: dict) -> set[str]:
+    """The class names a part's planned columns give: string labels, else label names without labels."""
+    lab = cols.get("label")
+    if lab and any(isinstance(v, str) for v in lab):
+        return {str(v) for v in lab if v is not None}
+    if "label" not in cols and cols.get("label_name"):
+        return {str(v) for v in cols["label_name"] if v is not None}
+    return set()
+
+
+def _row_label(cols: dict, i: int, vocab: dict[str, int], names: list[str] | None) -> tuple[int | None, str | None]:
+    """(label, label_name) of row ``i`` of a part's planned columns."""
+    label, label_name = None, None
+    if "label" in cols:
+        v = cols["label"][i]
+        if isinstance(v, str):
+            label, label_name = vocab.get(v), v
+        elif v is not None and int(v) >= 0:
+            label = int(v)
+            label_name = names[label] if names and label < len(names) else None
+    if "label_name" in cols and cols["label_name"][i] is not None:
+        label_name = str(cols["label_name"][i])
+        if label is None and "label" not in cols:
+            label = vocab.get(label_name)
+    return label, label_name
+
+
+def _part_samples(part: dict, vocab: dict[str, int], counters: dict[str, int]) -> list[Sample]:
+    """The samples of one part, in row order; ``counters`` (rows seen per split) number default ids."""
+    out = []
+    per_row = max(1, part["size"] // max(part["num_rows"], 1))
+    cols, names = part["planned"], part["label_names"]
+    for i in range(part["num_rows"]):
+        split = cols["split"][i] if "split" in cols and cols["split"][i] is not None else part["split"]
+        split = str(split)
+        n = counters.get(split, 0)
+        counters[split] = n + 1
+        sid = cols["sample_id"][i] if "sample_id" in cols else None
+        sid = str(sid) if sid is not None else f"{split}-{n:08d}"
+        label, label_name = _row_label(cols, i, vocab, names)
+        out.append(Sample(
+            key=f"{part['file']}\x00{i:012d}", sample_id=sid, split=split, label=label,
+            label_name=label_name, aux={"file": part["file"], "row": i}, nbytes=per_row,
+            stamp=part["stamp"]))
+    return out
+
+
+def plan(uri: str, opts, exclude=()) -> Plan:
+    fs, root = common.resolve_root(uri)
+    root, listing = _listing(fs, root, opts, exclude)
+    files = listing.files
+    explicit = _explicit_columns(opts.columns)
+    layout, parts = _find_parts(fs, root, files, opts.split, uri)
 
     # schemas, row counts and the driver-side columns
     seen_sources: set[str] = set()
     label_values: set[str] = set()
     for part in parts:
-        path = posixpath.join(root, part["file"])
-        try:
-            ds = part.pop("dataset", None)
-            if ds is not None:
-                table, schema, num_rows = None, ds.features.arrow_schema, ds.num_rows
-            else:
-                pf = parquet_file(fs, path)
-                table, schema, num_rows = None, pf.schema_arrow, pf.metadata.num_rows
-        except Exception as e:
-            raise UsageError(f"hf: cannot read {part['file']}: {type(e).__name__}: {e}") from None
-        feats = part["features"] or features_from_schema(schema)
-        mapping = resolve_columns(schema, feats, explicit)
-        seen_sources.update(schema.names)
-        want = [mapping[t] for t in PLANNING_TARGETS if t in mapping]
-        if want:
-            if ds is not None:
-                table = ds.select_columns(want).with_format("arrow")[:]
-            elif table is None:
-                table = parquet_file(fs, path).read(columns=want)
-            cols = {t: table.column(mapping[t]).to_pylist() for t in PLANNING_TARGETS if t in mapping}
-        else:
-            cols = {}
-        part.update(features=feats, mapping=mapping, num_rows=num_rows, planned=cols,
-                    label_names=class_names(feats, mapping.get("label")),
-                    extra_columns=scalar_columns(schema, set(mapping.values())))
-        lab = cols.get("label")
-        if lab and any(isinstance(v, str) for v in lab):
-            label_values.update(str(v) for v in lab if v is not None)
-        elif "label" not in cols and cols.get("label_name"):
-            label_values.update(str(v) for v in cols["label_name"] if v is not None)
+        seen_sources.update(_scan_part(fs, root, part, explicit))
+        label_values.update(_string_labels(part["planned"]))
     missing = [s for s in explicit if s not in seen_sources]
     if missing:
         raise UsageError(f"hf --columns: no column {', '.join(map(repr, missing))} in the data "
@@ -269,41 +330,12 @@ def plan(uri: str, opts, exclude=()) -> Plan:
 
     samples: list[Sample] = []
     counters: dict[str, int] = {}
-    file_specs = {}
     for part in parts:
-        per_row = max(1, part["size"] // max(part["num_rows"], 1))
-        cols, names = part["planned"], part["label_names"]
-        for i in range(part["num_rows"]):
-            split = cols["split"][i] if "split" in cols and cols["split"][i] is not None else part["split"]
-            split = str(split)
-            n = counters.get(split, 0)
-            counters[split] = n + 1
-            sid = cols["sample_id"][i] if "sample_id" in cols else None
-            sid = str(sid) if sid is not None else f"{split}-{n:08d}"
-            label, label_name = None, None
-            if "label" in cols:
-                v = cols["label"][i]
-                if isinstance(v, str):
-                    label, label_name = vocab.get(v), v
-                elif v is not None and int(v) >= 0:
-                    label = int(v)
-                    label_name = names[label] if names and label < len(names) else None
-            if "label_name" in cols and cols["label_name"][i] is not None:
-                label_name = str(cols["label_name"][i])
-                if label is None and "label" not in cols:
-                    label = vocab.get(label_name)
-            samples.append(Sample(
-                key=f"{part['file']}\x00{i:012d}", sample_id=sid, split=split, label=label,
-                label_name=label_name, aux={"file": part["file"], "row": i}, nbytes=per_row,
-                stamp=part["stamp"]))
-        mapping = part["mapping"]
-        file_specs[part["file"]] = {
-            "format": part["format"], "mapping": mapping,
-            "extra_columns": part["extra_columns"],
-        }
+        samples.extend(_part_samples(part, vocab, counters))
     if not samples:
         raise UsageError(f"hf: the dataset under {uri!r} has no rows")
-    label_names = None
+    file_specs = {p["file"]: {"format": p["format"], "mapping": p["mapping"], "extra_columns": p["extra_columns"]}
+                  for p in parts}
     if vocab:
         label_names = sorted(vocab, key=vocab.get)
     else:

@@ -131,6 +131,69 @@ def _split_layout(images: list[str]) -> tuple[str | None, dict[str, list[tuple[s
     return prefix, by_split, [r for r in images if r not in inside]
 
 
+def _group_by_split(images: list[str], default_split: str | None) -> tuple[str | None, dict, str, dict[str, int]]:
+    """(data root prefix, {split: [(rel, rest parts)]}, layout, skipped counts) of the image list."""
+    prefix, by_split, stray = _split_layout(images)
+    if prefix is None:  # the input is a class-folder tree itself
+        return None, {default_split or "train": [(r, r.split("/")) for r in images]}, "class-folders", {}
+    return prefix, by_split, "splits", ({"images_outside_layout": len(stray)} if stray else {})
+
+
+def _class_list(by_split: dict, names: dict[str, str], meta_words: dict[str, str]) -> list[str]:
+    """The class list, in this order of preference: the train folders; Kaggle's synset mapping; the
+    devkit's leaf synsets (what torchvision's ImageNet does for a val-only download); val folders."""
+    train_wnids = sorted({rest[0] for rel, rest in by_split.get("train", []) if len(rest) >= 2})
+    if train_wnids:
+        return train_wnids
+    if names:
+        return sorted(names)
+    if meta_words:
+        return sorted(meta_words)
+    return sorted({rest[0] for items in by_split.values() for _, rest in items if len(rest) >= 2})
+
+
+def _devkit_val_labels(flat_val: list, ids: list[int], meta: dict[int, tuple[str, str]]) -> dict[str, str]:
+    """{stem: wnid} of flat val images from the devkit ground truth (ILSVRC2012_IDs in val order)."""
+    out = {}
+    for pos, (rel, _) in enumerate(sorted(flat_val, key=lambda x: x[0]), start=1):
+        n = val_index(stem(rel)) or pos
+        if 1 <= n <= len(ids) and ids[n - 1] in meta:
+            out[stem(rel)] = meta[ids[n - 1]][0]
+    return out
+
+
+def _missing_val_label(source: str | None, gt_rel: str | None) -> str:
+    """Why a flat val image has no label."""
+    if source:
+        return "no label in " + source
+    return (f"flat val image with no label file: need {VAL_SOLUTION} or the devkit {DEVKIT_GROUND_TRUTH} + "
+            f"{DEVKIT_META}" + (" (ground truth found, meta.mat missing)" if gt_rel else ""))
+
+
+def _image_sample(split: str, rel: str, rest: list[str], e: common.Entry, val_labels: dict[str, str],
+                  missing_detail: str | None, index: dict[str, int], classes: list[str],
+                  label_name) -> Sample | Problem:
+    """The sample of one image, or the problem that keeps it out."""
+    sid = stem(rel)
+    wnid = None
+    if len(rest) >= 2:
+        wnid = rest[0]
+    elif split == "validation":
+        wnid = val_labels.get(sid)
+        if wnid is None:
+            return Problem(common.MISSING_LABEL, missing_detail, path=rel, sample_id=sid)
+    elif split != "test":
+        return Problem(common.MISSING_LABEL, "image is not inside a class folder", path=rel, sample_id=sid)
+    if wnid is not None and wnid not in index:
+        return Problem(common.UNKNOWN_LABEL, f"class {wnid!r} is not among the "
+                       f"{len(classes)} known classes", path=rel, sample_id=sid)
+    return Sample(
+        key=rel, sample_id=sid, split=split,
+        label=index[wnid] if wnid is not None else None,
+        label_name=label_name(wnid) if wnid is not None else None,
+        wnid=wnid, files={"image": rel}, nbytes=e.size, stamp=common.stamp(e))
+
+
 def plan(uri: str, opts, exclude=()) -> Plan:
     fs, root = common.resolve_root(uri)
     listing = common.list_tree(fs, root, allow_outside=opts.allow_outside, exclude=exclude)
@@ -140,17 +203,7 @@ def plan(uri: str, opts, exclude=()) -> Plan:
         raise UsageError(f"imagenet: no image files (.JPEG/.jpg/.png...) found under {uri!r}; "
                          "is this an ImageNet-style folder (train/<wnid>/*.JPEG)?")
     problems = common.listing_problems(listing, lambda r: stem(r) if is_image(r) else None)
-    skipped: dict[str, int] = {}
-
-    prefix, by_split, stray = _split_layout(images)
-    if prefix is None:  # the input is a class-folder tree itself
-        default_split = opts.split or "train"
-        by_split = {default_split: [(r, r.split("/")) for r in images]}
-        layout = "class-folders"
-    else:
-        layout = "splits"
-        if stray:
-            skipped["images_outside_layout"] = len(stray)
+    prefix, by_split, layout, skipped = _group_by_split(images, opts.split)
 
     def read(rel: str) -> bytes:
         with fs.open(posixpath.join(root, rel), "rb") as f:
@@ -166,37 +219,20 @@ def plan(uri: str, opts, exclude=()) -> Plan:
     meta_rel = _find_named(files, DEVKIT_META) if flat_val else None
     meta = parse_meta_mat(read(meta_rel)) if meta_rel else {}
     meta_words = {w: words for w, words in meta.values()}
-
-    # the class list, in this order of preference: the train folders; Kaggle's synset mapping; the
-    # devkit's leaf synsets (what torchvision's ImageNet does for a val-only download); val folders
-    train_wnids = sorted({rest[0] for rel, rest in by_split.get("train", []) if len(rest) >= 2})
-    if train_wnids:
-        classes = train_wnids
-    elif names:
-        classes = sorted(names)
-    elif meta:
-        classes = sorted(meta_words)
-    else:
-        classes = sorted({rest[0] for items in by_split.values() for _, rest in items if len(rest) >= 2})
+    classes = _class_list(by_split, names, meta_words)
     index = label_indices(classes)
 
     val_labels: dict[str, str] = {}
-    val_label_source = None
+    val_label_source = missing_detail = None
     if flat_val:
         if sol_rel:
             val_labels = parse_val_solution(read(sol_rel).decode("utf-8-sig", "replace"))
             val_label_source = sol_rel
         elif gt_rel and meta_rel:
             ids = parse_ground_truth(read(gt_rel).decode("ascii", "replace"))
-            ordered = sorted(flat_val, key=lambda x: x[0])
-            for pos, (rel, _) in enumerate(ordered, start=1):
-                n = val_index(stem(rel)) or pos
-                if 1 <= n <= len(ids) and ids[n - 1] in meta:
-                    val_labels[stem(rel)] = meta[ids[n - 1]][0]
+            val_labels = _devkit_val_labels(flat_val, ids, meta)
             val_label_source = f"{gt_rel} + {meta_rel}"
-        missing_detail = ("no label in " + val_label_source) if val_label_source else \
-            (f"flat val image with no label file: need {VAL_SOLUTION} or the devkit {DEVKIT_GROUND_TRUTH} + "
-             f"{DEVKIT_META}" + (" (ground truth found, meta.mat missing)" if gt_rel else ""))
+        missing_detail = _missing_val_label(val_label_source, gt_rel)
 
     def label_name(w: str) -> str:
         return names.get(w) or meta_words.get(w) or w
@@ -204,29 +240,8 @@ def plan(uri: str, opts, exclude=()) -> Plan:
     samples: list[Sample] = []
     for split, items in sorted(by_split.items()):
         for rel, rest in items:
-            e = files[rel]
-            sid = stem(rel)
-            wnid = None
-            if len(rest) >= 2:
-                wnid = rest[0]
-            elif split == "validation":
-                wnid = val_labels.get(sid)
-                if wnid is None:
-                    problems.append(Problem(common.MISSING_LABEL, missing_detail, path=rel, sample_id=sid))
-                    continue
-            elif split != "test":
-                problems.append(Problem(common.MISSING_LABEL, "image is not inside a class folder",
-                                        path=rel, sample_id=sid))
-                continue
-            if wnid is not None and wnid not in index:
-                problems.append(Problem(common.UNKNOWN_LABEL, f"class {wnid!r} is not among the "
-                                        f"{len(classes)} known classes", path=rel, sample_id=sid))
-                continue
-            samples.append(Sample(
-                key=rel, sample_id=sid, split=split,
-                label=index[wnid] if wnid is not None else None,
-                label_name=label_name(wnid) if wnid is not None else None,
-                wnid=wnid, files={"image": rel}, nbytes=e.size, stamp=common.stamp(e)))
+            got = _image_sample(split, rel, rest, files[rel], val_labels, missing_detail, index, classes, label_name)
+            (problems if isinstance(got, Problem) else samples).append(got)
 
     info = {"layout": layout, "data_root": prefix, "classes": classes,
             "label_names": [label_name(w) for w in classes], "val_labels": val_label_source}

@@ -17,6 +17,7 @@ import io
 import json
 import os
 import posixpath
+from dataclasses import dataclass
 from typing import Any
 
 from mmbatch.engine import storage
@@ -112,13 +113,8 @@ def _find_manifest(fs, path: str, uri: str) -> str:
                      "give one file")
 
 
-def plan(uri: str, opts, exclude=()) -> Plan:
-    fs, path = storage.url_to_fs(uri)
-    if not fs.exists(path):
-        raise UsageError(f"input {uri!r} does not exist")
-    mpath = _find_manifest(fs, path, uri)
-    if storage.is_local(fs):
-        mpath = os.path.realpath(mpath)
+def _read_manifest(fs, mpath: str, uri: str) -> tuple[str, list[tuple[int, dict | str]]]:
+    """(format, parsed rows) of the manifest file ``mpath``."""
     name = posixpath.basename(mpath).lower()
     fmt = "tsv" if name.endswith(".tsv") else "csv" if name.endswith(".csv") else "jsonl"
     with fs.open(mpath, "rb") as f:
@@ -130,104 +126,158 @@ def plan(uri: str, opts, exclude=()) -> Plan:
     rows = parse_manifest(text, fmt)
     if not rows:
         raise UsageError(f"manifest: {uri!r} has no rows")
-    explicit = common.parse_columns(opts.columns)
+    return fmt, rows
+
+
+def _explicit_columns(columns) -> dict[str, str]:
+    """``--columns`` as {source: canonical target}, targets checked and aliases resolved."""
+    explicit = common.parse_columns(columns)
     for dst in explicit.values():
         if ALIASES.get(dst, dst) not in TARGETS:
             raise UsageError(f"manifest --columns: unknown target {dst!r}; choose from {', '.join(TARGETS)}")
-    explicit = {k: ALIASES.get(v, v) for k, v in explicit.items()}
+    return {k: ALIASES.get(v, v) for k, v in explicit.items()}
 
-    root = posixpath.dirname(mpath)
-    listing = common.list_tree(fs, root, allow_outside=opts.allow_outside, exclude=exclude)
-    files = listing.files
-    refused = {p.path: p for p in listing.problems}
-    problems: list[Problem] = []
-    samples: list[Sample] = []
-    names: set[str] = set()
-    pending: list[Sample] = []
-    mname = posixpath.basename(mpath)
 
-    def locate(rel: str, role: str, sid_hint: str) -> tuple[str | None, common.Entry | None, Problem | None]:
-        """(path for the sample, listing entry, problem)."""
-        where = rel
-        if rel.startswith("/") or "://" in rel:
-            if storage.is_local(fs) and "://" not in rel and common.is_within(os.path.realpath(rel), root):
-                rel = os.path.relpath(os.path.realpath(rel), root)
-            elif not opts.allow_outside:
-                return None, None, Problem(common.OUTSIDE_ROOT, f"{role} path {where} is outside the manifest's "
-                                           "folder (pass --allow-outside to allow it)", path=where,
-                                           sample_id=sid_hint)
-            else:
-                return _outside(fs, rel, role, sid_hint)
-        joined = common.safe_join(root, rel)
-        if joined is None:
-            if not opts.allow_outside:
-                return None, None, Problem(common.OUTSIDE_ROOT, f"{role} path {where} escapes the manifest's "
-                                           "folder (pass --allow-outside to allow it)", path=where,
-                                           sample_id=sid_hint)
-            return _outside(fs, posixpath.normpath(posixpath.join(root, rel)), role, sid_hint)
-        rel = joined[len(root.rstrip("/")) + 1:]
-        parts = rel.split("/")
-        for i in range(len(parts), 0, -1):  # the file, or a symlinked folder above it, was refused
-            p = refused.get("/".join(parts[:i]))
-            if p is not None:
-                return None, None, Problem(p.reason, p.detail, path=rel, sample_id=sid_hint)
-        if rel not in files:
-            return None, None, Problem(common.MISSING_FILE, f"{role} file {where} not found", path=where,
-                                       sample_id=sid_hint)
-        return rel, files[rel], None
+@dataclass
+class _Folder:
+    """The manifest's folder: its listing, and what the listing refused."""
+    fs: Any
+    root: str
+    files: dict
+    refused: dict
+    allow_outside: bool
 
-    for line, row in rows:
-        if isinstance(row, str):
-            problems.append(Problem(common.BAD_ROW, f"{mname} line {line}: {row}", path=f"{mname}:{line}"))
-            continue
-        fields, extra = map_row(row, explicit)
-        media = {r: fields.get(f"{r}_path") for r in ("image", "audio")}
-        media = {r: str(v) for r, v in media.items() if v not in (None, "")}
-        sid = fields.get("sample_id")
-        if sid in (None, ""):
-            first = next(iter(media.values()), None)
-            sid = posixpath.splitext(posixpath.basename(first))[0] if first else f"row-{line:08d}"
-        sid = str(sid)
-        located: dict[str, str] = {}
-        entries = []
-        problem = None
-        for role, rel in media.items():
-            p, e, problem = locate(rel, role, sid)
-            if problem:
-                break
-            located[role] = p
-            entries.append(e)
+
+def _outside_problem(where: str, role: str, sid: str, how: str) -> tuple[None, None, Problem]:
+    return None, None, Problem(common.OUTSIDE_ROOT, f"{role} path {where} {how} the manifest's "
+                               "folder (pass --allow-outside to allow it)", path=where, sample_id=sid)
+
+
+def _locate(folder: _Folder, rel: str, role: str, sid_hint: str) -> tuple[str | None, common.Entry | None,
+                                                                          Problem | None]:
+    """(path for the sample, listing entry, problem) of one media path of a row."""
+    fs, root = folder.fs, folder.root
+    where = rel
+    if rel.startswith("/") or "://" in rel:
+        if storage.is_local(fs) and "://" not in rel and common.is_within(os.path.realpath(rel), root):
+            rel = os.path.relpath(os.path.realpath(rel), root)
+        elif not folder.allow_outside:
+            return _outside_problem(where, role, sid_hint, "is outside")
+        else:
+            return _outside(fs, rel, role, sid_hint)
+    joined = common.safe_join(root, rel)
+    if joined is None:
+        if not folder.allow_outside:
+            return _outside_problem(where, role, sid_hint, "escapes")
+        return _outside(fs, posixpath.normpath(posixpath.join(root, rel)), role, sid_hint)
+    rel = joined[len(root.rstrip("/")) + 1:]
+    parts = rel.split("/")
+    for i in range(len(parts), 0, -1):  # the file, or a symlinked folder above it, was refused
+        p = folder.refused.get("/".join(parts[:i]))
+        if p is not None:
+            return None, None, Problem(p.reason, p.detail, path=rel, sample_id=sid_hint)
+    if rel not in folder.files:
+        return None, None, Problem(common.MISSING_FILE, f"{role} file {where} not found", path=where,
+                                   sample_id=sid_hint)
+    return rel, folder.files[rel], None
+
+
+def _sample_id(fields: dict, media: dict[str, str], line: int) -> str:
+    """The row's ``sample_id``, else the first media file's stem, else ``row-<line>``."""
+    sid = fields.get("sample_id")
+    if sid in (None, ""):
+        first = next(iter(media.values()), None)
+        sid = posixpath.splitext(posixpath.basename(first))[0] if first else f"row-{line:08d}"
+    return str(sid)
+
+
+def _locate_media(folder: _Folder, media: dict[str, str], sid: str) -> tuple[dict[str, str], list, Problem | None]:
+    """({role: path}, listing entries, the first problem) of a row's media paths."""
+    located: dict[str, str] = {}
+    entries = []
+    for role, rel in media.items():
+        p, e, problem = _locate(folder, rel, role, sid)
         if problem:
-            problems.append(problem)
-            continue
-        text = fields.get("text")
-        text = None if text is None or str(text).strip() == "" else str(text)
-        if not located and text is None:
-            problems.append(Problem("empty_row", f"{mname} line {line}: no image_path, audio_path or text",
-                                    path=f"{mname}:{line}", sample_id=sid))
-            continue
-        label, lname = parse_label(fields.get("label"))
-        if fields.get("label_name") not in (None, ""):
-            lname = str(fields["label_name"])
-        if lname is not None:
-            names.add(lname)
-        split = fields.get("split")
-        main = located.get("image") or located.get("audio") or ""
-        s = Sample(
-            key=f"{main}\x00{line:012d}", sample_id=sid, split=str(split) if split not in (None, "") else opts.split,
-            label=label, label_name=lname, text=text,
-            speaker=None if fields.get("speaker") is None else str(fields["speaker"]),
-            gender=common.norm_gender(fields.get("gender")),
-            chapter=_s(fields.get("chapter")), wnid=_s(fields.get("wnid")),
-            dialect_region=_s(fields.get("dialect_region")), sentence_type=_s(fields.get("sentence_type")),
-            files=located, extra={**extra, "manifest_line": line},
-            nbytes=sum(e.size for e in entries) or len(text or ""), stamp=[common.stamp(e) for e in entries])
-        pending.append(s)
+            return located, entries, problem
+        located[role] = p
+        entries.append(e)
+    return located, entries, None
+
+
+def _row_label(fields: dict) -> tuple[int | None, str | None]:
+    """(label index, label name) of a row; ``label_name`` wins over a name in ``label``."""
+    label, lname = parse_label(fields.get("label"))
+    if fields.get("label_name") not in (None, ""):
+        lname = str(fields["label_name"])
+    return label, lname
+
+
+def _row_sample(folder: _Folder, mname: str, line: int, row: dict | str, explicit: dict[str, str],
+                default_split: str) -> Sample | Problem:
+    """The sample of one parsed manifest row, or the problem that keeps it out."""
+    if isinstance(row, str):
+        return Problem(common.BAD_ROW, f"{mname} line {line}: {row}", path=f"{mname}:{line}")
+    fields, extra = map_row(row, explicit)
+    media = {r: fields.get(f"{r}_path") for r in ("image", "audio")}
+    media = {r: str(v) for r, v in media.items() if v not in (None, "")}
+    sid = _sample_id(fields, media, line)
+    located, entries, problem = _locate_media(folder, media, sid)
+    if problem:
+        return problem
+    text = fields.get("text")
+    text = None if text is None or str(text).strip() == "" else str(text)
+    if not located and text is None:
+        return Problem("empty_row", f"{mname} line {line}: no image_path, audio_path or text",
+                       path=f"{mname}:{line}", sample_id=sid)
+    label, lname = _row_label(fields)
+    split = fields.get("split")
+    main = located.get("image") or located.get("audio") or ""
+    return Sample(
+        key=f"{main}\x00{line:012d}", sample_id=sid, split=str(split) if split not in (None, "") else default_split,
+        label=label, label_name=lname, text=text,
+        speaker=None if fields.get("speaker") is None else str(fields["speaker"]),
+        gender=common.norm_gender(fields.get("gender")),
+        chapter=_s(fields.get("chapter")), wnid=_s(fields.get("wnid")),
+        dialect_region=_s(fields.get("dialect_region")), sentence_type=_s(fields.get("sentence_type")),
+        files=located, extra={**extra, "manifest_line": line},
+        nbytes=sum(e.size for e in entries) or len(text or ""), stamp=[common.stamp(e) for e in entries])
+
+
+def _index_labels(pending: list[Sample], names: set[str]) -> list[Sample]:
+    """Samples labelled by class name only get that name's sorted-unique index."""
     vocab = label_indices(names)
     for s in pending:
         if s.label is None and s.label_name is not None:
             s.label = vocab[s.label_name]
-        samples.append(s)
+    return list(pending)
+
+
+def plan(uri: str, opts, exclude=()) -> Plan:
+    fs, path = storage.url_to_fs(uri)
+    if not fs.exists(path):
+        raise UsageError(f"input {uri!r} does not exist")
+    mpath = _find_manifest(fs, path, uri)
+    if storage.is_local(fs):
+        mpath = os.path.realpath(mpath)
+    fmt, rows = _read_manifest(fs, mpath, uri)
+    explicit = _explicit_columns(opts.columns)
+
+    root = posixpath.dirname(mpath)
+    listing = common.list_tree(fs, root, allow_outside=opts.allow_outside, exclude=exclude)
+    folder = _Folder(fs, root, listing.files, {p.path: p for p in listing.problems}, opts.allow_outside)
+    mname = posixpath.basename(mpath)
+    problems: list[Problem] = []
+    pending: list[Sample] = []
+    names: set[str] = set()
+    for line, row in rows:
+        got = _row_sample(folder, mname, line, row, explicit, opts.split)
+        if isinstance(got, Problem):
+            problems.append(got)
+            continue
+        if got.label_name is not None:
+            names.add(got.label_name)
+        pending.append(got)
+    samples = _index_labels(pending, names)
     info = {"manifest": mname, "format": fmt, "label_names": sorted(names) or None}
     return Plan(kind=KIND, uri=uri, root=root, samples=samples, problems=problems, info=info)
 
