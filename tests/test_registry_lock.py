@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from mmbatch.engine import storage
 from mmbatch.engine.commit import call_with_retry
 from mmbatch.errors import LockLost
 from mmbatch.ops.registry import Registry, RegistryLocked
@@ -102,6 +103,7 @@ def server():
             "config_kwargs": {"retries": {"total_max_attempts": 1, "mode": "standard"}}}
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(fsspec.config.conf, "s3", opts)
+        mp.setattr(storage, "_OPTIONS", {})      # a workflow's storage options set by an earlier test module
         fs = fsspec.filesystem("s3", skip_instance_cache=True)
         fs.mkdir(BUCKET)
         yield f"http://127.0.0.1:{port}", faults, opts

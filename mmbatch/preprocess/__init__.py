@@ -9,7 +9,16 @@
 The commit protocol (workers write, the driver writes markers) is mmbatch.engine.commit,
 shared with ingest.
 """
-from mmbatch.preprocess.run import run_preprocess
-from mmbatch.preprocess.summary import PreprocessSummary, render_summary
-
 __all__ = ["run_preprocess", "PreprocessSummary", "render_summary"]
+
+
+def __getattr__(name: str):
+    """The stage's entry points, imported on first use: importing a light submodule (``fusion``,
+    ``features.audio``) must not import the whole stage (the image extractors and OpenCV with it)."""
+    if name == "run_preprocess":
+        from mmbatch.preprocess.run import run_preprocess
+        return run_preprocess
+    if name in ("PreprocessSummary", "render_summary"):
+        from mmbatch.preprocess import summary
+        return getattr(summary, name)
+    raise AttributeError(f"module 'mmbatch.preprocess' has no attribute {name!r}")
