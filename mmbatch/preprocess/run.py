@@ -203,7 +203,7 @@ def run_preprocess(wf: Workflow, progress: bool = True) -> PreprocessSummary:
 
     from mmbatch.preprocess.features.sequence import sequence_run_fields, with_vocabulary
     from mmbatch.preprocess.fusion import fused_dim
-    from mmbatch.preprocess.splits import FINAL_KEY, split_plan
+    from mmbatch.preprocess.splits import split_plan
 
     splits = split_plan(present_splits(primaries), wf.splits.val_fraction, wf.splits.test_fraction)
     specs = with_vocabulary(specs, plans, splits, wf.splits.seed)     # tokens: vocabulary of the train split
@@ -211,19 +211,10 @@ def run_preprocess(wf: Workflow, progress: bool = True) -> PreprocessSummary:
     dims = {m: descriptions[m]["dim"] for m in used}
     sequences = sequence_run_fields({m: extractor(m, specs[m]) for m in used})
     fdim = 0 if sequences else fused_dim(wf.fusion.method, dims, wf.fusion.dim)      # no `fused` column
-    meta = {
-        "kind": "fused", "mmbatch_version": __version__, "features": descriptions, "dims": dims, "fused_dim": fdim,
-        "fusion": wf.fusion.model_dump(mode="json"), "pairing": wf.pairing.model_dump(mode="json"),
-        "datasets": {p.cfg.name: {"path": p.cfg.path, "modalities": p.modalities, "label_map": p.label_map}
-                     for p in plans},
-        FINAL_KEY: True, "split_plan": {**splits, "seed": wf.splits.seed},
-    }
+    meta = _run_meta(wf, plans, splits, descriptions, dims, fdim)
     from mmbatch.dedup.leakage import find_leakage
     leak = find_leakage(wf.dedup.leakage, primaries, splits, wf.splits.seed, out_fs, out_root, wf.ray)
-    schema = fused_schema(dims, fdim, sequences)
-    if partners:
-        schema = schema.append(pa.field("paired_with", pa.string()))
-    schema = with_metadata(schema, meta)
+    schema = _fused_output_schema(dims, fdim, sequences, bool(partners), meta)
     summary = PreprocessSummary(out=out_uri)
     runner = _Runner(wf, out_fs, out_root, summary)
     # "complete" no longer holds once any unit may change: the manifest goes before anything is
@@ -239,27 +230,8 @@ def run_preprocess(wf: Workflow, progress: bool = True) -> PreprocessSummary:
                        features={m: {**descriptions[m], "weights_content": weights_digests(specs[m])}
                                  for m in p.modalities}, **kw)
 
-    partner_indexes: list[PartnerIndex] = []
-    for p in partners:
-        out_rel = storage.join(FEATURES_DIR, p.cfg.name)
-        Committer(out_fs, storage.join(out_root, out_rel)).begin(
-            [u.id for u in p.units({})], data_dirs=("", storage.QUARANTINE_DIR))
-        job = job_for(p, "features", out_rel, schema=_features_schema(dims, p.modalities, sequences))
-        recs = runner.run(p, job, fused=False)
-        files = [storage.join(out_root, out_rel, f) for r in recs for f in r.files]
-        partner_indexes.append(PartnerIndex.build(out_fs, p.cfg.name, p.modalities, files, wf.pairing.by,
-                                                  wf.pairing.key))
-        partner_indexes[-1].fingerprint = storage.fingerprint(sorted(r.fingerprint for r in recs))
-
-    fused_records: list[CommitRecord] = []
-    keep_units = [u.id for p in primaries for u in p.units({})]   # ids only (fingerprints differ below)
-    Committer(out_fs, out_root).begin(keep_units, data_dirs=("", storage.QUARANTINE_DIR))
-    for p in primaries:
-        job = job_for(p, "fused", "", schema=schema, keep_splits=p.cfg.splits, split_plan=splits,
-                      split_seed=wf.splits.seed, fusion=wf.fusion.model_dump(mode="json"),
-                      pairing=wf.pairing.model_dump(mode="json"), partners=partner_indexes,
-                      exclude=leak.for_dataset(p.cfg.name))
-        fused_records += runner.run(p, job, fused=True, exclude=leak.by_unit(p))
+    partner_indexes = _run_partners(wf, runner, partners, job_for, dims, sequences)
+    fused_records = _run_primaries(wf, runner, primaries, job_for, schema, splits, partner_indexes, leak)
     if wf.dedup.leakage != "off":
         summary.leakage = leak.manifest()
     summary.dropped = summary.features_rows - summary.rows_out
@@ -271,3 +243,60 @@ def run_preprocess(wf: Workflow, progress: bool = True) -> PreprocessSummary:
     if progress:
         print(render_summary(summary))
     return summary
+
+
+def _run_meta(wf: Workflow, plans: list[DatasetPlan], splits: dict, descriptions: dict, dims: dict,
+              fdim: int) -> dict:
+    """The run's metadata: in the fused schema of every file and in the manifest."""
+    from mmbatch.preprocess.splits import FINAL_KEY
+
+    return {
+        "kind": "fused", "mmbatch_version": __version__, "features": descriptions, "dims": dims, "fused_dim": fdim,
+        "fusion": wf.fusion.model_dump(mode="json"), "pairing": wf.pairing.model_dump(mode="json"),
+        "datasets": {p.cfg.name: {"path": p.cfg.path, "modalities": p.modalities, "label_map": p.label_map}
+                     for p in plans},
+        FINAL_KEY: True, "split_plan": {**splits, "seed": wf.splits.seed},
+    }
+
+
+def _fused_output_schema(dims: dict, fdim: int, sequences: dict, paired: bool, meta: dict) -> pa.Schema:
+    """The schema of the fused files (``paired_with`` when partners are attached), ``meta`` in it."""
+    schema = fused_schema(dims, fdim, sequences)
+    if paired:
+        schema = schema.append(pa.field("paired_with", pa.string()))
+    return with_metadata(schema, meta)
+
+
+def _run_partners(wf: Workflow, runner: _Runner, partners: list[DatasetPlan], job_for, dims: dict,
+                  sequences: dict) -> list[PartnerIndex]:
+    """Run each partner dataset's units (their features under ``OUT/_features/<dataset>/``) and index
+    their light columns for pairing: one PartnerIndex per partner."""
+    out_fs, out_root = runner.fs, runner.out_root
+    partner_indexes: list[PartnerIndex] = []
+    for p in partners:
+        out_rel = storage.join(FEATURES_DIR, p.cfg.name)
+        Committer(out_fs, storage.join(out_root, out_rel)).begin(
+            [u.id for u in p.units({})], data_dirs=("", storage.QUARANTINE_DIR))
+        job = job_for(p, "features", out_rel, schema=_features_schema(dims, p.modalities, sequences))
+        recs = runner.run(p, job, fused=False)
+        files = [storage.join(out_root, out_rel, f) for r in recs for f in r.files]
+        partner_indexes.append(PartnerIndex.build(out_fs, p.cfg.name, p.modalities, files, wf.pairing.by,
+                                                  wf.pairing.key))
+        partner_indexes[-1].fingerprint = storage.fingerprint(sorted(r.fingerprint for r in recs))
+    return partner_indexes
+
+
+def _run_primaries(wf: Workflow, runner: _Runner, primaries: list[DatasetPlan], job_for, schema: pa.Schema,
+                   splits: dict, partner_indexes: list[PartnerIndex], leak) -> list[CommitRecord]:
+    """Run the primary datasets' units (extract, pair, fuse, write the fused files): their records."""
+    out_fs, out_root = runner.fs, runner.out_root
+    fused_records: list[CommitRecord] = []
+    keep_units = [u.id for p in primaries for u in p.units({})]   # ids only (fingerprints differ below)
+    Committer(out_fs, out_root).begin(keep_units, data_dirs=("", storage.QUARANTINE_DIR))
+    for p in primaries:
+        job = job_for(p, "fused", "", schema=schema, keep_splits=p.cfg.splits, split_plan=splits,
+                      split_seed=wf.splits.seed, fusion=wf.fusion.model_dump(mode="json"),
+                      pairing=wf.pairing.model_dump(mode="json"), partners=partner_indexes,
+                      exclude=leak.for_dataset(p.cfg.name))
+        fused_records += runner.run(p, job, fused=True, exclude=leak.by_unit(p))
+    return fused_records

@@ -247,6 +247,124 @@ def fresh_staging_dir(config: Mapping) -> str:
     return make_staging_dir(config)
 
 
+def _build(spec: Mapping, cfg: Mapping, input_stats, device):
+    """(model, optimizer, schedule) of a worker, the same on every rank: the model of ``spec``
+    standardising its inputs with the train split's statistics (computed on the driver), on ``device``."""
+    model = build_model(spec)
+    model.set_input_stats(input_stats)
+    model = model.to(device)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = make_scheduler(optimizer, cfg)
+    return model, optimizer, scheduler
+
+
+def _resume(config: Mapping, model: torch.nn.Module, optimizer, scheduler) -> dict:
+    """The loop state to go on from, this start recorded in it: the latest checkpoint's (its weights,
+    optimizer and schedule loaded), after a worker restart or when the same run is started again;
+    else a fresh state (the weights warm started from ``config["warm_start"]`` when given)."""
+    import ray.train
+    state = {"epoch": -1, "best_score": None, "best_loss": None, "best_epoch": -1, "bad_epochs": 0,
+             "stopped_early": False, "history": [], "starts": []}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            saved = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        state = json.loads(saved["state_json"])
+    elif config.get("warm_start"):      # bytes of an exported model.pt
+        ws = torch.load(io.BytesIO(config["warm_start"]), map_location="cpu", weights_only=True)
+        state["warm_started"] = len(warm_start_state(model, ws))
+    state["starts"].append(state["epoch"] + 1)
+    return state
+
+
+def _train_data(config: Mapping):
+    """(train_arrays, train_shard): a small train split as NumPy arrays (from the object store),
+    else this worker's Ray Data shard of the streamed split."""
+    import ray
+    import ray.train
+    train_arrays = config.get("train_arrays")         # small split: ObjectRef of NumPy arrays (else streamed)
+    train_arrays = ray.get(train_arrays) if train_arrays is not None else None
+    train_shard = ray.train.get_dataset_shard("train") if train_arrays is None else None
+    return train_arrays, train_shard
+
+
+def _epoch_pass(model, raw_model, optimizer, scheduler, train_arrays, train_shard, batch_size: int,
+                cfg: Mapping, epoch: int, rank: int, world: int, device):
+    """One pass over this worker's batches of epoch ``epoch``, then one schedule step:
+    (sum of the batch losses times their rows, rows) of this rank."""
+    batches = epoch_batches(train_arrays, train_shard, batch_size, cfg["seed"], epoch, rank, world, device)
+    model.train()
+    gen = torch.Generator().manual_seed(cfg["seed"] * 100003 + epoch * 1009 + rank)
+    loss_sum, n_rows = train_epoch(model, raw_model, batches, optimizer, cfg["modality_dropout"], gen, device)
+    scheduler.step()
+    return loss_sum, n_rows
+
+
+def _validate(raw_model, val, class_names: list[str], cfg: Mapping, state: dict, epoch: int, device):
+    """Score the whole validation split (on every rank) and update the best epoch and the count of
+    epochs without improvement in ``state``: (metrics, score, stop), ``stop`` (early stopping)
+    being rank 0's decision, so all ranks stop together."""
+    vm = evaluate_arrays(raw_model, val, class_names, device=device)
+    score = score_of(vm, cfg["metric"])
+    if improves(score, vm["loss"], state["best_score"], state.get("best_loss")):
+        state.update(best_score=score, best_loss=vm["loss"], best_epoch=epoch, bad_epochs=0)
+    else:
+        state["bad_epochs"] += 1
+    patience = cfg.get("early_stopping_patience")
+    stop = _broadcast_flag(bool(patience) and state["bad_epochs"] >= patience)
+    return vm, score, stop
+
+
+def _epoch_record(epoch: int, train_loss: float, n_rows, vm: Mapping, score: float, optimizer,
+                  t0: float, train_time: float, world: int, state: Mapping) -> dict:
+    """The history record of one epoch (``epoch_time_s``: from ``t0`` until now)."""
+    record = {"epoch": epoch, "train_loss": train_loss, "train_rows": int(n_rows),
+              "val_loss": vm["loss"], "val_accuracy": vm["accuracy"], "val_macro_f1": vm["macro_f1"],
+              "val_score": score, "lr": optimizer.param_groups[0]["lr"],
+              "epoch_time_s": time.time() - t0, "train_time_s": train_time, "started_at": t0,
+              "world_size": world, "attempt": len(state["starts"])}
+    if "modality_weights" in vm:
+        record["modality_weights"] = vm["modality_weights"]
+    return record
+
+
+def _write_checkpoint(staging: str, epoch: int, raw_model, optimizer, scheduler, state: Mapping,
+                      config: Mapping, stop: bool) -> str:
+    """Rank 0 writes epoch ``epoch``'s checkpoint (state.pt + meta.json) to a new folder of its
+    staging folder (removed by Ray once uploaded) and returns that folder."""
+    spec = config["spec"]
+    d = os.path.join(staging, f"epoch_{epoch:04d}")
+    os.makedirs(d)
+    torch.save({"model": {k: v.detach().cpu() for k, v in raw_model.state_dict().items()},
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "epoch": epoch, "best_score": state["best_score"],
+                "state_json": json.dumps(state), "spec_json": json.dumps(spec),
+                "workflow_json": json.dumps(config.get("workflow", {}))},
+               os.path.join(d, STATE_FILE))
+    with open(os.path.join(d, META_FILE), "w") as f:
+        json.dump({"epoch": epoch, "fingerprint": config.get("fingerprint"),
+                   "best_epoch": state["best_epoch"], "best_score": state["best_score"],
+                   "classes": spec["classes"], "features": spec["features"],
+                   "arch": spec["arch"], "stopped_early": stop}, f, indent=2)
+    return d
+
+
+def _report(record: Mapping, state: Mapping, stop: bool, epoch: int, checkpoint_dir: Optional[str]) -> None:
+    """Report one epoch's metrics (every rank) with its checkpoint (rank 0's ``checkpoint_dir``). The
+    report is handed over in the background (ASYNC): Ray Train V2 takes one report per worker each
+    time its controller polls, and a SYNC report would hold the next epoch until that poll."""
+    import ray.train
+    metrics = {k: v for k, v in record.items() if not isinstance(v, dict)}
+    metrics.update(best_epoch=state["best_epoch"], best_score=state["best_score"], stopped_early=stop)
+    ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir is not None else None
+    ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_epoch_{epoch:04d}",
+                     checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+                     delete_local_checkpoint_after_upload=True)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
@@ -260,38 +378,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     seed_everything(cfg["seed"])          # same init on every rank (DDP also broadcasts rank 0's)
 
-    # -- model, optimizer, schedule
-    model = build_model(spec)
-    model.set_input_stats(config["input_stats"])      # train-split feature statistics (driver)
-    model = model.to(device)
-    optimizer = make_optimizer(model, cfg)
-    scheduler = make_scheduler(optimizer, cfg)
-    state = {"epoch": -1, "best_score": None, "best_loss": None, "best_epoch": -1, "bad_epochs": 0,
-             "stopped_early": False, "history": [], "starts": []}
-
+    # -- setup: model, optimizer, schedule; rank 0's staging folder for checkpoints
+    model, optimizer, scheduler = _build(spec, cfg, config["input_stats"], device)
     staging = fresh_staging_dir(config) if rank == 0 else None
 
     # -- resume from the latest checkpoint (worker restart, or the same run started again)
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            saved = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        state = json.loads(saved["state_json"])
-    elif config.get("warm_start"):      # bytes of an exported model.pt
-        ws = torch.load(io.BytesIO(config["warm_start"]), map_location="cpu", weights_only=True)
-        state["warm_started"] = len(warm_start_state(model, ws))
+    state = _resume(config, model, optimizer, scheduler)
     start_epoch = state["epoch"] + 1
-    state["starts"].append(start_epoch)
 
     model = ray.train.torch.prepare_model(model)      # DDP when world > 1
     raw_model = model.module if hasattr(model, "module") else model
-
-    train_arrays = config.get("train_arrays")         # small split: ObjectRef of NumPy arrays (else streamed)
-    train_arrays = ray.get(train_arrays) if train_arrays is not None else None
-    train_shard = ray.train.get_dataset_shard("train") if train_arrays is None else None
+    train_arrays, train_shard = _train_data(config)
     val = config["validation"]                        # model-ready NumPy arrays of the whole split
     batch_size = max(1, cfg["batch_size"] // world)
 
@@ -301,58 +398,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         t0 = time.time()
 
         # -- one pass over this worker's shard of the train split
-        batches = epoch_batches(train_arrays, train_shard, batch_size, cfg["seed"], epoch, rank, world, device)
-        model.train()
-        gen = torch.Generator().manual_seed(cfg["seed"] * 100003 + epoch * 1009 + rank)
-        loss_sum, n_rows = train_epoch(model, raw_model, batches, optimizer, cfg["modality_dropout"], gen, device)
-        scheduler.step()
+        loss_sum, n_rows = _epoch_pass(model, raw_model, optimizer, scheduler, train_arrays, train_shard,
+                                       batch_size, cfg, epoch, rank, world, device)
         train_time = time.time() - t0
         loss_sum, n_rows = _all_reduce_sum([float(loss_sum), n_rows])
         train_loss = loss_sum / max(n_rows, 1)
 
         # -- validation (the whole split, on every rank)
-        vm = evaluate_arrays(raw_model, val, class_names, device=device)
-        score = score_of(vm, cfg["metric"])
-        improved = improves(score, vm["loss"], state["best_score"], state.get("best_loss"))
-        if improved:
-            state.update(best_score=score, best_loss=vm["loss"], best_epoch=epoch, bad_epochs=0)
-        else:
-            state["bad_epochs"] += 1
-        patience = cfg.get("early_stopping_patience")
-        stop = _broadcast_flag(bool(patience) and state["bad_epochs"] >= patience)
-        record = {"epoch": epoch, "train_loss": train_loss, "train_rows": int(n_rows),
-                  "val_loss": vm["loss"], "val_accuracy": vm["accuracy"], "val_macro_f1": vm["macro_f1"],
-                  "val_score": score, "lr": optimizer.param_groups[0]["lr"],
-                  "epoch_time_s": time.time() - t0, "train_time_s": train_time, "started_at": t0,
-                  "world_size": world, "attempt": len(state["starts"])}
-        if "modality_weights" in vm:
-            record["modality_weights"] = vm["modality_weights"]
+        vm, score, stop = _validate(raw_model, val, class_names, cfg, state, epoch, device)
+        record = _epoch_record(epoch, train_loss, n_rows, vm, score, optimizer, t0, train_time, world, state)
         state["history"].append(record)
         state.update(epoch=epoch, stopped_early=stop)
 
-        # -- checkpoint every epoch (rank 0 writes; every rank reports). The report is handed over
-        # in the background (ASYNC): Ray Train V2 takes one report per worker each time its
-        # controller polls, and a SYNC report would hold the next epoch until that poll.
-        metrics = {k: v for k, v in record.items() if not isinstance(v, dict)}
-        metrics.update(best_epoch=state["best_epoch"], best_score=state["best_score"], stopped_early=stop)
-        ckpt = None
+        # -- checkpoint every epoch (rank 0 writes; every rank reports)
+        ckpt_dir = None
         if rank == 0:
-            d = os.path.join(staging, f"epoch_{epoch:04d}")      # removed by Ray once uploaded
-            os.makedirs(d)
-            torch.save({"model": {k: v.detach().cpu() for k, v in raw_model.state_dict().items()},
-                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "epoch": epoch, "best_score": state["best_score"],
-                        "state_json": json.dumps(state), "spec_json": json.dumps(spec),
-                        "workflow_json": json.dumps(config.get("workflow", {}))},
-                       os.path.join(d, STATE_FILE))
-            with open(os.path.join(d, META_FILE), "w") as f:
-                json.dump({"epoch": epoch, "fingerprint": config.get("fingerprint"),
-                           "best_epoch": state["best_epoch"], "best_score": state["best_score"],
-                           "classes": spec["classes"], "features": spec["features"],
-                           "arch": spec["arch"], "stopped_early": stop}, f, indent=2)
-            ckpt = ray.train.Checkpoint.from_directory(d)
-        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_epoch_{epoch:04d}",
-                         checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
-                         delete_local_checkpoint_after_upload=True)
+            ckpt_dir = _write_checkpoint(staging, epoch, raw_model, optimizer, scheduler, state, config, stop)
+        _report(record, state, stop, epoch, ckpt_dir)
         if stop:
             break

@@ -223,9 +223,6 @@ def _run_config(t, name: str):
 def train_one(wf: Workflow, data: FusedData, mods: list[str], name: str,
               warm_start: Optional[str] = None) -> TrainResult:
     """Train (or resume, or find complete) the run ``<train.out>/<name>`` and export its best model."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
     t = wf.train
     run_dir = storage.join(storage_root(t.out), name)
     model_dir = storage.join(run_dir, "model")
@@ -239,14 +236,35 @@ def train_one(wf: Workflow, data: FusedData, mods: list[str], name: str,
         if done.get("fingerprint") != fp:
             raise _occupied(run_dir, name)
         log.info("%s: already complete (%s), not training again", name, model_dir)
-        tr = done.get("training", {})
-        return TrainResult(model_dir=model_dir, metrics=done["metrics"]["test"], report_path=None, run_dir=run_dir,
-                           checkpoint_path=tr.get("checkpoint"), val_metrics=done["metrics"].get("validation", {}),
-                           history=tr.get("history", []), starts=tr.get("starts", []), status="complete", spec=done)
+        return _complete_result(done, run_dir, model_dir)
     prior = latest_checkpoint_meta(run_dir)
     if prior is not None and prior.get("fingerprint") != fp:
         raise _occupied(run_dir, name)
+    _check_splits(data)
 
+    # -- Ray Train
+    place = rank_placement(t.use_gpu, t.num_workers, t.cpus_per_worker, *capacity.gpus(capacity.snapshot()))
+    if place.note:
+        log.warning("%s: %s", name, place.note)
+    result = _fit(wf, data, mods, name, spec, blob, place, run_dir)
+
+    # -- best checkpoint (validation score) -> export
+    state, best_ckpt, final, test, val = _export(result, t, name, spec, place, model_dir, data)
+    return TrainResult(model_dir=model_dir, metrics=test, report_path=None, run_dir=run_dir,
+                       checkpoint_path=best_ckpt.path, val_metrics=val, history=state["history"],
+                       starts=state["starts"], status=_status(prior, state), spec=final)
+
+
+def _complete_result(done: dict, run_dir: str, model_dir: str) -> TrainResult:
+    """The result of a run whose export (``done``: its model.json) is already complete."""
+    tr = done.get("training", {})
+    return TrainResult(model_dir=model_dir, metrics=done["metrics"]["test"], report_path=None, run_dir=run_dir,
+                       checkpoint_path=tr.get("checkpoint"), val_metrics=done["metrics"].get("validation", {}),
+                       history=tr.get("history", []), starts=tr.get("starts", []), status="complete", spec=done)
+
+
+def _check_splits(data: FusedData) -> None:
+    """Refuse an empty validation or test split; warn about a split too small to score."""
     sizes = data.split_sizes()
     for split in ("validation", "test"):
         if sizes[split] == 0:
@@ -256,37 +274,44 @@ def train_one(wf: Workflow, data: FusedData, mods: list[str], name: str,
         log.warning("%s: the %s split has %s: its scores (and model selection on it) mean nothing; "
                     "give it more rows", data.uri, split, why)
 
-    # -- Ray Train
-    place = rank_placement(t.use_gpu, t.num_workers, t.cpus_per_worker, *capacity.gpus(capacity.snapshot()))
-    if place.note:
-        log.warning("%s: %s", name, place.note)
-    use_gpu = place.use_gpu
+
+def _fit(wf: Workflow, data: FusedData, mods: list[str], name: str, spec: dict, blob: Optional[bytes],
+         place: RankPlacement, run_dir: str):
+    """Run (or resume) the run ``<train.out>/<name>`` with Ray Train on ``place``: its ``Result``."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    t = wf.train
     # Ray Train V2 hands each report() to its controller when the controller next polls the
     # workers (a queue of one): at the default 2 s poll, an epoch of small data costs >= 2 s.
     os.environ.setdefault(POLL_ENV, "0.5")
     train_arrays, datasets, input_stats = _train_input(data, mods)
-    config = {"train": t.model_dump(mode="json"), "spec": spec, "fingerprint": fp, "input_stats": input_stats,
-              "workflow": wf.model_dump(mode="json"), "warm_start": blob,
+    config = {"train": t.model_dump(mode="json"), "spec": spec, "fingerprint": spec["fingerprint"],
+              "input_stats": input_stats, "workflow": wf.model_dump(mode="json"), "warm_start": blob,
               # validation is small and scored whole on every worker: shipped as arrays with the config
               "validation": data.arrays("validation", mods), "train_arrays": train_arrays}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
-        scaling_config=ray.train.ScalingConfig(num_workers=place.num_workers, use_gpu=use_gpu,
+        scaling_config=ray.train.ScalingConfig(num_workers=place.num_workers, use_gpu=place.use_gpu,
                                                resources_per_worker=place.resources_per_worker),
         run_config=_run_config(t, name),
         datasets=datasets,
     )
     try:
         with progress.watch_epochs(run_dir, f"train {name}", epochs=t.epochs, metric=t.metric):
-            result = trainer.fit()
+            return trainer.fit()
     except ray.train.TrainingFailedError as e:
         raise RuntimeError(f"training run '{name}' failed ({e.__class__.__name__}); its checkpoints are kept in "
                            f"{run_dir}: run the same command again to resume from the latest one") from e
     finally:
         remove_staging_dirs(config)        # of rank 0 when it ran on this machine
 
-    # -- best checkpoint (validation score) -> export
+
+def _export(result, t, name: str, spec: dict, place: RankPlacement, model_dir: str, data: FusedData):
+    """Export the run's best checkpoint (by validation score) to ``model_dir`` and score it on the test
+    and validation splits; model.json is written last and marks the export complete.
+    Returns (the loop state of the latest checkpoint, the best checkpoint, model.json, test, validation)."""
     if not result.best_checkpoints:
         raise RuntimeError(f"training run '{name}' reported no checkpoint (epochs={t.epochs})")
     best_ckpt, best_metrics = max(result.best_checkpoints,
@@ -298,7 +323,7 @@ def train_one(wf: Workflow, data: FusedData, mods: list[str], name: str,
     model.load_state_dict(best["model"])
     training = {"history": state["history"], "starts": state["starts"], "best_epoch": int(best_metrics["epoch"]),
                 "best_val_score": best_metrics["val_score"], "stopped_early": state["stopped_early"],
-                "checkpoint": best_ckpt.path, "world_size": place.num_workers, "use_gpu": use_gpu,
+                "checkpoint": best_ckpt.path, "world_size": place.num_workers, "use_gpu": place.use_gpu,
                 "placement": {**asdict(place), "where": place.where()}}
     save_model(model, {**spec, "status": "evaluating", "training": training}, model_dir)
     test = evaluate_model(model_dir, data.uri, "test", check=False)          # run_training checked the data
@@ -308,15 +333,17 @@ def train_one(wf: Workflow, data: FusedData, mods: list[str], name: str,
     fs, p = storage.url_to_fs(model_dir)
     storage.write_json(fs, storage.join(p, "model.json"), final)     # last: marks the export complete
     storage.clean_tmp(fs, p)
+    return state, best_ckpt, final, test, val
+
+
+def _status(prior: Optional[dict], state: dict) -> str:
+    """What this call did: "trained", "resumed" (from a checkpoint), or "complete" (the run was
+    already at its last epoch: nothing trained now)."""
     if prior is not None and prior.get("epoch") == state["epoch"]:
-        status = "complete"           # the run was already at its last epoch: nothing trained now
-    elif prior is not None or len(state["starts"]) > 1:
-        status = "resumed"
-    else:
-        status = "trained"
-    return TrainResult(model_dir=model_dir, metrics=test, report_path=None, run_dir=run_dir,
-                       checkpoint_path=best_ckpt.path, val_metrics=val, history=state["history"],
-                       starts=state["starts"], status=status, spec=final)
+        return "complete"
+    if prior is not None or len(state["starts"]) > 1:
+        return "resumed"
+    return "trained"
 
 
 def _train_input(data: FusedData, mods: list[str]):
