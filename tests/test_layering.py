@@ -157,3 +157,15 @@ def test_the_engine_imports_no_stage_and_ingest_no_other_stage():
         if stage_of.get(mod) == "ingest":
             others = sorted(t for t in targets if stage_of.get(t, "ingest") != "ingest")
             assert not others, f"{mod} imports another stage: {others}"
+
+
+def test_no_function_is_longer_than_80_lines():
+    """Issue #32: every function in mmbatch/ reads in one screen."""
+    long = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > 80:
+                    long.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.name} ({lines} lines)")
+    assert not long, "functions over 80 lines:\n" + "\n".join(long)
