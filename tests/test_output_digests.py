@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 
 DIGESTS = Path(__file__).parent / "data" / "output_digests.json"
 PER_CLASS = 6

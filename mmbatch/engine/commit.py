@@ -152,18 +152,16 @@ class Committer:
         when a marker or a planned unit id of this folder names it (docs/data-safety.md). Returns the
         removed paths, relative to the folder."""
         keep = sorted(set(keep_units))
-        removed = [f"{storage.SHARDS_DIR}/{u}.json" for u in storage.remove_stale(self.fs, self.out_dir, keep)]
-        named: set[str] = set()
-        for marker_path in storage.marker_paths(self.fs, self.out_dir):
-            named.update(storage.marker_files(storage.read_json(self.fs, marker_path), marker_path))
+        stale, named = storage.remove_stale(self.fs, self.out_dir, keep)
+        removed = [f"{storage.SHARDS_DIR}/{u}.json" for u in stale]
+        present = set()                     # one listing per folder, not a request per planned file
+        for d in {d.rstrip("/") for d in data_dirs}:
+            folder = storage.join(self.out_dir, d) if d else self.out_dir
+            present.update(posixpath.join(d, posixpath.basename(p)) for p in storage.list_parquet(self.fs, folder))
         planned = set(keep) | set(storage.read_plan(self.fs, self.out_dir))
-        dirs = {d.rstrip("/") for d in data_dirs}
         for rel in storage.unit_files(sorted(planned)):
-            if rel in named or (posixpath.dirname(rel) not in dirs):
-                continue
-            path = storage.join(self.out_dir, rel)
-            if self.fs.exists(path):
-                self.fs.rm(path)
+            if rel in present and rel not in named:
+                self.fs.rm(storage.join(self.out_dir, rel))
                 removed.append(rel)
         storage.clean_tmp(self.fs, self.out_dir)
         storage.write_plan(self.fs, self.out_dir, keep)

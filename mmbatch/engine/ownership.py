@@ -16,17 +16,14 @@ identify (``storage.marker_files`` validates every name a marker holds; mmbatch.
 """
 from __future__ import annotations
 
-import logging
 import os
 import posixpath
 import time
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import Mapping
 
 from mmbatch.engine import storage
 from mmbatch.errors import UsageError
-
-log = logging.getLogger("mmbatch.engine.ownership")
 
 RECORD = "_mmbatch.json"
 
@@ -62,9 +59,6 @@ class Location:
             return False
         root = self.path.rstrip("/")
         return other.path == root or other.path.startswith(root + "/") or root == ""
-
-    def __str__(self) -> str:
-        return self.path if self.scheme == "file" else f"{self.scheme}://{self.path}"
 
 
 def location(uri: str) -> Location:
@@ -108,8 +102,8 @@ def claim(uri: str, kind: str, workflow: str | None = None) -> dict:
         raise ValueError(f"unknown output kind {kind!r}; allowed: {', '.join(KINDS)}")
     fs, root = storage.url_to_fs(uri)
     path = storage.join(root, RECORD)
-    record = storage.read_json(fs, path) if fs.exists(path) else None
-    if isinstance(record, dict) and record.get("owner") == "mmbatch":
+    record = storage.read_json(fs, path)
+    if _is_record(record):
         if record.get("kind") != kind:
             raise UsageError(f"{uri} is an mmbatch {record.get('kind')} folder, not a {kind} folder: "
                              f"choose another output folder")
@@ -135,7 +129,11 @@ def owner(uri: str) -> dict | None:
     """The ownership record of ``uri``, or None."""
     fs, root = storage.url_to_fs(uri)
     record = storage.read_json(fs, storage.join(root, RECORD))
-    return record if isinstance(record, dict) and record.get("owner") == "mmbatch" else None
+    return record if _is_record(record) else None
+
+
+def _is_record(record: object) -> bool:
+    return isinstance(record, dict) and record.get("owner") == "mmbatch"
 
 
 def _foreign_entries(fs, root: str, kind: str) -> list[str]:

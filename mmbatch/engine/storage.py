@@ -410,22 +410,25 @@ def committed(fs, out_dir: str, shard_id: str, fp: str) -> dict | None:
     return m if all(fs.exists(join(out_dir, f)) for f in marker_files(m)) else None
 
 
-def remove_stale(fs, out_dir: str, keep_shards: Iterable[str]) -> list[str]:
-    """Delete committed units (their files + markers) not in ``keep_shards``. Only the data file names
-    a marker may hold are followed (marker_files). Returns the removed unit ids."""
+def remove_stale(fs, out_dir: str, keep_shards: Iterable[str]) -> tuple[list[str], set[str]]:
+    """Delete committed units (their files + markers) not in ``keep_shards``, reading each marker once.
+    Only the data file names a marker may hold are followed (marker_files). Returns (the removed unit
+    ids, the data files the kept markers name)."""
     keep = set(keep_shards)
-    removed = []
+    removed, named = [], set()
     for marker_path in marker_paths(fs, out_dir):
         sid = posixpath.basename(marker_path)[: -len(".json")]
+        files = marker_files(read_json(fs, marker_path), marker_path)
         if sid in keep:
+            named.update(files)
             continue
-        for f in marker_files(read_json(fs, marker_path), marker_path):
+        for f in files:
             p = join(out_dir, f)
             if fs.exists(p):
                 fs.rm(p)
         fs.rm(marker_path)
         removed.append(sid)
-    return removed
+    return removed, named
 
 
 PLAN = "_plan.json"         # the unit ids the last run in a folder planned (mmbatch.engine.commit.Committer.begin)
