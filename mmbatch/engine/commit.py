@@ -1,15 +1,18 @@
 """The one commit protocol of ingest and preprocess: workers write, the driver commits.
 
-It has the shape of Ray Data's ``Datasink`` (``write`` per block on a worker,
-``on_write_complete`` on the driver), with the per-unit fingerprints Ray's
-job-level checkpointing lacks:
+A stage sees it as :class:`UnitSink`, in the shape of Ray Data's ``Datasink``: ``write`` on a
+worker, ``on_write_start`` and ``on_write_complete`` on the driver. Unlike a ``Datasink``, whose
+``on_write_complete`` runs once when the whole write job is done, a unit is committed as soon as its
+record reaches the driver, with a per-unit fingerprint, so that a killed run keeps every unit it
+committed (Ray's job-level checkpointing lacks both):
 
-- A **worker** computes one unit of work and writes its output files itself,
+- A **worker** computes one unit of work and writes its output files itself (:meth:`UnitSink.write`),
   each through a temp file + rename (:func:`write_table`, retried on transient
   storage errors). File names are deterministic per unit, so a retried task
   overwrites instead of appending. It returns a :class:`CommitRecord`: a few
-  hundred bytes of counts, file names and timings, never row data.
-- The **driver** (:class:`Committer`) writes the unit's marker
+  hundred bytes of counts, file names and timings, never row data. A stage may extend the
+  record with its own fields (preprocess: where the unit ran); the engine reads only the base's.
+- The **driver** (:class:`Committer`, behind the sink) writes the unit's marker
   ``<dir>/_shards/<unit>.json`` when the record arrives. A unit is committed
   when its marker exists with the unit's current fingerprint and its files
   exist; a rerun skips it. At the start of a run, :meth:`Committer.begin` deletes the data files of
@@ -36,7 +39,8 @@ WRITE_BACKOFF_S = 0.5
 
 @dataclass
 class CommitRecord:
-    """What a worker returns for one unit: everything the driver needs, and no row data."""
+    """What a worker returns for one unit: everything the driver needs, and no row data. A stage's
+    extension (a subclass) adds its own fields; the marker holds them all."""
     unit: str                                   # unit id = marker name
     fingerprint: str
     input: str                                  # the input file (and row group) the unit read
@@ -49,9 +53,7 @@ class CommitRecord:
     reasons: dict = field(default_factory=dict)       # quarantine reason -> rows
     counts: dict = field(default_factory=dict)        # "split"/"label"/"presence" -> value -> rows written
     seconds: dict = field(default_factory=dict)       # stage -> busy seconds in the worker
-    devices: dict = field(default_factory=dict)       # modality -> device it was embedded on
     node: str = ""                              # Ray node id of the worker that ran the unit
-    shape: str = ""                             # preprocess: "fused" or "split" (features.gpu_shape) as it ran
     actors: dict = field(default_factory=dict)        # step ("unit"; "decode", "embed") -> {"pid", "gpus"} of its actor
 
     def to_marker(self) -> dict:
@@ -59,6 +61,8 @@ class CommitRecord:
 
     @classmethod
     def from_marker(cls, m: dict) -> "CommitRecord":
+        """The record of a marker: keys this type lacks are left out (an older version's, another
+        stage's), fields the marker lacks take their defaults."""
         known = {k: m[k] for k in cls.__dataclass_fields__ if k in m}
         return cls(**known)
 
@@ -130,16 +134,15 @@ def write_table(fs, path: str, table, row_group_size: int | None = None,
 
 
 class Committer:
-    """Driver side of the protocol for one output directory."""
+    """Driver side of the protocol for one output directory; ``record``: the stage's record type."""
 
-    def __init__(self, fs, out_dir: str):
-        self.fs, self.out_dir = fs, out_dir
+    def __init__(self, fs, out_dir: str, record: type[CommitRecord] = CommitRecord):
+        self.fs, self.out_dir, self.record = fs, out_dir, record
 
     def marker(self, unit: str, fingerprint: str) -> CommitRecord | None:
         """The record of ``unit`` if it is committed with ``fingerprint`` (files present), else None."""
         m = storage.committed(self.fs, self.out_dir, unit, fingerprint)
-        return CommitRecord.from_marker(m) if m else None
-
+        return self.record.from_marker(m) if m else None
     def on_write_complete(self, rec: CommitRecord) -> None:
         storage.write_marker(self.fs, self.out_dir, rec.unit, rec.to_marker())
         progress.unit_committed()
@@ -166,3 +169,39 @@ class Committer:
         storage.clean_tmp(self.fs, self.out_dir)
         storage.write_plan(self.fs, self.out_dir, keep)
         return removed
+
+
+class UnitSink:
+    """The commit protocol of one output directory in the shape of Ray Data's ``Datasink``:
+    :meth:`write` runs in a worker, the other methods on the driver (over a :class:`Committer`)."""
+
+    def __init__(self, fs, out_dir: str, record: type[CommitRecord] = CommitRecord):
+        self.fs, self.out_dir = fs, out_dir
+        self.committer = Committer(fs, out_dir, record)
+
+    def on_write_start(self, keep_units: Iterable[str], data_dirs: Iterable[str] = ("",)) -> list[str]:
+        """Before anything is written: remove stale units and a killed run's leftovers (:meth:`Committer.begin`)."""
+        return self.committer.begin(keep_units, data_dirs)
+
+    def committed(self, unit: str, fingerprint: str) -> CommitRecord | None:
+        """The record of ``unit`` when an earlier run committed it with ``fingerprint``, else None."""
+        return self.committer.marker(unit, fingerprint)
+
+    def write(self, unit: str, table, quarantine=None, **options) -> tuple[str, str | None]:
+        """Worker side: the unit's data file ``<unit>.parquet`` (``options``: :func:`write_table`'s) and,
+        when ``quarantine`` has rows, its quarantine file, else a stale one removed. Returns (the data
+        file, the quarantine file or None), relative to the output directory."""
+        name = f"{unit}.parquet"
+        write_table(self.fs, storage.join(self.out_dir, name), table, **options)
+        q_rel = f"{storage.QUARANTINE_DIR}/{name}"
+        q_path = storage.join(self.out_dir, q_rel)
+        if quarantine is not None and quarantine.num_rows:
+            write_table(self.fs, q_path, quarantine)
+            return name, q_rel
+        if self.fs.exists(q_path):
+            self.fs.rm(q_path)
+        return name, None
+
+    def on_write_complete(self, rec: CommitRecord) -> None:
+        """Driver side, as each unit's record arrives: its marker (the unit is committed)."""
+        self.committer.on_write_complete(rec)

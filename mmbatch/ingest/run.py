@@ -34,7 +34,7 @@ import pyarrow as pa
 import mmbatch
 from mmbatch import schema
 from mmbatch.engine import ownership, progress, storage
-from mmbatch.engine.commit import CommitRecord, Committer, write_table
+from mmbatch.engine.commit import CommitRecord, UnitSink
 from mmbatch.schema import HASH_NAME, add_content_hashes
 from mmbatch.errors import UsageError
 from mmbatch.engine.manifest import Manifest
@@ -219,20 +219,14 @@ def ingest_shard(shard_id: str, fingerprint: str, samples: list[common.Sample], 
     bad.extend(unstorable)
     nbytes = sum(s.nbytes for s in samples) or 1
     row_group = row_group_rows(len(rows), nbytes) if rows else None
-    data_rel = f"{shard_id}.parquet"
-    write_table(fs, storage.join(out, data_rel), table, row_group_size=row_group, compression=MEDIA_COMPRESSION)
-    del table
-    files = [data_rel]
-    q_rel = f"{storage.QUARANTINE_DIR}/{shard_id}.parquet"
-    q_path = storage.join(out, q_rel)
-    if bad:
-        write_table(fs, q_path, pa.Table.from_pylist(bad, schema=quarantine_schema(kind)))
-        files.append(q_rel)
-    elif fs.exists(q_path):
-        fs.rm(q_path)
-    return CommitRecord(unit=shard_id, fingerprint=fingerprint, input=f"{len(samples)} samples", files=files,
+    quarantine = pa.Table.from_pylist(bad, schema=quarantine_schema(kind)) if bad else None
+    data_rel, q_rel = UnitSink(fs, out).write(shard_id, table, quarantine, row_group_size=row_group,
+                                              compression=MEDIA_COMPRESSION)
+    del table, quarantine
+    return CommitRecord(unit=shard_id, fingerprint=fingerprint, input=f"{len(samples)} samples",
+                        files=[data_rel, *([q_rel] if q_rel else [])],
                         rows_in=len(samples), rows=len(rows), quarantined=len(bad),
-                        quarantine_file=q_rel if bad else None, reasons=dict(Counter(b["reason"] for b in bad)),
+                        quarantine_file=q_rel, reasons=dict(Counter(b["reason"] for b in bad)),
                         counts=_counts(rows), seconds={"read": round(t1 - t0, 6),
                                                        "write": round(time.perf_counter() - t1, 6)})
 
@@ -360,17 +354,17 @@ def run_ingest(kind: str, input: str, out: str, opts: IngestOptions | None = Non
     ownership.claim(out, "canonical")
     storage.remove_manifest(fs, out_path)   # "complete" no longer holds while shards change
 
-    committer = Committer(fs, out_path)
+    sink = UnitSink(fs, out_path)
     records: dict[str, CommitRecord] = {}
     pending: list[ShardTask] = []
     for t in shards:
-        rec = committer.marker(t.shard_id, t.fingerprint)
+        rec = sink.committed(t.shard_id, t.fingerprint)
         if rec is not None:
             records[t.shard_id] = rec
         else:
             pending.append(t)
     skipped = len(records)
-    committer.begin([t.shard_id for t in shards], data_dirs=("", storage.QUARANTINE_DIR))
+    sink.on_write_start([t.shard_id for t in shards], data_dirs=("", storage.QUARANTINE_DIR))
 
     # planning-time quarantine (always rewritten, possibly empty)
     qsch = quarantine_schema(kind)
@@ -386,7 +380,7 @@ def run_ingest(kind: str, input: str, out: str, opts: IngestOptions | None = Non
 
         with progress.bar(f"ingest {kind}", total=sum(len(t.samples) for t in pending), unit="samples") as bar:
             def on_result(task: ShardTask, rec: CommitRecord) -> None:
-                committer.on_write_complete(rec)
+                sink.on_write_complete(rec)
                 records[task.shard_id] = rec
                 bar.update(rec.rows_in)
 

@@ -1,13 +1,14 @@
 """`mmbatch preprocess`: canonical shards -> fused per-sample feature Parquet, written by the workers.
 
 - plan.py     units (row groups of the input shards), fingerprints; no Ray, no media
-- unit.py     one unit start to finish in a worker: read, extract, fuse, write -> CommitRecord
+- unit.py     one unit start to finish in a worker: read, extract, fuse, write -> PreprocessRecord;
+              what it writes is its job's type (FusedUnitJob, PartnerFeaturesJob)
 - fuse.py     pairing on light columns (PartnerIndex) and the fused table of a unit
 - run.py      the driver: skip committed units, run the rest (mmbatch.engine.units: a Ray Data job), commit, manifest
 - summary.py  counts, stage table, manifest
 
-The commit protocol (workers write, the driver writes markers) is mmbatch.engine.commit,
-shared with ingest.
+The commit protocol (workers write, the driver writes markers) is mmbatch.engine.commit's
+UnitSink, shared with ingest.
 """
 __all__ = ["run_preprocess", "PreprocessSummary", "render_summary"]
 

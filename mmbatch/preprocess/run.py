@@ -7,8 +7,9 @@ vocabulary (mmbatch.preprocess.features.sequence), sample ids for dedup leakage
 the canonical shards, plan.py), skips those committed with the same
 fingerprint, removes a killed run's leftovers, and runs the rest on a pool of
 actors (mmbatch.engine.units, a Ray Data job) that read, extract, fuse and write each unit's final
-file (unit.py). Each unit comes back as a CommitRecord; the driver writes its
-marker (mmbatch.engine.commit) and, at the end, ``_manifest.json`` from the records.
+file (unit.py). Each unit comes back as a PreprocessRecord (a CommitRecord with where it ran); the
+driver commits it through a UnitSink (mmbatch.engine.commit: its marker) and, at the end, writes
+``_manifest.json`` from the records.
 
 With pairing, partner datasets run first and write their features to
 ``OUT/_features/<dataset>/``; the driver then indexes their light columns
@@ -19,21 +20,27 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
 from mmbatch import __version__
 from mmbatch.engine import ownership, storage
 from mmbatch.engine.progress import bar as progress_bar
-from mmbatch.engine.commit import CommitRecord, Committer
+from mmbatch.engine.commit import UnitSink
 from mmbatch.config import Workflow
 from mmbatch.errors import UsageError
 from mmbatch.preprocess.fuse import PartnerIndex
 from mmbatch.preprocess.plan import FEATURES_DIR, META_COLS, DatasetPlan, feature_specs, plan_dataset, present_splits
 from mmbatch.preprocess.summary import PreprocessSummary, render_summary, write_manifest
-from mmbatch.preprocess.unit import UnitJob, extractor, make_decoder, make_embedder, make_worker
-from mmbatch.engine.provenance import job_fingerprint, weights_digests
+from mmbatch.preprocess.unit import (FusedUnitJob, PartnerFeaturesJob, PreprocessRecord, UnitJob, extractor,
+                                     make_decoder, make_embedder, make_worker)
+from mmbatch.engine.provenance import weights_digests
 from mmbatch.schema import MODALITIES, embedding_type, emb_column, fused_schema, has_column, with_metadata
+
+if TYPE_CHECKING:
+    from mmbatch.engine.units import Resources, Step
 
 log = logging.getLogger("mmbatch.preprocess")
 
@@ -72,14 +79,16 @@ class _Runner:
         self.wf, self.fs, self.out_root, self.summary = wf, out_fs, out_root, summary
         self.said: set[str] = set()         # the placement's warnings, said once per run
 
-    def run(self, plan: DatasetPlan, job: UnitJob, fused: bool, exclude: dict | None = None) -> list[CommitRecord]:
+    def run(self, plan: DatasetPlan, job: UnitJob, exclude: dict | None = None) -> list[PreprocessRecord]:
         uses_model = any(extractor(m, job.specs[m]).needs_model for m in job.modalities)
-        units = plan.units(job_fingerprint(job, uses_model), exclude)
-        committer = Committer(self.fs, storage.join(self.out_root, job.out_rel) if job.out_rel else self.out_root)
-        records: dict[str, CommitRecord] = {}
+        units = plan.units(job.fingerprint(uses_model), exclude)
+        fused = isinstance(job, FusedUnitJob)       # its rows are the run's output rows
+        sink = UnitSink(self.fs, storage.join(self.out_root, job.out_rel) if job.out_rel else self.out_root,
+                        PreprocessRecord)
+        records: dict[str, PreprocessRecord] = {}
         pending = []
         for u in units:
-            rec = committer.marker(u.id, u.fingerprint)
+            rec = sink.committed(u.id, u.fingerprint)
             if rec is not None:
                 records[u.id] = rec
                 self.summary.add(rec, fused, processed=False)
@@ -90,31 +99,32 @@ class _Runner:
             from mmbatch.engine.units import run_units
 
             init_ray(self.wf.ray.address, self.wf.ray.num_cpus, self.wf.ray.num_gpus, self.wf.ray.object_store_memory)
-            workers, resources, then, note = _placement(self.wf, plan, job, len(pending))
-            if note and note not in self.said:
-                self.said.add(note)
-                log.warning("%s", note)
+            place = _placement(self.wf, plan, job, len(pending))
+            if place.note and place.note not in self.said:
+                self.said.add(place.note)
+                log.warning("%s", place.note)
+            then = place.then
             for m in plan.modalities:
-                split = then is not None and m in job.devices
+                split = then is not None and m in place.devices
                 self.summary.placement.setdefault(m, {}).update(
                     stage=("decode: CPU workers; embed: one worker per GPU" if split else
                            "CPU workers" if then else "unit worker"),
-                    shape=job.shape, device=job.devices.get(m, "cpu"),
-                    num_gpus=then.resources.num_gpus if split else 0.0 if then else resources.num_gpus,
-                    workers=workers or "one per unit",
+                    shape=place.shape, device=place.devices.get(m, "cpu"),
+                    num_gpus=then.resources.num_gpus if split else 0.0 if then else place.resources.num_gpus,
+                    workers=place.workers or "one per unit",
                     **({"gpu_workers": then.workers or "one per unit"} if split else {}))
             what = "fuse" if fused else "features"
             with progress_bar(f"{plan.cfg.name}: extract + {what}", total=sum(u.rows for u in pending),
                               unit="rows") as bar:
-                def on_result(unit, rec: CommitRecord) -> None:
-                    committer.on_write_complete(rec)
+                def on_result(unit, rec: PreprocessRecord) -> None:
+                    sink.on_write_complete(rec)
                     records[unit.id] = rec
                     self.summary.add(rec, fused, processed=True)
                     bar.update(rec.rows_in)
 
-                run_units(make_decoder if then else make_worker, job, pending, on_result, workers=workers,
-                          resources=resources, name=lambda u: u.id, label=f"mmbatch preprocess {plan.cfg.name}",
-                          step="decode" if then else "unit", then=then)
+                run_units(make_decoder if then else make_worker, job, pending, on_result, workers=place.workers,
+                          resources=place.resources, name=lambda u: u.id,
+                          label=f"mmbatch preprocess {plan.cfg.name}", step="decode" if then else "unit", then=then)
             for m in plan.modalities:
                 p = self.summary.placement[m]
                 if p.get("device") == "gpu" and "cpu" in p.get("devices", ()):
@@ -122,10 +132,24 @@ class _Runner:
         return [records[u.id] for u in units]
 
 
-def _placement(wf: Workflow, plan: DatasetPlan, job: UnitJob, units: int):
-    """(workers, per-worker resources, the split shape's GPU step or None, a warning or ""): one worker
-    per CPU the cluster has or its autoscaler can add, at most one per unit of the ``units`` and
-    ``ray.max_workers`` (mmbatch.engine.capacity.pool_size). When an extractor needs a model and GPUs are asked for
+@dataclass
+class Placement:
+    """Where one dataset's units run (:func:`_placement`)."""
+    workers: int                        # actors of the first step (a unit worker, or the split shape's decode)
+    resources: Resources                # of each of them
+    then: Step | None = None            # the split shape's GPU step (embed, fuse, write), else None
+    devices: dict = field(default_factory=dict)     # modality -> "gpu" where its model is given a GPU
+    note: str = ""                      # a warning to say once, or ""
+
+    @property
+    def shape(self) -> str:
+        """The shape as placed (features.gpu_shape): "split" or "fused"."""
+        return "split" if self.then else "fused"
+
+
+def _placement(wf: Workflow, plan: DatasetPlan, job: UnitJob, units: int) -> Placement:
+    """Where the dataset's units run: one worker per CPU the cluster has or its autoscaler can add, at
+    most one per unit of the ``units`` and ``ray.max_workers`` (mmbatch.engine.capacity.pool_size). When an extractor needs a model and GPUs are asked for
     (``features.*.num_gpus``) or the cluster has GPUs (an embedded Ray's ``ray.num_gpus``) or can start
     GPU nodes, the model gets a GPU; asking for it is what makes the autoscaler start GPU nodes.
 
@@ -142,14 +166,13 @@ def _placement(wf: Workflow, plan: DatasetPlan, job: UnitJob, units: int):
     def pool_size(r: Resources) -> int:
         return capacity.pool_size(cluster, r.num_cpus, r.num_gpus, units, wf.ray.max_workers)
 
-    res, then, note = Resources(num_cpus=1), None, ""
+    res, then, note, devices = Resources(num_cpus=1), None, "", {}
     model_mods = [m for m in plan.modalities if extractor(m, job.specs[m]).needs_model]
     if model_mods:
         asked = [getattr(wf.features, m).num_gpus for m in model_mods if getattr(wf.features, m).num_gpus]
         frac = min(1.0, max(asked)) if asked else capacity.gpu_share(cluster)
         if frac:
-            for m in model_mods:
-                job.devices[m] = "gpu"
+            devices = {m: "gpu" for m in model_mods}
             if wf.features.gpu_shape == "split":
                 cap = (capacity.can_have(cluster) or {}).get("GPU")
                 per_gpu = cap if cap and cap < 1 else 1.0       # an embedded Ray's ray.num_gpus: 0.5
@@ -160,8 +183,7 @@ def _placement(wf: Workflow, plan: DatasetPlan, job: UnitJob, units: int):
         elif wf.features.gpu_shape == "split":
             note = ("features.gpu_shape: split needs a GPU, and this cluster has none nor can start one "
                     "(nor does features.*.num_gpus ask for one): running the fused shape on CPU")
-    job.shape = "split" if then else "fused"
-    return pool_size(res), res, then, note
+    return Placement(pool_size(res), res, then, devices, note)
 
 
 def _check_completions(plans: list[DatasetPlan]) -> None:
@@ -221,14 +243,14 @@ def run_preprocess(wf: Workflow, progress: bool = True) -> PreprocessSummary:
     # written or removed, and comes back last, from this run's records (as ingest does)
     storage.remove_manifest(out_fs, out_root)
 
-    def job_for(p: DatasetPlan, role: str, out_rel: str, **kw) -> UnitJob:
-        return UnitJob(dataset=p.cfg.name, out_uri=storage.join(out_uri, out_rel) if out_rel else out_uri,
-                       out_rel=out_rel, role=role, columns=p.columns, specs={m: specs[m] for m in p.modalities},
-                       modalities=p.modalities, dims=dims, label_map=p.label_map,
-                       completions=[c.model_dump(mode="json") for c in p.cfg.complete],
-                       row_group_size=wf.output.row_group_size, batch_size=wf.features.batch_size,
-                       features={m: {**descriptions[m], "weights_content": weights_digests(specs[m])}
-                                 for m in p.modalities}, **kw)
+    def job_for(p: DatasetPlan, job_type: type[UnitJob], out_rel: str, **kw) -> UnitJob:
+        return job_type(dataset=p.cfg.name, out_uri=storage.join(out_uri, out_rel) if out_rel else out_uri,
+                        out_rel=out_rel, columns=p.columns, specs={m: specs[m] for m in p.modalities},
+                        modalities=p.modalities, dims=dims, label_map=p.label_map,
+                        completions=[c.model_dump(mode="json") for c in p.cfg.complete],
+                        row_group_size=wf.output.row_group_size, batch_size=wf.features.batch_size,
+                        features={m: {**descriptions[m], "weights_content": weights_digests(specs[m])}
+                                  for m in p.modalities}, **kw)
 
     partner_indexes = _run_partners(wf, runner, partners, job_for, dims, sequences)
     fused_records = _run_primaries(wf, runner, primaries, job_for, schema, splits, partner_indexes, leak)
@@ -275,10 +297,10 @@ def _run_partners(wf: Workflow, runner: _Runner, partners: list[DatasetPlan], jo
     partner_indexes: list[PartnerIndex] = []
     for p in partners:
         out_rel = storage.join(FEATURES_DIR, p.cfg.name)
-        Committer(out_fs, storage.join(out_root, out_rel)).begin(
+        UnitSink(out_fs, storage.join(out_root, out_rel)).on_write_start(
             [u.id for u in p.units({})], data_dirs=("", storage.QUARANTINE_DIR))
-        job = job_for(p, "features", out_rel, schema=_features_schema(dims, p.modalities, sequences))
-        recs = runner.run(p, job, fused=False)
+        job = job_for(p, PartnerFeaturesJob, out_rel, schema=_features_schema(dims, p.modalities, sequences))
+        recs = runner.run(p, job)
         files = [storage.join(out_root, out_rel, f) for r in recs for f in r.files]
         partner_indexes.append(PartnerIndex.build(out_fs, p.cfg.name, p.modalities, files, wf.pairing.by,
                                                   wf.pairing.key))
@@ -287,16 +309,16 @@ def _run_partners(wf: Workflow, runner: _Runner, partners: list[DatasetPlan], jo
 
 
 def _run_primaries(wf: Workflow, runner: _Runner, primaries: list[DatasetPlan], job_for, schema: pa.Schema,
-                   splits: dict, partner_indexes: list[PartnerIndex], leak) -> list[CommitRecord]:
+                   splits: dict, partner_indexes: list[PartnerIndex], leak) -> list[PreprocessRecord]:
     """Run the primary datasets' units (extract, pair, fuse, write the fused files): their records."""
     out_fs, out_root = runner.fs, runner.out_root
-    fused_records: list[CommitRecord] = []
+    fused_records: list[PreprocessRecord] = []
     keep_units = [u.id for p in primaries for u in p.units({})]   # ids only (fingerprints differ below)
-    Committer(out_fs, out_root).begin(keep_units, data_dirs=("", storage.QUARANTINE_DIR))
+    UnitSink(out_fs, out_root).on_write_start(keep_units, data_dirs=("", storage.QUARANTINE_DIR))
     for p in primaries:
-        job = job_for(p, "fused", "", schema=schema, keep_splits=p.cfg.splits, split_plan=splits,
+        job = job_for(p, FusedUnitJob, "", schema=schema, keep_splits=p.cfg.splits, split_plan=splits,
                       split_seed=wf.splits.seed, fusion=wf.fusion.model_dump(mode="json"),
                       pairing=wf.pairing.model_dump(mode="json"), partners=partner_indexes,
                       exclude=leak.for_dataset(p.cfg.name))
-        fused_records += runner.run(p, job, fused=True, exclude=leak.by_unit(p))
+        fused_records += runner.run(p, job, exclude=leak.by_unit(p))
     return fused_records

@@ -4,11 +4,14 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from mmbatch import __version__
 from mmbatch.engine import storage
-from mmbatch.engine.commit import CommitRecord
 from mmbatch.engine.manifest import Manifest
+
+if TYPE_CHECKING:
+    from mmbatch.preprocess.unit import PreprocessRecord
 
 
 @dataclass
@@ -42,7 +45,7 @@ class PreprocessSummary:
     def reconciles(self) -> bool:
         return self.rows_in == self.features_rows + self.quarantined
 
-    def add(self, rec: CommitRecord, fused: bool, processed: bool) -> None:
+    def add(self, rec: PreprocessRecord, fused: bool, processed: bool) -> None:
         """Count one unit (computed now, or committed by an earlier run)."""
         self.rows_in += rec.rows_in
         self.quarantined += rec.quarantined
@@ -67,7 +70,7 @@ class PreprocessSummary:
             self.fused_skipped += int(fused)
 
 
-def write_manifest(fs, out_root: str, records: list[CommitRecord], summary: PreprocessSummary,
+def write_manifest(fs, out_root: str, records: list[PreprocessRecord], summary: PreprocessSummary,
                    meta: dict, t0: float, workflow_hash: str = "") -> Manifest:
     """``_manifest.json`` from the fused units' records of this run's plan (no data file is read): what
     readers check the data files against (mmbatch.engine.provenance.check_fused)."""

@@ -5,9 +5,12 @@ partner cache) and then, per unit (one row group of a canonical shard), runs two
 
     prepare: read the row group -> complete missing modalities -> decode + embed each
     modality in batches (a model modality of the split shape: decode only) -> a UnitState
-    finish: embed what was only decoded -> quarantine rows that failed -> filter
-    splits, decide the final split -> attach partners -> fuse -> write the
-    final Parquet file (and the unit's quarantine file) -> CommitRecord
+    finish: embed what was only decoded -> quarantine rows that failed -> the job's output ->
+    write the final Parquet file (and the unit's quarantine file) -> PreprocessRecord
+
+What a unit outputs is its job's type: a :class:`FusedUnitJob` filters splits, decides the final
+split, attaches partners and fuses; a :class:`PartnerFeaturesJob` keeps a pairing partner's
+per-modality features for the fused units to attach.
 
 The fused shape (``features.gpu_shape: fused``) runs both halves in one worker
 (:meth:`UnitWorker.__call__`); the split shape runs ``prepare`` in a CPU worker and
@@ -22,10 +25,11 @@ plain loop and the Ray Data actor pool (mmbatch.engine.units).
 from __future__ import annotations
 
 import time
+from abc import ABC, abstractmethod
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -33,27 +37,37 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mmbatch.engine import storage
-from mmbatch.engine.commit import CommitRecord, write_table
+from mmbatch.engine.commit import CommitRecord, UnitSink
 from mmbatch.preprocess.features.sequence import columns_in_schema
 from mmbatch.preprocess.fusion import embeddings_to_arrow
 from mmbatch.preprocess.fuse import PartnerIndex, PartnerRows, fused_table
 from mmbatch.preprocess.plan import META_COLS, Unit
-from mmbatch.engine.provenance import UNIT_FP_KEY, weights_signature
+from mmbatch.engine.provenance import UNIT_FP_KEY, job_fingerprint, weights_signature
 from mmbatch.schema import MODALITIES, QUARANTINE, emb_column, has_column, normalize_split, quarantine_row
-
-QUARANTINE_DIR = storage.QUARANTINE_DIR
 
 
 @dataclass
-class UnitJob:
-    """What every worker of one dataset's units needs (shipped once per worker).
+class PreprocessRecord(CommitRecord):
+    """A preprocess unit's commit record: the engine's, and where the unit ran (in its marker and the
+    run's placement summary)."""
+    devices: dict = field(default_factory=dict)       # modality -> device it was embedded on
+    shape: str = ""                             # "fused" or "split" (features.gpu_shape) as it ran
 
-    Every field is part of the units' fingerprint (mmbatch.engine.provenance.job_fingerprint) unless its
-    metadata says otherwise: a new field that changes the output needs no other change."""
+
+@dataclass
+class UnitJob(ABC):
+    """What every worker of one dataset's units needs (shipped once per worker). Its type says what
+    the units write: :class:`FusedUnitJob` the fused rows, :class:`PartnerFeaturesJob` a pairing
+    partner's per-modality features.
+
+    Every field is part of the units' fingerprint (:meth:`fingerprint`) unless its metadata says
+    otherwise: a new field that changes the output needs no other change."""
+    role: ClassVar[str] = ""         # in the fingerprint: the units of the two types never share one
+    # fingerprinted as if they were fields (see PartnerFeaturesJob)
+    fingerprint_constants: ClassVar[dict] = {}
     dataset: str
     out_uri: str = field(metadata={"fingerprint": False})   # output directory of this dataset's units
     out_rel: str                     # that directory relative to the run's output root ("" or _features/<ds>)
-    role: str                        # "fused": final rows; "features": a pairing partner's embeddings
     columns: list[str]
     specs: dict
     modalities: list[str]            # this dataset's own modalities
@@ -61,25 +75,122 @@ class UnitJob:
     schema: pa.Schema                # of the written table
     label_map: dict | None = None
     completions: list[dict] = field(default_factory=list)
+    row_group_size: int = 4096
+    # rows per extractor call (features.batch_size): changes a model's output bits, not a model-free one's
+    batch_size: int = field(default=64, metadata={"fingerprint": "model"})
+    features: dict = field(default_factory=dict)  # modality -> extractor describe() + weights content sha256
+    # fsspec options (may hold secrets): where the bytes are, not what they are
+    storage: dict = field(default_factory=storage.options, repr=False, metadata={"fingerprint": False})
+
+    def fingerprint(self, uses_model: bool) -> dict:
+        """The job's part of each unit's fingerprint (mmbatch.engine.provenance.job_fingerprint)."""
+        return {**self.fingerprint_constants, "role": self.role, **job_fingerprint(self, uses_model)}
+
+    def excluded(self) -> dict:
+        """sample_id -> quarantine reason of rows to quarantine before any work (none here)."""
+        return {}
+
+    def columns_used(self) -> set[str]:
+        """The input columns that the output reads besides META_COLS (a label map's)."""
+        return {(self.label_map or {}).get("column")} - {None}
+
+    @abstractmethod
+    def output(self, meta: dict, table: pa.Table, embs: dict, present: dict, partner_rows) -> pa.Table:
+        """The table a unit writes, from its light columns ``meta``, its input ``table`` (media
+        dropped) and its embeddings; ``partner_rows``: the worker's PartnerRows."""
+
+
+@dataclass
+class PartnerFeaturesJob(UnitJob):
+    """A pairing partner's units: their per-modality features, under ``OUT/_features/<dataset>/``,
+    which the primary's units attach (mmbatch.preprocess.fuse)."""
+    role: ClassVar[str] = "features"
+    # the values these fields of a FusedUnitJob had in a features job while both were one class: units
+    # committed then keep their fingerprints
+    fingerprint_constants: ClassVar[dict] = {"keep_splits": None, "split_plan": None, "split_seed": 0,
+                                              "fusion": {}, "pairing": {}, "partners": []}
+
+    def output(self, meta: dict, table: pa.Table, embs: dict, present: dict, partner_rows) -> pa.Table:
+        """Every row, its embeddings (or sequence features) and presence per own modality."""
+        cols = dict(meta)
+        for m in self.modalities:
+            if emb_column(m) in self.schema.names:
+                cols[emb_column(m)] = embeddings_to_arrow(embs[m], present[m])
+            else:                                       # sequence features (mmbatch.preprocess.features.sequence)
+                cols.update(columns_in_schema(m, embs[m], present[m], self.schema))
+            cols[has_column(m)] = pa.array(present[m])
+        return pa.table(cols, schema=self.schema)
+
+
+@dataclass
+class FusedUnitJob(UnitJob):
+    """A primary dataset's units: the fused rows, in the run's output folder: split filter, pairing
+    partners attached, final split decided, fused."""
+    role: ClassVar[str] = "fused"
     keep_splits: list[str] | None = None
     split_plan: dict | None = None   # decide the final split (mmbatch.preprocess.splits) when set
     split_seed: int = 0
     fusion: dict = field(default_factory=dict)
     pairing: dict = field(default_factory=dict)
     partners: list[PartnerIndex] = field(default_factory=list)
-    row_group_size: int = 4096
-    # rows per extractor call (features.batch_size): changes a model's output bits, not a model-free one's
-    batch_size: int = field(default=64, metadata={"fingerprint": "model"})
-    features: dict = field(default_factory=dict)  # modality -> extractor describe() + weights content sha256
-    # modality -> "gpu"/"cpu" placement asked for (recorded per unit in its CommitRecord)
-    devices: dict = field(default_factory=dict, metadata={"fingerprint": False})
-    # "fused" or "split" (features.gpu_shape, as placed): where the model runs, not what it computes
-    shape: str = field(default="fused", metadata={"fingerprint": False})
-    # fsspec options (may hold secrets): where the bytes are, not what they are
-    storage: dict = field(default_factory=storage.options, repr=False, metadata={"fingerprint": False})
     # sample_id -> quarantine reason (dedup.leakage: quarantine) of the dataset; each unit's
     # fingerprint holds only its own rows' (DatasetPlan.units, mmbatch.dedup.leakage.Leakage.by_unit)
     exclude: dict = field(default_factory=dict, metadata={"fingerprint": False})
+
+    def excluded(self) -> dict:
+        """Rows that duplicate a train row (mmbatch.dedup.leakage)."""
+        return self.exclude
+
+    def columns_used(self) -> set[str]:
+        """A label map's column and the pairing key."""
+        key = self.pairing.get("key") if self.pairing.get("by") == "key" else None
+        return super().columns_used() | ({key} if key else set())
+
+    def output(self, meta: dict, table: pa.Table, embs: dict, present: dict, partner_rows) -> pa.Table:
+        keep = self._split_filter(meta["split"])
+        paired_with = None
+        if self.partners:      # partners share the dataset's own split (as ingested) where they have it
+            keep, paired_with = self._attach_partners(meta, table, embs, present, keep, partner_rows)
+        if self.split_plan is not None:
+            from mmbatch.preprocess.splits import assign_splits
+            final = assign_splits(meta["sample_id"].to_pylist(), meta["split"].to_pylist(), self.split_plan,
+                                  self.split_seed)
+            meta["split"] = pa.array(final.tolist(), pa.string())
+        if keep is not None and not keep.all():
+            meta = {k: v.filter(pa.array(keep)) for k, v in meta.items()}
+            embs = {m: e[keep] for m, e in embs.items()}
+            present = {m: p[keep] for m, p in present.items()}
+            if paired_with is not None:
+                paired_with = {k: [v for v, ok in zip(vals, keep) if ok] for k, vals in paired_with.items()}
+        return fused_table(meta, embs, present, self.dims, self.fusion, self.schema, paired_with)
+
+    def _split_filter(self, split: pa.Array) -> np.ndarray | None:
+        wanted = self.keep_splits
+        if not wanted:
+            return None
+        wanted = {s.lower() for s in wanted}
+        ok = {v for v in pc.unique(split).to_pylist()
+              if v is not None and (v.lower() in wanted or (normalize_split(v) or "") in wanted)}
+        return np.asarray(pc.is_in(split, value_set=pa.array(sorted(ok), pa.string())).to_numpy(
+            zero_copy_only=False), bool)
+
+    def _attach_partners(self, meta, table, embs, present, keep, partner_rows):
+        keep = np.ones(len(meta["sample_id"]), bool) if keep is None else keep
+        ids = meta["sample_id"].to_pylist()
+        labels, splits = meta["label"].to_pylist(), meta["split"].to_pylist()
+        key = self.pairing.get("key", "sample_id")
+        keys = (meta[key] if key in meta else table.column(key)).to_pylist() if self.pairing["by"] == "key" else None
+        paired_with = {}
+        for index in self.partners:
+            pos = index.choose(ids, labels, splits, keys, self.pairing.get("seed", 0))
+            if self.pairing["by"] == "key":
+                keep &= pos >= 0
+            p_embs, p_present, p_ids = partner_rows.take(index, pos, self.dims)
+            for m in p_embs:
+                if m not in self.modalities:
+                    embs[m], present[m] = p_embs[m], p_present[m]
+            paired_with[index.name] = p_ids
+        return keep, paired_with
 
 
 def extractor(modality: str, spec: dict):
@@ -151,10 +262,11 @@ class UnitState:
 
 
 class UnitWorker:
-    def __init__(self, job: UnitJob, models: bool = True):
-        """``models=False``: a split shape's CPU worker, which only decodes for a model (it never
-        builds one)."""
-        self.job = job
+    def __init__(self, job: UnitJob, shape: str = "fused", models: bool = True):
+        """``shape``: "fused" (one worker runs the whole unit) or "split" (features.gpu_shape, as
+        placed: a model modality is decoded in one worker and embedded in another). ``models=False``:
+        the split shape's CPU worker, which only decodes for a model (it never builds one)."""
+        self.job, self.shape = job, shape
         storage.configure(job.storage)
         self.extractors = {m: extractor(m, job.specs[m]) for m in job.modalities}
         self.device = {m: self._place(m, ex) if models else "cpu" for m, ex in self.extractors.items()}
@@ -164,7 +276,8 @@ class UnitWorker:
             self.completions = [CompleteModality(c["kind"], c.get("source_column"), c.get("target"))
                                 for c in job.completions]
         self.fs, self.out_dir = storage.url_to_fs(job.out_uri)
-        self.partner_rows = PartnerRows(self.fs) if job.partners else None
+        self.sink = UnitSink(self.fs, self.out_dir)
+        self.partner_rows = PartnerRows(self.fs)        # read only by units that pair (FusedUnitJob)
 
     def _place(self, modality: str, ex) -> str:
         if not ex.needs_model:
@@ -176,7 +289,7 @@ class UnitWorker:
         self.extractors[modality] = ex.to(device)
         return device
 
-    def __call__(self, unit: Unit) -> CommitRecord:
+    def __call__(self, unit: Unit) -> PreprocessRecord:
         return self.finish(self.prepare(unit))
 
     def prepare(self, unit: Unit) -> UnitState:
@@ -190,21 +303,22 @@ class UnitWorker:
                 table = c(table)
         n = table.num_rows
         failures = Failures(n)
-        if self.job.exclude:             # rows that duplicate a train row (mmbatch.dedup.leakage)
+        exclude = self.job.excluded()
+        if exclude:                      # rows that duplicate a train row (mmbatch.dedup.leakage)
             for i, sid in enumerate(table.column("sample_id").to_pylist()):
-                if sid in self.job.exclude:
-                    failures.bad[i], failures.reason[i] = True, self.job.exclude[sid]
+                if sid in exclude:
+                    failures.bad[i], failures.reason[i] = True, exclude[sid]
                     failures.detail[i] = "duplicates a train row (dedup.leakage: quarantine)"
         embs, present, decoded = {}, {}, {}
         for m in self.job.modalities:
-            if self.job.shape == "split" and self.extractors[m].needs_model:
+            if self.shape == "split" and self.extractors[m].needs_model:
                 decoded[m] = []
             with _timed(sec, m):
                 embs[m], present[m] = self._embed(m, table, failures, decoded.get(m))
-        media = [m for m in MODALITIES if m in table.column_names and m not in self._columns_used()]
+        media = [m for m in MODALITIES if m in table.column_names and m not in self.job.columns_used()]
         return UnitState(unit, table.drop_columns(media), failures, embs, present, decoded, sec)
 
-    def finish(self, state: UnitState) -> CommitRecord:
+    def finish(self, state: UnitState) -> PreprocessRecord:
         """The second half: embed the decoded batches, quarantine, fuse, write; the unit's record."""
         unit, table, failures, sec = state.unit, state.table, state.failures, state.seconds
         embs, present, n = dict(state.embs), state.present, table.num_rows
@@ -221,16 +335,16 @@ class UnitWorker:
                 table = table.take(pa.array(ok))
                 embs = {m: e[ok] for m, e in embs.items()}
                 present = {m: p[ok] for m, p in present.items()}
-            out = self._output(table, embs, present)
+            out = self.job.output(self._meta(table), table, embs, present, self.partner_rows)
         out = out.replace_schema_metadata({**(out.schema.metadata or {}), UNIT_FP_KEY: unit.fingerprint.encode()})
         with _timed(sec, "write"):
-            qfile = self._write(unit.id, out, quarantine)
-        return CommitRecord(
+            data_file, qfile = self.sink.write(unit.id, out, quarantine, row_group_size=self.job.row_group_size)
+        return PreprocessRecord(
             unit=unit.id, fingerprint=unit.fingerprint, input=f"{unit.path}#rg{unit.row_group}",
-            files=[f"{unit.id}.parquet"], rows_in=n, rows=out.num_rows, quarantined=quarantine.num_rows,
+            files=[data_file], rows_in=n, rows=out.num_rows, quarantined=quarantine.num_rows,
             dropped=n - quarantine.num_rows - out.num_rows, quarantine_file=qfile,
             reasons=dict(Counter(quarantine.column("reason").to_pylist())), counts=_counts(out),
-            seconds={k: round(v, 6) for k, v in sec.items()}, devices=dict(self.device), shape=self.job.shape,
+            seconds={k: round(v, 6) for k, v in sec.items()}, devices=dict(self.device), shape=self.shape,
             actors=dict(state.actors))
 
     def _embed(self, m: str, table: pa.Table, failures: "Failures",
@@ -258,56 +372,7 @@ class UnitWorker:
                     failures.add(i, m, err, paths[i] if paths else None)
         return emb, has
 
-    def _output(self, table: pa.Table, embs: dict, present: dict) -> pa.Table:
-        """The table this unit writes: fused rows, or a pairing partner's per-modality features."""
-        job = self.job
-        meta = self._meta(table)
-        keep = self._split_filter(meta["split"]) if job.role == "fused" else None
-        paired_with = None
-        if job.partners:       # partners share the dataset's own split (as ingested) where they have it
-            keep, paired_with = self._attach_partners(meta, table, embs, present, keep)
-        if job.split_plan is not None:
-            from mmbatch.preprocess.splits import assign_splits
-            final = assign_splits(meta["sample_id"].to_pylist(), meta["split"].to_pylist(), job.split_plan,
-                                  job.split_seed)
-            meta["split"] = pa.array(final.tolist(), pa.string())
-        if keep is not None and not keep.all():
-            meta = {k: v.filter(pa.array(keep)) for k, v in meta.items()}
-            embs = {m: e[keep] for m, e in embs.items()}
-            present = {m: p[keep] for m, p in present.items()}
-            if paired_with is not None:
-                paired_with = {k: [v for v, ok in zip(vals, keep) if ok] for k, vals in paired_with.items()}
-        if job.role == "fused":
-            return fused_table(meta, embs, present, job.dims, job.fusion, job.schema, paired_with)
-        cols = dict(meta)
-        for m in job.modalities:
-            if emb_column(m) in job.schema.names:
-                cols[emb_column(m)] = embeddings_to_arrow(embs[m], present[m])
-            else:                                       # sequence features (mmbatch.preprocess.features.sequence)
-                cols.update(columns_in_schema(m, embs[m], present[m], job.schema))
-            cols[has_column(m)] = pa.array(present[m])
-        return pa.table(cols, schema=job.schema)
-
-    def _write(self, unit_id: str, out: pa.Table, quarantine: pa.Table) -> str | None:
-        """Write the unit's file (and its quarantine file, or remove a stale one); the quarantine file's
-        path relative to the output dir, or None."""
-        name = f"{unit_id}.parquet"
-        write_table(self.fs, storage.join(self.out_dir, name), out, row_group_size=self.job.row_group_size)
-        qpath = storage.join(self.out_dir, QUARANTINE_DIR, name)
-        if quarantine.num_rows:
-            write_table(self.fs, qpath, quarantine)
-            return f"{QUARANTINE_DIR}/{name}"
-        if self.fs.exists(qpath):
-            self.fs.rm(qpath)
-        return None
-
     # --- parts ---------------------------------------------------------------------------------
-    def _columns_used(self) -> set[str]:
-        """The input columns that :meth:`finish` reads besides META_COLS (a label map's, a pairing key)."""
-        job = self.job
-        return {c for c in ((job.label_map or {}).get("column"),
-                            job.pairing.get("key") if job.pairing.get("by") == "key" else None) if c}
-
     def _meta(self, table: pa.Table) -> dict[str, pa.Array]:
         meta = {c: table.column(c).combine_chunks() for c in META_COLS}
         lm = self.job.label_map
@@ -317,35 +382,6 @@ class UnitWorker:
             meta["label"] = pc.cast(pc.index_in(keys, value_set=values), pa.int64())
             meta["label_name"] = keys
         return meta
-
-    def _split_filter(self, split: pa.Array) -> np.ndarray | None:
-        wanted = self.job.keep_splits
-        if not wanted:
-            return None
-        wanted = {s.lower() for s in wanted}
-        ok = {v for v in pc.unique(split).to_pylist()
-              if v is not None and (v.lower() in wanted or (normalize_split(v) or "") in wanted)}
-        return np.asarray(pc.is_in(split, value_set=pa.array(sorted(ok), pa.string())).to_numpy(
-            zero_copy_only=False), bool)
-
-    def _attach_partners(self, meta, table, embs, present, keep):
-        job = self.job
-        keep = np.ones(len(meta["sample_id"]), bool) if keep is None else keep
-        ids = meta["sample_id"].to_pylist()
-        labels, splits = meta["label"].to_pylist(), meta["split"].to_pylist()
-        key = job.pairing.get("key", "sample_id")
-        keys = (meta[key] if key in meta else table.column(key)).to_pylist() if job.pairing["by"] == "key" else None
-        paired_with = {}
-        for index in job.partners:
-            pos = index.choose(ids, labels, splits, keys, job.pairing.get("seed", 0))
-            if job.pairing["by"] == "key":
-                keep &= pos >= 0
-            p_embs, p_present, p_ids = self.partner_rows.take(index, pos, job.dims)
-            for m in p_embs:
-                if m not in job.modalities:
-                    embs[m], present[m] = p_embs[m], p_present[m]
-            paired_with[index.name] = p_ids
-        return keep, paired_with
 
     def _quarantine(self, table: pa.Table, failures: "Failures") -> pa.Table:
         if not failures.bad.any():
@@ -397,14 +433,15 @@ def _counts(t: pa.Table) -> dict:
 
 
 def make_worker(job: UnitJob) -> UnitWorker:
+    """The fused shape's one step: unit -> PreprocessRecord."""
     return UnitWorker(job)
 
 
 def make_decoder(job: UnitJob):
     """The split shape's first step (a CPU worker): unit -> UnitState."""
-    return UnitWorker(job, models=False).prepare
+    return UnitWorker(job, "split", models=False).prepare
 
 
 def make_embedder(job: UnitJob):
-    """The split shape's second step (one worker per GPU): UnitState -> CommitRecord."""
-    return UnitWorker(job).finish
+    """The split shape's second step (one worker per GPU): UnitState -> PreprocessRecord."""
+    return UnitWorker(job, "split").finish
