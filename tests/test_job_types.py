@@ -99,7 +99,8 @@ def test_a_fused_job_filters_splits_and_fuses_and_a_features_job_keeps_every_row
         "leak:test_duplicates_train"]
 
     feats_schema = pa.schema([fused_schema({}, 0).field(c) for c in META_COLS] +
-                             [fused_schema({"text": 16}, 16).field("text_emb"), pa.field(has_column("text"), pa.bool_())])
+                             [fused_schema({"text": 16}, 16).field("text_emb"),
+                              pa.field(has_column("text"), pa.bool_())])
     features_job = PartnerFeaturesJob(out_rel="_features/texts", schema=feats_schema, **_common(tmp_path / "p"))
     rec = UnitWorker(features_job)(canonical)
     assert (rec.rows_in, rec.rows, rec.quarantined, rec.dropped, rec.quarantine_file) == (6, 6, 0, 0, None)

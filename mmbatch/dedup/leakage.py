@@ -6,7 +6,7 @@ the final splits (mmbatch.preprocess.splits), before any unit runs.
   the units and their fingerprints are untouched (their output does not change).
 * ``quarantine``: each such row is quarantined by its unit with the reason
   ``duplicate_of_train:<modality>:<train sample_id>``; the dataset's exclusions travel in its
-  UnitJob (``exclude``), and each unit's fingerprint holds the exclusions of its own rows
+  FusedUnitJob (``exclude``), and each unit's fingerprint holds the exclusions of its own rows
   (:meth:`Leakage.by_unit`), so changing the setting (or the leaked rows) redoes only the units
   whose rows it changes.
 

@@ -149,7 +149,8 @@ class Placement:
 
 def _placement(wf: Workflow, plan: DatasetPlan, job: UnitJob, units: int) -> Placement:
     """Where the dataset's units run: one worker per CPU the cluster has or its autoscaler can add, at
-    most one per unit of the ``units`` and ``ray.max_workers`` (mmbatch.engine.capacity.pool_size). When an extractor needs a model and GPUs are asked for
+    most one per unit of the ``units`` and ``ray.max_workers`` (mmbatch.engine.capacity.pool_size).
+    When an extractor needs a model and GPUs are asked for
     (``features.*.num_gpus``) or the cluster has GPUs (an embedded Ray's ``ray.num_gpus``) or can start
     GPU nodes, the model gets a GPU; asking for it is what makes the autoscaler start GPU nodes.
 
