@@ -30,3 +30,30 @@ def demo_corpus(tmp_path_factory):
     from mmbatch.demo.corpus import write_demo_corpus
 
     return write_demo_corpus(tmp_path_factory.mktemp("corpus"), per_class=12)
+
+
+# --- tiers ------------------------------------------------------------------------------------
+# The fast tier (`python -m pytest -m "not slow"`) is the Ray-free unit tier: planning, fingerprints,
+# config, readers, extractors and fusion math, each stage's callable run in this process. A test that
+# needs Ray, because it asks for `ray_session` (itself or through a fixture) or starts Ray another way,
+# is in the slow tier. The guard below keeps it that way: a fast-tier test that leaves Ray running in
+# this process fails and says how to fix it. (A test that starts Ray in a child process, through the
+# `mmbatch` command, is marked `slow` by hand.)
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "ray_session" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True)
+def _fast_tier_stays_ray_free(request):
+    import sys
+
+    was = "ray" in sys.modules and sys.modules["ray"].is_initialized()
+    yield
+    if was or request.node.get_closest_marker("slow"):
+        return
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        pytest.fail(f"{request.node.nodeid} starts Ray but is in the fast tier: mark it "
+                    "@pytest.mark.slow or ask for the ray_session fixture", pytrace=False)
