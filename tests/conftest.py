@@ -36,12 +36,15 @@ def demo_corpus(tmp_path_factory):
 # The fast tier (`python -m pytest -m "not slow"`) is the Ray-free unit tier: planning, fingerprints,
 # config, readers, extractors and fusion math, each stage's callable run in this process. A test that
 # needs Ray, because it asks for `ray_session` (itself or through a fixture) or starts Ray another way,
-# is in the slow tier. The guard below keeps it that way: a fast-tier test that leaves Ray running in
-# this process fails and says how to fix it. (A test that starts Ray in a child process, through the
-# `mmbatch` command, is marked `slow` by hand.)
+# is in the slow tier, as is one that runs a whole job or benchmark in a child process (marked by hand).
+# The guard below keeps the fast tier Ray-free: a fast-tier test that leaves Ray running in this process
+# fails and says how to fix it.
+RAY_FIXTURES = {"ray_session", "ray_head"}     # the shared local Ray; a `ray start --head` server
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if "ray_session" in getattr(item, "fixturenames", ()):
+        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
 
 
