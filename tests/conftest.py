@@ -30,3 +30,33 @@ def demo_corpus(tmp_path_factory):
     from mmbatch.demo.corpus import write_demo_corpus
 
     return write_demo_corpus(tmp_path_factory.mktemp("corpus"), per_class=12)
+
+
+# --- tiers ------------------------------------------------------------------------------------
+# The fast tier (`python -m pytest -m "not slow"`) is the Ray-free unit tier: planning, fingerprints,
+# config, readers, extractors and fusion math, each stage's callable run in this process. A test that
+# needs Ray, because it asks for `ray_session` (itself or through a fixture) or starts Ray another way,
+# is in the slow tier, as is one that runs a whole job or benchmark in a child process (marked by hand).
+# The guard below keeps the fast tier Ray-free: a fast-tier test that leaves Ray running in this process
+# fails and says how to fix it.
+RAY_FIXTURES = {"ray_session", "ray_head"}     # the shared local Ray; a `ray start --head` server
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True)
+def _fast_tier_stays_ray_free(request):
+    import sys
+
+    was = "ray" in sys.modules and sys.modules["ray"].is_initialized()
+    yield
+    if was or request.node.get_closest_marker("slow"):
+        return
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        pytest.fail(f"{request.node.nodeid} starts Ray but is in the fast tier: mark it "
+                    "@pytest.mark.slow or ask for the ray_session fixture", pytrace=False)

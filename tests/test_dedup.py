@@ -45,6 +45,7 @@ def test_image_copies_verify_and_lookalikes_do_not(how):
     assert emb.shape == (sig.IMAGE_DCT ** 2 - 1,) and thumb.shape == (sig.THUMB, sig.THUMB)
 
 
+@pytest.mark.slow
 def test_audio_copy_verifies_and_another_voice_does_not():
     x, sr = tc.speak(tc.SENTENCES[0], tc.VOICES[0])
     y, sr2 = tc.speak(tc.SENTENCES[0], tc.VOICES[1])
@@ -70,6 +71,7 @@ def test_text_shingles_and_minhash():
     assert abs(est - j) < 0.15
 
 
+@pytest.mark.slow
 def test_candidates_find_planted_neighbours_only(monkeypatch):
     rng = np.random.default_rng(0)
     base = rng.normal(size=(4000, 24)).astype(np.float32)       # 15 inverted lists, 8 probed
@@ -145,6 +147,7 @@ def test_not_canonical_data_is_a_clear_error(tmp_path, capsys):
     assert "no Parquet shards" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_scale_benchmark_finds_what_an_exact_search_finds(monkeypatch):
     """benchmarks/duplicates.py's synthetic shards (20,000 rows: 78 inverted lists, 8 searched),
     through the command's own pair finding: the inverted lists find the pairs that an exact search

@@ -298,6 +298,7 @@ def test_every_fusion_model_takes_learned_encoders(fusion):
         assert torch.allclose(model(other)[3], model(batch)[3], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_e2e_benchmark_writes_its_table(tmp_path):
     """`python -m benchmarks.e2e` on a tiny task: every model is trained, scored and tabled."""
     from benchmarks import e2e

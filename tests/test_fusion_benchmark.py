@@ -10,11 +10,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from benchmarks.fusion import failures
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_fusion_benchmark_runs_every_model_and_reports_gains(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "benchmarks.fusion", "--tasks", "xor", "--seeds", "0",
                            "--train", "120", "--val", "40", "--test", "60", "--epochs", "2", "--out", str(tmp_path)],

@@ -79,6 +79,7 @@ def librispeech(root: Path, hostile: Path | None, n: int = 20) -> Path:
 
 
 # --- audio: decode only what max_seconds needs --------------------------------------------------
+@pytest.mark.slow
 def test_hostile_flac_decodes_only_the_clip_or_is_too_long(hostile):
     data = hostile.read_bytes()
     info = media.probe_audio(data)
@@ -181,6 +182,7 @@ def peak_rss_delta(mode: str, normal: Path, hostile: Path, out: Path) -> dict:
     return got
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from /proc (Linux)")
 def test_memory_of_hostile_files_stays_bounded(hostile, tmp_path):
     normal_flac = tmp_path / "normal.flac"

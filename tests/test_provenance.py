@@ -458,6 +458,7 @@ cluster.shutdown()
 """
 
 
+@pytest.mark.slow
 def test_ranks_get_distinct_gpus_on_a_cluster_with_fake_gpus(tmp_path):
     from faults import private_ray_tmpdir, run_cmd
 

@@ -186,6 +186,7 @@ HOLDER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_a_holder_stalled_past_stale_after_refuses_to_write(uri, server, tmp_path):
     """A holder process is stopped (SIGSTOP) past stale_after; another writer takes the lock. Woken up, the
     holder tries to register: it stops with LockLost before writing anything, and leaves the new lock alone."""

@@ -383,6 +383,7 @@ def test_modalities_argument_is_checked_against_the_data(tmp_path):
         run_mod.resolve_modalities(["text"], data)
 
 
+@pytest.mark.slow
 def test_validation_on_read_only_arrays_warns_nothing():
     """Ray Train workers get the validation split from the object store as read-only NumPy
     arrays; scoring them must not make torch warn about non-writable tensors (it did, once in
