@@ -54,42 +54,58 @@ def text_key(text: str | None) -> str | None:
 THUMB = 32           # grey thumbnail side (the verify payload, float16: 2 KB an image)
 IMAGE_DCT = 5        # low-frequency DCT block -> 24-dim candidate embedding (DC dropped)
 IMAGE_BLOCK = 4      # verify: local correlation in 4x4-pixel blocks of the thumbnail
+CHROMA = 16          # colour payload: CIELAB a*, b* on a 16 x 16 grid (float16: 1 KB an image)
+CHROMA_TOP = 0.05    # colour: the mean chroma difference of the 5 % of cells that differ most
+CHROMA_SCALE = 100.0  # ... in CIELAB units / 100: colour = 1 - that
+COLOUR_WEIGHT = 1.0  # score = structure - COLOUR_WEIGHT x (1 - colour)
 IMAGE_THRESHOLD = 0.955
+
+
+def decode_colour(data: bytes) -> np.ndarray:
+    """Image bytes (JPEG, PNG, ...) -> uint8 BGR array; ValueError when undecodable."""
+    import cv2
+
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if arr is None:
+        raise ValueError("undecodable image")
+    return arr
 
 
 def decode_grey(data: bytes) -> np.ndarray:
     """Image bytes (JPEG, PNG, ...) -> float32 grey array; ValueError when undecodable."""
     import cv2
 
-    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
-    if arr is None:
-        raise ValueError("undecodable image")
-    return arr.astype(np.float32)
+    return cv2.cvtColor(decode_colour(data), cv2.COLOR_BGR2GRAY).astype(np.float32)
 
 
-def image_signature(data: bytes) -> tuple[np.ndarray, np.ndarray]:
-    """(candidate embedding float32[24], verify thumbnail float16[32, 32]) of one image.
+def image_signature(data: bytes) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """(candidate embedding float32[24], verify payload (grey thumbnail float16[32, 32], chroma
+    float16[16, 16, 2])) of one image.
 
     The embedding is pHash's first step (imagehash.phash: grey 32x32, 2-D DCT,
     the low frequencies; we keep 5x5 of them) without its last one (thresholding at the median into
     64 bits). We keep the real values because the candidate index is a
     nearest-neighbour search (faiss), which ranks a re-encoded copy above a
-    look-alike more reliably than Hamming distance on the binarised bits:
-    brightening a copy moved up to 10 of pHash's 64 bits on our corpus, as many as
-    separate two look-alikes. The thumbnail is z-normalised, so brightness and
-    contrast shifts (affine in grey level) vanish before either step.
+    look-alike more reliably than Hamming distance on the binarised bits. The
+    thumbnail is z-normalised, so brightness and contrast shifts (affine in
+    grey level) vanish before either step. The chroma grid is OpenCV's CIELAB
+    a*, b* (lightness dropped, so a brightened copy keeps its colours).
     """
     import cv2
 
-    g = decode_grey(data)
+    bgr = decode_colour(data)
+    g = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY).astype(np.float32)
     t = cv2.resize(g, (THUMB, THUMB), interpolation=cv2.INTER_AREA)
     t = (t - t.mean()) / (t.std() + 1e-6)
     d = cv2.dct(t)[:IMAGE_DCT, :IMAGE_DCT].ravel()[1:]
-    return _unit(d), t.astype(np.float16)
+    small = cv2.resize(bgr.astype(np.float32) / 255.0, (CHROMA, CHROMA), interpolation=cv2.INTER_AREA)
+    lab = cv2.cvtColor(small, cv2.COLOR_BGR2Lab)[:, :, 1:]
+    return _unit(d), (t.astype(np.float16), lab.astype(np.float16))
 
 
 def image_similarity(a: np.ndarray, b: np.ndarray, block: int = IMAGE_BLOCK) -> float:
-    """Energy-weighted mean of the local (per block) correlations of two thumbnails, in [-1, 1].
+    """Structure: the energy-weighted mean of the local (per block) correlations of two grey
+    thumbnails, in [-1, 1].
 
     A global correlation is dominated by a shared background: two different
     objects on the same background correlate up to 0.995 on our corpus, as
@@ -97,7 +113,7 @@ def image_similarity(a: np.ndarray, b: np.ndarray, block: int = IMAGE_BLOCK) -> 
     both cases, but a block where one image has the object and the other has
     not does not, and it carries much of the energy. Re-encoding, resizing and
     brightness/contrast (even with clipping) keep every block's structure.
-    Measured: copies >= 0.963, look-alikes <= 0.952 (100 px drawn objects).
+    It is blind to colour: :func:`image_colour` adds that.
     """
     k = a.shape[0] // block
 
@@ -112,6 +128,27 @@ def image_similarity(a: np.ndarray, b: np.ndarray, block: int = IMAGE_BLOCK) -> 
         return 1.0 if np.allclose(a, b) else 0.0
     c = (A * B).sum(1) / (e + 1e-9)
     return float((c * e).sum() / e.sum())
+
+
+def image_colour(a: np.ndarray, b: np.ndarray) -> float:
+    """Colour agreement of two chroma grids, in [0, 1]: 1 - (the mean CIELAB a*b* distance of the
+    :data:`CHROMA_TOP` cells that differ most) / :data:`CHROMA_SCALE`.
+
+    The cells that differ most are where an object of another colour stands, however small
+    a part of the picture it is; re-encoding, resizing and level shifts move each cell's
+    chroma little."""
+    d = np.sqrt(((np.asarray(a, np.float32) - np.asarray(b, np.float32)) ** 2).sum(-1)).ravel()
+    k = max(1, int(round(CHROMA_TOP * d.size)))
+    top = np.partition(d, d.size - k)[d.size - k:]
+    return float(max(0.0, 1.0 - top.mean() / CHROMA_SCALE))
+
+
+def image_signals(a, b) -> dict:
+    """The signals of two image payloads and the score they make: ``structure``, ``colour``,
+    ``score`` = structure - COLOUR_WEIGHT x (1 - colour)."""
+    s = image_similarity(a[0], b[0])
+    c = image_colour(a[1], b[1])
+    return {"structure": s, "colour": c, "score": s - COLOUR_WEIGHT * (1.0 - c)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,16 +226,13 @@ def audio_signature(data: bytes) -> tuple[np.ndarray, np.ndarray]:
     return _unit(pooled - pooled.mean()), m.astype(np.float16)
 
 
-def audio_similarity(a: np.ndarray, b: np.ndarray, max_lag: int = AUDIO_MAX_LAG) -> float:
-    """Best Pearson correlation of two log-mels over lags of +-``max_lag`` frames, times the
-    ratio of their lengths (a clip is not a copy of one twice its length).
-
-    Measured on espeak-ng sentences: copies (gain, resampling, OGG/MP3, silence,
-    25 dB noise) >= 0.98; the same sentence by another voice <= 0.92.
-    """
-    a = np.asarray(a, np.float32)
-    b = np.asarray(b, np.float32)
-    best = -1.0
+def audio_signals(a: np.ndarray, b: np.ndarray, max_lag: int = AUDIO_MAX_LAG) -> dict:
+    """``corr``: the best Pearson correlation of two log-mels over lags of +-``max_lag`` frames,
+    ``lag_ms``: that lag, ``score``: corr times the ratio of their lengths (no penalty within
+    10 %: trim jitter; a clip is not a copy of one twice its length)."""
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    best, best_lag = -1.0, 0
     for lag in range(-max_lag, max_lag + 1):
         x, y = a[:, max(0, lag):], b[:, max(0, -lag):]
         n = min(x.shape[1], y.shape[1])
@@ -207,10 +241,16 @@ def audio_similarity(a: np.ndarray, b: np.ndarray, max_lag: int = AUDIO_MAX_LAG)
         x, y = x[:, :n].ravel(), y[:, :n].ravel()
         x, y = x - x.mean(), y - y.mean()
         den = np.sqrt((x @ x) * (y @ y))
-        if den > 0:
-            best = max(best, float(x @ y / den))
+        if den > 0 and x @ y / den > best:
+            best, best_lag = float(x @ y / den), lag
     ratio = min(a.shape[1], b.shape[1]) / max(a.shape[1], b.shape[1], 1)
-    return best * min(1.0, ratio / 0.9)       # lengths within 10 %: no penalty (trim jitter)
+    return {"corr": best, "lag_ms": best_lag * 1000.0 * AUDIO_HOP / AUDIO_SR,
+            "score": best * min(1.0, ratio / 0.9)}
+
+
+def audio_similarity(a: np.ndarray, b: np.ndarray, max_lag: int = AUDIO_MAX_LAG) -> float:
+    """The ``score`` of :func:`audio_signals`."""
+    return audio_signals(a, b, max_lag)["score"]
 
 
 # ---------------------------------------------------------------------------------------------
