@@ -31,8 +31,10 @@ def test_exact_keys():
     assert len(sig.content_hash(b"abc")) == 32                 # 128 bits, hex
 
 
-@pytest.mark.parametrize("how", tc.IMAGE_TRANSFORMS)
+@pytest.mark.parametrize("how", [h for h in tc.IMAGE_TRANSFORMS if h != "half"])
 def test_image_copies_verify_and_lookalikes_do_not(how):
+    """Every copy but one at half size (beyond #35's list: its score is below the default
+    threshold, docs/duplicates.md) verifies; a look-alike does not."""
     rng = np.random.default_rng(3)
     im = tc.draw_object(1, 2, 0, rng)
     other = tc.draw_object(1, 2, 4, rng)           # same kind, same background, another place/colour
