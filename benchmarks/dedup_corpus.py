@@ -498,7 +498,8 @@ def _audio(b: _Builder, gen: str, n: int, rng) -> None:
         orig = encode_audio(x, sr)
         o = f"aud{i}"
         b.add("alpha", f"a{i:03d}", "train", "audio", orig, o, "original-flac")
-        noise = "white" if gen == "shapes" else HELD_NOISES[i % len(HELD_NOISES)]
+        # odd originals get the noisy copies (noise30, combined): each noise kind comes round among them
+        noise = "white" if gen == "shapes" else HELD_NOISES[(i // 2) % len(HELD_NOISES)]
         for j in range(copies):
             how = transforms[(copies * i + j) % len(transforms)]
             ds, split = place(i + j)

@@ -14,6 +14,7 @@ from mmbatch.schema import CANONICAL, with_metadata
 
 CLIPS = 5
 COPIES = ("exact", "gain-6", "lead0-200", "wav22k", "combined")      # with the original: 6 a clip
+LOOSE = 0.95          # copies score >= 0.97 here, the other voices <= 0.9
 
 
 def local_verifier(payloads: list):
@@ -56,7 +57,8 @@ def clips(tmp_path_factory):
 
 def test_every_clip_copied_five_times_is_one_group(clips):
     shards, tables, payloads = clips
-    pairs, groups, scored = drun.find_pairs(shards, tables, local_verifier(payloads))
+    # a threshold below the default's edge: this test is about the grouping, not the borderline copies
+    pairs, groups, scored = drun.find_pairs(shards, tables, local_verifier(payloads), thresholds={"audio": LOOSE})
     g = {r["sample_id"]: r for r in groups.to_pylist()}
     assert len(g) == CLIPS * (len(COPIES) + 2)                       # every row has a group
     for i in range(CLIPS):
@@ -73,7 +75,7 @@ def test_every_clip_copied_five_times_is_one_group(clips):
     assert kinds == {"exact": "exact", **{h: "near" for h in COPIES[1:]}}
     for r in recs:                                  # which signals matched, readable per pair
         if r["kind"] == "near":
-            assert r["audio_corr"] >= r["similarity"] >= drun.THRESHOLDS["audio"]
+            assert r["audio_corr"] >= r["similarity"] >= LOOSE
             assert r["audio_lag_ms"] is not None and r["structure"] is None and r["text_jaccard"] is None
         else:
             assert r["similarity"] == 1.0 and r["audio_corr"] is None
@@ -113,3 +115,22 @@ def test_threshold_option_and_config_key(tmp_path, capsys):
         workflow_from_dict({"dedup": {"thresholds": {"video": 0.9}}})
     with pytest.raises(WorkflowError, match=r"outside \[-1, 1\]"):
         workflow_from_dict({"dedup": {"thresholds": {"image": 3}}})
+
+
+def test_tuning_rule_and_curve_in_the_report():
+    """benchmarks/duplicates.py's threshold rule (keep 99 % of the true pairs) and the
+    precision/recall curve that report.html draws with the threshold marked."""
+    from benchmarks import duplicates as bd
+    from mmbatch.dedup.report import render_report
+
+    score = np.r_[np.linspace(0.95, 1.0, 200), np.linspace(0.2, 0.9, 50)]
+    positive = np.r_[np.ones(200, bool), np.zeros(50, bool)]
+    t = bd.tune_threshold(score, positive)
+    assert 0.95 <= t <= score[:200][2] and (score[positive] >= t).mean() >= 0.99
+    curve = bd.pr_curve(score, positive, t, "test")
+    k = int(np.argmin(np.abs(np.asarray(curve["thresholds"]) - t)))
+    assert curve["precision"][k] == 1.0 and curve["recall"][k] >= 0.99 and curve["recall"][-1] == 1.0
+    summary = {"modalities": {}, "thresholds": drun.THRESHOLDS}
+    page = render_report(drun.PAIR_SCHEMA.empty_table(), summary, [], {"image": curve})
+    assert "Precision and recall" in page and page.count("data:image/png;base64,") == 1
+    assert f"image {drun.THRESHOLDS['image']:.3f}" in page

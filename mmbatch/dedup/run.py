@@ -459,7 +459,8 @@ def summarize(pairs: pa.Table, groups: pa.Table, shards: list[Shard], tables: li
         leaked = {split: sum(1 for sp_, dups in leaks.values() if sp_ == split and any(x[0] == m for x in dups))
                   for split in ("validation", "test")}
         per_mod[m] = {"rows": rows_by_mod[m], "rows_without_near_signature": no_near[m],
-                      "groups": int(n_groups.get(m, 0)), "pairs": len(mine), "exact": sum(r["kind"] == "exact" for r in mine),
+                      "groups": int(n_groups.get(m, 0)), "pairs": len(mine),
+                      "exact": sum(r["kind"] == "exact" for r in mine),
                       "near": sum(r["kind"] == "near" for r in mine), "rows_involved": len(involved),
                       "split_pairs": split_pairs,
                       "test_rows_with_train_duplicate": leaked["test"],
