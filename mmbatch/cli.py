@@ -378,15 +378,30 @@ def _convert(args) -> int:
 
 def _duplicates_args(sp) -> None:
     sp.add_argument("datasets", nargs="+", metavar="CANONICAL", help="canonical folders written by `mmbatch ingest`")
-    sp.add_argument("--out", required=True, help="folder for pairs.parquet, summary.json and report.html")
+    sp.add_argument("--out", required=True,
+                    help="folder for pairs.parquet, groups.parquet, summary.json and report.html")
     sp.add_argument("--address", default=None, help="Ray address (default: embedded local Ray or RAY_ADDRESS)")
+    sp.add_argument("--threshold", action="append", default=[], metavar="MODALITY=SCORE",
+                    help="near-duplicate score threshold of one modality (image, audio, text), e.g. image=0.9; "
+                    "repeatable (defaults: docs/duplicates.md)")
 
 
 def _duplicates(args) -> int:
     from mmbatch.dedup.run import render_summary, run_duplicates
-    res = run_duplicates(args.datasets, args.out, address=args.address)
+    from mmbatch.errors import UsageError
+    thresholds = {}
+    for t in args.threshold:
+        m, eq, v = t.partition("=")
+        try:
+            thresholds[m.strip()] = float(v) if eq else None
+        except ValueError:
+            thresholds[m.strip()] = v
+        if not eq:
+            raise UsageError(f"--threshold {t!r}: MODALITY=SCORE, e.g. image=0.9")
+    res = run_duplicates(args.datasets, args.out, address=args.address, thresholds=thresholds)
     print(render_summary(res.summary))
-    print_next_steps(f"wrote {res.pairs.num_rows} pairs to {storage_join(args.out, 'pairs.parquet')}", None, 0,
+    print_next_steps(f"wrote {res.pairs.num_rows} pairs to {storage_join(args.out, 'pairs.parquet')} "
+                     f"and the groups to {storage_join(args.out, 'groups.parquet')}", None, 0,
                      [f"open {storage_join(args.out, 'report.html')}",
                       "set `dedup: {leakage: report}` in a preprocess workflow to count leaked rows there"])
     return EXIT_OK

@@ -273,6 +273,17 @@ class DedupConfig(Strict):
     leakage: Literal["off", "report", "quarantine"] = Field(
         "off", description="off; report: count validation/test rows that duplicate a train row (summary and "
         "_manifest.json); quarantine: also quarantine them (reason duplicate_of_train:<modality>:<train id>)")
+    thresholds: dict[Literal["image", "audio", "text"], float] = Field(
+        default_factory=dict, description="near-duplicate score threshold per modality, in [-1, 1], e.g. "
+        "`{image: 0.9}` (unset: the defaults of docs/duplicates.md; also `mmbatch duplicates --threshold`)")
+
+    @field_validator("thresholds")
+    @classmethod
+    def _thresholds_in_range(cls, v):
+        for m, t in v.items():
+            if not -1.0 <= t <= 1.0:
+                raise ValueError(f"dedup.thresholds.{m}: {t} is outside [-1, 1]")
+        return v
 
 
 class Workflow(Strict):

@@ -19,7 +19,7 @@ WORDS = tc.WORDS
 
 def corpus_rows() -> list[dict]:
     """14 train/validation rows (image + text) and 4 test rows: t0 is an exact image copy of r0,
-    t1 a resized JPEG of r1 with its text re-cased, t2 and t3 look-alikes of r2 with new texts."""
+    t1 a resized (x0.75) JPEG of r1 with its text re-cased, t2 and t3 look-alikes of r2 with new texts."""
     rng = np.random.default_rng(0)
     ims = [tc.draw_object(i % 4, i % 3, i % 9, rng) for i in range(14)]
     rows = []
@@ -28,7 +28,7 @@ def corpus_rows() -> list[dict]:
         rows.append({"sample_id": f"r{i}", "source": "manifest", "split": "validation" if i >= 12 else "train",
                      "label": i % 2, "image": {"bytes": tc.encode_image(im), "path": f"r{i}.png"}, "text": text})
     tests = [(rows[0]["image"]["bytes"], " ".join(rng.choice(WORDS, size=10, replace=False))),
-             (tc.transform_image(ims[1], "half"), rows[1]["text"].upper() + "!"),
+             (tc.transform_image(ims[1], "resize075"), rows[1]["text"].upper() + "!"),
              (tc.encode_image(tc.draw_object(2, 2, 4, rng)), " ".join(rng.choice(WORDS, size=10, replace=False))),
              (tc.encode_image(tc.draw_object(2, 2, 6, rng)), " ".join(rng.choice(WORDS, size=10, replace=False)))]
     for k, (img, text) in enumerate(tests):

@@ -22,7 +22,7 @@ from mmbatch.schema import MODALITIES
 
 CACHE = "_dedup/leakage.json"
 REASON = "duplicate_of_train"
-VERSION = "leakage-1"
+VERSION = "leakage-2"      # 2: per group, with the image colour signal
 
 
 @dataclass
@@ -76,18 +76,20 @@ def reason(modality: str, train_id: str) -> str:
     return f"{REASON}:{modality}:{train_id}"
 
 
-def find_leakage(mode: str, plans: list, split_plan: dict, seed: int, fs, out_root: str, ray_cfg=None) -> Leakage:
-    """Leaked rows of the datasets in ``plans`` (preprocess DatasetPlans) under the final splits."""
+def find_leakage(mode: str, plans: list, split_plan: dict, seed: int, fs, out_root: str, ray_cfg=None,
+                 thresholds: dict | None = None) -> Leakage:
+    """Leaked rows of the datasets in ``plans`` (preprocess DatasetPlans) under the final splits,
+    decided per group (mmbatch.dedup.run.leaked_rows); ``thresholds``: per modality (defaults:
+    mmbatch.dedup.run.THRESHOLDS)."""
     if mode == "off":
         return Leakage(mode)
-    from mmbatch.dedup.run import Shard, find_duplicates, leaked_rows, shard_signatures
-    from mmbatch.dedup.signatures import AUDIO_THRESHOLD, IMAGE_THRESHOLD, TEXT_THRESHOLD
+    from mmbatch.dedup.run import Shard, check_thresholds, find_duplicates, leaked_rows, shard_signatures
     from mmbatch.preprocess.splits import assign_splits
 
     key = storage.fingerprint({"v": VERSION, "inputs": {p.cfg.name: sorted(map(str, p.input_fps.values()))
                                                         for p in plans},
                                "split_plan": split_plan, "seed": seed,
-                               "thresholds": [IMAGE_THRESHOLD, AUDIO_THRESHOLD, TEXT_THRESHOLD]})
+                               "thresholds": check_thresholds(thresholds)})
     path = storage.join(out_root, CACHE)
     cached = storage.read_json(fs, path)
     if cached and cached.get("key") == key:
@@ -98,9 +100,9 @@ def find_leakage(mode: str, plans: list, split_plan: dict, seed: int, fs, out_ro
         if ray_cfg is not None:           # the workflow's Ray settings (find_duplicates would use defaults)
             init_ray(ray_cfg.address, ray_cfg.num_cpus, ray_cfg.num_gpus, ray_cfg.object_store_memory)
         shards = [Shard(p.cfg.name, p.cfg.path, f) for p in plans for f in p.files]
-        pairs, _ = find_duplicates(shards, shard_signatures, final_splits=lambda ds, ids, raw: (
+        res = find_duplicates(shards, shard_signatures, thresholds=thresholds, final_splits=lambda ds, ids, raw: (
             assign_splits(ids, raw, split_plan, seed).tolist()))
-        found = [[ds, sid, split, dups] for (ds, sid), (split, dups) in sorted(leaked_rows(pairs).items())]
+        found = [[ds, sid, split, dups] for (ds, sid), (split, dups) in sorted(leaked_rows(res.groups).items())]
         storage.write_json(fs, path, {"key": key, "found": found})
     counts = {s: {} for s in ("validation", "test")}
     exclude: dict = {}

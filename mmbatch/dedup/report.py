@@ -71,7 +71,42 @@ def _cell(r: dict, side: str) -> str:
     return html.escape(f"{r[side + '_dataset']}/{r[side + '_sample_id']} ({r[side + '_split']})")
 
 
-def render_report(pairs: pa.Table, summary: dict, shards) -> str:
+def _signals(r: dict) -> str:
+    names = {"structure": "structure", "colour": "colour", "audio_corr": "correlation", "audio_lag_ms": "lag ms",
+             "text_jaccard": "Jaccard"}
+    return ", ".join(f"{v} {r[k]:.3f}" if k != "audio_lag_ms" else f"{v} {r[k]:.0f}"
+                     for k, v in names.items() if r.get(k) is not None)
+
+
+def _curve_png(m: str, c: dict) -> str:
+    """A precision/recall curve (``c``: precision, recall, thresholds lists, threshold, corpus)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(3.6, 3.0))
+    ax.plot(c["recall"], c["precision"], lw=1.5)
+    t = np.asarray(c["thresholds"])
+    k = int(np.argmin(np.abs(t - c["threshold"]))) if len(t) else None
+    if k is not None:
+        ax.plot([c["recall"][k]], [c["precision"][k]], "o", color="crimson",
+                label=f"default threshold {c['threshold']:.3f}")
+        ax.legend(loc="lower left", fontsize=7)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_title(f"{m} ({c.get('corpus', '')})", fontsize=9)
+    ax.set_xlim(0, 1.02)
+    ax.set_ylim(0, 1.02)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
+    plt.close(fig)
+    return _b64(buf.getvalue())
+
+
+def render_report(pairs: pa.Table, summary: dict, shards, curves: dict | None = None) -> str:
+    """The page; ``curves`` (modality -> precision/recall curve of scored candidates against a known
+    truth, as benchmarks/duplicates.py makes for its held-out corpus) adds the curves with the
+    default threshold marked."""
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>mmbatch duplicates</title>",
              "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
              "td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:middle}</style></head><body>",
@@ -82,19 +117,26 @@ def render_report(pairs: pa.Table, summary: dict, shards) -> str:
         parts.append(f"<tr><td>{html.escape(m)}</td><td>{s['rows']}</td><td>{s['exact']}</td><td>{s['near']}</td>"
                      f"<td>{s['rows_involved']}</td><td>{s['test_rows_with_train_duplicate']}</td>"
                      f"<td>{s['validation_rows_with_train_duplicate']}</td></tr>")
-    parts.append("</table>")
+    parts.append("</table><p>Thresholds: " + html.escape(", ".join(
+        f"{m} {t:.3f}" for m, t in summary.get("thresholds", {}).items())) + ". Each member of a group is paired "
+        "with the group's first row (groups.parquet has every row's group).</p>")
+    if curves:
+        parts.append("<h2>Precision and recall against the threshold</h2><p>"
+                     + "".join(f"<img src='{_curve_png(m, c)}'/>" for m, c in curves.items()) + "</p>")
     for m, render in (("image", _thumb), ("audio", _spectrogram)):
         top = _top(pairs, m)
         if not top:
             continue
-        parts.append(f"<h2>Top {m} pairs</h2><table><tr><th>a</th><th>b</th><th>kind</th><th>similarity</th></tr>")
+        parts.append(f"<h2>Top {m} pairs</h2><table><tr><th>a</th><th>b</th><th>kind</th><th>similarity</th>"
+                     "<th>signals</th></tr>")
         for r in top:
             cells = []
             for side in ("a", "b"):
                 data = _media(shards, r[f"{side}_dataset"], r[f"{side}_sample_id"], m)
                 img = f"<img src='{render(data)}'/><br>" if data else ""
                 cells.append(f"<td>{img}{_cell(r, side)}</td>")
-            parts.append(f"<tr>{''.join(cells)}<td>{html.escape(r['kind'])}</td><td>{r['similarity']:.3f}</td></tr>")
+            parts.append(f"<tr>{''.join(cells)}<td>{html.escape(r['kind'])}</td><td>{r['similarity']:.3f}</td>"
+                         f"<td>{html.escape(_signals(r))}</td></tr>")
         parts.append("</table>")
     top = _top(pairs, "text")
     if top:

@@ -34,12 +34,21 @@ log = logging.getLogger("mmbatch.dedup")
 SPLIT_ORDER = {"train": 0, "validation": 1, "test": 2}
 VERIFY_CHUNK = 4000
 THRESHOLDS = {"image": sig.IMAGE_THRESHOLD, "audio": sig.AUDIO_THRESHOLD, "text": sig.TEXT_THRESHOLD}
+# the signals each verifier reports (pairs.parquet columns); the last is the score held against the threshold
+SIGNALS = {"image": ("structure", "colour", "score"), "audio": ("audio_corr", "audio_lag_ms", "score"),
+           "text": ("text_jaccard", "score")}
+SIGNAL_COLUMNS = ("structure", "colour", "audio_corr", "audio_lag_ms", "text_jaccard")
 HASH_COLUMNS = {"image": "image_hash", "audio": "audio_hash"}     # written by ingest (schema.py)
 
 PAIR_SCHEMA = pa.schema([
     ("a_dataset", pa.string()), ("a_sample_id", pa.string()), ("a_split", pa.string()),
     ("b_dataset", pa.string()), ("b_sample_id", pa.string()), ("b_split", pa.string()),
     ("modality", pa.string()), ("kind", pa.string()), ("similarity", pa.float64()),
+    *[(c, pa.float64()) for c in SIGNAL_COLUMNS], ("group", pa.int64()),
+])
+GROUP_SCHEMA = pa.schema([
+    ("dataset", pa.string()), ("sample_id", pa.string()), ("split", pa.string()), ("modality", pa.string()),
+    ("group", pa.int64()), ("group_size", pa.int64()), ("first", pa.bool_()),
 ])
 SIG_SCHEMA = pa.schema([
     ("row", pa.int64()), ("sample_id", pa.string()), ("split", pa.string()), ("modality", pa.string()),
@@ -130,15 +139,29 @@ def shard_signatures(shard: Shard) -> tuple[pa.Table, list]:
 # --- 3. verification ---------------------------------------------------------------------------------
 def verify_pairs(modality: str, sa: np.ndarray, la: np.ndarray, sb: np.ndarray, lb: np.ndarray,
                  shard_ids: list[int], *payloads) -> np.ndarray:
-    """Similarities of candidate pairs, given as (shard, slot) of each side, from the payloads of
-    ``shard_ids`` (each indexable by slot: a shard's payload list, or a dict of the picked ones)."""
+    """Signals (n x len(SIGNALS[modality]), the score last) of candidate pairs, given as (shard,
+    slot) of each side, from the payloads of ``shard_ids`` (each indexable by slot: a shard's
+    payload list, or a dict of the picked ones); a pair with a missing payload scores 0."""
     by_shard = dict(zip(shard_ids, payloads))
-    score = {"image": sig.image_similarity, "audio": sig.audio_similarity, "text": sig.text_similarity}[modality]
-    out = np.empty(len(sa), np.float64)
+    names = SIGNALS[modality]
+    out = np.zeros((len(sa), len(names)), np.float64)
     for n in range(len(sa)):
         x, y = by_shard[int(sa[n])][int(la[n])], by_shard[int(sb[n])][int(lb[n])]
-        out[n] = score(x, y) if x is not None and y is not None else 0.0
+        if x is not None and y is not None:
+            got = signals(modality, x, y)
+            out[n] = [got[k] for k in names]
     return out
+
+
+def signals(modality: str, x, y) -> dict:
+    """The verifier's signals of two payloads of ``modality``, keyed as in :data:`SIGNALS`."""
+    if modality == "image":
+        return sig.image_signals(x, y)
+    if modality == "audio":
+        got = sig.audio_signals(x, y)
+        return {"audio_corr": got["corr"], "audio_lag_ms": got["lag_ms"], "score": got["score"]}
+    j = sig.text_similarity(x, y)
+    return {"text_jaccard": j, "score": j}
 
 
 def pick_payloads(payloads, slots: list[int]) -> dict:
@@ -185,24 +208,40 @@ class DuplicatesResult:
     out: str
     pairs: pa.Table
     summary: dict
+    groups: pa.Table = None
+    scored: dict = None          # modality -> every verified candidate (rows a, b; signals), for tuning
+
+
+def check_thresholds(thresholds: dict | None) -> dict:
+    """THRESHOLDS with ``thresholds`` (modality -> score) laid over; a clear error for a bad one."""
+    out = dict(THRESHOLDS)
+    for m, v in (thresholds or {}).items():
+        if m not in THRESHOLDS:
+            raise UsageError(f"threshold for {m!r}: the modalities are {', '.join(THRESHOLDS)}")
+        if not isinstance(v, (int, float)) or not -1.0 <= float(v) <= 1.0:
+            raise UsageError(f"threshold {m}={v!r}: a number in [-1, 1]")
+        out[m] = float(v)
+    return out
 
 
 def run_duplicates(datasets: list[str], out: str, *, address: str | None = None,
-                   report: bool = True) -> DuplicatesResult:
+                   report: bool = True, thresholds: dict | None = None) -> DuplicatesResult:
     from mmbatch.engine import ownership
 
+    thresholds = check_thresholds(thresholds)
     ownership.check_disjoint({"--out": out}, {f"CANONICAL {i + 1}": d for i, d in enumerate(datasets)})
     shards = list_shards(datasets)
     ownership.claim(out, "duplicates")
-    pairs, summary = find_duplicates(shards, shard_signatures, address=address)
-    write_outputs(out, pairs, summary, shards if report else None)
-    return DuplicatesResult(out, pairs, summary)
+    res = find_duplicates(shards, shard_signatures, address=address, thresholds=thresholds)
+    write_outputs(out, res, shards if report else None)
+    res.out = out
+    return res
 
 
-def find_duplicates(shards: list, signature_fn, *, address: str | None = None,
-                    final_splits=None) -> tuple[pa.Table, dict]:
-    """(pairs, summary) of ``shards``; ``signature_fn(shard) -> (table, payloads)`` runs in one Ray
-    task per shard (benchmarks/duplicates.py passes a synthetic one). ``final_splits(dataset,
+def find_duplicates(shards: list, signature_fn, *, address: str | None = None, final_splits=None,
+                    thresholds: dict | None = None) -> DuplicatesResult:
+    """Pairs, groups and summary of ``shards``; ``signature_fn(shard) -> (table, payloads)`` runs in
+    one Ray task per shard (benchmarks/duplicates.py passes a synthetic one). ``final_splits(dataset,
     sample_ids, splits) -> splits`` replaces the rows' split values (preprocess: the final split)."""
     import ray
 
@@ -221,68 +260,99 @@ def find_duplicates(shards: list, signature_fn, *, address: str | None = None,
             pa.string())) for sh, t in zip(shards, tables)]
     t_sig = time.time()
     seconds: dict = defaultdict(float)
-    pairs = find_pairs(shards, tables, RayVerifier(heavy_refs), seconds)
-    summary = summarize(pairs, shards, tables)
+    thresholds = check_thresholds(thresholds)
+    pairs, groups, scored = find_pairs(shards, tables, RayVerifier(heavy_refs), seconds, thresholds)
+    summary = summarize(pairs, groups, shards, tables, thresholds)
     summary["seconds"] = {"ray_init": round(t_init - t0, 3), "signatures": round(t_sig - t_init, 3),
                           **{k: round(v, 3) for k, v in seconds.items()}, "total": round(time.time() - t0, 3)}
-    return pairs, summary
+    return DuplicatesResult("", pairs, summary, groups, scored)
 
 
-def find_pairs(shards: list[Shard], tables: list[pa.Table], verify, seconds: dict | None = None) -> pa.Table:
-    """All verified pairs from the signature tables: exact groups, then near candidates among one
-    representative per group. ``verify(modality, shard_a, slot_a, shard_b, slot_b) -> similarities``
-    scores candidate pairs (:class:`RayVerifier`); ``seconds`` collects
-    the time spent finding candidates and verifying them."""
+def find_pairs(shards: list[Shard], tables: list[pa.Table], verify, seconds: dict | None = None,
+               thresholds: dict | None = None) -> tuple[pa.Table, pa.Table, dict]:
+    """(pairs, groups, scored) from the signature tables: exact groups, near candidates among one
+    representative per exact group, verified; the rows joined by either form groups, and each
+    member of a group is paired with the group's first row. ``verify(modality, shard_a, slot_a,
+    shard_b, slot_b) -> signals`` scores candidate pairs (:class:`RayVerifier`); ``seconds``
+    collects the time spent finding candidates and verifying them; ``scored``: per modality the
+    rows of every verified candidate pair and its signals (under the threshold too)."""
     seconds = defaultdict(float) if seconds is None else seconds
+    thresholds = check_thresholds(thresholds)
     if tables:
         sigs = pa.concat_tables([t.append_column("shard", pa.array(np.full(t.num_rows, k, np.int64)))
                                  .append_column("slot", pa.array(np.arange(t.num_rows, dtype=np.int64)))
                                  for k, t in enumerate(tables)])
     else:
         sigs = SIG_SCHEMA.empty_table()
-    parts = []
+    parts, gparts, scored = [], [], {}
     for m in MODALITIES:
         rows = sigs.filter(pc.equal(sigs.column("modality"), m))
         if rows.num_rows:
-            parts.append(_modality_pairs(m, rows, shards, verify, seconds))
-    return pa.concat_tables(parts) if parts else PAIR_SCHEMA.empty_table()
+            p, g, scored[m] = _modality_pairs(m, rows, shards, verify, seconds, thresholds[m])
+            parts.append(p)
+            gparts.append(g)
+    return (pa.concat_tables(parts) if parts else PAIR_SCHEMA.empty_table(),
+            pa.concat_tables(gparts) if gparts else GROUP_SCHEMA.empty_table(), scored)
 
 
-def _modality_pairs(m: str, rows: pa.Table, shards: list[Shard], verify, seconds: dict) -> pa.Table:
+def _modality_pairs(m: str, rows: pa.Table, shards: list[Shard], verify, seconds: dict, threshold: float):
     t0 = time.perf_counter()
     groups = cand.group_by_key(rows.column("exact"))
-    exact = [cand.group_pairs(g) for g in groups]
-    exact_pairs = np.concatenate(exact) if exact else np.empty((0, 2), np.int64)
-    # representatives: the first row of each exact group and every row outside one
-    rep_of = np.arange(rows.num_rows)
-    members: dict[int, np.ndarray] = {}
+    rep_of = np.arange(rows.num_rows)            # the first row of each exact group, or the row itself
     for g in groups:
         rep_of[g] = g[0]
-        members[int(g[0])] = g
     is_rep = rep_of == np.arange(rows.num_rows)
     valid, mat = _matrix(rows.column("minhash" if m == "text" else "emb"))
     reps = np.flatnonzero(is_rep & valid)
     t_exact = time.perf_counter()
     vecs = mat[(np.cumsum(valid) - 1)[reps]]
     cpairs = cand.minhash_pairs(vecs) if m == "text" else cand.knn_pairs(vecs)
-    cpairs = reps[cpairs] if len(cpairs) else cpairs
+    cpairs = reps[cpairs] if len(cpairs) else cpairs.reshape(0, 2)
     t1 = time.perf_counter()
-    sims = _verify(m, cpairs, rows, verify)
+    sigs = _verify(m, cpairs, rows, verify)
+    near = cpairs[sigs[:, -1] >= threshold]
+    label, first = row_groups(rows, shards, rep_of, near)
+    members = np.flatnonzero(first[label] != np.arange(rows.num_rows))
+    pairs = np.stack([first[label[members]], members], 1)
+    # the signals of each (first, member) pair: its verified candidate pair, or verified now
+    known = {(int(a), int(b)): k for k, (a, b) in enumerate(cpairs)}
+    rp = np.sort(np.stack([rep_of[pairs[:, 0]], rep_of[pairs[:, 1]]], 1), axis=1)
+    is_near = rp[:, 0] != rp[:, 1]
+    at = np.array([known.get((int(a), int(b)), -1) for a, b in rp], np.int64)
+    missing = np.flatnonzero(is_near & (at < 0))
+    extra = _verify(m, rp[missing], rows, verify)
+    sig_of = np.zeros((len(pairs), len(SIGNALS[m])))
+    sig_of[is_near & (at >= 0)] = sigs[at[is_near & (at >= 0)]]
+    sig_of[missing] = extra
     seconds["exact"] += t_exact - t0
     seconds["candidates"] += t1 - t_exact
     seconds["verify"] += time.perf_counter() - t1
-    near = cpairs[sims >= THRESHOLDS[m]]
-    near_sims = sims[sims >= THRESHOLDS[m]]
-    # expand representative pairs to the members of their exact groups
-    na, nb, ns = [], [], []
-    for (a, b), s in zip(near, near_sims):
-        ga, gb = members.get(int(a), np.array([a])), members.get(int(b), np.array([b]))
-        na.append(np.repeat(ga, len(gb)))
-        nb.append(np.tile(gb, len(ga)))
-        ns.append(np.full(len(ga) * len(gb), s))
-    near_pairs = np.stack([np.concatenate(na), np.concatenate(nb)], 1) if na else np.empty((0, 2), np.int64)
-    near_sims = np.concatenate(ns) if ns else np.empty(0)
-    return _pair_table(m, rows, shards, exact_pairs, near_pairs, near_sims)
+    scored = {"a": cpairs[:, 0], "b": cpairs[:, 1], "signals": sigs, "names": SIGNALS[m],
+              "ids": rows.column("sample_id"), "shard": rows.column("shard").to_numpy()}
+    return (_pair_table(m, rows, shards, pairs, is_near, sig_of, label),
+            _group_table(m, rows, shards, label, first), scored)
+
+
+def row_groups(rows: pa.Table, shards: list[Shard], rep_of: np.ndarray, near: np.ndarray):
+    """(group label of each row, the first row of each label): connected components of the exact
+    groups and the verified near pairs (scipy.sparse.csgraph); a group's first row is its earliest
+    by split (train < validation < test), then dataset, then sample_id."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    n = rows.num_rows
+    a = np.concatenate([rep_of, near[:, 0]]).astype(np.int64)
+    b = np.concatenate([np.arange(n), near[:, 1]]).astype(np.int64)
+    graph = coo_matrix((np.ones(len(a), np.int8), (a, b)), shape=(n, n))
+    _, label = connected_components(graph, directed=False)
+    split_rank = np.array([SPLIT_ORDER.get(x, 3) for x in rows.column("split").to_pylist()])
+    ds = np.array([shards[int(k)].dataset for k in rows.column("shard").to_numpy()], object)
+    ids = np.array(rows.column("sample_id").to_pylist(), object)
+    order = np.lexsort((ids.astype(str), ds.astype(str), split_rank, label))
+    starts = np.flatnonzero(np.r_[True, label[order][1:] != label[order][:-1]])
+    first = np.empty(label.max() + 1 if n else 0, np.int64)
+    first[label[order][starts]] = order[starts]
+    return label, first
 
 
 def _matrix(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
@@ -296,57 +366,70 @@ def _matrix(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
 
 def _verify(m: str, cpairs: np.ndarray, rows: pa.Table, verify) -> np.ndarray:
     if not len(cpairs):
-        return np.empty(0)
+        return np.empty((0, len(SIGNALS[m])))
     shard_of = rows.column("shard").to_numpy()
     slot_of = rows.column("slot").to_numpy()
     order = np.lexsort((shard_of[cpairs[:, 1]], shard_of[cpairs[:, 0]]))     # neighbouring shards together
     a, b = cpairs[order, 0], cpairs[order, 1]
-    sims = np.empty(len(cpairs))
-    sims[order] = verify(m, shard_of[a], slot_of[a], shard_of[b], slot_of[b])
-    return sims
-
-
-def _pair_table(m, rows, shards, exact_pairs, near_pairs, near_sims) -> pa.Table:
-    shard_of = rows.column("shard").to_numpy()
-    ids = rows.column("sample_id").to_pylist()
-    splits = rows.column("split").to_pylist()
-    ds = [shards[int(k)].dataset for k in shard_of]
-    recs = defaultdict(list)
-    for kind, pairs, sims in (("exact", exact_pairs, np.ones(len(exact_pairs))), ("near", near_pairs, near_sims)):
-        for (a, b), s in zip(pairs, sims):
-            a, b = int(a), int(b)
-            if (ds[a], ids[a]) == (ds[b], ids[b]):
-                continue
-            if _rank(splits[b], ds[b], ids[b]) < _rank(splits[a], ds[a], ids[a]):
-                a, b = b, a
-            for side, r in (("a", a), ("b", b)):
-                recs[f"{side}_dataset"].append(ds[r])
-                recs[f"{side}_sample_id"].append(ids[r])
-                recs[f"{side}_split"].append(splits[r])
-            recs["modality"].append(m)
-            recs["kind"].append(kind)
-            recs["similarity"].append(float(min(1.0, s)))
-    return pa.table(dict(recs), schema=PAIR_SCHEMA) if recs else PAIR_SCHEMA.empty_table()
-
-
-def _rank(split, dataset, sample_id):
-    return (SPLIT_ORDER.get(split, 3), dataset or "", sample_id or "")
-
-
-# --- summary ---------------------------------------------------------------------------------------------
-def leaked_rows(pairs: pa.Table) -> dict[tuple[str, str], tuple[str, list[tuple[str, str, str]]]]:
-    """(dataset, sample_id) of each validation/test row that duplicates a train row ->
-    (its split, [(modality, train dataset, train sample_id), ...])."""
-    out: dict = {}
-    for r in pairs.to_pylist():
-        for me, other in (("b", "a"), ("a", "b")):
-            if r[f"{me}_split"] in ("validation", "test") and r[f"{other}_split"] == "train":
-                out.setdefault((r[f"{me}_dataset"], r[f"{me}_sample_id"]), (r[f"{me}_split"], []))[1].append(
-                    (r["modality"], r[f"{other}_dataset"], r[f"{other}_sample_id"]))
+    out = np.empty((len(cpairs), len(SIGNALS[m])))
+    out[order] = np.asarray(verify(m, shard_of[a], slot_of[a], shard_of[b], slot_of[b])).reshape(len(a), -1)
     return out
 
 
-def summarize(pairs: pa.Table, shards: list[Shard], tables: list[pa.Table]) -> dict:
+def _pair_table(m, rows, shards, pairs, is_near, sig_of, label) -> pa.Table:
+    """One row per group member after the first: (first, member), exact or near, with the signals."""
+    if not len(pairs):
+        return PAIR_SCHEMA.empty_table()
+    shard_of = rows.column("shard").to_numpy()
+    ds = pa.array([shards[int(k)].dataset for k in shard_of], pa.string())
+    cols = {}
+    for side, idx in (("a", pairs[:, 0]), ("b", pairs[:, 1])):
+        take = pa.array(idx)
+        cols[f"{side}_dataset"] = ds.take(take)
+        cols[f"{side}_sample_id"] = rows.column("sample_id").take(take)
+        cols[f"{side}_split"] = rows.column("split").take(take)
+    cols["modality"] = pa.array([m] * len(pairs), pa.string())
+    cols["kind"] = pa.array(np.where(is_near, "near", "exact"), pa.string())
+    names = SIGNALS[m]
+    cols["similarity"] = pa.array(np.where(is_near, np.minimum(1.0, sig_of[:, -1]), 1.0))
+    for c in SIGNAL_COLUMNS:
+        cols[c] = (pa.array(sig_of[:, names.index(c)], mask=~is_near) if c in names
+                   else pa.nulls(len(pairs), pa.float64()))
+    cols["group"] = pa.array(label[pairs[:, 0]].astype(np.int64))
+    return pa.table(cols, schema=PAIR_SCHEMA)
+
+
+def _group_table(m, rows, shards, label, first) -> pa.Table:
+    """Every row of ``m`` with its group (a row without duplicates is a group of one)."""
+    n = rows.num_rows
+    size = np.bincount(label, minlength=len(first))[label] if n else np.empty(0, np.int64)
+    return pa.table({
+        "dataset": pa.array([shards[int(k)].dataset for k in rows.column("shard").to_numpy()], pa.string()),
+        "sample_id": rows.column("sample_id"), "split": rows.column("split"),
+        "modality": pa.array([m] * n, pa.string()), "group": pa.array(label.astype(np.int64)),
+        "group_size": pa.array(size.astype(np.int64)), "first": pa.array(first[label] == np.arange(n)),
+    }, schema=GROUP_SCHEMA)
+
+
+# --- summary ---------------------------------------------------------------------------------------------
+def leaked_rows(groups: pa.Table) -> dict[tuple[str, str], tuple[str, list[tuple[str, str, str]]]]:
+    """(dataset, sample_id) of each validation/test row in a group (of any modality) with a train
+    row -> (its split, [(modality, train dataset, train sample_id), ...]): the train row named is
+    the group's first row. Decided per group: a test row leaks when any train row is in its group,
+    directly verified against it or not."""
+    g = groups.filter(pc.greater(groups.column("group_size"), 1))
+    out: dict = {}
+    firsts = {(r["modality"], r["group"]): r for r in g.filter(g.column("first")).to_pylist()}
+    for r in g.to_pylist():
+        f = firsts[(r["modality"], r["group"])]
+        if r["split"] in ("validation", "test") and f["split"] == "train":
+            out.setdefault((r["dataset"], r["sample_id"]), (r["split"], []))[1].append(
+                (r["modality"], f["dataset"], f["sample_id"]))
+    return out
+
+
+def summarize(pairs: pa.Table, groups: pa.Table, shards: list[Shard], tables: list[pa.Table],
+              thresholds: dict | None = None) -> dict:
     rows_by_mod: dict = defaultdict(int)
     no_near: dict = defaultdict(int)
     for t in tables:
@@ -356,7 +439,9 @@ def summarize(pairs: pa.Table, shards: list[Shard], tables: list[pa.Table]) -> d
         for m in MODALITIES:
             rows_by_mod[m] += int((mods == m).sum())
             no_near[m] += int(((mods == m) & none).sum())
-    leaks = leaked_rows(pairs)
+    leaks = leaked_rows(groups)
+    dup = groups.filter(pc.and_(pc.greater(groups.column("group_size"), 1), groups.column("first")))
+    n_groups = dict(zip(*np.unique(dup.column("modality").to_numpy(zero_copy_only=False), return_counts=True)))
     per_mod = {}
     recs = pairs.to_pylist()
     for m in MODALITIES:
@@ -374,26 +459,30 @@ def summarize(pairs: pa.Table, shards: list[Shard], tables: list[pa.Table]) -> d
         leaked = {split: sum(1 for sp_, dups in leaks.values() if sp_ == split and any(x[0] == m for x in dups))
                   for split in ("validation", "test")}
         per_mod[m] = {"rows": rows_by_mod[m], "rows_without_near_signature": no_near[m],
-                      "pairs": len(mine), "exact": sum(r["kind"] == "exact" for r in mine),
+                      "groups": int(n_groups.get(m, 0)), "pairs": len(mine),
+                      "exact": sum(r["kind"] == "exact" for r in mine),
                       "near": sum(r["kind"] == "near" for r in mine), "rows_involved": len(involved),
                       "split_pairs": split_pairs,
                       "test_rows_with_train_duplicate": leaked["test"],
                       "validation_rows_with_train_duplicate": leaked["validation"]}
     return {"datasets": sorted({s.dataset: s.uri for s in shards}.items()), "modalities": per_mod,
-            "thresholds": THRESHOLDS, "leakage": {
+            "thresholds": check_thresholds(thresholds), "leakage": {
                 split: {m: per_mod[m][f"{split}_rows_with_train_duplicate"] for m in MODALITIES}
                 for split in ("validation", "test")}}
 
 
-def write_outputs(out: str, pairs: pa.Table, summary: dict, shards: list[Shard] | None) -> None:
+def write_outputs(out: str, res: DuplicatesResult, shards: list[Shard] | None, curves: dict | None = None) -> None:
+    """pairs.parquet, groups.parquet, summary.json and (with ``shards``) report.html under ``out``;
+    ``curves``: precision/recall curves for the report (benchmarks/duplicates.py, held-out corpus)."""
     fs, root = storage.url_to_fs(out)
     fs.makedirs(root, exist_ok=True)
-    storage.atomic_write_table(fs, storage.join(root, "pairs.parquet"), pairs)
-    storage.write_json(fs, storage.join(root, "summary.json"), summary)
+    storage.atomic_write_table(fs, storage.join(root, "pairs.parquet"), res.pairs)
+    storage.atomic_write_table(fs, storage.join(root, "groups.parquet"), res.groups)
+    storage.write_json(fs, storage.join(root, "summary.json"), res.summary)
     if shards is not None:
         from mmbatch.dedup.report import render_report
         storage.atomic_write_bytes(fs, storage.join(root, "report.html"),
-                                   render_report(pairs, summary, shards).encode("utf-8"))
+                                   render_report(res.pairs, res.summary, shards, curves).encode("utf-8"))
 
 
 def render_summary(summary: dict) -> str:
@@ -401,7 +490,8 @@ def render_summary(summary: dict) -> str:
     for m, s in summary["modalities"].items():
         if not s["rows"]:
             continue
-        lines.append(f"{m:<6} {s['rows']:>8} rows  {s['exact']:>6} exact + {s['near']:>6} near pairs, "
+        lines.append(f"{m:<6} {s['rows']:>8} rows  {s['groups']:>6} groups ({s['exact']} exact + {s['near']} near "
+                     f"pairs with their first rows), "
                      f"{s['rows_involved']} rows involved; test rows with a train duplicate: "
                      f"{s['test_rows_with_train_duplicate']}, validation: {s['validation_rows_with_train_duplicate']}")
     return "\n".join(lines) or "no image, audio or text values found"

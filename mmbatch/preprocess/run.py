@@ -236,7 +236,8 @@ def run_preprocess(wf: Workflow, progress: bool = True) -> PreprocessSummary:
     fdim = 0 if sequences else fused_dim(wf.fusion.method, dims, wf.fusion.dim)      # no `fused` column
     meta = _run_meta(wf, plans, splits, descriptions, dims, fdim)
     from mmbatch.dedup.leakage import find_leakage
-    leak = find_leakage(wf.dedup.leakage, primaries, splits, wf.splits.seed, out_fs, out_root, wf.ray)
+    leak = find_leakage(wf.dedup.leakage, primaries, splits, wf.splits.seed, out_fs, out_root, wf.ray,
+                        wf.dedup.thresholds)
     schema = _fused_output_schema(dims, fdim, sequences, bool(partners), meta)
     summary = PreprocessSummary(out=out_uri)
     runner = _Runner(wf, out_fs, out_root, summary)
