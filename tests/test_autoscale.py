@@ -270,6 +270,35 @@ def test_jobs_grow_the_fake_autoscaling_cluster_and_start_its_gpu_nodes(fake_clu
     assert (res["held"], res["groups"]) == ([], 0), res
 
 
+def test_training_asks_for_the_gpu_nodes_and_falls_back_to_cpu_without_cuda(fake_cluster, tmp_path):
+    """``mmbatch train`` (``use_gpu: auto``) on the fake cluster: the capacity code reads the GPU node types from
+    the launcher file, so the ranks would get GPUs; the fake GPUs have no CUDA, so it trains on CPUs with gloo and
+    says so once; ``use_gpu: true`` stops with one line naming the fix."""
+    import yaml
+    from fused_data import write_fused
+
+    data = write_fused(str(tmp_path / "fused"), n=200, seed=0)
+    env = {**fake_cluster, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent.parent),
+                                                                       os.environ.get("PYTHONPATH")]))}
+
+    def train(use_gpu):
+        wf = tmp_path / f"wf-{use_gpu}.yaml"
+        wf.write_text(yaml.safe_dump({"train": {
+            "data": data, "out": str(tmp_path / "runs"), "name": f"gpu-{use_gpu}", "epochs": 2, "hidden": 16,
+            "batch_size": 64, "num_workers": 2, "schedule": "none", "seed": 0, "use_gpu": use_gpu}}))
+        return subprocess.run([sys.executable, "-m", "mmbatch.cli", "train", str(wf)], env=env, capture_output=True,
+                              text=True, timeout=900)
+
+    auto = train("auto")
+    err = auto.stdout + auto.stderr
+    assert auto.returncode == 0 and "Traceback" not in err, err[-5000:]
+    assert err.count("training on CPUs (gloo) instead") == 1 and "no usable CUDA" in err, err[-5000:]
+    assert (tmp_path / "runs" / "gpu-auto" / "model" / "model.json").exists()
+    true = train(True)
+    lines = [ln for ln in true.stderr.splitlines() if ln.strip()]
+    assert true.returncode == 2 and len(lines) == 1 and "CUDA build of torch" in lines[0], true.stderr[-5000:]
+
+
 def test_the_cluster_scales_back_to_the_head_alone(fake_cluster):
     """After the jobs above, nothing of mmbatch holds a node: the autoscaler removes every worker node within its
     idle timeout (IDLE_MINUTES), plus its update interval and a node's shutdown."""

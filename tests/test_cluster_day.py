@@ -195,6 +195,16 @@ def test_ray_noise_stays_off_the_terminal_and_in_rays_log_files():
     assert not console.filter(record(logging.INFO, "Execution plan of Dataset ..."))
     assert console.filter(record(logging.WARNING, "Failed to read s3://bucket/x.parquet"))
     assert set(runtime.NOISE_SOURCES) >= {"autoscaler", "raylet"}
+    # a worker whose raylet was SIGKILLed (seen on the fake cluster): its C++ fatal check and stack, not printed
+    dump = ["[2026-12-07 21:17:52,953 C 15711 16255] core_worker.cc:515:  An unexpected system state has occurred.",
+            "*** StackTrace Information ***",
+            "/work/main/.venv/lib/python3.11/site-packages/ray/_raylet.so(+0x1812b9a) [0x7fc29ec12b9a] ray::operator<<",
+            "/root/.pyenv/versions/3.11.7/lib/libpython3.11.so.1.0(Py_RunMain+0x830) [0x7fa3e7eb9c60] Py_RunMain",
+            "ray::MapWorker(MapBatches(_PoolActor))(_start+0x21) [0x5632b020d081] _start", ""]
+    assert all(runtime.NOISE_PATTERN.search(ln) for ln in dump)
+    for kept in ("image cnn extractor: no weights given for resnet18", "[2026-12-07 21:17:52,953 W 1 2] x.cc:1: slow",
+                 "ValueError: bad value (0x1f)"):
+        assert not runtime.NOISE_PATTERN.search(kept), kept
 
 
 def test_quiet_mode_filters_ray_datas_console_not_its_log_file(ray_session):

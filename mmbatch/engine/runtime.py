@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import signal
 import threading
 from typing import Optional
@@ -282,6 +283,13 @@ NOISE_LINES = ("has constructor arguments in the object store and max_restarts >
                "Reporting training result ")                          # Ray Train: one per epoch per worker
 
 
+# A worker whose raylet died (a lost node) dumps a C++ fatal check and its stack before it exits: the check
+# line ("[... C pid tid] core_worker.cc:515: An unexpected system state ..."), the banner, the frames, blank
+# lines. They stay in the worker's own log files.
+NOISE_PATTERN = re.compile(r"^\[\d{4}-\d\d-\d\d [\d:,.]+ [CF] \d+ \d+\] |\*\*\* StackTrace Information \*\*\*"
+                           r"|\(\S*\+0x[0-9a-f]+\) \[0x[0-9a-f]+\]|^\s*$")
+
+
 def _filter_worker_logs() -> None:
     """Drop known noise from the worker output Ray forwards to the driver (log_to_driver); every
     other line, warnings and errors included, is printed as before."""
@@ -296,7 +304,8 @@ def _filter_worker_logs() -> None:
     def print_without_noise(data):
         if data.get("actor_name") in NOISE_ACTORS or data.get("pid") in NOISE_SOURCES:
             return
-        lines = [ln for ln in data.get("lines", []) if not any(n in ln for n in NOISE_LINES)]
+        lines = [ln for ln in data.get("lines", []) if not any(n in ln for n in NOISE_LINES)
+                 and not NOISE_PATTERN.search(ln)]
         if lines:
             print_logs({**data, "lines": lines}, ignore_prefix=ignore_prefix)
 
