@@ -285,7 +285,8 @@ def test_training_asks_for_the_gpu_nodes_and_falls_back_to_cpu_without_cuda(fake
         wf = tmp_path / f"wf-{use_gpu}.yaml"
         wf.write_text(yaml.safe_dump({"train": {
             "data": data, "out": str(tmp_path / "runs"), "name": f"gpu-{use_gpu}", "epochs": 2, "hidden": 16,
-            "batch_size": 64, "num_workers": 2, "schedule": "none", "seed": 0, "use_gpu": use_gpu}}))
+            "batch_size": 64, "num_workers": 2, "schedule": "none", "seed": 0, "use_gpu": use_gpu},
+            "splits": {"seed": 0}}))
         return subprocess.run([sys.executable, "-m", "mmbatch.cli", "train", str(wf)], env=env, capture_output=True,
                               text=True, timeout=900)
 

@@ -283,6 +283,9 @@ NOISE_LINES = ("has constructor arguments in the object store and max_restarts >
                "Reporting training result ")                          # Ray Train: one per epoch per worker
 
 
+# A warning that comes with its traceback, in the same batch of lines, and says itself it is safe to ignore:
+# Ray Train's controller failing to reach Ray's autoscaling coordinator in time on a loaded machine.
+NOISE_BATCHES = ("Failed to send resource request for train-",)
 # A worker whose raylet died (a lost node) dumps a C++ fatal check and its stack before it exits: the check
 # line ("[... C pid tid] core_worker.cc:515: An unexpected system state ..."), the banner, the frames, blank
 # lines. They stay in the worker's own log files.
@@ -303,6 +306,8 @@ def _filter_worker_logs() -> None:
 
     def print_without_noise(data):
         if data.get("actor_name") in NOISE_ACTORS or data.get("pid") in NOISE_SOURCES:
+            return
+        if any(ln.startswith(NOISE_BATCHES) for ln in data.get("lines", [])):
             return
         lines = [ln for ln in data.get("lines", []) if not any(n in ln for n in NOISE_LINES)
                  and not NOISE_PATTERN.search(ln)]

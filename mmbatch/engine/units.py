@@ -26,7 +26,9 @@ Faults, through Ray's and Ray Data's options:
   except in a pool of one actor (a split shape's one GPU, ``ray.max_workers: 1``), which restarts it: Ray
   Data keeps a dead actor in its pool and never replaces it, so with no other actor the job would wait
   for ever (a restart that cannot come hangs it all the same);
-- ``max_task_retries=0``: the unit it held is not retried on that actor ...
+- ``max_task_retries=0``: the unit it held is not retried on that actor (``max_tasks_in_flight_per_actor=1``:
+  an actor holds only the unit it runs, so a lost node costs its running units and the results it had not
+  yet handed over) ...
 - ``DataContext.max_errored_blocks=-1`` (on this dataset only): ... its block is given up and the
   job goes on with the other actors;
 - ``DataContext.max_consecutive_actor_init_deaths`` (:data:`INIT_DEATHS`, each pool): an actor that
@@ -234,7 +236,8 @@ def _round(steps: list[Step], job_ref: Any, todo: list, index: list[int], label:
     # through Ray Data's cluster autoscaler, too slowly to matter: docs/data-path.md).
     for s in steps:
         res, size = s.resources, max(1, min(s.workers or len(index), len(index)))
-        pool = ray.data.ActorPoolStrategy(size=size)
+        # one unit in flight per actor (Ray Data's default: 2): a lost actor takes only the unit it runs
+        pool = ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=1)
         with warnings.catch_warnings():     # max_restarts has no named parameter in Ray 2.60
             warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated", DeprecationWarning)
             ds = ds.map_batches(_PoolActor, batch_size=1, compute=pool,
