@@ -7,10 +7,12 @@ max 3) and 2 CPUs + 1 GPU (min 0, max 2); each fake node is a local raylet, its 
 The driver runs in a subprocess connected to that cluster. The cluster is stopped by killing its own
 processes (its session), never with ``ray stop``, which would stop every Ray on the machine.
 
-(a) a HOG job of 12-13 units grows the cluster past one node (peak >= 4 CPUs); its output equals a
-    local run's; (b) a CNN job whose workflow does not mention GPUs starts GPU nodes and its units run
-    there, the commit records name the node, and the summary says the model fell back to CPU (no CUDA
-    behind a fake GPU); (c) the driver ends cleanly.
+(a) a HOG job of 12-13 units from a bare head grows the cluster past one node (peak >= 4 CPUs) and
+    starts no GPU node; its output equals a local run's; (b) a CNN job whose workflow does not mention
+    GPUs starts GPU nodes and its units run there, the commit records name the node, and the summary
+    says the model fell back to CPU (no CUDA behind a fake GPU); (c) each driver ends cleanly, with no
+    actor or placement group of its job left on a worker node; (d) the cluster then scales back to the
+    head alone within its idle timeout.
 
 This autoscaler (v1, as `ray start --autoscaling-config` and the cluster launcher run it) does not
 report its node types to the GCS. As `ray up` does, the config is at ~/ray_bootstrap_config.yaml of
@@ -21,6 +23,7 @@ Ray 2.60 wheel, which lacks its example.yaml.)
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -47,12 +50,16 @@ LAUNCHER_KEYS = ("file_mounts", "cluster_synced_files", "initialization_commands
                  "head_setup_commands", "worker_setup_commands")
 
 
-def autoscaling_config() -> dict:
+IDLE_MINUTES = 1              # an idle worker node goes after a minute (5 in `ray up`'s default)
+
+
+def autoscaling_config(idle_timeout_minutes: float = IDLE_MINUTES) -> dict:
     def node(resources: dict, max_workers: int) -> dict:
         return {"resources": {**resources, "object_store_memory": 200 * 2**20}, "node_config": {},
                 "min_workers": 0, "max_workers": max_workers}
     return {
-        "cluster_name": "mmbatch-fake", "max_workers": 5, "upscaling_speed": 1.0, "idle_timeout_minutes": 5,
+        "cluster_name": "mmbatch-fake", "max_workers": 5, "upscaling_speed": 1.0,
+        "idle_timeout_minutes": idle_timeout_minutes,
         "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
                      "disable_launch_config_check": True},
         "auth": {}, "docker": {}, **{k: ([] if k.endswith("commands") else {}) for k in LAUNCHER_KEYS},
@@ -117,12 +124,15 @@ def stop_cluster(proc: subprocess.Popen) -> list[int]:
     return cluster_pids(sid)
 
 
-@pytest.fixture(scope="module")
-def fake_cluster():
-    deadline = time.time() + 600
+@contextlib.contextmanager
+def start_fake_cluster(wait_s: float = 600):
+    """Start the fake autoscaling cluster (its own session, HOME, temp dir and token); yield
+    ``(client_env, info)``, ``info`` with its ``tmp`` folder and ``sid``; stop it on exit by killing only
+    its own processes (:func:`stop_cluster`)."""
+    deadline = time.time() + wait_s
     while not port_free(PORT):          # another engineer's or test's Ray: wait for it, never stop it
         if time.time() > deadline:
-            pytest.fail(f"port {PORT} stayed busy for 10 minutes (the fake provider needs it)")
+            raise RuntimeError(f"port {PORT} stayed busy for {wait_s:.0f} s (the fake provider needs it)")
         time.sleep(5)
     tmp = Path(tempfile.mkdtemp(prefix="mmfc", dir="/tmp"))     # short: Ray's unix socket paths
     (tmp / "home").mkdir()
@@ -147,12 +157,21 @@ def fake_cluster():
             if proc.poll() is not None or time.time() > deadline:
                 raise RuntimeError("ray start failed:\n" + (tmp / "head.log").read_text()[-3000:])
             time.sleep(0.5)
-        yield client
+        yield client, {"tmp": tmp, "sid": proc.pid}
     finally:
         left = stop_cluster(proc)
         log.close()
         shutil.rmtree(tmp, ignore_errors=True)
         assert left == [], f"processes of the fake cluster left running: {left}"
+
+
+@pytest.fixture(scope="module")
+def fake_cluster():
+    try:
+        with start_fake_cluster() as (client, _):
+            yield client
+    except RuntimeError as e:
+        pytest.fail(str(e))
 
 
 DRIVER = r"""
@@ -178,8 +197,13 @@ wf, out = json.loads(sys.argv[1]), sys.argv[2]
 s = run_preprocess(workflow_from_dict(wf), progress=False)
 stop.set()
 gpu_nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Resources"].get("GPU"))
+head = ray.get_runtime_context().get_node_id()
+# what this job still holds on a worker node once it is done: live actors, placement groups
+held = sorted(a["ActorClassName"] for a in ray._private.state.actors().values()
+              if a["State"] in ("ALIVE", "PENDING_CREATION", "RESTARTING") and a["Address"]["NodeID"] != head)
+groups = [g for g in ray.util.placement_group_table().values() if g["state"] != "REMOVED"]
 nodes = [json.load(open(f))["node"] for f in sorted(glob.glob(out + "/_shards/*.json"))]
-print("RESULT", json.dumps({"start": start, "peak": peak, "gpu_nodes": gpu_nodes, "record_nodes": nodes, "rows": s.rows_out,
+print("RESULT", json.dumps({"start": start, "peak": peak, "gpu_nodes": gpu_nodes, "held": held, "groups": len(groups), "record_nodes": nodes, "rows": s.rows_out,
                             "processed": s.shards_processed, "summary": render_summary(s),
                             "placement": {m: {k: (sorted(v) if isinstance(v, set) else v) for k, v in p.items()}
                                           for m, p in s.placement.items()}}), flush=True)
@@ -220,10 +244,21 @@ def test_jobs_grow_the_fake_autoscaling_cluster_and_start_its_gpu_nodes(fake_clu
     units = run_preprocess(workflow_from_dict(workflow(canon, local, "hog")), progress=False).shards_processed
     assert units >= 10
 
-    # (b) CNN, no GPU asked and none at the start: the gpu1 node type's share (1 GPU / 2 CPUs) per worker; GPU
+    # (a) HOG from a bare head: one one-CPU worker per CPU of the CPU-only node types (3 x 2), pending demand that
+    # starts CPU nodes and no GPU node (the GPU nodes' CPUs are not counted on); same output as a local run
+    res = drive(fake_cluster, workflow(canon, tmp_path / "hog", "hog"), tmp_path / "hog")
+    print("hog:", res["peak"], "units on", len(set(res["record_nodes"])), "nodes")
+    assert res["start"] == {"CPU": 0.0, "GPU": 0.0}, res                          # only the head at the start
+    assert res["peak"]["GPU"] == 0 and not res["gpu_nodes"], res                 # no GPU node started for it
+    assert 4 <= res["peak"]["CPU"] <= 6 and res["peak"]["nodes"] >= 3, res["peak"]   # head + 2-3 CPU nodes
+    assert (res["rows"], res["processed"]) == (48, units)
+    assert (res["held"], res["groups"]) == ([], 0), res                           # nothing left holding a node
+    assert_same_output(tmp_path / "hog", local)
+
+    # (b) CNN, no GPU asked and no GPU node at the start: the gpu1 node type's share (1 GPU / 2 CPUs) per worker; GPU
     # nodes start and run every unit; the model falls back to CPU
     res = drive(fake_cluster, workflow(canon, tmp_path / "cnn", "cnn"), tmp_path / "cnn")
-    assert res["start"] == {"CPU": 0.0, "GPU": 0.0}, res                          # only the head at the start
+    assert res["start"]["GPU"] == 0.0, res
     print("cnn:", res["peak"], "units on", len(set(res["record_nodes"])), "GPU nodes")
     assert res["peak"]["GPU"] >= 1 and res["gpu_nodes"], res
     assert len(res["record_nodes"]) == units and set(res["record_nodes"]) <= set(res["gpu_nodes"]), res
@@ -232,15 +267,53 @@ def test_jobs_grow_the_fake_autoscaling_cluster_and_start_its_gpu_nodes(fake_clu
     assert "fell back to CPU" in res["summary"], res["summary"]
     assert img["workers"] == 4, img        # the node types' 2 GPUs / 0.5 (no config known: one per unit)
     assert (res["rows"], res["processed"]) == (48, units)
+    assert (res["held"], res["groups"]) == ([], 0), res
 
-    # (a) HOG (after the CNN job's GPU nodes): one one-CPU worker per CPU the node types can add up to (10), pending
-    # demand that starts CPU nodes; same output as a local run
-    res = drive(fake_cluster, workflow(canon, tmp_path / "hog", "hog"), tmp_path / "hog")
-    print("hog:", res["peak"], "units on", len(set(res["record_nodes"])), "nodes")
-    assert res["peak"]["CPU"] >= 4 and res["peak"]["nodes"] >= 3, res["peak"]    # head + at least two nodes
-    assert res["peak"]["CPU"] > res["start"]["CPU"], res                         # nodes added for this job
-    assert (res["rows"], res["processed"]) == (48, units)
-    assert_same_output(tmp_path / "hog", local)
+
+def test_training_asks_for_the_gpu_nodes_and_falls_back_to_cpu_without_cuda(fake_cluster, tmp_path):
+    """``mmbatch train`` (``use_gpu: auto``) on the fake cluster: the capacity code reads the GPU node types from
+    the launcher file, so the ranks would get GPUs; the fake GPUs have no CUDA, so it trains on CPUs with gloo and
+    says so once; ``use_gpu: true`` stops with one line naming the fix."""
+    import yaml
+    from fused_data import write_fused
+
+    data = write_fused(str(tmp_path / "fused"), n=200, seed=0)
+    env = {**fake_cluster, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent.parent),
+                                                                       os.environ.get("PYTHONPATH")]))}
+
+    def train(use_gpu):
+        wf = tmp_path / f"wf-{use_gpu}.yaml"
+        wf.write_text(yaml.safe_dump({"train": {
+            "data": data, "out": str(tmp_path / "runs"), "name": f"gpu-{use_gpu}", "epochs": 2, "hidden": 16,
+            "batch_size": 64, "num_workers": 2, "schedule": "none", "seed": 0, "use_gpu": use_gpu},
+            "splits": {"seed": 0}}))
+        return subprocess.run([sys.executable, "-m", "mmbatch.cli", "train", str(wf)], env=env, capture_output=True,
+                              text=True, timeout=900)
+
+    auto = train("auto")
+    err = auto.stdout + auto.stderr
+    assert auto.returncode == 0 and "Traceback" not in err, err[-5000:]
+    assert err.count("training on CPUs (gloo) instead") == 1 and "no usable CUDA" in err, err[-5000:]
+    assert (tmp_path / "runs" / "gpu-auto" / "model" / "model.json").exists()
+    true = train(True)
+    lines = [ln for ln in true.stderr.splitlines() if ln.strip()]
+    assert true.returncode == 2 and len(lines) == 1 and "CUDA build of torch" in lines[0], true.stderr[-5000:]
+
+
+def test_the_cluster_scales_back_to_the_head_alone(fake_cluster):
+    """After the jobs above, nothing of mmbatch holds a node: the autoscaler removes every worker node within its
+    idle timeout (IDLE_MINUTES), plus its update interval and a node's shutdown."""
+    env = {**fake_cluster, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent.parent),
+                                                                       os.environ.get("PYTHONPATH")]))}
+    script = ("import time, ray\nray.init()\nt0 = time.time()\n"
+              "while len([n for n in ray.nodes() if n['Alive']]) > 1 and time.time() - t0 < %d:\n"
+              "    time.sleep(2)\nprint('NODES', len([n for n in ray.nodes() if n['Alive']]), round(time.time() - t0))\n"
+              % (IDLE_MINUTES * 60 + 90))
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("NODES ")][-1]
+    print("scale-down:", line)
+    assert line.split()[1] == "1", line                  # the head alone
 
 
 def test_a_token_cluster_reached_without_token_mode_gives_one_clear_line(fake_cluster, canon, tmp_path):

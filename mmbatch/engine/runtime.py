@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import signal
 import threading
 from typing import Optional
@@ -273,9 +274,23 @@ def quiet_worker_logs() -> None:
 # Lines workers send to the driver's terminal that say nothing to a user (kept in Ray's log files):
 NOISE_ACTORS = ("PlacementGroupCleaner",)   # Ray Train's cleaner polls the State API, which needs the
 #                                            dashboard the embedded Ray does not start: a warning a second
+# Ray's own daemons, whose lines the driver prints with these in place of a pid: the autoscaler's events
+# ("Adding 3 node(s) of type ...", "Resized to ...", repeated by every driver), the raylet's and GCS's
+# dumps when a node dies. They stay in Ray's log files (monitor.*, raylet.*, gcs_server.* of the session).
+NOISE_SOURCES = ("autoscaler", "raylet", "gcs_server")
 NOISE_LINES = ("has constructor arguments in the object store and max_restarts > 0",
                "Set ray log level from environment variable",        # each process, once RAY_BACKEND_LOG_LEVEL is set
                "Reporting training result ")                          # Ray Train: one per epoch per worker
+
+
+# A warning that comes with its traceback, in the same batch of lines, and says itself it is safe to ignore:
+# Ray Train's controller failing to reach Ray's autoscaling coordinator in time on a loaded machine.
+NOISE_BATCHES = ("Failed to send resource request for train-",)
+# A worker whose raylet died (a lost node) dumps a C++ fatal check and its stack before it exits: the check
+# line ("[... C pid tid] core_worker.cc:515: An unexpected system state ..."), the banner, the frames, blank
+# lines. They stay in the worker's own log files.
+NOISE_PATTERN = re.compile(r"^\[\d{4}-\d\d-\d\d [\d:,.]+ [CF] \d+ \d+\] |\*\*\* StackTrace Information \*\*\*"
+                           r"|\(\S*\+0x[0-9a-f]+\) \[0x[0-9a-f]+\]|^\s*$")
 
 
 def _filter_worker_logs() -> None:
@@ -290,9 +305,12 @@ def _filter_worker_logs() -> None:
         return
 
     def print_without_noise(data):
-        if data.get("actor_name") in NOISE_ACTORS:
+        if data.get("actor_name") in NOISE_ACTORS or data.get("pid") in NOISE_SOURCES:
             return
-        lines = [ln for ln in data.get("lines", []) if not any(n in ln for n in NOISE_LINES)]
+        if any(ln.startswith(NOISE_BATCHES) for ln in data.get("lines", [])):
+            return
+        lines = [ln for ln in data.get("lines", []) if not any(n in ln for n in NOISE_LINES)
+                 and not NOISE_PATTERN.search(ln)]
         if lines:
             print_logs({**data, "lines": lines}, ignore_prefix=ignore_prefix)
 
@@ -307,13 +325,33 @@ def _quiet_ray_data(quiet: bool = True) -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = not quiet
     ctx.print_on_execution_start = False
-    if quiet:       # importing ray.data configures its loggers at INFO: set after the import
-        for name in ("ray.data", "ray.train", "ray.tune"):
+    if quiet:       # importing ray.data configures its loggers: set after the import
+        for name in ("ray.train", "ray.tune"):
             logging.getLogger(name).setLevel(logging.WARNING)
+        consoles = [h for h in logging.getLogger("ray.data").handlers if not isinstance(h, logging.FileHandler)
+                    and type(h).__name__ != "SessionFileHandler"]
+        for h in consoles:          # Ray Data's log file (ray-data.log of the session) keeps everything
+            if not any(isinstance(f, _RayDataConsole) for f in h.filters):
+                h.addFilter(_RayDataConsole())
+        if not consoles:            # another logging setup: at least no INFO on the terminal
+            logging.getLogger("ray.data").setLevel(logging.WARNING)
         logging.getLogger("ray.data._internal.progress").addFilter(_DropMessages("Progress bars disabled"))
-        # a unit whose worker died is run again (mmbatch.engine.units): one line, not Ray Data's traceback
-        logging.getLogger("ray.data._internal.execution.streaming_executor_state").addFilter(_NoTraceback(
-            "An exception was raised from a task of operator"))
+
+
+# Ray Data's terminal lines that mmbatch says otherwise or that say nothing to a user: a unit whose worker
+# died is rerun with one line (mmbatch.engine.units) instead of Ray Data's per-block error and each dead
+# actor's replacement; the "num_cpus and num_gpus ... experimental" warning of every GPU step.
+RAY_DATA_NOISE = ("An exception was raised from a task of operator", "died during initialization",
+                  "Specifying both num_cpus and num_gpus for map tasks is experimental",
+                  # the actors of a pool sized from what the autoscaler can add wait for their nodes
+                  "Cluster resources are not enough to run any task from")
+
+
+class _RayDataConsole(logging.Filter):
+    """On Ray Data's console handler: warnings and errors only, less :data:`RAY_DATA_NOISE`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING and not any(n in record.getMessage() for n in RAY_DATA_NOISE)
 
 
 class _DropMessages(logging.Filter):
@@ -323,19 +361,6 @@ class _DropMessages(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not record.getMessage().startswith(self.starts)
-
-
-class _NoTraceback(logging.Filter):
-    """Keeps the records that start with ``start``, without their traceback."""
-
-    def __init__(self, start: str):
-        super().__init__()
-        self.start = start
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.getMessage().startswith(self.start):
-            record.exc_info = record.exc_text = None
-        return True
 
 
 def _quiet_ray_logs() -> None:
@@ -348,6 +373,6 @@ def _quiet_ray_logs() -> None:
     """
     logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
         _DropMessages("Token authentication is enabled for this Ray cluster"))
-    for name in ("ray.data", "ray.train", "ray.tune"):
+    for name in ("ray.train", "ray.tune"):
         logging.getLogger(name).setLevel(logging.WARNING)
 

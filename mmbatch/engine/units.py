@@ -26,11 +26,20 @@ Faults, through Ray's and Ray Data's options:
   except in a pool of one actor (a split shape's one GPU, ``ray.max_workers: 1``), which restarts it: Ray
   Data keeps a dead actor in its pool and never replaces it, so with no other actor the job would wait
   for ever (a restart that cannot come hangs it all the same);
-- ``max_task_retries=0``: the unit it held is not retried on that actor ...
+- ``max_task_retries=0``: the unit it held is not retried on that actor (``max_tasks_in_flight_per_actor=1``:
+  an actor holds only the unit it runs, so a lost node costs its running units and the results it had not
+  yet handed over) ...
 - ``DataContext.max_errored_blocks=-1`` (on this dataset only): ... its block is given up and the
   job goes on with the other actors;
+- ``DataContext.max_consecutive_actor_init_deaths`` (:data:`INIT_DEATHS`, each pool): an actor that
+  dies while it starts is replaced by Ray Data (Ray's default, 0, fails the whole execution on the
+  first such death): a rerun round's new actor may land on a node that is already gone but that the
+  GCS still believes alive, until its health checks miss;
 - the driver reruns the units that came back from no worker in a new round (the live actors of
-  the next pool take them). A unit lost ``max_deaths`` times fails the job with the unit named.
+  the next pool take them). Should a round still end on a lost worker (:func:`lost_worker`: more
+  deaths in a row than allowed), its unfinished units are rerun the same way, after the time the
+  GCS takes to declare a silent node dead. A unit lost ``max_deaths`` times fails the job with the
+  unit named.
 
 An exception inside a unit is returned as a value and fails the job on the driver with the unit
 named (Ray Data's own error would name a block). A worker that cannot be built does the same for
@@ -43,6 +52,7 @@ import json
 import logging
 import os
 import pickle
+import time
 import traceback
 import warnings
 from dataclasses import dataclass, field
@@ -52,6 +62,7 @@ log = logging.getLogger("mmbatch")
 
 
 MAX_RESTARTS = 0
+INIT_DEATHS = 16      # DataContext.max_consecutive_actor_init_deaths of each pool
 
 
 class UnitFailed(RuntimeError):
@@ -177,39 +188,85 @@ def run_units(make_worker: Callable[[Any], Callable], job: Any, units: Iterable[
     said: set[str] = set()          # the workers' warnings, said once
     index = list(range(len(todo)))
     while index:
-        seen = set()
-        ds = ray.data.from_items([{"i": i, "value": pickle.dumps(todo[i]), "error": "", "notes": "[]"}
-                                  for i in index], override_num_blocks=len(index))
-        ds.context.max_errored_blocks = -1          # a dead worker's unit: rerun below, not fatal
-        ds.context.enable_progress_bars = ray.data.DataContext.get_current().enable_progress_bars
-        # A fixed size: actors that do not fit yet are pending demand, which makes the autoscaler add
-        # nodes, and they take units as their nodes join (an autoscaling pool, min < max, grows only
-        # through Ray Data's cluster autoscaler, too slowly to matter: docs/data-path.md).
-        for s in steps:
-            res, size = s.resources, max(1, min(s.workers or len(index), len(index)))
-            pool = ray.data.ActorPoolStrategy(size=size)
-            with warnings.catch_warnings():     # max_restarts has no named parameter in Ray 2.60
-                warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated", DeprecationWarning)
-                ds = ds.map_batches(_PoolActor, batch_size=1, compute=pool,
-                                    fn_constructor_args=(s.make_worker, job_ref, s.name),
-                                    num_cpus=res.num_cpus, num_gpus=res.num_gpus or None, zero_copy_batch=True,
-                                    max_restarts=MAX_RESTARTS if size > 1 else -1, max_task_retries=0)
-        ds.set_name(label)             # the job's name in the dashboard's Data view
-        for row in ds.iter_rows():
-            i = int(row["i"])
-            seen.add(i)
-            for note in json.loads(row["notes"]):
-                if note not in said:
-                    said.add(note)
-                    log.warning("%s", note)
-            if row["error"]:
-                raise UnitFailed(f"unit {name(todo[i])}: {row['error']}")
-            on_result(todo[i], pickle.loads(row["value"]))
+        seen, failed = set(), None
+        try:
+            for row in _round(steps, job_ref, todo, index, label).iter_rows():
+                i = int(row["i"])
+                seen.add(i)
+                for note in json.loads(row["notes"]):
+                    if note not in said:
+                        said.add(note)
+                        log.warning("%s", note)
+                if row["error"]:
+                    raise UnitFailed(f"unit {name(todo[i])}: {row['error']}")
+                on_result(todo[i], pickle.loads(row["value"]))
+        except Exception as e:  # noqa: BLE001 - only a lost worker is caught (re-raised otherwise)
+            if not lost_worker(e):
+                raise
+            failed = e
+            log.debug("the round ended on a lost worker", exc_info=e)
         index = [i for i in index if i not in seen]
         for i in index:
             lost[i] = lost.get(i, 0) + 1
             if lost[i] >= max_deaths:
-                raise UnitFailed(f"unit {name(todo[i])}: its worker died {max_deaths} times")
+                raise UnitFailed(f"unit {name(todo[i])}: its worker died {max_deaths} times"
+                                 + (f" (last: {type(failed).__name__})" if failed else ""))
         if index:
             log.warning("%d unit(s) lost with their worker; running them again", len(index))
+        if index and failed is not None:
+            # actors kept dying as they started: a node that is gone but that the GCS still believes alive
+            # takes each new actor placed on it. Let its health checks find it out before the next round.
+            time.sleep(node_death_s())
 
+
+def _round(steps: list[Step], job_ref: Any, todo: list, index: list[int], label: str):
+    """The Ray Data job of one round: the units ``index`` of ``todo``, one block each, through ``steps``."""
+    import ray
+
+    ds = ray.data.from_items([{"i": i, "value": pickle.dumps(todo[i]), "error": "", "notes": "[]"}
+                              for i in index], override_num_blocks=len(index))
+    ctx = ds.context
+    ctx.max_errored_blocks = -1          # a dead worker's unit: rerun by the driver, not fatal
+    ctx.enable_progress_bars = ray.data.DataContext.get_current().enable_progress_bars
+    # an actor that dies while it starts (its node lost, maybe not yet known dead) is replaced by Ray Data
+    # instead of failing the round: up to INIT_DEATHS in a row per pool
+    ctx.max_consecutive_actor_init_deaths = INIT_DEATHS
+    # A fixed size: actors that do not fit yet are pending demand, which makes the autoscaler add
+    # nodes, and they take units as their nodes join (an autoscaling pool, min < max, grows only
+    # through Ray Data's cluster autoscaler, too slowly to matter: docs/data-path.md).
+    for s in steps:
+        res, size = s.resources, max(1, min(s.workers or len(index), len(index)))
+        # one unit in flight per actor (Ray Data's default: 2): a lost actor takes only the unit it runs
+        pool = ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=1)
+        with warnings.catch_warnings():     # max_restarts has no named parameter in Ray 2.60
+            warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated", DeprecationWarning)
+            ds = ds.map_batches(_PoolActor, batch_size=1, compute=pool,
+                                fn_constructor_args=(s.make_worker, job_ref, s.name),
+                                num_cpus=res.num_cpus, num_gpus=res.num_gpus or None, zero_copy_batch=True,
+                                max_restarts=MAX_RESTARTS if size > 1 else -1, max_task_retries=0)
+    ds.set_name(label)             # the job's name in the dashboard's Data view
+    return ds
+
+
+def lost_worker(e: BaseException) -> bool:
+    """Whether ``e`` (raised by a Ray Data job) says a worker or its node was lost, rather than a bug."""
+    import ray.exceptions as rex
+
+    lost = (rex.RayActorError, rex.NodeDiedError, rex.ActorUnavailableError, rex.ObjectLostError,
+            rex.WorkerCrashedError, rex.LocalRayletDiedError)
+    for _ in range(8):              # the error, the cause it wraps (RayTaskError.cause, raise ... from)
+        if e is None or isinstance(e, lost):
+            return e is not None
+        e = getattr(e, "cause", None) or e.__cause__
+    return False
+
+
+def node_death_s() -> float:
+    """How long the GCS takes, at most, to declare a silent node dead (its health checks: period x
+    failure threshold, plus one check's timeout)."""
+    try:
+        from ray._raylet import Config
+        return (Config.health_check_period_ms() * Config.health_check_failure_threshold()
+                + Config.health_check_timeout_ms()) / 1000
+    except Exception:  # noqa: BLE001 - another Ray version
+        return 30.0

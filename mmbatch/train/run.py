@@ -184,6 +184,56 @@ def rank_placement(use_gpu, num_workers: int, cpus_per_worker: float, gpus_now: 
     return RankPlacement(n, True, {"CPU": cpus_per_worker, "GPU": 1.0}, note)
 
 
+GPU_PROBE_S = 900.0                   # how long the GPU probe waits for a GPU node (the autoscaler may start one)
+_gpu_probe: dict = {}                 # the probe's answer, once per driver ("" = usable)
+
+
+def _cuda_here() -> str:
+    """In a process that holds a GPU: what keeps a Ray Train rank from using it ("" when nothing)."""
+    import torch
+    import torch.distributed as dist
+    if not torch.cuda.is_available():
+        return f"no usable CUDA (torch {torch.__version__}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')})"
+    if not dist.is_nccl_available():
+        return f"a torch without NCCL (torch {torch.__version__})"
+    return ""
+
+
+def gpu_workers_lack() -> str:
+    """What a rank on one of the cluster's GPU workers lacks to train there ("" when nothing): asked once per
+    driver of a task that holds one GPU, as a rank would (the autoscaler starts a GPU node for it where none
+    runs). Ray's GPUs are a resource name: a fake GPU, or a CPU torch on a GPU node, has no CUDA, and Ray
+    Train's GPU ranks would fail setting up NCCL. Unknown (no GPU within :data:`GPU_PROBE_S`): ""."""
+    import ray
+
+    if "why" not in _gpu_probe:
+        ref = ray.remote(num_cpus=0, num_gpus=1, max_retries=3)(_cuda_here).remote()
+        ready, _ = ray.wait([ref], timeout=GPU_PROBE_S)
+        if not ready:
+            ray.cancel(ref, force=True)
+        _gpu_probe["why"] = ray.get(ref) if ready else ""
+    return _gpu_probe["why"]
+
+
+def usable_gpus(place: RankPlacement, use_gpu, lack=None) -> RankPlacement:
+    """``place`` where its GPU ranks can use their GPUs (``lack``: :func:`gpu_workers_lack`); else, with
+    ``train.use_gpu: auto``, the same ranks on CPUs (Ray Train sets up gloo for CPU ranks), said once per
+    driver; with ``true``, a UsageError naming the fix."""
+    if not place.use_gpu:
+        return place
+    why = (lack or gpu_workers_lack)()
+    if not why:
+        return place
+    if use_gpu is True:
+        raise UsageError(f"train.use_gpu: true, but the cluster's GPU workers have {why}: install a CUDA build of "
+                         "torch on the GPU nodes, or set train.use_gpu: auto (trains on CPUs) or false")
+    note = f"the cluster's GPU workers have {why}: training on CPUs (gloo) instead"
+    if not _gpu_probe.get("said"):
+        _gpu_probe["said"] = True
+        log.warning("%s", note)
+    return RankPlacement(place.num_workers, False, {"CPU": place.resources_per_worker["CPU"]}, note="")
+
+
 def storage_root(out: str) -> str:
     return out if "://" in out else os.path.abspath(out)
 
@@ -243,7 +293,8 @@ def train_one(wf: Workflow, data: FusedData, mods: list[str], name: str,
     _check_splits(data)
 
     # -- Ray Train
-    place = rank_placement(t.use_gpu, t.num_workers, t.cpus_per_worker, *capacity.gpus(capacity.snapshot()))
+    place = usable_gpus(rank_placement(t.use_gpu, t.num_workers, t.cpus_per_worker,
+                                       *capacity.gpus(capacity.snapshot())), t.use_gpu)
     if place.note:
         log.warning("%s: %s", name, place.note)
     result = _fit(wf, data, mods, name, spec, blob, place, run_dir)
