@@ -143,7 +143,8 @@ def plain_image(folder, images: list[bytes], batch_size: int, pooling: str = "po
     return np.concatenate(out)
 
 
-def plain_audio(folder, clips: list[bytes], batch_size: int, layer=None, frames: bool = False):
+def plain_audio(folder, clips: list, batch_size: int, layer=None, frames: bool = False):
+    """Mean over frames (or the frames) of a speech model; ``clips``: FLAC bytes or 16 kHz waveforms."""
     import soundfile as sf
     from transformers import AutoFeatureExtractor, AutoModel
 
@@ -153,7 +154,8 @@ def plain_audio(folder, clips: list[bytes], batch_size: int, layer=None, frames:
     enc = model.get_encoder() if whisper else model
     out = []
     for i in range(0, len(clips), batch_size):
-        waves = [sf.read(io.BytesIO(b), dtype="float32")[0] for b in clips[i:i + batch_size]]
+        waves = [b if isinstance(b, np.ndarray) else sf.read(io.BytesIO(b), dtype="float32")[0]
+                 for b in clips[i:i + batch_size]]
         f = fe(waves, sampling_rate=16000, padding="max_length" if whisper else True, return_attention_mask=True,
                return_tensors="pt")
         with torch.inference_mode():
