@@ -123,3 +123,38 @@ def test_wav2vec2_frames_and_minilm_text_through_preprocess_and_lstm_training(co
     spec = result.spec
     assert spec["arch"]["encoders"]["audio"] == {"kind": "lstm", "hidden": 8, "n_mels": 16, "max_frames": 40}
     assert np.isfinite(result.history[-1]["train_loss"])
+
+
+def test_hf_model_placed_on_gpus_in_both_shapes_with_the_same_bits(corpus, tmp_path):
+    """On a Ray with 2 fake GPUs (as test_split_shape, for the CNN): an hf image model gets a GPU in
+    the fused shape (each unit worker a GPU share) and in the split shape (decode in CPU workers, one
+    embed actor per GPU), asking Ray for GPUs as the CNN does, and both shapes write the same bits."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from faults import assert_same_output
+    from test_split_shape import DRIVER, markers, write_canonical
+
+    canon = write_canonical(tmp_path)
+    _, _, models = corpus
+
+    def wf(out: str, shape: str) -> dict:
+        return {"datasets": [{"name": "imgs", "path": str(canon)}], "output": {"path": str(tmp_path / out)},
+                "features": {"image": {"extractor": "hf", "model_path": models["clip"], "batch_size": 2},
+                             "batch_size": 3, "gpu_shape": shape}}
+
+    runs = {"fused": wf("fused", "fused"), "split": wf("split", "split")}
+    proc = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(runs)], capture_output=True, text=True,
+                          timeout=400, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1][len("RESULT "):])
+    assert_same_output(tmp_path / "split", tmp_path / "fused")
+    for name in ("fused", "split"):
+        r = res[name]
+        assert r["rows_out"] == 12 and r["reasons"] == {"image:corrupt_image": 1, "image:not_an_image": 1}, r
+        assert r["placement"]["image"]["device"] == "gpu" and r["placement"]["image"]["shape"] == name, r
+    assert all(len(m["actors"]["unit"]["gpus"]) == 1 for m in markers(tmp_path / "fused"))
+    assert all(m["actors"]["decode"]["gpus"] == [] and len(m["actors"]["embed"]["gpus"]) == 1
+               for m in markers(tmp_path / "split"))
