@@ -42,7 +42,7 @@ import numpy as np
 from mmbatch import media
 from mmbatch.engine import storage
 from mmbatch.errors import UsageError
-from mmbatch.preprocess.features.audio import AudioExtractor, FrameParams, decode_clip
+from mmbatch.preprocess.features.audio import AudioExtractor, FrameParams
 from mmbatch.preprocess.features.base import Decoded, Error, Extractor
 from mmbatch.preprocess.features.image import media_bytes
 from mmbatch.preprocess.features.text import TextExtractor, normalize_light
@@ -129,7 +129,6 @@ def read_config(uri: str):
     """The folder's ``config.json`` as a transformers config object (no weights read)."""
     from transformers import AutoConfig
 
-    fs, path = storage.url_to_fs(uri)
     d = json.loads(storage.read_bytes(storage.join(uri, "config.json")))
     if "model_type" not in d:
         raise UsageError(f"{uri}/config.json has no model_type: not a transformers model folder")
