@@ -26,6 +26,8 @@ Sections (each runs on its own; a section that fails is recorded with its error 
 5. ``preprocess_split``: the same preprocess of the same canonical data with ``features.gpu_shape:
    split`` (decode in CPU workers, one embed actor per GPU; docs/data-path.md), and whether its
    output is identical to the fused run's. Without a GPU it runs fused (and says so).
+6. ``hf``: the ``hf`` extractors (benchmarks.hf_encoders): ViT-B/16, wav2vec2-base and BERT-base
+   built from their configs (random weights, no network), ``encode`` and ``extract`` at fp32 and bf16.
 
 GPU utilisation and memory are sampled every 0.2 s (pynvml, else ``nvidia-smi``) while each
 measurement runs; on the CPU they are null. Writes ``gpu.md`` and ``gpu.json`` (``gpu-tiny.*``
@@ -594,13 +596,22 @@ def render(res: dict) -> str:
         if p["ingest"]:
             lines.append(f"| mmbatch ingest (manifest of JPEG + FLAC + text), {p['samples']} samples | | | "
                          f"{p['ingest']['samples_per_s']:,.1f} samples/s | n/a | n/a |")
+    if sec.get("hf", {}).get("ok") and not sec["hf"].get("skipped"):
+        from benchmarks.hf_encoders import render_rows
+        lines += render_rows(sec["hf"], _gpu_cells)
     for name, s in sec.items():
         if not s["ok"]:
             lines.append(f"| {name}: FAILED: {s['error']} | | | | | |")
     return "\n".join(lines) + "\n"
 
 
-SECTIONS = ("resnet50", "shape", "logmel", "preprocess", "preprocess_split")
+def _bench_hf(env: dict, sizes: Sizes, tiny: bool) -> dict:
+    from benchmarks.hf_encoders import bench_hf
+
+    return bench_hf(env, sizes, tiny, timed, device_sync)
+
+
+SECTIONS = ("resnet50", "shape", "logmel", "preprocess", "preprocess_split", "hf")
 
 
 def run_section(name: str, fn: Callable[[], dict]) -> dict:
@@ -640,7 +651,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     sections = {"resnet50": lambda: bench_resnet(env, sizes), "shape": lambda: bench_shape(env, sizes),
                 "logmel": lambda: bench_logmel(env, sizes),
                 "preprocess": lambda: bench_preprocess(env, sizes, samples, Path(args.data)),
-                "preprocess_split": lambda: bench_preprocess(env, sizes, samples, Path(args.data), "split")}
+                "preprocess_split": lambda: bench_preprocess(env, sizes, samples, Path(args.data), "split"),
+                "hf": lambda: _bench_hf(env, sizes, args.tiny)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = "gpu-tiny" if args.tiny else "gpu"

@@ -5,15 +5,18 @@
 #                                            # the GPU shape included: fused against split, and
 #                                            # mmbatch preprocess in both features.gpu_shape values)
 #   benchmarks/gpu_run.sh --samples 500      # other benchmarks.gpu flags instead
+#   benchmarks/gpu_run.sh --only hf          # the hf extractors alone (ViT-B/16, wav2vec2-base, BERT-base
+#                                            # built from configs with random weights; no download)
 #
 # Python environment, the first that applies:
 #   a. .whl/ holds wheels (made here by benchmarks/gpu_wheels.sh, for a machine that cannot reach
 #      PyPI, such as this workplace's lent H200): the machine's python3 with its own CUDA torch,
 #      plus those wheels installed with --target into /tmp/mmbatch-site (nothing installed is replaced).
-#   b. PyPI is reachable: a fresh venv, `pip install torch==2.13.0 -e .` as README says (on Linux
-#      x86-64 PyPI's torch==2.13.0 is a CUDA build).
+#   b. PyPI is reachable: a fresh venv, `pip install torch==2.13.0 -e ".[hf]"` as README says (on Linux
+#      x86-64 PyPI's torch==2.13.0 is a CUDA build; the hf extra adds transformers for the hf section).
 #   c. neither: python3 as it is; a section whose packages are missing fails with its import
-#      error in the table, and the other sections still run.
+#      error in the table, and the other sections still run (the hf section needs transformers >= 5
+#      in the machine's image: its dependency tree does not fit the carried .whl/).
 # The benchmark itself is stopped after MMBATCH_GPU_TIMEOUT seconds (default 420), so that the
 # whole script ends within about 8 minutes; results are written after each section, so a stopped
 # run keeps what it measured. Prints the table; the results are in benchmarks/results/gpu.{md,json}
@@ -42,8 +45,8 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     || echo "WARNING: installing .whl failed (wheels for another Python? see benchmarks/gpu_wheels.sh)"
   export PYTHONPATH=/tmp/mmbatch-site${PYTHONPATH:+:$PYTHONPATH}
 elif timeout 20 "$BASE_PY" -m pip download -q --no-deps --dest /tmp/mmbatch-pypi-probe six >/dev/null 2>&1; then
-  echo "== online: venv /tmp/mmbatch-venv, pip install torch==2.13.0 -e ."
-  if "$BASE_PY" -m venv /tmp/mmbatch-venv && /tmp/mmbatch-venv/bin/python -m pip install -q torch==2.13.0 -e .; then
+  echo "== online: venv /tmp/mmbatch-venv, pip install torch==2.13.0 -e .[hf]"
+  if "$BASE_PY" -m venv /tmp/mmbatch-venv && /tmp/mmbatch-venv/bin/python -m pip install -q torch==2.13.0 -e ".[hf]"; then
     PY=/tmp/mmbatch-venv/bin/python
   else
     echo "WARNING: the install failed; running with $BASE_PY as it is"

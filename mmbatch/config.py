@@ -77,18 +77,28 @@ class DatasetConfig(Strict):
 
 
 class ImageFeatures(Strict):
-    extractor: Literal["hog", "cnn", "pixels"] = Field("hog", description="hog: gradient + colour histograms on CPU; "
-                                                       "cnn: a torchvision ResNet embedding; pixels: the resized "
-                                                       "image itself (uint8), for train.encoders.image: cnn")
+    extractor: Literal["hog", "cnn", "pixels", "hf"] = Field(
+        "hog", description="hog: gradient + colour histograms on CPU; cnn: a torchvision ResNet embedding; pixels: "
+        "the resized image itself (uint8), for train.encoders.image: cnn; hf: a Hugging Face vision model from "
+        "model_path (CLIP/SigLIP: its vision tower)")
     size: int = Field(64, ge=16, le=1024, description="square input side after resize and center crop "
                       "(pixels: 28 unless set)")
     channels: Literal[1, 3] = Field(1, description="pixels: 1 (grayscale) or 3 (RGB)")
     arch: Literal["resnet18", "resnet34", "resnet50"] = Field("resnet18", description="cnn network")
     weights: Optional[str] = Field(None, description="cnn: local path or URI of a torchvision state_dict "
                                    "(null: random weights)")
+    model_path: Optional[str] = Field(None, description="hf: folder written by save_pretrained (model + image "
+                                      "processor), local or s3://, gs:// (copied once per worker; never downloaded)")
+    pooling: Literal["pooler", "cls"] = Field("pooler", description="hf: the model's pooled output or its CLS "
+                                              "token (CLIP/SigLIP: always the vision tower's pooled output)")
     batch_size: int = Field(64, ge=1, description="images per model call")
-    precision: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="cnn precision on GPU")
+    precision: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="cnn, hf: precision (fp16/bf16 "
+                                                       "autocast on GPU; bf16 also on CPU)")
     num_gpus: Optional[float] = Field(None, ge=0, description="GPU per actor (null: a fraction when GPUs exist)")
+
+    @model_validator(mode="after")
+    def _hf_model_path(self):
+        return _hf_needs_model_path(self, "image")
 
     @model_validator(mode="after")
     def _pixels_size(self):
@@ -101,16 +111,34 @@ class ImageFeatures(Strict):
 PIXELS_SIZE = 28        # features.image.size of the pixels extractor when not set
 
 
+def _hf_needs_model_path(cfg, modality: str):
+    """An hf extractor without ``model_path``: refused when the workflow loads."""
+    if cfg.extractor in ("hf", "hf_frames") and not cfg.model_path:
+        raise ValueError(f"features.{modality}.extractor: {cfg.extractor} needs features.{modality}.model_path, "
+                         "a folder written by save_pretrained (models are never downloaded; "
+                         "docs/pretrained-encoders.md)")
+    return cfg
+
+
 class AudioFeatures(Strict):
-    extractor: Literal["logmel_stats", "cnn", "logmel_frames"] = Field(
+    extractor: Literal["logmel_stats", "cnn", "logmel_frames", "hf", "hf_frames"] = Field(
         "logmel_stats", description="logmel_stats: log-mel and MFCC statistics; cnn: a small convolutional "
-        "encoder; logmel_frames: the log-mel frames themselves, for train.encoders.audio: lstm")
-    max_frames: int = Field(100, ge=1, description="logmel_frames: frames kept per clip (longer clips are "
-                            "cropped, shorter ones padded in training; the true length is stored)")
+        "encoder; logmel_frames: the log-mel frames themselves, for train.encoders.audio: lstm; hf: a Hugging Face "
+        "speech encoder from model_path (wav2vec 2.0, HuBERT, WavLM, Whisper's encoder), mean over frames; "
+        "hf_frames: that encoder's frames, for train.encoders.audio: lstm")
+    max_frames: int = Field(100, ge=1, description="logmel_frames, hf_frames: frames kept per clip (longer clips "
+                            "are cropped, shorter ones padded in training; the true length is stored)")
+    model_path: Optional[str] = Field(None, description="hf, hf_frames: folder written by save_pretrained (model "
+                                      "+ feature extractor), local or s3://, gs:// (copied once per worker)")
+    layer: Optional[int] = Field(None, description="hf, hf_frames: hidden layer to use (0: the transformer's "
+                                 "input, k: after layer k, -1: the last; null: the last hidden state)")
+    precision: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="hf, hf_frames: precision (fp16/bf16 "
+                                                       "autocast on GPU; bf16 also on CPU)")
     backend: Literal["numpy", "torch"] = Field("numpy", description="logmel_stats: numpy (CPU; librosa's "
                                                "computation) or torch (GPU when there is one); 'librosa' is "
                                                "the old name of numpy")
-    sample_rate: int = Field(16000, ge=1000, description="resample to this rate (Hz)")
+    sample_rate: int = Field(16000, ge=1000, description="resample to this rate (Hz; hf: the model's feature "
+                             "extractor's rate instead)")
     win_ms: float = Field(25.0, gt=0, description="frame length (ms)")
     hop_ms: float = Field(10.0, gt=0, description="frame shift (ms)")
     n_mels: int = Field(80, ge=1, description="mel bands")
@@ -123,6 +151,10 @@ class AudioFeatures(Strict):
     batch_size: int = Field(32, ge=1, description="clips per model call")
     num_gpus: Optional[float] = Field(None, ge=0, description="GPU per actor (null: a fraction when GPUs exist)")
 
+    @model_validator(mode="after")
+    def _hf_model_path(self):
+        return _hf_needs_model_path(self, "audio")
+
     @field_validator("backend", mode="before")
     @classmethod
     def _old_backend_name(cls, v):
@@ -134,9 +166,10 @@ class AudioFeatures(Strict):
 
 
 class TextFeatures(Strict):
-    extractor: Literal["hashing", "sentence", "tokens"] = Field(
+    extractor: Literal["hashing", "sentence", "tokens", "hf"] = Field(
         "hashing", description="hashing: hashed word n-grams; sentence: a sentence-transformers model; tokens: "
-        "word ids from a vocabulary of the train split, for train.encoders.text: lstm")
+        "word ids from a vocabulary of the train split, for train.encoders.text: lstm; hf: a Hugging Face text "
+        "model from model_path, mean over tokens (CLIP/SigLIP: its text tower, the image tower's space)")
     max_tokens: int = Field(32, ge=1, description="tokens: ids kept per text (the true length is stored)")
     vocab_size: int = Field(10000, ge=3, description="tokens: most frequent train-split words kept, plus "
                             "<pad> and <unk>")
@@ -145,10 +178,16 @@ class TextFeatures(Strict):
                                             "from the train split and stored in the output metadata)")
     dim: int = Field(256, ge=8, description="hashing embedding size")
     ngram_range: tuple[int, int] = Field((1, 2), description="hashing word n-gram lengths")
-    model_path: Optional[str] = Field(None, description="sentence: local folder of a sentence-transformers model")
+    model_path: Optional[str] = Field(None, description="sentence: local folder of a sentence-transformers model; "
+                                      "hf: folder written by save_pretrained (model + tokenizer), local or s3://, gs://")
     batch_size: int = Field(64, ge=1, description="texts per model call")
-    precision: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="sentence model precision on GPU")
+    precision: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="sentence, hf: model precision on GPU "
+                                                       "(hf: bf16 also on CPU)")
     num_gpus: Optional[float] = Field(None, ge=0, description="GPU per actor (null: a fraction when GPUs exist)")
+
+    @model_validator(mode="after")
+    def _hf_model_path(self):
+        return _hf_needs_model_path(self, "text")
 
 
 class FeaturesConfig(Strict):
@@ -158,7 +197,7 @@ class FeaturesConfig(Strict):
     text: TextFeatures = TextFeatures()
     batch_size: int = Field(64, ge=1, description="rows per batch in CPU stages")
     gpu_shape: Literal["fused", "split"] = Field(
-        "fused", description="a model extractor (cnn, sentence) on GPU. fused: each unit worker decodes and embeds "
+        "fused", description="a model extractor (cnn, sentence, hf) on GPU. fused: each unit worker decodes and embeds "
         "on its GPU share; split: CPU workers decode, one actor per GPU embeds (GPU nodes short of CPUs; "
         "docs/data-path.md). Same output either way")
 

@@ -79,6 +79,8 @@ QUARANTINE = pa.schema([
 MODALITIES = ("image", "audio", "text")
 # the extractor of each modality whose output is a sequence column (seq_column), not an embedding
 SEQUENCE_EXTRACTORS = {"image": "pixels", "audio": "logmel_frames", "text": "tokens"}
+# every extractor whose output is a sequence column: audio frames come from log-mel or a speech encoder
+SEQUENCE_EXTRACTOR_NAMES = {"image": ("pixels",), "audio": ("logmel_frames", "hf_frames"), "text": ("tokens",)}
 
 
 def emb_column(modality: str) -> str:
@@ -97,6 +99,7 @@ def embedding_type(dim: int) -> pa.DataType:
 # Instead of an embedding column, a modality with a sequence extractor writes its model input:
 #   image_pixels  fixed_size_list<uint8>[size*size*channels]  the resized image, row-major H x W x C
 #   audio_frames  list<fixed_size_list<float32>[n_mels]>      log-mel frames (dB), at most max_frames
+#                                                              (hf_frames: a speech encoder's frames, [frame_dim])
 #   audio_len     int32                                        frames stored (the true length, cropped)
 #   text_tokens   list<int32>                                  token ids (vocabulary in the metadata)
 #   text_len      int32                                        tokens stored (at most max_tokens)
@@ -124,12 +127,18 @@ def frames_type(n_mels: int) -> pa.DataType:
 TOKENS_TYPE = pa.list_(pa.int32())
 
 
+def frame_size(params: Mapping) -> int:
+    """Values per audio frame of a frames extractor's ``params()``: ``n_mels`` (logmel_frames) or
+    ``frame_dim`` (hf_frames: the encoder's hidden size)."""
+    return int(params["frame_dim"] if "frame_dim" in params else params["n_mels"])
+
+
 def sequence_fields(modality: str, params: Mapping) -> list[pa.Field]:
     """The columns a sequence extractor writes for ``modality`` (``params``: its params())."""
     if modality == "image":
         return [pa.field(seq_column("image"), pixels_type(params["size"], params["channels"]))]
     if modality == "audio":
-        return [pa.field(seq_column("audio"), frames_type(params["n_mels"])), pa.field(len_column("audio"), pa.int32())]
+        return [pa.field(seq_column("audio"), frames_type(frame_size(params))), pa.field(len_column("audio"), pa.int32())]
     return [pa.field(seq_column("text"), TOKENS_TYPE), pa.field(len_column("text"), pa.int32())]
 
 

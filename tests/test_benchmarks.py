@@ -117,7 +117,8 @@ def test_gpu_benchmark_runs_every_section_on_cpu(tmp_path):
     assert res["environment"]["device"] == "cpu" and res["environment"]["gpu"] is None
     sections = res["sections"]
     assert {n: s["ok"] for n, s in sections.items()} == {"resnet50": True, "shape": True, "logmel": True,
-                                                          "preprocess": True, "preprocess_split": True}, \
+                                                          "preprocess": True, "preprocess_split": True,
+                                                          "hf": True}, \
         {n: s.get("error") for n, s in sections.items()}
 
     resnet = sections["resnet50"]["runs"]
@@ -157,5 +158,9 @@ def test_gpu_benchmark_runs_every_section_on_cpu(tmp_path):
         assert r["ids"] and r["max_abs_diff_vs_fused"] <= 1e-5 and r["gpu"] is None, r
     assert shape["runs"][1]["decoded_bytes_through_store"] == shape["setup"]["images"] * 224 * 224 * 3
     assert shape["measured"]["decode_cpus_per_gpu"] > 0
-    # header + 7 ResNet + 2 shape + 4 log-mel + preprocess + ingest + preprocess (split asked)
-    assert "CPU only" in table and table.count("\n| ") == 17
+    hf = sections["hf"]["runs"]              # the hf extractors: 3 modalities x 2 precisions x (encode, extract)
+    assert {(r["modality"], r["precision"]) for r in hf} == {(m, p) for m in ("image", "audio", "text")
+                                                            for p in ("fp32", "bf16")} and len(hf) == 12
+    assert all(r["per_s"] > 0 and r["gpu"] is None for r in hf)
+    # header + 7 ResNet + 2 shape + 4 log-mel + preprocess + ingest + preprocess (split asked) + 12 hf
+    assert "CPU only" in table and table.count("\n| ") == 29

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = ROOT / "workflows"
 K8S = WORKFLOWS / "k8s"
 EXPECTED_WORKFLOWS = {"imagenet_features.yaml", "librispeech_features.yaml", "timit_features.yaml",
-                      "train_fusion.yaml", "retrain.yaml"}
+                      "train_fusion.yaml", "retrain.yaml", "imagenet_clip.yaml", "librispeech_wav2vec2.yaml"}
 
 
 def _ray_schema() -> dict:
@@ -87,6 +87,13 @@ def test_workflow_contents_fit_their_purpose():
         assert set(wf.datasets[0].modalities) == {"audio", "text"}
     train = load_workflow(WORKFLOWS / "train_fusion.yaml")
     assert train.train.data and set(train.train.modalities) == {"audio", "text"}
+    clip = load_workflow(WORKFLOWS / "imagenet_clip.yaml")
+    assert (clip.features.image.extractor, clip.datasets[0].modalities) == ("hf", ["image"])
+    assert clip.features.image.model_path.endswith("clip-vit-base-patch32")
+    w2v = load_workflow(WORKFLOWS / "librispeech_wav2vec2.yaml")
+    assert (w2v.features.audio.extractor, w2v.features.text.extractor) == ("hf", "hf") and w2v.features.audio.layer
+    for wf in (clip, w2v):                      # the docs say how to make each folder
+        assert "save_pretrained" in (WORKFLOWS / f"{wf.name.replace('-', '_')}.yaml").read_text()
     rt = load_workflow(WORKFLOWS / "retrain.yaml")
     assert rt.datasets and rt.retrain.registry and rt.retrain.metric in ("accuracy", "macro_f1")
 

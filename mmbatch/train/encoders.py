@@ -143,4 +143,5 @@ def encoder_spec(modality: str, kind: str, hidden: int, feature: Mapping) -> dic
     (``feature``: the data's extractor description, name + params)."""
     p = feature.get("params") or {}
     keys = {"image": ("size", "channels"), "audio": ("n_mels", "max_frames"), "text": ("vocab_size", "max_tokens")}
+    p = {**p, "n_mels": schema.frame_size(p)} if modality == "audio" else p    # values per frame (hf_frames too)
     return {"kind": kind, "hidden": int(hidden), **{k: p[k] for k in keys[modality]}}

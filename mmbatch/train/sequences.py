@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from mmbatch import schema
 from mmbatch.errors import UsageError
-from mmbatch.schema import SEQUENCE_EXTRACTORS
+from mmbatch.schema import SEQUENCE_EXTRACTOR_NAMES, SEQUENCE_EXTRACTORS
 
 
 def sequence_dims(sch: pa.Schema) -> dict[str, int]:
@@ -78,11 +78,11 @@ def check_encoders(encoders: Mapping[str, str], features: Mapping[str, Mapping],
     out = {}
     for m, f in features.items():
         kind, name, seq = encoders.get(m, "frozen"), f.get("name"), SEQUENCE_EXTRACTORS[m]
-        if kind == "frozen" and name == seq:
+        if kind == "frozen" and name in SEQUENCE_EXTRACTOR_NAMES[m]:
             from mmbatch.train.encoders import ENCODERS
             raise UsageError(f"train.encoders.{m}: frozen needs an embedding, but {uri} holds {m} sequence features "
                              f"({name}): set train.encoders.{m}: {ENCODERS[m]}")
-        if kind != "frozen" and name != seq:
+        if kind != "frozen" and name not in SEQUENCE_EXTRACTOR_NAMES[m]:
             raise UsageError(f"train.encoders.{m}: {kind} learns from features.{m}.extractor: {seq}, but {uri} holds "
                              f"{name!r} features: preprocess with features.{m}.extractor: {seq}, or set "
                              f"train.encoders.{m}: frozen")

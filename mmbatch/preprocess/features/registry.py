@@ -15,27 +15,33 @@ model (for the sentence extractor it reads the model directory's config files).
 | image    | pixels         | PixelsExtractor        | size*size*channels (sequence)     |
 | audio    | logmel_frames  | LogMelFramesExtractor  | max_frames*n_mels (sequence)      |
 | text     | tokens         | TokensExtractor        | max_tokens (sequence)             |
+| image    | hf             | HFImageExtractor       | from the model folder's config    |
+| audio    | hf             | HFAudioExtractor       | from the model folder's config    |
+| audio    | hf_frames      | HFFramesExtractor      | max_frames*hidden size (sequence) |
+| text     | hf             | HFTextExtractor        | from the model folder's config    |
 
 Sequence extractors (mmbatch.preprocess.features.sequence) write model inputs for train.encoders, not
-embeddings; their ``dim`` is the size of the padded input.
+embeddings; their ``dim`` is the size of the padded input. The ``hf`` extractors
+(mmbatch.preprocess.features.hf) run a transformers model from ``model_path``.
 """
 from __future__ import annotations
 
 from typing import Any
 
 from mmbatch.preprocess.features.base import Extractor
-from mmbatch.schema import MODALITIES, SEQUENCE_EXTRACTORS
+from mmbatch.schema import MODALITIES, SEQUENCE_EXTRACTOR_NAMES
 
 # cfg.extractor values (as in mmbatch.config) -> the extractor's name; "hog_color" is
 # accepted as an alias of "hog".
-IMAGE_EXTRACTORS = {"hog": "hog_color", "hog_color": "hog_color", "cnn": "cnn", "pixels": "pixels"}
-AUDIO_EXTRACTORS = {"logmel_stats": "logmel_stats", "cnn": "cnn", "logmel_frames": "logmel_frames"}
-TEXT_EXTRACTORS = {"hashing": "hashing", "sentence": "sentence", "tokens": "tokens"}
+IMAGE_EXTRACTORS = {"hog": "hog_color", "hog_color": "hog_color", "cnn": "cnn", "pixels": "pixels", "hf": "hf"}
+AUDIO_EXTRACTORS = {"logmel_stats": "logmel_stats", "cnn": "cnn", "logmel_frames": "logmel_frames", "hf": "hf",
+                    "hf_frames": "hf_frames"}
+TEXT_EXTRACTORS = {"hashing": "hashing", "sentence": "sentence", "tokens": "tokens", "hf": "hf"}
 
 
 def is_sequence(modality: str, cfg: Any) -> bool:
     """Whether ``cfg`` (a features.<modality> config) selects the modality's sequence extractor."""
-    return getattr(cfg, "extractor", None) == SEQUENCE_EXTRACTORS.get(modality)
+    return getattr(cfg, "extractor", None) in SEQUENCE_EXTRACTOR_NAMES.get(modality, ())
 
 
 def _default_cfg(modality: str):
@@ -57,6 +63,8 @@ def build_extractor(modality: str, cfg: Any = None) -> Extractor:
     if modality not in MODALITIES:
         raise ValueError(f"unknown modality {modality!r}; expected image, audio or text")
     cfg = cfg if cfg is not None else _default_cfg(modality)
+    if getattr(cfg, "extractor", None) in ("hf", "hf_frames"):
+        return _hf_extractor(modality, cfg)
     if is_sequence(modality, cfg):
         return _sequence_extractor(modality, cfg)
     if modality == "image":
@@ -81,6 +89,20 @@ def build_extractor(modality: str, cfg: Any = None) -> Extractor:
     return text.SentenceExtractor(model_path=cfg.model_path, batch_size=cfg.batch_size, precision=cfg.precision)
 
 
+def _hf_extractor(modality: str, cfg: Any) -> Extractor:
+    from mmbatch.preprocess.features import hf
+
+    _kind({"image": IMAGE_EXTRACTORS, "audio": AUDIO_EXTRACTORS, "text": TEXT_EXTRACTORS}[modality], modality, cfg)
+    common = dict(model_path=cfg.model_path, batch_size=cfg.batch_size, precision=cfg.precision)
+    if modality == "image":
+        return hf.HFImageExtractor(pooling=cfg.pooling, **common)
+    if modality == "text":
+        return hf.HFTextExtractor(**common)
+    if cfg.extractor == "hf_frames":
+        return hf.HFFramesExtractor(layer=cfg.layer, max_seconds=cfg.max_seconds, max_frames=cfg.max_frames, **common)
+    return hf.HFAudioExtractor(layer=cfg.layer, max_seconds=cfg.max_seconds, **common)
+
+
 def _sequence_extractor(modality: str, cfg: Any) -> Extractor:
     from mmbatch.preprocess.features import sequence
 
@@ -98,6 +120,8 @@ def embedding_dim(modality: str, cfg: Any = None) -> int:
     if modality not in MODALITIES:
         raise ValueError(f"unknown modality {modality!r}; expected image, audio or text")
     cfg = cfg if cfg is not None else _default_cfg(modality)
+    if getattr(cfg, "extractor", None) in ("hf", "hf_frames"):
+        return _hf_dim(modality, cfg)
     if is_sequence(modality, cfg):
         return {"image": lambda: cfg.size * cfg.size * cfg.channels, "audio": lambda: cfg.max_frames * cfg.n_mels,
                 "text": lambda: cfg.max_tokens}[modality]()
@@ -115,3 +139,12 @@ def embedding_dim(modality: str, cfg: Any = None) -> int:
         return int(cfg.dim)
     from mmbatch.preprocess.features.text import SentenceExtractor
     return SentenceExtractor(model_path=cfg.model_path).dim   # reads config files; loads only if it must
+
+
+def _hf_dim(modality: str, cfg: Any) -> int:
+    """An hf extractor's size from its folder's config.json (no weights read)."""
+    from mmbatch.preprocess.features import hf
+
+    hf.check_folder(cfg.model_path, modality)
+    size = hf.output_dim(hf.read_config(cfg.model_path), modality)
+    return size * cfg.max_frames if cfg.extractor == "hf_frames" else size
