@@ -72,6 +72,7 @@ def run_training(wf: Workflow, baselines: bool | None = None, warm_start: str | 
 
     t = wf.train
     ownership.check_disjoint({"train.out": t.out}, {"train.data": wf.train_data(),
+                                                    **({"train.exclude": t.exclude} if t.exclude else {}),
                                                     **({"the champion model": warm_start} if warm_start else {})})
     check_fused_uri(wf.train_data(), allow_incomplete=allow_incomplete)
     ownership.claim(t.out, "train", wf.name)
