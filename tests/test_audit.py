@@ -252,3 +252,42 @@ def test_audit_command_finds_planted_errors_and_train_excludes_them(ray_session,
     assert spec["data"]["excluded"] == flagged_tv
     assert sum(spec["data"]["counts"]["test"].values()) == sum(1 for r in pq.read_table(c.path, columns=["split"])
                                                                .column("split").to_pylist() if r == "test")
+
+
+@pytest.mark.slow
+def test_audit_on_s3(ray_session, tmp_path):
+    """The fused data, the audit folder and train.exclude's file on s3:// (moto on loopback; the
+    endpoint and keys from the workflow's storage key, so no process-wide AWS variable is touched)."""
+    import socket
+
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    from mmbatch.audit.run import run_audit
+    from mmbatch.engine import storage
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    opts = {"endpoint_url": f"http://127.0.0.1:{port}", "key": "audit-key", "secret": "audit-secret"}
+    saved = storage.options()
+    try:
+        fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": opts["endpoint_url"], "region_name": "us-east-1"},
+                               key=opts["key"], secret=opts["secret"], skip_instance_cache=True)
+        fs.mkdir("audit-bucket")
+        c = ac.build_corpus(str(tmp_path / "fused"), n=300, seed=2, noise=1.6)
+        fs.put(c.path + "/", "audit-bucket/fused/", recursive=True)
+        wf = workflow_from_dict({"train": {"data": "s3://audit-bucket/fused"}, "storage": {"s3": opts},
+                                 "audit": {"folds": 3, "epochs": 6}})
+        res = run_audit(wf, "s3://audit-bucket/audit")
+        fs.invalidate_cache()
+        assert {p.rsplit("/", 1)[-1] for p in fs.ls("audit-bucket/audit")} >= {"issues.parquet", "summary.json",
+                                                                               "report.html", "_mmbatch.json"}
+        assert read_exclude("s3://audit-bucket/audit/issues.parquet") == \
+            frozenset(res.issues.column("sample_id").to_pylist()) and res.flagged > 0
+    finally:
+        storage._OPTIONS.clear()
+        storage.configure(saved)
+        server.stop()
