@@ -274,8 +274,7 @@ def test_audit_on_s3(ray_session, tmp_path):
     opts = {"endpoint_url": f"http://127.0.0.1:{port}", "key": "audit-key", "secret": "audit-secret"}
     saved = storage.options()
     try:
-        fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": opts["endpoint_url"], "region_name": "us-east-1"},
-                               key=opts["key"], secret=opts["secret"], skip_instance_cache=True)
+        fs = s3fs.S3FileSystem(**opts, skip_instance_cache=True)
         fs.mkdir("audit-bucket")
         c = ac.build_corpus(str(tmp_path / "fused"), n=300, seed=2, noise=1.6)
         fs.put(c.path + "/", "audit-bucket/fused/", recursive=True)
