@@ -258,8 +258,8 @@ class AuditConfig(Strict):
     splits: list[Literal["train", "validation", "test"]] = Field(
         ["train", "validation", "test"], min_length=1, description="splits whose rows are audited (and trained on "
         "across folds)")
-    min_confidence: float = Field(0.5, ge=0, le=1, description="a modality says another class only with at least "
-                                  "this out-of-fold probability (mismatched pairs)")
+    min_odds: float = Field(30.0, ge=1, description="a mismatched pair: the modality finds its class at least this "
+                            "many times likelier than the given label (out-of-fold probabilities; docs/audit.md)")
     cpus_per_task: float = Field(0.5, gt=0, description="CPUs each fold task asks Ray for (fractional on "
                                  "small machines)")
     seed: int = Field(0, description="seed of the folds and the models")

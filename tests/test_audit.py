@@ -39,7 +39,7 @@ def planted_probs(n=300, k=3, seed=0):
     img_cls, aud_cls = true.copy(), true.copy()
     img_cls[10:20] = (true[10:20] + 1) % k
     aud_cls[20:30] = (true[20:30] + 2) % k
-    probs = {"image": _onehot_probs(img_cls, k, 0.9, rng), "audio": _onehot_probs(aud_cls, k, 0.85, rng),
+    probs = {"image": _onehot_probs(img_cls, k, 0.99, rng), "audio": _onehot_probs(aud_cls, k, 0.98, rng),
              FUSED: _onehot_probs(true, k, 0.9, rng)}
     probs[FUSED][10:30] = 1.0 / k            # the fused view is torn where one modality disagrees
     probs["audio"][30] = np.nan
@@ -48,7 +48,7 @@ def planted_probs(n=300, k=3, seed=0):
 
 def test_find_issues_finds_planted_label_errors_and_mismatches():
     y, probs = planted_probs()
-    found = find_issues(y, probs, ["image", "audio"], min_confidence=0.5)
+    found = find_issues(y, probs, ["image", "audio"])
     kind = found["kind"]
     assert set(np.flatnonzero(kind == LABEL_ERROR)) == set(range(10))
     assert set(np.flatnonzero(kind == "mismatched_image")) == set(range(10, 20))
@@ -66,10 +66,10 @@ def test_a_row_one_modality_backs_is_no_label_error():
     assert not (kind[:10] == LABEL_ERROR).any()
 
 
-def test_min_confidence_and_a_single_modality():
+def test_min_odds_and_a_single_modality():
     y, probs = planted_probs()
-    kind = find_issues(y, probs, ["image", "audio"], min_confidence=0.95)["kind"]
-    assert not any(str(k).startswith("mismatched") for k in kind)      # the views say 0.85-0.9
+    kind = find_issues(y, probs, ["image", "audio"], min_odds=500)["kind"]
+    assert not any(str(k).startswith("mismatched") for k in kind)      # the views' odds are about 40-100
     one = find_issues(y, {FUSED: probs[FUSED], "image": probs[FUSED]}, ["image"])["kind"]
     assert not any(str(k).startswith("mismatched") for k in one)       # nothing to compare with
     assert set(np.flatnonzero(one == LABEL_ERROR)) == set(range(10))
@@ -157,7 +157,7 @@ def test_exclude_is_in_the_run_fingerprint_and_absent_when_unset(corpus, tmp_pat
 @pytest.mark.parametrize("override, key", [
     ({"audit": {"folds": 1}}, "audit.folds"),
     ({"audit": {"splits": ["train", "dev"]}}, "audit.splits"),
-    ({"audit": {"min_confidence": 1.5}}, "audit.min_confidence"),
+    ({"audit": {"min_odds": 0.5}}, "audit.min_odds"),
     ({"audit": {"cpus_per_task": 0}}, "audit.cpus_per_task"),
     ({"audit": {"foldz": 3}}, "audit.foldz"),
     ({"retrain": {"audit": "quarantine"}}, "retrain.audit"),

@@ -71,7 +71,7 @@ def run_audit(wf: Workflow, out: str, allow_incomplete: bool = False, report: bo
     if len(mods) == 1:
         probs[mods[0]] = probs[FUSED]
     t_fit = time.time()
-    found = find_issues(arrays["y"], probs, mods, a.min_confidence)
+    found = find_issues(arrays["y"], probs, mods, a.min_odds)
     names = [c["name"] for c in data.classes]
     issues = issues_table(ids, splits, arrays["y"], probs, found, names, mods)
     summary = summarize(issues, splits, probs, arrays["y"], mods, wf, data)

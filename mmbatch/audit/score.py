@@ -8,9 +8,13 @@ view could not score (the modality is missing) is all NaN there.
   1 - cleanlab's self-confidence label-quality score on the fused view; suggested label: the fused top class.
 - **Mismatched pair** (``mismatched_<m>``): on the view of modality ``m`` alone, confident learning puts
   the row off the diagonal (:func:`find_label_issues` with ``filter_by="confident_learning"``: the view's
-  top class passes that class's per-class threshold), with at least ``min_confidence``, while every other
-  modality that scored the row predicts the given label. That is an image, clip or text attached to a
-  sample of another class. Score: p_m(top) - p_m(given label).
+  top class passes that class's per-class threshold), the view finds its top class at least ``min_odds``
+  times likelier than the given label (p_m(top) / p_m(given): the likelihood ratio of "this modality
+  belongs to a sample of the other class" against "a hard example of the given class"; with a prior
+  share pi of mismatched rows the posterior odds are that ratio times pi / (1 - pi), so 30 flags at
+  even odds for pi of about 3 %), while every other modality that scored the row predicts the given
+  label. That is an image, clip or text attached to a sample of another class.
+  Score: p_m(top) - p_m(given label).
 
 A row is at most one issue: a label error is not also a mismatch (all modalities disagree with the
 label there, so no other modality can agree with it).
@@ -62,7 +66,7 @@ def label_quality(y: np.ndarray, p: np.ndarray) -> np.ndarray:
 
 
 def find_issues(y: np.ndarray, probs: Mapping[str, np.ndarray], modalities: Sequence[str],
-                min_confidence: float = 0.5) -> dict[str, np.ndarray]:
+                min_odds: float = 30.0) -> dict[str, np.ndarray]:
     """Per row: ``kind`` (object array; None when the row is fine), ``score``, ``suggested`` (class index,
     -1 where none), ``modality`` (the mismatched one, else None)."""
     y = np.asarray(y, np.int64)
@@ -94,9 +98,9 @@ def find_issues(y: np.ndarray, probs: Mapping[str, np.ndarray], modalities: Sequ
             for o in others:
                 backed &= (top[o] == y) | (top[o] == -1)          # a missing modality neither backs nor refutes
             backed &= np.any([top[o] != -1 for o in others], axis=0)
-            mm = off & (conf >= min_confidence) & (top[m] != y) & backed & (kind == None)  # noqa: E711
-            kind[mm] = mismatch_kind(m)
             given = np.nan_to_num(p)[np.arange(n), y]
+            mm = off & (conf >= min_odds * given) & (top[m] != y) & backed & (kind == None)  # noqa: E711
+            kind[mm] = mismatch_kind(m)
             score[mm] = (conf - given)[mm]
             modality[mm] = m
     return {"kind": kind, "score": score, "suggested": suggested, "modality": modality}
