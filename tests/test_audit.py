@@ -182,6 +182,15 @@ def test_retrain_train_fingerprint_changes_only_with_audit_exclude():
     assert train_fingerprint(workflow_from_dict({"retrain": {"audit": "exclude"}})) != base
 
 
+def test_retrain_audit_step_off_and_a_conflicting_exclude():
+    from mmbatch.ops.retrain import audit_step
+
+    assert audit_step(workflow_from_dict({})) is None
+    wf = workflow_from_dict({"retrain": {"audit": "exclude"}, "train": {"exclude": "/x/ids.csv"}})
+    with pytest.raises(UsageError, match="retrain.audit: exclude .* train.exclude is already /x/ids.csv"):
+        audit_step(wf)
+
+
 def test_cli_has_audit_and_owns_its_folder(tmp_path, capsys):
     from mmbatch.cli import main
     from mmbatch.engine import ownership

@@ -221,6 +221,9 @@ def audit_step(wf: Workflow, allow_incomplete: bool = False) -> Optional[dict]:
     flagged train/validation rows. Returns the audit's counts and folder."""
     if wf.retrain.audit == "off":
         return None
+    if wf.retrain.audit == "exclude" and wf.train.exclude:
+        raise UsageError("retrain.audit: exclude sets train.exclude to the audit's issues; train.exclude is "
+                         f"already {wf.train.exclude}: unset one of them")
     from mmbatch.audit.run import ISSUES, run_audit
 
     out = wf.audit_out()
@@ -228,9 +231,6 @@ def audit_step(wf: Workflow, allow_incomplete: bool = False) -> Optional[dict]:
     record = {"out": out, "mode": wf.retrain.audit, "flagged": res.flagged, "counts": res.summary["counts"]}
     print(f"retrain: audit flagged {res.flagged} row(s) ({out})", flush=True)
     if wf.retrain.audit == "exclude":
-        if wf.train.exclude:
-            raise UsageError("retrain.audit: exclude sets train.exclude to the audit's issues; train.exclude is "
-                             f"already {wf.train.exclude}: unset one of them")
         wf.train.exclude = storage.join(out, ISSUES)
     return record
 
