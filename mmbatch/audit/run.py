@@ -20,7 +20,6 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from mmbatch import schema
 from mmbatch.audit import folds as F
 from mmbatch.audit.score import FUSED, find_issues
 from mmbatch.config import Workflow
