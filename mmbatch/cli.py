@@ -4,7 +4,7 @@ Exit codes (documented in README):
   0  success, nothing quarantined
   1  the command failed
   2  bad usage or an invalid workflow/config
-  3  the command finished, but some input rows were quarantined (see quarantine/)
+  3  the command finished, but some input rows were quarantined (see quarantine/), or audit flagged rows
   130 interrupted (Ctrl-C or SIGTERM); committed units are kept, rerun the same command to resume
 """
 from __future__ import annotations
@@ -407,6 +407,24 @@ def _duplicates(args) -> int:
     return EXIT_OK
 
 
+def _audit_args(sp) -> None:
+    _add_workflow_args(sp)
+    sp.add_argument("--out", required=True, help="folder for issues.parquet, summary.json and report.html")
+    _add_allow_incomplete(sp)
+
+
+def _audit(args) -> int:
+    from mmbatch.audit.run import render_summary, run_audit
+    res = run_audit(_load(args), args.out, allow_incomplete=args.allow_incomplete)
+    print(render_summary(res.summary))
+    issues = storage_join(args.out, "issues.parquet")
+    print_next_steps(f"wrote {res.flagged} flagged row(s) to {issues}", None, 0,
+                     [f"open {storage_join(args.out, 'report.html')}",
+                      _with_overrides(f"mmbatch train {args.workflow} --set train.exclude={shlex.quote(issues)}",
+                                      args)])
+    return EXIT_QUARANTINED if res.flagged else EXIT_OK
+
+
 COMMANDS: dict[str, Command] = {
     "demo": Command("generate a small multimodal corpus and run every stage end to end",
                     "mmbatch demo --out /tmp/mmdemo", _demo_args, _demo),
@@ -436,6 +454,8 @@ COMMANDS: dict[str, Command] = {
     "duplicates": Command("exact and near duplicates within and across canonical datasets, per modality",
                           "mmbatch duplicates /data/canonical/librispeech /data/canonical/timit --out out/dups",
                           _duplicates_args, _duplicates),
+    "audit": Command("label errors and mismatched pairs, from cross-validated models on the fused features",
+                     "mmbatch audit workflows/train_fusion.yaml --out out/audit", _audit_args, _audit),
 }
 
 

@@ -280,6 +280,30 @@ class TrainConfig(Strict):
     seed: int = Field(0, description="seed of the initialisation and the batches (the split's seed is "
                       "splits.seed)")
     encoders: EncodersConfig = EncodersConfig()
+    exclude: Optional[str] = Field(None, description="Parquet or CSV file with a sample_id column (e.g. the "
+                                   "issues.parquet of `mmbatch audit`): those rows are left out of the train and "
+                                   "validation splits, never the test split; part of the run's fingerprint")
+
+
+class AuditConfig(Strict):
+    """`mmbatch audit`: cross-validated models on the fused features find label errors and mismatched pairs
+    (docs/audit.md)."""
+    folds: int = Field(5, ge=2, le=20, description="cross-validation folds; every row is scored by the models "
+                       "that did not see it")
+    epochs: int = Field(15, ge=1, description="training epochs of each fold's models")
+    hidden: int = Field(64, ge=1, description="hidden layer size of each fold's models")
+    modalities: Optional[list[Modality]] = Field(None, description="modalities to audit, each alone and fused "
+                                                 "(null: all in the data)")
+    splits: list[Literal["train", "validation", "test"]] = Field(
+        ["train", "validation", "test"], min_length=1, description="splits whose rows are audited (and trained on "
+        "across folds)")
+    min_odds: float = Field(30.0, ge=1, description="a mismatched pair: the modality finds its class at least this "
+                            "many times likelier than the given label (out-of-fold probabilities; docs/audit.md)")
+    cpus_per_task: float = Field(0.5, gt=0, description="CPUs each fold task asks Ray for (fractional on "
+                                 "small machines)")
+    seed: int = Field(0, description="seed of the folds and the models")
+    out: Optional[str] = Field(None, description="audit folder of `mmbatch retrain` (null: an `audit` folder next to "
+                               "the training data); `mmbatch audit` takes --out")
 
 
 class SplitsConfig(Strict):
@@ -305,6 +329,9 @@ class RetrainConfig(Strict):
     metric: Literal["accuracy", "macro_f1"] = Field("accuracy", description="test metric of the comparison")
     warm_start: bool = Field(False, description="start the candidate from the champion's weights")
     force_train: bool = Field(False, description="train even when no data changed")
+    audit: Literal["off", "report", "exclude"] = Field(
+        "off", description="off; report: run `mmbatch audit` on the new features before training (audit.out); "
+        "exclude: also train the candidate without the flagged train/validation rows (train.exclude)")
 
 
 class DedupConfig(Strict):
@@ -339,6 +366,7 @@ class Workflow(Strict):
     train: TrainConfig = TrainConfig()
     retrain: RetrainConfig = RetrainConfig()
     dedup: DedupConfig = DedupConfig()
+    audit: AuditConfig = AuditConfig()
     storage: dict[str, dict[str, Any]] = Field(
         default_factory=dict, exclude=True, repr=False,
         description="fsspec options per scheme, e.g. `{s3: {endpoint_url: http://host:9000, profile: x}}` "
@@ -370,8 +398,17 @@ class Workflow(Strict):
     def train_record(self) -> dict:
         """``train`` as model specs and fingerprints record it: its settings plus the split fractions, which
         were ``train`` keys before the ``splits`` section (kept there so no fingerprint changes)."""
-        return {**self.train.model_dump(mode="json"), "val_fraction": self.splits.val_fraction,
-                "test_fraction": self.splits.test_fraction}
+        rec = {**self.train.model_dump(mode="json"), "val_fraction": self.splits.val_fraction,
+               "test_fraction": self.splits.test_fraction}
+        if rec["exclude"] is None:       # unset: the record (and every fingerprint of it) as before the key
+            del rec["exclude"]
+        return rec
+
+    def audit_out(self) -> str:
+        """The audit folder of `mmbatch retrain`: ``audit.out``, else ``audit`` next to the training data."""
+        if self.audit.out:
+            return self.audit.out
+        return default_train_out(self.train_data()).rsplit("train", 1)[0] + "audit"
 
 
 # --- loading -----------------------------------------------------------------------
@@ -557,6 +594,8 @@ def _resolve_paths(wf: Workflow, base: Path, skip: set[str] = frozenset()) -> No
     wf.output.path = fix("output.path", wf.output.path)
     wf.train.out = fix("train.out", wf.train.out)
     wf.train.data = fix("train.data", wf.train.data)
+    wf.train.exclude = fix("train.exclude", wf.train.exclude)
+    wf.audit.out = fix("audit.out", wf.audit.out)
     wf.retrain.registry = fix("retrain.registry", wf.retrain.registry)
     for m in ("image", "audio"):
         feats = getattr(wf.features, m)

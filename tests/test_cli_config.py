@@ -12,7 +12,7 @@ from mmbatch.cli import build_parser, main
 from mmbatch.config import WorkflowError, apply_overrides, load_workflow, workflow_from_dict
 
 SUBCOMMANDS = ["demo", "ingest", "preprocess", "train", "evaluate", "retrain", "submit", "inspect", "registry",
-               "convert", "duplicates"]
+               "convert", "duplicates", "audit"]
 
 
 @pytest.mark.parametrize("cmd", SUBCOMMANDS)

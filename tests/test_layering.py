@@ -137,7 +137,7 @@ def test_no_test_hooks_in_shipped_code():
     assert not hooks, "test hooks in mmbatch/:\n" + "\n".join(hooks)
 
 
-STAGES = ("ingest", "preprocess", "train", "dedup", "convert", "ops", "demo")
+STAGES = ("ingest", "preprocess", "train", "dedup", "audit", "convert", "ops", "demo")
 
 
 def test_the_top_level_is_the_stages_plus_one_engine():

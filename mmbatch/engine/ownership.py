@@ -36,6 +36,7 @@ KNOWN_NAMES: dict[str, set[str]] = {
     "train": {storage.TMP_DIR},
     "evaluation": {storage.TMP_DIR, "metrics.json", "report.html", "summary.json"},
     "duplicates": {storage.TMP_DIR, "pairs.parquet", "summary.json", "report.html", "groups.parquet"},
+    "audit": {storage.TMP_DIR, "issues.parquet", "summary.json", "report.html"},
     "registry": {storage.TMP_DIR, "versions", "aliases", "history", "last_cycle.json", "_lock", "_lock.owner.json",
                  "_locks"},
     "demo": {"corpus", "canonical", "features", "features_completed", "features_timit", "train", "registry",

@@ -97,8 +97,12 @@ def decide(candidate: dict, champion: Optional[dict], metric: str, margin: float
 
 
 def train_fingerprint(wf: Workflow) -> str:
-    """What, besides the data, decides the candidate: the learning settings of ``train``."""
-    return storage.fingerprint({k: v for k, v in wf.train_record().items() if k not in NOT_LEARNING})
+    """What, besides the data, decides the candidate: the learning settings of ``train`` and, with
+    ``retrain.audit: exclude``, the audit's settings (they decide the rows left out)."""
+    rec = {k: v for k, v in wf.train_record().items() if k not in NOT_LEARNING}
+    if wf.retrain.audit == "exclude":
+        rec["audit"] = wf.audit.model_dump(mode="json", exclude={"out", "cpus_per_task"})
+    return storage.fingerprint(rec)
 
 
 def candidate_run_name(wf: Workflow, fingerprints: dict, champion: Optional[ModelVersion],
@@ -167,7 +171,8 @@ def run_retrain(wf: Workflow, lock_timeout: float = 0.0, allow_incomplete: bool 
     t0 = time.time()
     cfg = wf.retrain
     ownership.check_disjoint({"retrain.registry": cfg.registry, "output.path": wf.output.path,
-                              "train.out": wf.train.out}, workflow_inputs(wf))
+                              "train.out": wf.train.out,
+                              **({"audit.out": wf.audit_out()} if cfg.audit != "off" else {})}, workflow_inputs(wf))
     ownership.claim(cfg.registry, "registry", wf.name)
     registry = Registry(cfg.registry)
     with registry.lock(timeout=lock_timeout):
@@ -187,6 +192,7 @@ def run_retrain(wf: Workflow, lock_timeout: float = 0.0, allow_incomplete: bool 
 
         warm = champion.model_uri if (cfg.warm_start and champion is not None) else None
         twf = wf.model_copy(deep=True)
+        pre["audit"] = audit_step(twf, allow_incomplete)
         twf.train.name = candidate_run_name(wf, fps, champion, warm is not None)
         trained = run_training(twf, warm_start=warm, baselines=False, allow_incomplete=allow_incomplete)
         data = wf.train_data()
@@ -207,6 +213,26 @@ def run_retrain(wf: Workflow, lock_timeout: float = 0.0, allow_incomplete: bool 
     _report(result)
     _log_mlflow(wf, result)
     return result
+
+
+def audit_step(wf: Workflow, allow_incomplete: bool = False) -> Optional[dict]:
+    """``retrain.audit``: off (None); report: `mmbatch audit` of the new features into ``wf.audit_out()``;
+    exclude: also set ``wf.train.exclude`` to its issues.parquet, so the candidate trains without the
+    flagged train/validation rows. Returns the audit's counts and folder."""
+    if wf.retrain.audit == "off":
+        return None
+    if wf.retrain.audit == "exclude" and wf.train.exclude:
+        raise UsageError("retrain.audit: exclude sets train.exclude to the audit's issues; train.exclude is "
+                         f"already {wf.train.exclude}: unset one of them")
+    from mmbatch.audit.run import ISSUES, run_audit
+
+    out = wf.audit_out()
+    res = run_audit(wf, out, allow_incomplete=allow_incomplete)
+    record = {"out": out, "mode": wf.retrain.audit, "flagged": res.flagged, "counts": res.summary["counts"]}
+    print(f"retrain: audit flagged {res.flagged} row(s) ({out})", flush=True)
+    if wf.retrain.audit == "exclude":
+        wf.train.exclude = storage.join(out, ISSUES)
+    return record
 
 
 def _early_exit(registry: Registry, wf: Workflow, champion: Optional[ModelVersion], fps: dict,

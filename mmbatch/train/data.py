@@ -30,6 +30,7 @@ from mmbatch.preprocess.fusion import embeddings_to_numpy
 from mmbatch.engine.manifest import Manifest, data_files
 from mmbatch.preprocess.splits import (assign_splits, final_plan, normalized_splits, row_uniform, split_plan,  # noqa: F401
                             splits_are_final)
+from mmbatch.train.exclude import EXCLUDED_SPLITS, exclude_fingerprint
 from mmbatch.train.sequences import sequence_column_names, sequence_dims, sequence_input
 
 log = logging.getLogger("mmbatch.train")
@@ -42,10 +43,11 @@ LIGHT_COLUMNS = ["sample_id", "split", "label", "label_name"]
 # --- Arrow -> NumPy (pure) ------------------------------------------------------------------
 def to_arrays(table: pa.Table, modalities: Sequence[str], dims: Mapping[str, int],
               class_ids: Sequence[int], split: Optional[str] = None, plan: Optional[Mapping] = None,
-              seed: int = 0) -> dict[str, np.ndarray]:
+              seed: int = 0, exclude: Optional[Sequence[str]] = None) -> dict[str, np.ndarray]:
     """Model-ready columns for the rows of ``table`` in ``split`` (all rows when None).
 
-    Rows with a null label or a label outside ``class_ids`` are dropped.
+    Rows with a null label or a label outside ``class_ids`` are dropped, and so are the rows whose
+    sample_id is in ``exclude`` when ``split`` is train or validation (``train.exclude``).
     ``has_<m>`` is true only where the flag is set (or absent) *and* the
     embedding is not null.
     """
@@ -53,6 +55,9 @@ def to_arrays(table: pa.Table, modalities: Sequence[str], dims: Mapping[str, int
         splits = assign_splits(table.column("sample_id").to_pylist(),
                                _column_or_none(table, "split"), plan, seed)
         table = table.filter(pa.array(splits == split))
+    if exclude and split in EXCLUDED_SPLITS:
+        import pyarrow.compute as pc
+        table = table.filter(pc.invert(pc.is_in(table.column("sample_id"), pa.array(list(exclude), pa.string()))))
     labels = table.column("label").to_numpy(zero_copy_only=False) if table.num_rows else np.zeros(0)
     labels = np.asarray(nulls_to_nan(labels), dtype=np.float64)
     ids = np.asarray(sorted(class_ids), dtype=np.int64)
@@ -164,10 +169,12 @@ class FusedData:
     dropped_unlabeled: int = 0
     fingerprint: str = ""
     leakage: Optional[dict] = None   # validation/test rows duplicating train (the manifest's, preprocess dedup.leakage)
+    exclude: frozenset = frozenset()  # sample ids left out of train and validation (train.exclude)
+    excluded: int = 0                # rows of train and validation left out by ``exclude``
 
     @classmethod
     def open(cls, uri: str, seed: int = 0, val_fraction: float = 0.15,
-             test_fraction: float = 0.15) -> "FusedData":
+             test_fraction: float = 0.15, exclude: frozenset = frozenset()) -> "FusedData":
         sch = read_schema(uri)
         for col in ("sample_id", "label"):
             if col not in sch.names:
@@ -191,12 +198,14 @@ class FusedData:
             raise UsageError(f"{uri}: found {len(id_to_name)} label value(s); training needs at least 2 classes")
         classes = [{"id": i, "name": id_to_name[i]} for i in sorted(id_to_name)]
         counts: dict[str, dict[str, int]] = {s: {c["name"]: 0 for c in classes} for s in SPLITS}
-        dropped = unassigned = 0
-        for s, lab in zip(splits, labels):
+        dropped = unassigned = excluded = 0
+        for s, lab, sid in zip(splits, labels, light.column("sample_id").to_pylist()):
             if lab is None:
                 dropped += 1
             elif s is None:
                 unassigned += 1
+            elif s in EXCLUDED_SPLITS and sid in exclude:
+                excluded += 1
             else:
                 counts[s][id_to_name[int(lab)]] += 1
         if unassigned:
@@ -205,11 +214,14 @@ class FusedData:
         if sum(counts["train"].values()) == 0:
             raise UsageError(f"{uri}: no training rows after the split (plan: {plan})")
         fs, files = parquet_files(uri)
-        fp = storage.fingerprint({"manifest": manifest.to_dict() if manifest else [(f, fs.size(f)) for f in files],
-                                  "meta": meta, "counts": counts})
+        fp_of = {"manifest": manifest.to_dict() if manifest else [(f, fs.size(f)) for f in files],
+                 "meta": meta, "counts": counts}
+        if exclude:                  # only then: the fingerprint of data without an exclusion is unchanged
+            fp_of["exclude"] = exclude_fingerprint(exclude)
         return cls(uri=uri, meta=meta, dims=dims, classes=classes, plan=plan, seed=seed,
-                   counts=counts, dropped_unlabeled=dropped, fingerprint=fp,
-                   leakage=manifest.get("leakage") if manifest else None)
+                   counts=counts, dropped_unlabeled=dropped, fingerprint=storage.fingerprint(fp_of),
+                   leakage=manifest.get("leakage") if manifest else None, exclude=frozenset(exclude),
+                   excluded=excluded)
 
     # -- facts for the model spec and the report
     @property
@@ -258,12 +270,12 @@ class FusedData:
         return ds.select_columns(columns).map_batches(batch_to_arrays, batch_format="pyarrow", batch_size=1024, zero_copy_batch=True,
                               fn_kwargs=dict(modalities=list(modalities), dims=dict(self.dims),
                                              class_ids=self.class_ids, split=split, plan=self.plan,
-                                             seed=self.seed))
+                                             seed=self.seed, exclude=sorted(self.exclude)))
 
     def arrays(self, split: str, modalities: Sequence[str], max_rows: Optional[int] = None) -> dict[str, np.ndarray]:
         """The same columns as :meth:`dataset`, read in this process (validation, scoring)."""
         return read_split_arrays(self.uri, split, modalities, self.dims, self.class_ids, self.plan, self.seed,
-                                 max_rows=max_rows)
+                                 max_rows=max_rows, exclude=sorted(self.exclude))
 
 
 def data_split_plan(meta: Optional[Mapping], manifest: Optional[Manifest], raw_splits: Sequence[Optional[str]],
@@ -290,9 +302,10 @@ def unscorable_reason(class_counts: Mapping[str, int]) -> Optional[str]:
 
 def read_split_arrays(uri: str, split: str, modalities: Sequence[str], dims: Mapping[str, int],
                       class_ids: Sequence[int], plan: Mapping, seed: int,
-                      max_rows: Optional[int] = None) -> dict[str, np.ndarray]:
+                      max_rows: Optional[int] = None, exclude: Optional[Sequence[str]] = None) -> dict[str, np.ndarray]:
     """Model-ready arrays of one split, read row group by row group (memory bounded by the split);
-    with ``max_rows``, reading stops once that many rows are in (for statistics)."""
+    with ``max_rows``, reading stops once that many rows are in (for statistics); ``exclude``: see
+    :func:`to_arrays`."""
     fs, files = parquet_files(uri)
     wanted = LIGHT_COLUMNS + [schema.emb_column(m) for m in modalities] + [schema.has_column(m) for m in modalities] \
         + sequence_column_names(modalities)
@@ -303,7 +316,8 @@ def read_split_arrays(uri: str, split: str, modalities: Sequence[str], dims: Map
         for rg in range(pf.num_row_groups):
             if max_rows is not None and rows >= max_rows:
                 break
-            parts.append(to_arrays(pf.read_row_group(rg, columns=cols), modalities, dims, class_ids, split, plan, seed))
+            parts.append(to_arrays(pf.read_row_group(rg, columns=cols), modalities, dims, class_ids, split, plan, seed,
+                                   exclude))
             rows += len(parts[-1]["y"])
     if not parts:
         parts = [to_arrays(pa.table({"sample_id": pa.array([], pa.string()), "label": pa.array([], pa.int64()),

@@ -35,6 +35,7 @@ from mmbatch.engine.runtime import init_ray
 from mmbatch.train import report
 from mmbatch.train.data import FusedData
 from mmbatch.train.evaluate import evaluate_model
+from mmbatch.train.exclude import read_exclude
 from mmbatch.train.loop import META_FILE, STATE_FILE, remove_staging_dirs, train_loop_per_worker
 from mmbatch.train.models import MODEL_FILE, arch_spec, build_model, feature_stats, read_spec, save_model
 
@@ -71,12 +72,16 @@ def run_training(wf: Workflow, baselines: bool | None = None, warm_start: str | 
 
     t = wf.train
     ownership.check_disjoint({"train.out": t.out}, {"train.data": wf.train_data(),
+                                                    **({"train.exclude": t.exclude} if t.exclude else {}),
                                                     **({"the champion model": warm_start} if warm_start else {})})
     check_fused_uri(wf.train_data(), allow_incomplete=allow_incomplete)
     ownership.claim(t.out, "train", wf.name)
     init_ray(wf.ray.address, wf.ray.num_cpus, wf.ray.num_gpus, wf.ray.object_store_memory)
     sp = wf.splits
-    data = FusedData.open(wf.train_data(), seed=sp.seed, val_fraction=sp.val_fraction, test_fraction=sp.test_fraction)
+    data = FusedData.open(wf.train_data(), seed=sp.seed, val_fraction=sp.val_fraction, test_fraction=sp.test_fraction,
+                          exclude=read_exclude(t.exclude))
+    if t.exclude:
+        log.warning("train.exclude: %d train/validation row(s) of %s left out", data.excluded, t.exclude)
     mods = resolve_modalities(modalities or t.modalities, data)
     log.info("training %s on %s (%s), classes %s", t.name, data.uri, mods, [c["name"] for c in data.classes])
 
@@ -122,7 +127,8 @@ def model_spec(wf: Workflow, data: FusedData, mods: list[str], name: str) -> dic
         "split": {"seed": wf.splits.seed, "val_fraction": wf.splits.val_fraction,
                   "test_fraction": wf.splits.test_fraction, "plan": data.plan},
         "data": {"uri": data.uri, "fingerprint": data.fingerprint, "counts": data.counts,
-                 "class_balance": data.imbalance("train")},
+                 "class_balance": data.imbalance("train"),
+                 **({"excluded": data.excluded} if data.exclude else {})},
         "train": wf.train_record(),
     }
 
@@ -138,8 +144,9 @@ def learned_encoders(t, data: FusedData, mods: list[str]) -> dict:
 
 
 def run_fingerprint(spec: dict, warm_start_blob: Optional[bytes]) -> str:
-    # train.modalities is left out here as it is resolved into spec["arch"]
-    train = {k: v for k, v in spec["train"].items() if k not in NOT_LEARNING | {"modalities"}}
+    # train.modalities is left out here as it is resolved into spec["arch"]; train.exclude (its path) as the
+    # excluded ids are part of the data's fingerprint
+    train = {k: v for k, v in spec["train"].items() if k not in NOT_LEARNING | {"modalities", "exclude"}}
     return storage.fingerprint({"arch": spec["arch"], "classes": spec["classes"], "features": spec["features"],
                                 "split": spec["split"], "data": spec["data"]["fingerprint"], "train": train,
                                 "warm_start": storage.fingerprint(warm_start_blob.hex()) if warm_start_blob else None})
@@ -471,6 +478,7 @@ def make_summary(fused: TrainResult, data: FusedData, base: dict[str, TrainResul
         "model": {k: spec.get(k) for k in ("arch", "classes", "features", "fusion", "split")},
         "data": {"uri": data.uri, "split_sizes": data.split_sizes(), "counts": data.counts,
                  "class_balance": data.imbalance("train"), "dropped_unlabeled": data.dropped_unlabeled,
+                 "excluded": data.excluded,
                  "plan": data.plan},
         "metrics": _slim(fused.metrics),
         "val_metrics": _slim(fused.val_metrics),

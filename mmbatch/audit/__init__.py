@@ -1,0 +1,1 @@
+"""`mmbatch audit`: label errors and mismatched pairs from cross-validated models (docs/audit.md)."""
