@@ -354,10 +354,10 @@ def _fake_stages(monkeypatch, tmp_path, calls: dict, scores: dict, fingerprint: 
         tag = json.loads(Path(model_dir, "model.json").read_text())["tag"]
         return {"accuracy": scores[tag], "macro_f1": scores[tag], "n": 10}
 
-    monkeypatch.setitem(sys.modules, "mmbatch.preprocess", types.SimpleNamespace(run_preprocess=run_preprocess))
-    monkeypatch.setitem(sys.modules, "mmbatch.train.run", types.SimpleNamespace(run_training=run_training))
-    monkeypatch.setitem(sys.modules, "mmbatch.train.evaluate",
-                        types.SimpleNamespace(evaluate_model=evaluate_model))
+    # the stand-ins replace the functions in the real modules (retrain also imports helpers beside them)
+    monkeypatch.setattr("mmbatch.preprocess.run_preprocess", run_preprocess)
+    monkeypatch.setattr("mmbatch.train.run.run_training", run_training)
+    monkeypatch.setattr("mmbatch.train.evaluate.evaluate_model", evaluate_model)
 
 
 def test_run_retrain_cycle_is_idempotent_with_stub_stages(tmp_path, monkeypatch, capsys):
