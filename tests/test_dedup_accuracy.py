@@ -34,6 +34,7 @@ def held_out(ray_session, tmp_path_factory):
     return run(tmp_path_factory.mktemp("dedup"), "objects", images=30, audio=10, texts=24)
 
 
+@pytest.mark.slow                      # its corpora are deduplicated on Ray (fixtures asked for by name)
 @pytest.mark.parametrize("which", ["found", "held_out"])
 def test_recall_false_pairs_and_leakage(which, request):
     corpus, _, _, groups = request.getfixturevalue(which)

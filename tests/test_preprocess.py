@@ -282,7 +282,7 @@ def test_missing_dataset_is_a_clear_error(tmp_path, capsys):
     wf_file.write_text(yaml.safe_dump({"features": {"image": {"extractor": "vgg"}}}))
     assert main(["preprocess", str(wf_file)]) == 2
     err = capsys.readouterr().err
-    assert "features.image.extractor" in err and "'hog', 'cnn' or 'pixels'" in err
+    assert "features.image.extractor" in err and "'hog', 'cnn', 'pixels' or 'hf'" in err
 
 
 GPU_SCRIPT = r"""
