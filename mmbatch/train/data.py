@@ -258,8 +258,7 @@ class FusedData:
 
     # -- Ray Data
     def dataset(self, split: str, modalities: Sequence[str]):
-        """Lazy Ray Dataset of model-ready columns for ``split`` (read with ``ray.data.read_parquet``)."""
-        import ray.data
+        """Lazy Ray Dataset of model-ready columns for ``split`` (read with :func:`read_parquet_tasks`)."""
         fs, files = parquet_files(self.uri)
         columns = split_columns(modalities)
         sch = read_schema(self.uri)
