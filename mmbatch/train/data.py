@@ -263,8 +263,8 @@ class FusedData:
         columns = split_columns(modalities)
         sch = read_schema(self.uri)
         columns = [c for c in columns if c in sch.names]
-        ds = read_parquet_tasks(files, None if storage.is_local(fs) else fs)
-        return ds.select_columns(columns).map_batches(batch_to_arrays, batch_format="pyarrow", batch_size=1024, zero_copy_batch=True,
+        ds = read_parquet_tasks(files, None if storage.is_local(fs) else fs, columns=columns)
+        return ds.map_batches(batch_to_arrays, batch_format="pyarrow", batch_size=1024, zero_copy_batch=True,
                               fn_kwargs=dict(modalities=list(modalities), dims=dict(self.dims),
                                              class_ids=self.class_ids, split=split, plan=self.plan,
                                              seed=self.seed))
@@ -293,11 +293,13 @@ class FusedData:
         return acc.result()
 
 
-def read_parquet_tasks(files: list[str], fs=None):
+def read_parquet_tasks(files: list[str], fs=None, columns: Optional[list[str]] = None):
     """``ray.data.read_parquet(files)`` through Ray Data's task-based Parquet reader. Ray 2.60's default
     reader (``DataContext.use_datasource_v2``) starts a pool of footer-reading actors -- up to 32 new
     worker processes -- each time the dataset executes, which Ray Train does every epoch; Ray then warns
-    about worker processes started beyond its startup concurrency. The task reader reuses the workers."""
+    about worker processes started beyond its startup concurrency. The task reader reuses the workers.
+    ``columns``: read only those (the ``fused`` column, as large as the embeddings together, is never
+    read for training)."""
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
@@ -306,9 +308,9 @@ def read_parquet_tasks(files: list[str], fs=None):
         ctx.use_datasource_v2 = False
     try:
         if fs is None:
-            return ray.data.read_parquet(files)
+            return ray.data.read_parquet(files, columns=columns)
         from pyarrow.fs import FSSpecHandler, PyFileSystem
-        return ray.data.read_parquet(files, filesystem=PyFileSystem(FSSpecHandler(fs)))
+        return ray.data.read_parquet(files, filesystem=PyFileSystem(FSSpecHandler(fs)), columns=columns)
     finally:
         if before is not None:
             ctx.use_datasource_v2 = before
