@@ -164,3 +164,23 @@ def test_gpu_benchmark_runs_every_section_on_cpu(tmp_path):
     assert all(r["per_s"] > 0 and r["gpu"] is None for r in hf)
     # header + 7 ResNet + 2 shape + 4 log-mel + preprocess + ingest + preprocess (split asked) + 12 hf
     assert "CPU only" in table and table.count("\n| ") == 29
+
+
+def test_scale_benchmark_measures_every_stage_and_size(tmp_path):
+    """benchmarks.scale: each stage at each size timed and sampled, the fixed cost fitted."""
+    out = tmp_path / "out"
+    _run(["benchmarks.scale", "--rows", "40,80", "--stages", "ingest,inspect", "--data", str(tmp_path / "data"),
+          "--out", str(out)])
+    res = json.loads((out / "scale.json").read_text())["results"]
+    assert set(res) == {"40", "80"}
+    for n in ("40", "80"):
+        ing = res[n]["ingest"]
+        assert ing["seconds"] > 0 and ing["driver_mb"] > 50 and ing["worker_mb"] > 50 and ing["tree_mb"] > 0
+        assert ing["worker_warnings"] == 0
+        assert res[n]["inspect"]["seconds"] > 0
+    canonical = tmp_path / "data" / "rows-80" / "canonical"
+    assert sum(pq.ParquetFile(p).metadata.num_rows for p in canonical.glob("*.parquet")) == 80
+    md = (out / "scale.md").read_text()
+    assert "| ingest | 80 |" in md and "fixed cost per job" in md
+    from benchmarks.scale import fixed_cost
+    assert fixed_cost({"1000": {"x": {"seconds": 3.0}}, "3000": {"x": {"seconds": 5.0}}}, "x") == (2.0, 1.0)

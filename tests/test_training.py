@@ -275,9 +275,12 @@ def test_a_changed_run_under_the_same_name_is_refused(trained):
 @pytest.mark.slow
 def test_two_workers_match_one_worker(trained, monkeypatch):
     """Same data, seed and global batch: 2 DDP workers land within 0.05 accuracy of 1 worker.
-    This run streams the train split from Parquet every epoch (no materialisation)."""
+    This run streams the train split from Parquet every epoch (no materialisation), and the
+    validation split too (rank 0 scores it batch by batch and broadcasts the metrics)."""
     wf, one = trained
     monkeypatch.setattr(run_mod, "MATERIALIZE_BYTES", 0)
+    monkeypatch.setattr(run_mod, "VALIDATION_BYTES", 0)
+    monkeypatch.setattr("mmbatch.train.evaluate.HOLD_BYTES", 0)     # the streamed sums, not the held split
     two_wf = wf.model_copy(deep=True)
     two_wf.train.name, two_wf.train.num_workers = "xor-2w", 2
     two = run_training(two_wf, baselines=False)
@@ -287,6 +290,10 @@ def test_two_workers_match_one_worker(trained, monkeypatch):
         assert h1["train_rows"] - 1 <= h2["train_rows"] <= h1["train_rows"]
     assert abs(two.metrics["accuracy"] - one.metrics["accuracy"]) <= 0.05, \
         (two.metrics["accuracy"], one.metrics["accuracy"])
+    # the streamed validation score of the best epoch is the exported model's score on that split
+    best = next(h for h in two.history if h["epoch"] == two.spec["training"]["best_epoch"])
+    assert best["val_accuracy"] == pytest.approx(two.val_metrics["accuracy"])
+    assert best["val_loss"] == pytest.approx(two.val_metrics["loss"], rel=1e-4)
 
 
 # --- every fusion in a plain torch loop (the same loop code as Ray Train, without Ray) ------------

@@ -16,6 +16,7 @@ Three layers, so tests and the scoring path can use them without Ray:
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Mapping, Optional, Sequence
 
@@ -142,18 +143,50 @@ def data_modalities(sch: pa.Schema) -> dict[str, int]:
     return dims
 
 
-def read_table(uri: str, columns: list[str]) -> pa.Table:
-    """All rows of ``columns`` (driver-side read through fsspec; used for the light scan and scoring)."""
+def distinct_splits(uri: str) -> list[Optional[str]]:
+    """The distinct values of the ``split`` column (None included when a row has none), read file by
+    file: what :func:`data_split_plan` needs, without a Python object per row."""
+    import pyarrow.compute as pc
+
     fs, files = parquet_files(uri)
-    tables = []
+    seen: set = set()
+    for f in files:
+        if "split" not in pq.read_schema(f, filesystem=fs).names:
+            seen.add(None)
+            continue
+        seen.update(pc.unique(pq.read_table(f, filesystem=fs, columns=["split"]).column("split")).to_pylist())
+    return sorted(seen, key=lambda v: (v is None, str(v)))
+
+
+def scan_labels(uri: str, plan: Mapping, seed: int,
+                exclude: frozenset = frozenset()) -> tuple[dict[int, str], Counter, int, int, int]:
+    """One pass over the light columns, file by file (memory bounded by one file's light columns):
+    (label id -> name, (split, label id) -> rows, unlabelled rows, labelled rows without a split,
+    train/validation rows left out by ``exclude``)."""
+    fs, files = parquet_files(uri)
+    id_to_name: dict[int, str] = {}
+    pairs: Counter = Counter()
+    dropped = unassigned = excluded = 0
     for f in files:
         avail = pq.read_schema(f, filesystem=fs).names
-        t = pq.read_table(f, filesystem=fs, columns=[c for c in columns if c in avail])
-        for c in columns:
-            if c not in t.column_names:
-                t = t.append_column(c, pa.nulls(t.num_rows, pa.string() if c in ("split", "label_name") else pa.int64()))
-        tables.append(t.select(columns))
-    return pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
+        t = pq.read_table(f, filesystem=fs, columns=[c for c in LIGHT_COLUMNS if c in avail])
+        n = t.num_rows
+        col = (lambda c: t.column(c).to_pylist() if c in t.column_names else [None] * n)
+        labels, names = col("label"), col("label_name")
+        splits = assign_splits(col("sample_id"), col("split"), plan, seed)
+        for lab, nm in zip(labels, names):
+            if lab is not None and int(lab) not in id_to_name:
+                id_to_name[int(lab)] = str(nm) if nm is not None else str(lab)
+        for sp, lab, sid in zip(splits, labels, col("sample_id")):
+            if lab is None:
+                dropped += 1
+            elif sp is None:
+                unassigned += 1
+            elif sp in EXCLUDED_SPLITS and sid in exclude:
+                excluded += 1
+            else:
+                pairs[(sp, int(lab))] += 1
+    return id_to_name, pairs, dropped, unassigned, excluded
 
 
 # --- the data set as training sees it -------------------------------------------------------
@@ -184,30 +217,14 @@ class FusedData:
             raise UsageError(f"{uri}: no <modality>_emb columns: not fused feature data")
         meta = schema.read_mmbatch_meta(sch)
         manifest = Manifest.read(uri) if not uri.endswith(".parquet") else None
-        light = read_table(uri, LIGHT_COLUMNS)
-        raw_splits = light.column("split").to_pylist()
-        plan = data_split_plan(meta, manifest, raw_splits, val_fraction, test_fraction)
-        splits = assign_splits(light.column("sample_id").to_pylist(), raw_splits, plan, seed)
-        labels = light.column("label").to_pylist()
-        names = light.column("label_name").to_pylist()
-        id_to_name: dict[int, str] = {}
-        for lab, nm in zip(labels, names):
-            if lab is not None and int(lab) not in id_to_name:
-                id_to_name[int(lab)] = str(nm) if nm is not None else str(lab)
+        plan = data_split_plan(meta, manifest, distinct_splits(uri), val_fraction, test_fraction)
+        id_to_name, pairs, dropped, unassigned, excluded = scan_labels(uri, plan, seed, frozenset(exclude))
         if len(id_to_name) < 2:
             raise UsageError(f"{uri}: found {len(id_to_name)} label value(s); training needs at least 2 classes")
         classes = [{"id": i, "name": id_to_name[i]} for i in sorted(id_to_name)]
         counts: dict[str, dict[str, int]] = {s: {c["name"]: 0 for c in classes} for s in SPLITS}
-        dropped = unassigned = excluded = 0
-        for s, lab, sid in zip(splits, labels, light.column("sample_id").to_pylist()):
-            if lab is None:
-                dropped += 1
-            elif s is None:
-                unassigned += 1
-            elif s in EXCLUDED_SPLITS and sid in exclude:
-                excluded += 1
-            else:
-                counts[s][id_to_name[int(lab)]] += 1
+        for (split, lab), n in pairs.items():
+            counts[split][id_to_name[lab]] += n
         if unassigned:
             log.warning("%s: %d labelled row(s) have no train/validation/test value in their final split "
                         "column; they are left out", uri, unassigned)
@@ -255,27 +272,63 @@ class FusedData:
 
     # -- Ray Data
     def dataset(self, split: str, modalities: Sequence[str]):
-        """Lazy Ray Dataset of model-ready columns for ``split`` (read with ``ray.data.read_parquet``)."""
-        import ray.data
+        """Lazy Ray Dataset of model-ready columns for ``split`` (read with :func:`read_parquet_tasks`)."""
         fs, files = parquet_files(self.uri)
-        columns = LIGHT_COLUMNS + [schema.emb_column(m) for m in modalities] + \
-            [schema.has_column(m) for m in modalities] + sequence_column_names(modalities)
+        columns = split_columns(modalities)
         sch = read_schema(self.uri)
         columns = [c for c in columns if c in sch.names]
-        if storage.is_local(fs):
-            ds = ray.data.read_parquet(files)
-        else:
-            from pyarrow.fs import FSSpecHandler, PyFileSystem
-            ds = ray.data.read_parquet(files, filesystem=PyFileSystem(FSSpecHandler(fs)))
-        return ds.select_columns(columns).map_batches(batch_to_arrays, batch_format="pyarrow", batch_size=1024, zero_copy_batch=True,
+        ds = read_parquet_tasks(files, None if storage.is_local(fs) else fs, columns=columns)
+        return ds.map_batches(batch_to_arrays, batch_format="pyarrow", batch_size=1024, zero_copy_batch=True,
                               fn_kwargs=dict(modalities=list(modalities), dims=dict(self.dims),
                                              class_ids=self.class_ids, split=split, plan=self.plan,
                                              seed=self.seed, exclude=sorted(self.exclude)))
 
-    def arrays(self, split: str, modalities: Sequence[str], max_rows: Optional[int] = None) -> dict[str, np.ndarray]:
-        """The same columns as :meth:`dataset`, read in this process (validation, scoring)."""
+    def arrays(self, split: str, modalities: Sequence[str]) -> dict[str, np.ndarray]:
+        """The same columns as :meth:`dataset`, the whole split read in this process (small splits)."""
         return read_split_arrays(self.uri, split, modalities, self.dims, self.class_ids, self.plan, self.seed,
-                                 max_rows=max_rows, exclude=sorted(self.exclude))
+                                 exclude=sorted(self.exclude))
+
+    def batches(self, split: str, modalities: Sequence[str], groups=None):
+        """The same columns as :meth:`arrays`, one dict per row group (:func:`iter_split_arrays`)."""
+        return iter_split_arrays(self.uri, split, modalities, self.dims, self.class_ids, self.plan, self.seed,
+                                 groups=groups, exclude=sorted(self.exclude))
+
+    def array_bytes(self, split: str, modalities: Sequence[str]) -> int:
+        """About the bytes of :meth:`arrays` of ``split`` (float32 features and a flag per modality)."""
+        return self.split_sizes()[split] * sum(4 * self.dims[m] + 1 for m in modalities)
+
+    def input_stats(self, modalities: Sequence[str], max_rows: int) -> dict:
+        """:func:`feature_stats` of the train split, streamed (:class:`RunningStats`) over row groups of
+        about ``max_rows`` rows in all spread evenly over the data (all of it when smaller)."""
+        from mmbatch.train.models import RunningStats
+
+        acc = RunningStats(modalities)
+        for part in self.batches("train", modalities, groups=spread_sample(row_groups(self.uri), max_rows)):
+            acc.add(part)
+        return acc.result()
+
+
+def read_parquet_tasks(files: list[str], fs=None, columns: Optional[list[str]] = None):
+    """``ray.data.read_parquet(files)`` through Ray Data's task-based Parquet reader. Ray 2.60's default
+    reader (``DataContext.use_datasource_v2``) starts a pool of footer-reading actors -- up to 32 new
+    worker processes -- each time the dataset executes, which Ray Train does every epoch; Ray then warns
+    about worker processes started beyond its startup concurrency. The task reader reuses the workers.
+    ``columns``: read only those (the ``fused`` column, as large as the embeddings together, is never
+    read for training)."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    before = getattr(ctx, "use_datasource_v2", None)
+    if before is not None:
+        ctx.use_datasource_v2 = False
+    try:
+        if fs is None:
+            return ray.data.read_parquet(files, columns=columns)
+        from pyarrow.fs import FSSpecHandler, PyFileSystem
+        return ray.data.read_parquet(files, filesystem=PyFileSystem(FSSpecHandler(fs)), columns=columns)
+    finally:
+        if before is not None:
+            ctx.use_datasource_v2 = before
 
 
 def data_split_plan(meta: Optional[Mapping], manifest: Optional[Manifest], raw_splits: Sequence[Optional[str]],
@@ -300,30 +353,75 @@ def unscorable_reason(class_counts: Mapping[str, int]) -> Optional[str]:
     return None
 
 
-def read_split_arrays(uri: str, split: str, modalities: Sequence[str], dims: Mapping[str, int],
-                      class_ids: Sequence[int], plan: Mapping, seed: int,
-                      max_rows: Optional[int] = None, exclude: Optional[Sequence[str]] = None) -> dict[str, np.ndarray]:
-    """Model-ready arrays of one split, read row group by row group (memory bounded by the split);
-    with ``max_rows``, reading stops once that many rows are in (for statistics); ``exclude``: see
-    :func:`to_arrays`."""
-    fs, files = parquet_files(uri)
-    wanted = LIGHT_COLUMNS + [schema.emb_column(m) for m in modalities] + [schema.has_column(m) for m in modalities] \
+def split_columns(modalities: Sequence[str]) -> list[str]:
+    """The fused columns :func:`to_arrays` reads for ``modalities``."""
+    return LIGHT_COLUMNS + [schema.emb_column(m) for m in modalities] + [schema.has_column(m) for m in modalities] \
         + sequence_column_names(modalities)
-    parts, rows = [], 0
+
+
+def row_groups(uri: str) -> list[tuple[str, int, int]]:
+    """(file, row group, rows) of every row group of a fused folder, in file order (footers only)."""
+    fs, files = parquet_files(uri)
+    out = []
     for f in files:
+        md = pq.ParquetFile(f, filesystem=fs).metadata
+        out += [(f, rg, md.row_group(rg).num_rows) for rg in range(md.num_row_groups)]
+    return out
+
+
+def iter_split_arrays(uri: str, split: str, modalities: Sequence[str], dims: Mapping[str, int],
+                      class_ids: Sequence[int], plan: Mapping, seed: int,
+                      groups: Optional[Sequence[tuple[str, int, int]]] = None,
+                      exclude: Optional[Sequence[str]] = None):
+    """Model-ready arrays of one split, one dict per Parquet row group (``groups``: those row groups of
+    :func:`row_groups` only): memory bounded by a row group, whatever the split's size. ``exclude``:
+    see :func:`to_arrays`."""
+    fs, files = parquet_files(uri)
+    wanted = split_columns(modalities)
+    by_file: dict[str, list[int]] = {}
+    for f, rg, _ in (groups if groups is not None else [(f, None, 0) for f in files]):
+        by_file.setdefault(f, []).append(rg)
+    for f, rgs in by_file.items():
         pf = pq.ParquetFile(f, filesystem=fs)
         cols = [c for c in wanted if c in pf.schema_arrow.names]
-        for rg in range(pf.num_row_groups):
-            if max_rows is not None and rows >= max_rows:
-                break
-            parts.append(to_arrays(pf.read_row_group(rg, columns=cols), modalities, dims, class_ids, split, plan, seed,
-                                   exclude))
-            rows += len(parts[-1]["y"])
-    if not parts:
-        parts = [to_arrays(pa.table({"sample_id": pa.array([], pa.string()), "label": pa.array([], pa.int64()),
-                                     **{schema.emb_column(m): pa.array([], schema.embedding_type(dims[m]))
-                                        for m in modalities}}), modalities, dims, class_ids)]
+        for rg in (range(pf.num_row_groups) if rgs == [None] else rgs):
+            yield to_arrays(pf.read_row_group(rg, columns=cols), modalities, dims, class_ids, split, plan, seed,
+                            exclude)
+
+
+def empty_arrays(modalities: Sequence[str], dims: Mapping[str, int], class_ids: Sequence[int]) -> dict[str, np.ndarray]:
+    """Model-ready arrays of no rows."""
+    return to_arrays(pa.table({"sample_id": pa.array([], pa.string()), "label": pa.array([], pa.int64()),
+                               **{schema.emb_column(m): pa.array([], schema.embedding_type(dims[m]))
+                                  for m in modalities}}), modalities, dims, class_ids)
+
+
+def concat_arrays(parts: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def read_split_arrays(uri: str, split: str, modalities: Sequence[str], dims: Mapping[str, int],
+                      class_ids: Sequence[int], plan: Mapping, seed: int,
+                      exclude: Optional[Sequence[str]] = None) -> dict[str, np.ndarray]:
+    """Model-ready arrays of one whole split, read row group by row group (memory: the split's arrays;
+    for a split of any size use :func:`iter_split_arrays`). ``exclude``: see :func:`to_arrays`."""
+    parts = list(iter_split_arrays(uri, split, modalities, dims, class_ids, plan, seed, exclude=exclude))
+    return concat_arrays(parts) if parts else empty_arrays(modalities, dims, class_ids)
+
+
+def spread_sample(groups: Sequence[tuple[str, int, int]], max_rows: int) -> list[tuple[str, int, int]]:
+    """Row groups holding about ``max_rows`` rows, spread evenly over ``groups`` (every k-th one), so a
+    statistic taken over them sees every part of the data set, not its first files only."""
+    total = sum(n for _, _, n in groups)
+    if total <= max_rows:
+        return list(groups)
+    share, want, got, picked = max_rows / total, 0.0, 0, []
+    for g in groups:
+        want += g[2] * share
+        if got < want:               # behind the even share: take this row group
+            picked.append(g)
+            got += g[2]
+    return picked
 
 
 def batch_to_arrays(batch: pa.Table, **kw) -> dict[str, np.ndarray]:

@@ -5,8 +5,8 @@ the ones the model was trained on (name, version, params or dim of any
 modality): embeddings from another extractor are a different input space and
 would be scored silently wrong.
 
-Scoring runs in this process on the split's rows (read with PyArrow through
-fsspec, no Ray needed): validation/test splits are small next to train.
+Scoring runs in this process (no Ray needed), streamed over the split's Parquet row groups
+(read with PyArrow through fsspec): memory is bounded by :data:`HOLD_BYTES`, not by the split.
 """
 from __future__ import annotations
 
@@ -36,9 +36,22 @@ def compute_metrics(y: np.ndarray, logits: np.ndarray, class_names: Sequence[str
     y = np.asarray(y, dtype=np.int64)
     logits = np.asarray(logits, dtype=np.float32).reshape(len(y), k)
     n = len(y)
-    pred = logits.argmax(1) if n else np.zeros(0, np.int64)
+    loss = float(F.cross_entropy(torch.from_numpy(logits), torch.tensor(y)).item()) if n else float("nan")
+    return metrics_of(confusion(y, logits, k), loss, class_names)
+
+
+def confusion(y: np.ndarray, logits: np.ndarray, k: int) -> np.ndarray:
+    """[k, k] counts of (true class, predicted class)."""
+    pred = logits.argmax(1) if len(y) else np.zeros(0, np.int64)
     conf = np.zeros((k, k), dtype=np.int64)
-    np.add.at(conf, (y, pred), 1)
+    np.add.at(conf, (np.asarray(y, np.int64), pred), 1)
+    return conf
+
+
+def metrics_of(conf: np.ndarray, loss: float, class_names: Sequence[str]) -> dict:
+    """The metrics of :func:`compute_metrics` from a confusion matrix and the mean loss."""
+    k = len(class_names)
+    n = int(conf.sum())
     tp = np.diag(conf).astype(np.float64)
     support = conf.sum(1).astype(np.float64)
     predicted = conf.sum(0).astype(np.float64)
@@ -46,9 +59,8 @@ def compute_metrics(y: np.ndarray, logits: np.ndarray, class_names: Sequence[str
     recall = np.divide(tp, support, out=np.zeros(k), where=support > 0)
     f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(k), where=(precision + recall) > 0)
     present = support > 0                      # macro-F1 over classes that occur in y
-    loss = float(F.cross_entropy(torch.from_numpy(logits), torch.tensor(y)).item()) if n else float("nan")
     return {
-        "n": int(n),
+        "n": n,
         "accuracy": float(tp.sum() / n) if n else float("nan"),
         "macro_f1": float(f1[present].mean()) if present.any() else float("nan"),
         "loss": loss,
@@ -92,6 +104,79 @@ def evaluate_arrays(model, arrays: Mapping[str, np.ndarray], class_names: Sequen
     out["missing_rate"] = {m: float(1.0 - np.mean(arrays[schema.has_column(m)])) if len(arrays["y"]) else 0.0
                            for m in model.modalities}
     return out
+
+
+class NoRows(ValueError):
+    """:func:`evaluate_batches` got no rows to score."""
+
+
+HOLD_BYTES = 64 * 2 ** 20       # evaluate_batches: a split whose arrays stay under this is scored whole
+
+
+def _nbytes(arrays: Mapping[str, np.ndarray]) -> int:
+    return sum(np.asarray(v).nbytes for v in arrays.values())
+
+
+def evaluate_batches(model, batches, class_names: Sequence[str], device: str | torch.device = "cpu",
+                     hold_bytes: Optional[int] = None) -> dict:
+    """:func:`evaluate_arrays` over an iterable of model-ready array dicts (row groups, Ray Data batches),
+    with memory bounded by ``hold_bytes`` (default :data:`HOLD_BYTES`): the batches are held until they pass it, and a split that ends
+    before is scored whole, exactly as :func:`evaluate_arrays` would; past it, every batch is scored as it
+    comes and only the sums the metrics need are kept (confusion matrix, loss, modality weights, presence),
+    so the loss may differ from the whole-split figure in its last float32 digits."""
+    hold_bytes = HOLD_BYTES if hold_bytes is None else hold_bytes
+    held, size, it = [], 0, iter(batches)
+    for part in it:
+        held.append(part)
+        size += _nbytes(part)
+        if size > hold_bytes:
+            break
+    else:
+        from mmbatch.train.data import concat_arrays
+        if not held:
+            raise NoRows("evaluate_batches: no batches")
+        return evaluate_arrays(model, concat_arrays(held), class_names, device=device)
+    sums = _Sums(model, len(class_names))
+    for part in held:
+        sums.add(part, device)
+    held.clear()
+    for part in it:
+        sums.add(part, device)
+    return sums.metrics(class_names)
+
+
+class _Sums:
+    """What the metrics of :func:`evaluate_arrays` need, summed over batches."""
+
+    def __init__(self, model, k: int):
+        self.model, self.k, self.n, self.loss = model, k, 0, 0.0
+        self.conf = np.zeros((k, k), np.int64)
+        self.w = np.zeros(len(model.modalities))
+        self.has = {m: 0 for m in model.modalities}
+
+    def add(self, part: Mapping[str, np.ndarray], device) -> None:
+        y = np.asarray(part["y"], np.int64)
+        if not len(y):
+            return
+        logits, w = predict(self.model, part, device=device)
+        self.conf += confusion(y, logits, self.k)
+        self.loss += float(F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(y), reduction="sum"
+                                           ).double().item())
+        if len(w):
+            self.w += w.astype(np.float64).sum(0)
+        for m in self.has:
+            self.has[m] += int(np.asarray(part[schema.has_column(m)], bool).sum())
+        self.n += len(y)
+
+    def metrics(self, class_names: Sequence[str]) -> dict:
+        model, n = self.model, self.n
+        out = metrics_of(self.conf, self.loss / n if n else float("nan"), class_names)
+        gw = model.global_weights() if hasattr(model, "global_weights") else None
+        if model.fusion in ("weighted", "gated") and n:
+            out["modality_weights"] = gw if gw is not None else {m: float(self.w[i] / n)
+                                                                 for i, m in enumerate(model.modalities)}
+        out["missing_rate"] = {m: 1.0 - self.has[m] / n if n else 0.0 for m in model.modalities}
+        return out
 
 
 # --- feature compatibility ----------------------------------------------------------------------
@@ -157,7 +242,7 @@ def evaluate_model(model_dir: str, data_path: str, split: str = "test", allow_in
     (mmbatch.engine.provenance.check_fused) unless ``allow_incomplete``; ``check=False``: the caller checked it.
     """
     from mmbatch.train.data import (SPLITS, class_balance, data_modalities, data_split_plan, read_schema,
-                                       read_split_arrays, read_table, unscorable_reason)
+                                       distinct_splits, iter_split_arrays, unscorable_reason)
     from mmbatch.engine.provenance import check_fused_uri
     from mmbatch.train.models import load_model
 
@@ -173,17 +258,19 @@ def evaluate_model(model_dir: str, data_path: str, split: str = "test", allow_in
     sp = spec.get("split", {})
     # final splits are read as they are; otherwise the plan depends on which split values the
     # data has: same rule, same seed as training
-    raw_splits = read_table(data_path, ["split"]).column("split").to_pylist()
+    raw_splits = distinct_splits(data_path)
     manifest = Manifest.read(data_path) if not data_path.endswith(".parquet") else None
     plan = data_split_plan(schema.read_mmbatch_meta(sch), manifest, raw_splits,
                            sp.get("val_fraction", 0.15), sp.get("test_fraction", 0.15))
     class_ids = [c["id"] for c in spec["classes"]]
     names = [c["name"] for c in spec["classes"]]
-    arrays = read_split_arrays(data_path, split, mods, dims, class_ids, plan, int(sp.get("seed", 0)))
-    if len(arrays["y"]) == 0:
+    batches = (b for b in iter_split_arrays(data_path, split, mods, dims, class_ids, plan, int(sp.get("seed", 0)))
+               if len(b["y"]))
+    try:
+        out = evaluate_batches(model, batches, names)        # memory bounded by HOLD_BYTES, not the split
+    except NoRows:
         raise UsageError(f"no labelled rows of split '{split}' in {data_path} "
-                         f"with the model's classes {names}")
-    out = evaluate_arrays(model, arrays, names)
+                         f"with the model's classes {names}") from None
     why = unscorable_reason({n: int(v["support"]) for n, v in out["per_class"].items()}) if split != "train" else None
     if why:
         out["unscorable"] = f"the {split} split has {why}: its accuracy means nothing"

@@ -14,13 +14,16 @@ a plain PyTorch loop.
 - Resume: ``ray.train.get_checkpoint()`` returns the latest checkpoint after a
   worker failure (FailureConfig.max_failures) and when a run with the same name
   and storage path is started again. The loop restarts at the epoch after it.
-- Validation: every worker holds the whole (small) validation split in memory
-  (NumPy arrays shipped with the loop config) and scores it after each epoch.
-  The replicas are identical under DDP, so every rank computes the same
-  metrics; rank 0's early-stopping decision is broadcast anyway, so all ranks
+- Validation, after each epoch: a small split (see ``run._validation_input``)
+  arrives as NumPy arrays in the object store and every rank scores it whole
+  (the replicas are identical under DDP, so every rank computes the same
+  metrics). A larger one is a Ray Dataset that rank 0 streams and scores
+  (``evaluate_batches``: memory bounded, not by the split) and broadcasts.
+  Rank 0's early-stopping decision is broadcast either way, so all ranks
   always stop together.
 - Inputs: the model standardises each feature with the train split's mean/std, computed
-  once on the driver (``config["input_stats"]``) and saved with the weights.
+  once on the driver (``config["input_stats"]``, streamed for a large split) and saved with
+  the weights.
 - The epoch pass (:func:`train_epoch`) is shared with :func:`fit_in_memory`, the same loop
   in one process without Ray (the fusion benchmark and the model tests use it).
 - ``batch_size`` is the global batch: each of N workers takes batch_size / N.
@@ -49,12 +52,13 @@ import torch
 
 from mmbatch.engine.runtime import pin_threads, quiet_worker_logs
 from mmbatch.engine.storage import fingerprint
-from mmbatch.train.evaluate import evaluate_arrays
+from mmbatch.train.evaluate import evaluate_arrays, evaluate_batches
 from mmbatch.train.models import build_model, drop_modalities, warm_start_state
 
 STATE_FILE = "state.pt"       # everything needed to resume (torch.load(weights_only=True))
 META_FILE = "meta.json"       # the same facts, readable without torch
 SHUFFLE_BUFFER = 2048
+VALIDATION_BATCH = 4096       # rows per Ray Data batch of a streamed validation split
 
 
 def make_optimizer(model: torch.nn.Module, cfg: Mapping) -> torch.optim.Optimizer:
@@ -303,11 +307,44 @@ def _epoch_pass(model, raw_model, optimizer, scheduler, train_arrays, train_shar
     return loss_sum, n_rows
 
 
-def _validate(raw_model, val, class_names: list[str], cfg: Mapping, state: dict, epoch: int, device):
-    """Score the whole validation split (on every rank) and update the best epoch and the count of
+def _validation_data(config: Mapping):
+    """(validation arrays, validation iterator): a small split as NumPy arrays (from the object store),
+    else the Ray Data iterator of the whole split (streamed and scored by rank 0)."""
+    import ray
+    import ray.train
+    ref = config.get("validation")
+    if ref is not None:
+        return ray.get(ref), None
+    return None, ray.train.get_dataset_shard("validation")
+
+
+def _broadcast_object(obj, src: int = 0):
+    """``obj`` of rank ``src`` on every rank (itself without a process group)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=src)
+        return box[0]
+    return obj
+
+
+def score_validation(raw_model, val, val_iter, class_names: list[str], rank: int, device) -> dict:
+    """The validation metrics: of the arrays ``val`` on every rank, or streamed from ``val_iter``
+    by rank 0 (memory bounded by batches) and broadcast to the others."""
+    if val is not None:
+        return evaluate_arrays(raw_model, val, class_names, device=device)
+    vm = None
+    if rank == 0:
+        batches = val_iter.iter_batches(batch_size=VALIDATION_BATCH, batch_format="numpy")
+        vm = evaluate_batches(raw_model, (b for b in batches if len(b["y"])), class_names, device=device)
+    return _broadcast_object(vm)
+
+
+def _validate(raw_model, val, val_iter, class_names: list[str], cfg: Mapping, state: dict, epoch: int,
+              rank: int, device):
+    """Score the validation split (:func:`score_validation`) and update the best epoch and the count of
     epochs without improvement in ``state``: (metrics, score, stop), ``stop`` (early stopping)
     being rank 0's decision, so all ranks stop together."""
-    vm = evaluate_arrays(raw_model, val, class_names, device=device)
+    vm = score_validation(raw_model, val, val_iter, class_names, rank, device)
     score = score_of(vm, cfg["metric"])
     if improves(score, vm["loss"], state["best_score"], state.get("best_loss")):
         state.update(best_score=score, best_loss=vm["loss"], best_epoch=epoch, bad_epochs=0)
@@ -389,7 +426,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(model)      # DDP when world > 1
     raw_model = model.module if hasattr(model, "module") else model
     train_arrays, train_shard = _train_data(config)
-    val = config["validation"]                        # model-ready NumPy arrays of the whole split
+    val, val_iter = _validation_data(config)          # NumPy arrays (small split) or a Ray Data iterator
     batch_size = max(1, cfg["batch_size"] // world)
 
     for epoch in range(start_epoch, cfg["epochs"]):
@@ -404,8 +441,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         loss_sum, n_rows = _all_reduce_sum([float(loss_sum), n_rows])
         train_loss = loss_sum / max(n_rows, 1)
 
-        # -- validation (the whole split, on every rank)
-        vm, score, stop = _validate(raw_model, val, class_names, cfg, state, epoch, device)
+        # -- validation (the whole split: on every rank, or streamed by rank 0)
+        vm, score, stop = _validate(raw_model, val, val_iter, class_names, cfg, state, epoch, rank, device)
         record = _epoch_record(epoch, train_loss, n_rows, vm, score, optimizer, t0, train_time, world, state)
         state["history"].append(record)
         state.update(epoch=epoch, stopped_early=stop)

@@ -78,11 +78,43 @@ class Standardize(nn.Module):
         return (x - self.mean) * self.inv_std
 
 
+def _stat_rows(arrays: Mapping[str, np.ndarray], m: str) -> Optional[np.ndarray]:
+    """The float64 rows the input statistics of modality ``m`` are taken over: the embeddings of the
+    rows that have it, or for frames [n, T, F] the real (unpadded) frames of those rows, as [rows, F].
+    None for integer inputs (pixels / token ids: the encoder scales them itself)."""
+    raw = np.asarray(arrays[schema.emb_column(m)])
+    if raw.dtype.kind in "iu":
+        return None
+    has = arrays.get(schema.has_column(m))
+    if raw.ndim == 3:
+        lengths = arrays.get(f"{m}_len")
+        valid = np.arange(raw.shape[1])[None, :] < (np.asarray(lengths)[:, None] if lengths is not None
+                                                    else raw.shape[1])
+        if has is not None:
+            valid &= np.asarray(has, bool)[:, None]
+        return raw[valid].astype(np.float64)
+    x = np.asarray(raw, dtype=np.float64)
+    return x[np.asarray(has, bool)] if has is not None else x
+
+
+def _floored(mean: np.ndarray, std: np.ndarray, frames: bool) -> dict[str, list[float]]:
+    """JSON-able mean/std with the std floors of :func:`feature_stats` (frames: of :func:`frame_stats`)."""
+    std = std.copy()
+    if frames:
+        std[std <= 1e-6] = 1.0
+    else:
+        median = float(np.median(std)) if len(std) else 0.0
+        std = np.maximum(std, STD_FLOOR * median if median > 0 else 1.0)
+        std[std <= 0] = 1.0
+    return {"mean": mean.astype(np.float32).tolist(), "std": std.astype(np.float32).tolist()}
+
+
 def feature_stats(arrays: Mapping[str, np.ndarray], modalities) -> dict[str, dict[str, list[float]]]:
     """Per-feature mean and std of each modality over the rows that have it (JSON-able).
 
     A feature's std is floored at ``STD_FLOOR`` x the modality's median std, so a feature
-    that is (nearly) constant in the train split cannot blow up on other data."""
+    that is (nearly) constant in the train split cannot blow up on other data. The same figures
+    from batches, without holding the rows: :class:`RunningStats`."""
     out = {}
     for m in modalities:
         raw = np.asarray(arrays[schema.emb_column(m)])
@@ -91,19 +123,56 @@ def feature_stats(arrays: Mapping[str, np.ndarray], modalities) -> dict[str, dic
         if raw.ndim == 3:                     # frames [n, T, F]: per-F statistics over the real frames
             out[m] = frame_stats(raw, arrays.get(f"{m}_len"), arrays.get(schema.has_column(m)))
             continue
-        x = np.asarray(raw, dtype=np.float64)
-        has = arrays.get(schema.has_column(m))
-        if has is not None:
-            x = x[np.asarray(has, bool)]
+        x = _stat_rows(arrays, m)
         if len(x) == 0:
-            mean, std = np.zeros(x.shape[1]), np.ones(x.shape[1])
+            out[m] = {"mean": [0.0] * x.shape[1], "std": [1.0] * x.shape[1]}
         else:
-            mean, std = x.mean(0), x.std(0)
-            median = float(np.median(std))
-            std = np.maximum(std, STD_FLOOR * median if median > 0 else 1.0)
-            std[std <= 0] = 1.0
-        out[m] = {"mean": mean.astype(np.float32).tolist(), "std": std.astype(np.float32).tolist()}
+            out[m] = _floored(x.mean(0), x.std(0), frames=False)
     return out
+
+
+class RunningStats:
+    """:func:`feature_stats` computed over batches of model-ready arrays (``add`` each one), holding
+    only a count, a mean and a sum of squared deviations per feature: memory bounded by the features,
+    not the rows. Batches are merged with Chan et al.'s pairwise update (numerically stable in float64)."""
+
+    def __init__(self, modalities):
+        self.modalities = list(modalities)
+        self.n: dict[str, int] = {}
+        self.mean: dict[str, np.ndarray] = {}
+        self.m2: dict[str, np.ndarray] = {}
+        self.frames: dict[str, bool] = {}
+
+    def add(self, arrays: Mapping[str, np.ndarray]) -> None:
+        for m in self.modalities:
+            x = _stat_rows(arrays, m)
+            if x is None:
+                continue
+            self.frames[m] = np.asarray(arrays[schema.emb_column(m)]).ndim == 3
+            if m not in self.n:
+                self.n[m], self.mean[m], self.m2[m] = 0, np.zeros(x.shape[1]), np.zeros(x.shape[1])
+            if len(x) == 0:
+                continue
+            nb, mb = len(x), x.mean(0)
+            m2b = ((x - mb) ** 2).sum(0)
+            na = self.n[m]
+            delta = mb - self.mean[m]
+            tot = na + nb
+            self.mean[m] = self.mean[m] + delta * (nb / tot)
+            self.m2[m] = self.m2[m] + m2b + delta ** 2 * (na * nb / tot)
+            self.n[m] = tot
+
+    def result(self) -> dict[str, dict[str, list[float]]]:
+        out = {}
+        for m in self.modalities:
+            if m not in self.n:
+                continue
+            if self.n[m] == 0:
+                d = len(self.mean[m])
+                out[m] = {"mean": [0.0] * d, "std": [1.0] * d}
+                continue
+            out[m] = _floored(self.mean[m], np.sqrt(self.m2[m] / self.n[m]), self.frames[m])
+        return out
 
 
 def frame_stats(frames: np.ndarray, lengths: Optional[np.ndarray], has: Optional[np.ndarray]) -> dict:

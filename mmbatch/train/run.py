@@ -43,7 +43,8 @@ log = logging.getLogger("mmbatch.train")
 
 POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"   # read by the Ray Train controller (propagated from here)
 MATERIALIZE_BYTES = 256 * 2 ** 20     # train splits smaller than this are held in memory (see _train_input)
-STATS_ROWS = 100_000                  # rows of a large train split the input statistics are taken from
+VALIDATION_BYTES = 64 * 2 ** 20       # validation splits smaller than this too (see _validation_input)
+STATS_ROWS = 100_000                  # rows of a large data set the input statistics are streamed from
 KEEP_CHECKPOINTS = 3                  # best by validation score; Ray always keeps the latest too
 
 
@@ -343,18 +344,21 @@ def _fit(wf: Workflow, data: FusedData, mods: list[str], name: str, spec: dict, 
     # Ray Train V2 hands each report() to its controller when the controller next polls the
     # workers (a queue of one): at the default 2 s poll, an epoch of small data costs >= 2 s.
     os.environ.setdefault(POLL_ENV, "0.5")
-    train_arrays, datasets, input_stats = _train_input(data, mods)
+    train_arrays, train_ds, input_stats = _train_input(data, mods)
+    val_arrays, val_ds = _validation_input(data, mods)
+    datasets = {k: v for k, v in (("train", train_ds), ("validation", val_ds)) if v is not None}
     config = {"train": t.model_dump(mode="json"), "spec": spec, "fingerprint": spec["fingerprint"],
               "input_stats": input_stats, "workflow": wf.model_dump(mode="json"), "warm_start": blob,
-              # validation is small and scored whole on every worker: shipped as arrays with the config
-              "validation": data.arrays("validation", mods), "train_arrays": train_arrays}
+              "validation": val_arrays, "train_arrays": train_arrays}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
         scaling_config=ray.train.ScalingConfig(num_workers=place.num_workers, use_gpu=place.use_gpu,
                                                resources_per_worker=place.resources_per_worker),
         run_config=_run_config(t, name),
-        datasets=datasets,
+        datasets=datasets or None,
+        # the train split is sharded over the ranks; a streamed validation split is read whole by rank 0
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
     try:
         with progress.watch_epochs(run_dir, f"train {name}", epochs=t.epochs, metric=t.metric):
@@ -405,20 +409,29 @@ def _status(prior: Optional[dict], state: dict) -> str:
 
 
 def _train_input(data: FusedData, mods: list[str]):
-    """(train_arrays, datasets, input_stats) for the trainer. A train split whose embeddings
+    """(train_arrays, train dataset, input_stats) for the trainer. A train split whose embeddings
     are small (< MATERIALIZE_BYTES) is read once here and put in the object store as NumPy
     arrays (``train_arrays``, an ObjectRef): every worker maps it zero-copy and draws its
     batches from memory (loop.in_memory_batches), with no per-step Ray Data work. A larger
-    split is streamed from Parquet every epoch as the Ray Dataset ``datasets["train"]``.
+    split is streamed from Parquet every epoch as a Ray Dataset, sharded over the ranks.
     ``input_stats``: the per-feature mean/std the model standardises its inputs with, from
-    the whole train split (small) or its first STATS_ROWS rows (large)."""
+    the whole train split (small) or streamed over row groups of about STATS_ROWS rows spread
+    over the data (large: FusedData.input_stats), so the driver never holds a large split."""
     import ray
-    rows = data.split_sizes()["train"]
-    if rows * sum(4 * data.dims[m] + 1 for m in mods) < MATERIALIZE_BYTES:
+    if data.array_bytes("train", mods) < MATERIALIZE_BYTES:
         arrays = data.arrays("train", mods)
         return ray.put(arrays), None, feature_stats(arrays, mods)
-    stats = feature_stats(data.arrays("train", mods, max_rows=STATS_ROWS), mods)
-    return None, {"train": _quiet(data.dataset("train", mods))}, stats
+    return None, _quiet(data.dataset("train", mods)), data.input_stats(mods, STATS_ROWS)
+
+
+def _validation_input(data: FusedData, mods: list[str]):
+    """(validation arrays, validation dataset): a split under VALIDATION_BYTES as NumPy arrays in the
+    object store (an ObjectRef every rank maps and scores whole), a larger one as a Ray Dataset that
+    rank 0 streams and scores each epoch (loop._validate), so no process holds the whole split."""
+    import ray
+    if data.array_bytes("validation", mods) < VALIDATION_BYTES:
+        return ray.put(data.arrays("validation", mods)), None
+    return None, _quiet(data.dataset("validation", mods))
 
 
 def _quiet(ds):
