@@ -252,21 +252,30 @@ def accuracy(tune_sizes: tuple, held_sizes: tuple, out: Path) -> dict:
         tuned_res = drun.find_duplicates(shards, drun.shard_signatures, thresholds=tuned)
         doc["tuned_thresholds"] = tuned
         doc["corpora"]["shapes (tuning)"] = _corpus_doc(corpus, tc.score(corpus, tuned_res.groups), tune_sizes, res)
-        corpus, shards, res = run_corpus("objects", held_sizes, Path(tmp), tuned)
-        doc["corpora"]["objects (held out)"] = _corpus_doc(corpus, tc.score(corpus, res.groups), held_sizes, res)
-        curves = {}
-        for m in drun.THRESHOLDS:
-            sg, pos = labelled(corpus, res, m, shards)
-            if len(pos):
-                curves[m] = pr_curve(sg[:, -1], pos, tuned[m], "held-out objects corpus")
-        write_shipped_curves(curves)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        drun.write_outputs(str(out.parent / (out.name + "_heldout")), res, shards, curves)
+        doc["corpora"]["objects (held out)"] = held_out(held_sizes, tuned, Path(tmp), out)
     out.with_suffix(".json").write_text(json.dumps(doc, indent=2))
     lines = accuracy_lines(doc, tune_sizes, held_sizes)
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return doc
+
+
+def held_out(sizes: tuple, tuned: dict, tmp: Path, out: Path) -> dict:
+    """The held-out (``objects``) corpus run with the ``tuned`` thresholds: its figures; its
+    precision/recall curves (re)written to the package's heldout_curve.json, and its outputs with
+    report.html under ``<out>_heldout``."""
+    from benchmarks import dedup_corpus as tc
+
+    corpus, shards, res = run_corpus("objects", sizes, tmp, tuned)
+    curves = {}
+    for m in drun.THRESHOLDS:
+        sg, pos = labelled(corpus, res, m, shards)
+        if len(pos):
+            curves[m] = pr_curve(sg[:, -1], pos, tuned[m], "held-out objects corpus")
+    write_shipped_curves(curves)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    drun.write_outputs(str(out.parent / (out.name + "_heldout")), res, shards, curves)
+    return _corpus_doc(corpus, tc.score(corpus, res.groups), sizes, res)
 
 
 def _corpus_doc(corpus, score: dict, sizes: tuple, res) -> dict:
