@@ -3,7 +3,8 @@
     python -m benchmarks.duplicates                 # 50,000 and 200,000 rows (an image and a text each)
     python -m benchmarks.duplicates --repeat 2      # each size twice, interleaved; the faster run counts
     python -m benchmarks.duplicates --rows 10000 40000 --out benchmarks/results/duplicates_small
-    python -m benchmarks.duplicates --accuracy      # recall and false pairs on the planted corpus (real media)
+    python -m benchmarks.duplicates --accuracy      # recall and false pairs on the planted corpus (real media);
+                                                    # rewrites mmbatch/dedup/heldout_curve.json
 
 The issue allows synthetic signatures for the scale figure (the accuracy figures
 use real media: tests/test_dedup_accuracy.py, docs/duplicates.md). Each Ray
@@ -36,6 +37,7 @@ EXACT_EVERY = 100        # row i with i % 100 == 2 is an exact copy of an earlie
 PRIME = np.uint64((1 << 61) - 1)
 EMB_DIM = sig.IMAGE_DCT ** 2 - 1     # the real image embedding's size
 WORK_PHASES = ("signatures", "exact", "candidates", "verify")
+SHIPPED_CURVES = Path(drun.__file__).with_name("heldout_curve.json")
 
 
 def origin(i: np.ndarray) -> np.ndarray:
@@ -182,13 +184,44 @@ def tune_threshold(score: np.ndarray, positive: np.ndarray, recall: float = TUNE
     return float(np.floor(pos[k] * 1000) / 1000)
 
 
+FINE_FROM = 0.5          # the curve's thresholds: every 0.001 from 1 down to here, every 0.01 below
+
+
+def curve_grid(low: float) -> np.ndarray:
+    """The thresholds of a curve, descending: every 0.001 from 1 down to FINE_FROM, then every 0.01,
+    down to the first at or under ``low``."""
+    lo = int(np.floor(low * 1000))
+    fine_to = int(FINE_FROM * 1000)
+    milli = list(range(1000, max(lo, fine_to) - 1, -1))
+    if lo < fine_to:
+        milli += list(range(fine_to - 10, 10 * (lo // 10) - 1, -10))
+    return np.array(milli) / 1000
+
+
 def pr_curve(score: np.ndarray, positive: np.ndarray, threshold: float, corpus: str) -> dict:
-    """Precision and recall over the verified candidates when each score in turn is the threshold."""
-    order = np.argsort(-score)
-    s, p = score[order], positive[order]
-    tp = np.cumsum(p)
-    return {"precision": (tp / np.arange(1, len(s) + 1)).tolist(), "recall": (tp / max(1, p.sum())).tolist(),
-            "thresholds": s.tolist(), "threshold": threshold, "corpus": corpus}
+    """Precision and recall of the verified candidate pairs (``score``; ``positive``: a true pair) at
+    each threshold of :func:`curve_grid` down to the lowest score (precision 1.0 where no candidate
+    is in); exact at any threshold on the grid (thresholds are given to 3 decimals). Values rounded
+    to 4 decimals, so the package can ship the table (heldout_curve.json)."""
+    score = np.asarray(score, float)
+    grid = curve_grid(min(float(score.min()) if len(score) else 1.0, threshold))
+    every, true = np.sort(score), np.sort(score[np.asarray(positive, bool)])
+    n_in = len(every) - np.searchsorted(every, grid, "left")
+    tp = len(true) - np.searchsorted(true, grid, "left")
+    precision = np.where(n_in > 0, tp / np.maximum(n_in, 1), 1.0)
+    recall = tp / max(1, len(true))
+    return {"thresholds": grid.round(3).tolist(), "precision": precision.round(4).tolist(),
+            "recall": recall.round(4).tolist(), "threshold": threshold, "corpus": corpus,
+            "candidates": len(every), "true_pairs": len(true)}
+
+
+def write_shipped_curves(curves: dict, path: Path = SHIPPED_CURVES) -> None:
+    """The held-out corpus's curves (modality -> :func:`pr_curve`) as the package's
+    heldout_curve.json, which every report.html of `mmbatch duplicates` draws."""
+    head = {"corpus": "held-out objects corpus of benchmarks/duplicates.py --accuracy",
+            "made_by": "python -m benchmarks.duplicates --accuracy"}
+    body = ",\n".join(f"  {json.dumps(m)}: {json.dumps(c)}" for m, c in curves.items())     # a line a modality
+    path.write_text(json.dumps(head, indent=1)[:-2] + ',\n "modalities": {\n' + body + "\n }\n}\n")
 
 
 def run_corpus(generator: str, sizes: tuple, root: Path, thresholds: dict | None):
@@ -203,7 +236,8 @@ def run_corpus(generator: str, sizes: tuple, root: Path, thresholds: dict | None
 
 def accuracy(tune_sizes: tuple, held_sizes: tuple, out: Path) -> dict:
     """Thresholds tuned on the ``shapes`` corpus, then recall, false pairs and the leakage quarantine
-    on both; the held-out (``objects``) run writes its report.html with the precision/recall curves."""
+    on both; the held-out (``objects``) run's precision/recall curves are (re)written to the
+    package's mmbatch/dedup/heldout_curve.json, and the run writes its report.html."""
     import tempfile
 
     from benchmarks import dedup_corpus as tc
@@ -218,20 +252,30 @@ def accuracy(tune_sizes: tuple, held_sizes: tuple, out: Path) -> dict:
         tuned_res = drun.find_duplicates(shards, drun.shard_signatures, thresholds=tuned)
         doc["tuned_thresholds"] = tuned
         doc["corpora"]["shapes (tuning)"] = _corpus_doc(corpus, tc.score(corpus, tuned_res.groups), tune_sizes, res)
-        corpus, shards, res = run_corpus("objects", held_sizes, Path(tmp), tuned)
-        doc["corpora"]["objects (held out)"] = _corpus_doc(corpus, tc.score(corpus, res.groups), held_sizes, res)
-        curves = {}
-        for m in drun.THRESHOLDS:
-            sg, pos = labelled(corpus, res, m, shards)
-            if len(pos):
-                curves[m] = pr_curve(sg[:, -1], pos, tuned[m], "held-out objects corpus")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        drun.write_outputs(str(out.parent / (out.name + "_heldout")), res, shards, curves)
+        doc["corpora"]["objects (held out)"] = held_out(held_sizes, tuned, Path(tmp), out)
     out.with_suffix(".json").write_text(json.dumps(doc, indent=2))
     lines = accuracy_lines(doc, tune_sizes, held_sizes)
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return doc
+
+
+def held_out(sizes: tuple, tuned: dict, tmp: Path, out: Path) -> dict:
+    """The held-out (``objects``) corpus run with the ``tuned`` thresholds: its figures; its
+    precision/recall curves (re)written to the package's heldout_curve.json, and its outputs with
+    report.html under ``<out>_heldout``."""
+    from benchmarks import dedup_corpus as tc
+
+    corpus, shards, res = run_corpus("objects", sizes, tmp, tuned)
+    curves = {}
+    for m in drun.THRESHOLDS:
+        sg, pos = labelled(corpus, res, m, shards)
+        if len(pos):
+            curves[m] = pr_curve(sg[:, -1], pos, tuned[m], "held-out objects corpus")
+    write_shipped_curves(curves)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    drun.write_outputs(str(out.parent / (out.name + "_heldout")), res, shards, curves)
+    return _corpus_doc(corpus, tc.score(corpus, res.groups), sizes, res)
 
 
 def _corpus_doc(corpus, score: dict, sizes: tuple, res) -> dict:

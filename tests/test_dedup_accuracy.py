@@ -92,3 +92,6 @@ def test_outputs(found):
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 2 * 12 + 2 * 12     # image thumbnails + spectrograms
     assert "Top text pairs" in html
+    # the held-out benchmark corpus's curves, one per modality, the default threshold in the table
+    assert html.count("precision and recall against the threshold' src='data:image/png;base64,") == 3
+    assert "not on your data" in html and html.count("<td>default</td>") == 3

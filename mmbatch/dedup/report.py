@@ -1,10 +1,14 @@
 """report.html of `mmbatch duplicates`: one self-contained page (base64 PNGs), so a person can
-judge the top pairs by eye: image thumbnails side by side, audio log-mel spectrograms."""
+judge the top pairs by eye: image thumbnails side by side, audio log-mel spectrograms; and, to
+choose a threshold, the precision/recall curves measured on the held-out benchmark corpus
+(heldout_curve.json, shipped in the package)."""
 from __future__ import annotations
 
 import base64
 import html
 import io
+import json
+from importlib import resources
 
 import numpy as np
 import pyarrow as pa
@@ -12,9 +16,16 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mmbatch.engine import storage
+from mmbatch.plots import no_tex, plain
 
 TOP = 12
 THUMB_PX = 112
+CURVE_FILE = "heldout_curve.json"
+CURVE_CAPTION = "Measured on mmbatch's held-out benchmark corpus, not on your data"
+# the x axis starts a little below the highest threshold with precision under CURVE_PRECISION_FLOOR,
+# but no lower than CURVE_SPAN times the distance from the lower marked threshold to 1
+CURVE_PRECISION_FLOOR = 0.95
+CURVE_SPAN = 5
 
 
 def _media(shards, dataset: str, sample_id: str, modality: str) -> bytes | None:
@@ -78,35 +89,79 @@ def _signals(r: dict) -> str:
                      for k, v in names.items() if r.get(k) is not None)
 
 
-def _curve_png(m: str, c: dict) -> str:
-    """A precision/recall curve (``c``: precision, recall, thresholds lists, threshold, corpus)."""
+def heldout_curves() -> dict:
+    """The package's heldout_curve.json: modality -> thresholds (descending), precision, recall of
+    the verified candidate pairs of the held-out benchmark corpus at each threshold, and the
+    threshold that run used (written by ``python -m benchmarks.duplicates --accuracy``)."""
+    return json.loads(resources.files("mmbatch.dedup").joinpath(CURVE_FILE).read_text("utf-8"))["modalities"]
+
+
+@no_tex
+def _curve_png(m: str, c: dict, default: float, used: float) -> str:
+    """Precision and recall against the threshold (``c``: thresholds, precision, recall lists), the
+    default threshold marked, and ``used`` (this run's) when it differs."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(3.6, 3.0))
-    ax.plot(c["recall"], c["precision"], lw=1.5)
-    t = np.asarray(c["thresholds"])
-    k = int(np.argmin(np.abs(t - c["threshold"]))) if len(t) else None
-    if k is not None:
-        ax.plot([c["recall"][k]], [c["precision"][k]], "o", color="crimson",
-                label=f"default threshold {c['threshold']:.3f}")
-        ax.legend(loc="lower left", fontsize=7)
-    ax.set_xlabel("recall")
-    ax.set_ylabel("precision")
-    ax.set_title(f"{m} ({c.get('corpus', '')})", fontsize=9)
-    ax.set_xlim(0, 1.02)
+    fig, ax = plt.subplots(figsize=(3.8, 3.0))
+    ax.plot(c["thresholds"], c["precision"], lw=1.5, label="precision")
+    ax.plot(c["thresholds"], c["recall"], lw=1.5, label="recall")
+    ax.axvline(default, color="crimson", ls="--", lw=1, label=f"default threshold {default:.3f}")
+    if abs(used - default) > 1e-9:
+        ax.axvline(used, color="black", ls=":", lw=1.2, label=f"this run {used:.3f}")
+    low = [t for t, p in zip(c["thresholds"], c["precision"]) if p < CURVE_PRECISION_FLOOR]
+    near = min(default, used)
+    lo = min(near, max(max(low) if low else min(c["thresholds"], default=near), 1.0 - CURVE_SPAN * (1.0 - near)))
+    ax.set_xlim(lo - 0.1 * (1.0 - lo), 1.0)
     ax.set_ylim(0, 1.02)
+    ax.set_xlabel("threshold")
+    ax.set_title(plain(f"{m}: {c.get('true_pairs', '?')} true of {c.get('candidates', '?')} candidate pairs"),
+                 fontsize=9)
+    ax.legend(loc="lower left", fontsize=7)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
     plt.close(fig)
     return _b64(buf.getvalue())
 
 
+def curve_at(c: dict, threshold: float) -> tuple[float, float, float] | None:
+    """(curve threshold, precision, recall) of ``c``'s point at the lowest of its thresholds at or
+    above ``threshold`` (the same point when ``threshold`` is on its grid); None above them all."""
+    up = [i for i, t in enumerate(c["thresholds"]) if t >= threshold - 1e-9]
+    if not up:
+        return None
+    i = min(up, key=lambda k: c["thresholds"][k])
+    return c["thresholds"][i], c["precision"][i], c["recall"][i]
+
+
+def _curve_rows(m: str, c: dict, default: float, used: float) -> str:
+    rows = ""
+    for which, t in (("default", default), ("this run", used))[:1 if abs(used - default) <= 1e-9 else 2]:
+        at = curve_at(c, t)
+        got = "above the curve's thresholds" if at is None else (
+            f"precision {at[1]:.3f}, recall {at[2]:.3f}" + (f" (at {at[0]:.3f})" if abs(at[0] - t) > 1e-9 else ""))
+        rows += f"<tr><td>{html.escape(m)}</td><td>{which}</td><td>{t:.3f}</td><td>{got}</td></tr>"
+    return rows
+
+
+def _curves_section(curves: dict, used: dict) -> str:
+    from mmbatch.dedup.signatures import THRESHOLDS
+
+    mods = [m for m in curves if m in THRESHOLDS]
+    imgs = "".join(f"<img alt='{html.escape(m)} precision and recall against the threshold' "
+                   f"src='{_curve_png(m, curves[m], THRESHOLDS[m], used.get(m, THRESHOLDS[m]))}'/>" for m in mods)
+    rows = "".join(_curve_rows(m, curves[m], THRESHOLDS[m], used.get(m, THRESHOLDS[m])) for m in mods)
+    return ("<h2>Precision and recall against the threshold</h2><p>" + imgs + "</p><p><em>" + CURVE_CAPTION
+            + ": precision and recall of the verified candidate pairs at each threshold, the default "
+            "threshold dashed, this run's dotted where it differs.</em></p><table><tr><th>modality</th>"
+            "<th>threshold</th><th>value</th><th>on the held-out corpus</th></tr>" + rows + "</table>")
+
+
 def render_report(pairs: pa.Table, summary: dict, shards, curves: dict | None = None) -> str:
-    """The page; ``curves`` (modality -> precision/recall curve of scored candidates against a known
-    truth, as benchmarks/duplicates.py makes for its held-out corpus) adds the curves with the
-    default threshold marked."""
+    """The page, with per modality the precision/recall curve of ``curves`` (modality -> thresholds,
+    precision, recall; default: the held-out benchmark corpus's, :func:`heldout_curves`), the
+    default threshold and this run's (``summary["thresholds"]``) marked."""
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>mmbatch duplicates</title>",
              "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
              "td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:middle}</style></head><body>",
@@ -120,9 +175,7 @@ def render_report(pairs: pa.Table, summary: dict, shards, curves: dict | None = 
     parts.append("</table><p>Thresholds: " + html.escape(", ".join(
         f"{m} {t:.3f}" for m, t in summary.get("thresholds", {}).items())) + ". Each member of a group is paired "
         "with the group's first row (groups.parquet has every row's group).</p>")
-    if curves:
-        parts.append("<h2>Precision and recall against the threshold</h2><p>"
-                     + "".join(f"<img src='{_curve_png(m, c)}'/>" for m, c in curves.items()) + "</p>")
+    parts.append(_curves_section(heldout_curves() if curves is None else curves, summary.get("thresholds", {})))
     for m, render in (("image", _thumb), ("audio", _spectrogram)):
         top = _top(pairs, m)
         if not top:

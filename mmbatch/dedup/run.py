@@ -33,7 +33,7 @@ log = logging.getLogger("mmbatch.dedup")
 
 SPLIT_ORDER = {"train": 0, "validation": 1, "test": 2}
 VERIFY_CHUNK = 4000
-THRESHOLDS = {"image": sig.IMAGE_THRESHOLD, "audio": sig.AUDIO_THRESHOLD, "text": sig.TEXT_THRESHOLD}
+THRESHOLDS = sig.THRESHOLDS
 # the signals each verifier reports (pairs.parquet columns); the last is the score held against the threshold
 SIGNALS = {"image": ("structure", "colour", "score"), "audio": ("audio_corr", "audio_lag_ms", "score"),
            "text": ("text_jaccard", "score")}
@@ -473,7 +473,7 @@ def summarize(pairs: pa.Table, groups: pa.Table, shards: list[Shard], tables: li
 
 def write_outputs(out: str, res: DuplicatesResult, shards: list[Shard] | None, curves: dict | None = None) -> None:
     """pairs.parquet, groups.parquet, summary.json and (with ``shards``) report.html under ``out``;
-    ``curves``: precision/recall curves for the report (benchmarks/duplicates.py, held-out corpus)."""
+    ``curves``: the report's precision/recall curves (default: the package's heldout_curve.json)."""
     fs, root = storage.url_to_fs(out)
     fs.makedirs(root, exist_ok=True)
     storage.atomic_write_table(fs, storage.join(root, "pairs.parquet"), res.pairs)

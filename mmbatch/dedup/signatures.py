@@ -265,6 +265,7 @@ TEXT_MIN_WORDS = 8
 SHINGLE = 2               # word bigrams: one edited word in a 12-word text keeps Jaccard ~0.7
 NUM_PERM = 128
 TEXT_THRESHOLD = 0.692    # Jaccard of the shingle sets, tuned likewise
+THRESHOLDS = {"image": IMAGE_THRESHOLD, "audio": AUDIO_THRESHOLD, "text": TEXT_THRESHOLD}   # the defaults
 MINHASH_SCHEME = "affine32"   # datasketch 2's default; stated because rebuilding a MinHash needs it
 _PERMS = None
 
