@@ -74,3 +74,23 @@ class Extractor(ABC):
     def to(self, device: str) -> "Extractor":
         """Move model weights to ``device`` (no-op for model-free extractors)."""
         return self
+
+
+def precision_autocast(device: str, precision: str, warn_fp16=None):
+    """The autocast context of a model extractor's ``precision`` (fp32 | fp16 | bf16) on ``device``:
+    none for fp32; fp16 or bf16 on CUDA; bf16 on CPU. fp16 off CUDA runs fp32, after ``warn_fp16(device
+    type)`` (the caller says so once)."""
+    from contextlib import nullcontext
+
+    import torch
+
+    dev = torch.device(device).type
+    if precision == "fp32":
+        return nullcontext()
+    if dev == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16 if precision == "fp16" else torch.bfloat16)
+    if precision == "bf16":
+        return torch.autocast(dev, dtype=torch.bfloat16)
+    if warn_fp16 is not None:
+        warn_fp16(dev)
+    return nullcontext()

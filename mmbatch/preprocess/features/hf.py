@@ -34,7 +34,6 @@ import json
 import logging
 import os
 import tempfile
-from contextlib import nullcontext
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -43,7 +42,7 @@ from mmbatch import media
 from mmbatch.engine import storage
 from mmbatch.errors import UsageError
 from mmbatch.preprocess.features.audio import AudioExtractor, FrameParams
-from mmbatch.preprocess.features.base import Decoded, Error, Extractor
+from mmbatch.preprocess.features.base import Decoded, Error, Extractor, precision_autocast
 from mmbatch.preprocess.features.image import media_bytes
 from mmbatch.preprocess.features.text import TextExtractor, normalize_light
 
@@ -217,19 +216,12 @@ class HFEncoder:
         return self
 
     def _autocast(self):
-        import torch
+        return precision_autocast(self.device, self.precision, self._warn_fp16)
 
-        dev = torch.device(self.device).type
-        if self.precision == "fp32":
-            return nullcontext()
-        if dev == "cuda":
-            return torch.autocast("cuda", dtype=torch.float16 if self.precision == "fp16" else torch.bfloat16)
-        if self.precision == "bf16":
-            return torch.autocast(dev, dtype=torch.bfloat16)
+    def _warn_fp16(self, dev: str) -> None:
         if not self._warned_fp16:
             log.warning("%s hf: fp16 is not used on %s; running fp32", self.modality, dev)
             self._warned_fp16 = True
-        return nullcontext()
 
     def _batches(self, n: int):
         return (slice(i, min(n, i + self.batch_size)) for i in range(0, n, self.batch_size))

@@ -29,7 +29,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
-from contextlib import nullcontext
 from typing import Any, Optional, Sequence
 
 import cv2
@@ -37,7 +36,7 @@ import numpy as np
 
 from mmbatch import media
 from mmbatch.engine import storage
-from mmbatch.preprocess.features.base import Decoded, Error, Extractor
+from mmbatch.preprocess.features.base import Decoded, Error, Extractor, precision_autocast
 from mmbatch.engine.runtime import pin_threads
 
 log = logging.getLogger("mmbatch.preprocess.features.image")
@@ -411,20 +410,12 @@ class ResNetExtractor(ImageExtractor):
         return self
 
     def _autocast(self):
-        import torch
+        return precision_autocast(self.device, self.precision, self._warn_fp16)
 
-        dev = torch.device(self.device).type
-        if self.precision == "fp32":
-            return nullcontext()
-        if dev == "cuda":
-            dtype = torch.float16 if self.precision == "fp16" else torch.bfloat16
-            return torch.autocast("cuda", dtype=dtype)
-        if self.precision == "bf16":
-            return torch.autocast(dev, dtype=torch.bfloat16)
+    def _warn_fp16(self, dev: str) -> None:
         if not self._warned_fp16:
             log.warning("image cnn: fp16 is not used on %s; running fp32", dev)
             self._warned_fp16 = True
-        return nullcontext()
 
     def encode(self, values: Sequence[Any]) -> np.ndarray:
         import torch
