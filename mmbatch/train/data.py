@@ -124,6 +124,21 @@ def parquet_files(uri: str) -> tuple[object, list[str]]:
     return fs, files
 
 
+def read_table(uri: str, columns: list[str]) -> pa.Table:
+    """All rows of ``columns``, read in this process through fsspec (the audit's light scan: it holds
+    every row's features anyway; training streams instead)."""
+    fs, files = parquet_files(uri)
+    tables = []
+    for f in files:
+        avail = pq.read_schema(f, filesystem=fs).names
+        t = pq.read_table(f, filesystem=fs, columns=[c for c in columns if c in avail])
+        for c in columns:
+            if c not in t.column_names:
+                t = t.append_column(c, pa.nulls(t.num_rows, pa.string() if c in ("split", "label_name") else pa.int64()))
+        tables.append(t.select(columns))
+    return pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
+
+
 def read_schema(uri: str) -> pa.Schema:
     fs, files = parquet_files(uri)
     return pq.read_schema(files[0], filesystem=fs)
