@@ -104,25 +104,31 @@ def claim(uri: str, kind: str, workflow: str | None = None) -> dict:
     fs, root = storage.url_to_fs(uri)
     path = storage.join(root, RECORD)
     record = storage.read_json(fs, path)
-    if _is_record(record):
-        if record.get("kind") != kind:
-            raise UsageError(f"{uri} is an mmbatch {record.get('kind')} folder, not a {kind} folder: "
-                             f"choose another output folder")
-        if workflow and record.get("workflow") != workflow:
-            record = {**record, "workflow": workflow}
-            storage.write_json(fs, path, record)
+    if record is None:
+        foreign = _foreign_entries(fs, root, kind) if fs.exists(root) else []
+        if RECORD in foreign:
+            # another run may have claimed the folder since the first read (two retrains at once): its
+            # record is read again and used, never overwritten; anything else named RECORD stays foreign
+            record = storage.read_json(fs, path)
+            foreign = [] if _is_record(record) else foreign
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+            raise UsageError(f"{uri} holds files mmbatch did not write ({shown}): it is not an mmbatch {kind} "
+                             f"folder; choose an empty or new output folder")
+    if record is None:
+        fs.makedirs(root, exist_ok=True)
+        record = {"owner": "mmbatch", "kind": kind, "workflow": workflow or "",
+                  "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        storage.write_json(fs, path, record)
         return record
-    if record is not None:
+    if not _is_record(record):
         raise UsageError(f"{uri}: {RECORD} is not an mmbatch ownership record; mmbatch will not write there")
-    foreign = _foreign_entries(fs, root, kind) if fs.exists(root) else []
-    if foreign:
-        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-        raise UsageError(f"{uri} holds files mmbatch did not write ({shown}): it is not an mmbatch {kind} "
-                         f"folder; choose an empty or new output folder")
-    fs.makedirs(root, exist_ok=True)
-    record = {"owner": "mmbatch", "kind": kind, "workflow": workflow or "",
-              "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    storage.write_json(fs, path, record)
+    if record.get("kind") != kind:
+        raise UsageError(f"{uri} is an mmbatch {record.get('kind')} folder, not a {kind} folder: "
+                         f"choose another output folder")
+    if workflow and record.get("workflow") != workflow:
+        record = {**record, "workflow": workflow}
+        storage.write_json(fs, path, record)
     return record
 
 
