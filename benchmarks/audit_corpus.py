@@ -88,15 +88,22 @@ def _write(path, ids, split, label, emb, dims, classes, files) -> None:
     for m in dims:
         cols[schema.has_column(m)] = [True] * n
     cols["fused"] = np.concatenate([emb[m] for m in dims], axis=1).astype(np.float32).tolist()
-    table = pa.Table.from_pydict(cols, schema=sch)
+    write_fused_folder(path, pa.Table.from_pydict(cols, schema=sch), files)
+
+
+def write_fused_folder(path: str, table: pa.Table, files: int) -> list[str]:
+    """``table`` (fused schema with its metadata) as ``files`` Parquet parts under ``path``, then the
+    ``_manifest.json`` preprocess writes last (readers refuse a fused folder without one)."""
+    n = table.num_rows
     os.makedirs(path, exist_ok=True)
     per = -(-n // files)
     names = [f"part-{k:05d}.parquet" for k in range(files)]
     for k, name in enumerate(names):
         pq.write_table(table.slice(k * per, per), os.path.join(path, name))
-    meta = {k: v for k, v in schema.read_mmbatch_meta(sch).items() if k != "schema_version"}
+    meta = {k: v for k, v in schema.read_mmbatch_meta(table.schema).items() if k != "schema_version"}
     with open(os.path.join(path, "_manifest.json"), "w") as f:
         json.dump({"kind": "fused", "rows": n, "files": names, "metadata": meta}, f)
+    return names
 
 
 def score(corpus: PlantedCorpus, issues: pa.Table) -> dict:

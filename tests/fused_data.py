@@ -8,14 +8,12 @@ the class.
 """
 from __future__ import annotations
 
-import json
-import os
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from benchmarks.audit_corpus import write_fused_folder
 from mmbatch import schema
 
 CLASS_NAMES = ["a0b0", "a0b1", "a1b0", "a1b1"]
@@ -87,14 +85,5 @@ def write_fused(path: str, n: int = 400, seed: int = 0, dims: Optional[Mapping[s
     cols = xor_rows(n, seed=seed, dims=dims, **kw)
     sch = schema.with_metadata(schema.fused_schema(dims, int(sum(dims.values()))),
                                meta if meta is not None else extractor_meta(dims))
-    table = pa.Table.from_pydict(cols, schema=sch)
-    os.makedirs(path, exist_ok=True)
-    per = -(-n // files)
-    names = [f"part-{k:05d}.parquet" for k in range(files)]
-    for k, name in enumerate(names):
-        pq.write_table(table.slice(k * per, per), os.path.join(path, name))
-    manifest = {"kind": "fused", "rows": n, "files": names, "metadata": schema.read_mmbatch_meta(sch)}
-    with open(os.path.join(path, "_manifest.json"), "w") as f:
-        json.dump({**manifest, "metadata": {k: v for k, v in manifest["metadata"].items()
-                                            if k != "schema_version"}}, f)
+    write_fused_folder(path, pa.Table.from_pydict(cols, schema=sch), files)
     return path
